@@ -1,0 +1,68 @@
+"""Building blocks shared by the UNet: schedules, timestep embedding, normalisation, checkpointing."""
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+
+def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-4, linear_end: float = 2e-2) -> np.ndarray:
+    """Beta schedule of the original code; SD v1 uses "linear" (really linear in sqrt(beta))."""
+    if schedule == "linear":
+        betas = np.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=np.float64) ** 2
+    elif schedule == "sqrt_linear":
+        betas = np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64)
+    elif schedule == "sqrt":
+        betas = np.linspace(linear_start, linear_end, n_timestep, dtype=np.float64) ** 0.5
+    else:
+        raise ValueError(f"unknown beta schedule '{schedule}': use linear, sqrt_linear or sqrt")
+    return betas
+
+
+def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """Gather a[t] per batch element and shape it to broadcast against x."""
+    out = a.gather(-1, t)
+    return out.reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, as in SD v1.  (N,) -> (N, dim)"""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in fp32 whatever the input dtype (the original's fp16 safeguard)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+def normalization(channels: int) -> nn.Module:
+    """The UNet's standard normalisation layer: 32-group GroupNorm."""
+    return GroupNorm32(32, channels)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a module's parameters so it starts as a no-op, and return it."""
+    for p in module.parameters():
+        p.detach().zero_()
+    return module
+
+
+def checkpoint(func: Callable, *args, flag: bool = False):
+    """Gradient checkpointing that works when the base is frozen and only small added modules train.
+
+    The original CompVis helper (reentrant, with an explicit parameter list) fails there with "One of the
+    differentiated Tensors does not require grad"; the non-reentrant torch implementation does not.
+    """
+    if flag and torch.is_grad_enabled():
+        return torch_checkpoint(func, *args, use_reentrant=False)
+    return func(*args)

@@ -1,0 +1,82 @@
+"""Small helpers shared across the package: config instantiation and a few one-liners."""
+import importlib
+from inspect import isfunction
+from typing import Any, List, Mapping, Optional, Sequence
+
+import torch
+from PIL import Image
+
+
+class ConfigError(ValueError):
+    """A config names something that does not exist or is missing a required field."""
+
+
+def exists(x: Any) -> bool:
+    return x is not None
+
+
+def default(val: Any, d: Any) -> Any:
+    """`val` if it is set, else `d` (called first when it is a function)."""
+    if exists(val):
+        return val
+    return d() if isfunction(d) else d
+
+
+def get_obj_from_str(string: str, reload: bool = False) -> Any:
+    """Import `package.module.Name` and return `Name`, with an error that says which part is wrong."""
+    module_name, _, cls = string.rpartition(".")
+    if not module_name:
+        raise ConfigError(f"target '{string}' is not a dotted path like 'ldm.models.diffusion.ddpm.LatentDiffusion'")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"target '{string}': cannot import module '{module_name}' ({e})") from None
+    if reload:
+        module = importlib.reload(module)
+    if not hasattr(module, cls):
+        raise ConfigError(f"target '{string}': module '{module_name}' has no attribute '{cls}'")
+    return getattr(module, cls)
+
+
+def instantiate_from_config(config: Mapping) -> Any:
+    """Build `config.target(**config.params)`; the CompVis config convention."""
+    if "target" not in config:
+        if config in ("__is_first_stage__", "__is_unconditional__"):
+            return None
+        raise ConfigError(f"expected a config with a 'target' key, got keys {list(config.keys())}")
+    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+
+
+def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those with requires_grad)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_model_from_config(config: Mapping, ckpt: Optional[str] = None) -> torch.nn.Module:
+    """Build `config.model` and, when given, load base weights from `ckpt`; returns the model in eval mode."""
+    model = instantiate_from_config(config["model"])
+    if ckpt:
+        model.init_from_ckpt(ckpt)
+    return model.eval()
+
+
+def pick_device() -> torch.device:
+    """The first CUDA device when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_pil(images: torch.Tensor) -> List[Image.Image]:
+    """Images in [-1, 1] (b, 3, h, w) -> PIL images."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
+
+
+def image_grid(images: Sequence[Image.Image], n_rows: int) -> Image.Image:
+    """Tile equally sized images row by row, `n_rows` images per row (as CompVis' --n_rows), 2 px apart."""
+    n_cols = max(1, min(n_rows, len(images)))
+    rows = (len(images) + n_cols - 1) // n_cols
+    w, h = images[0].size
+    grid = Image.new("RGB", (n_cols * (w + 2) + 2, rows * (h + 2) + 2))
+    for i, im in enumerate(images):
+        grid.paste(im, (2 + (i % n_cols) * (w + 2), 2 + (i // n_cols) * (h + 2)))
+    return grid
