@@ -89,6 +89,7 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     check_options(opt)
     prompts = read_prompts(opt)
     device = pick_device()
+    torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
     try:
         config = OmegaConf.load(opt.config)
         model = load_model_from_config(config, None if opt.random_init else opt.ckpt).to(device)

@@ -3,12 +3,10 @@ import logging
 import os
 import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
@@ -27,6 +25,9 @@ class _Stub:
 
     def __init__(self, *args, **kwargs):
         pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
 
     def __setstate__(self, state):
         pass
@@ -72,7 +73,7 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
             sd = load_file(str(p))
         else:
             sd = _torch_load(p)
-    except (SafetensorError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
         raise CheckpointError(f"cannot read checkpoint '{path}': the file is truncated, corrupt or not a checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
