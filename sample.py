@@ -3,6 +3,7 @@
 The CompVis `txt2img.py` interface: numbered samples under OUTDIR/samples and a grid per run.
 """
 import argparse
+import logging
 import os
 import sys
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from PIL import Image
 from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.modules.adapters import AdapterConfigError, set_adapter_scale
 from ldm.util import ConfigError, image_grid, load_model_from_config, pick_device, to_pil
 
 
@@ -50,6 +52,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--init-img", type=str, help="img2img: the starting image")
     p.add_argument("--strength", type=float, default=0.75,
                    help="img2img: how much to change the init image (1.0 destroys it entirely)")
+    p.add_argument("--adapter_path", action="append", default=[], metavar="DIR",
+                   help="a trained adapter directory (repeatable: each is its own adapter group); its own config "
+                        "builds the adapters, --config only the base (and an original-format directory's adapters)")
+    p.add_argument("--adapter_scale", action="append", type=float, default=[], metavar="S",
+                   help="strength of the matching --adapter_path (repeatable, one per path; default 1.0)")
     return p.parse_args(argv)
 
 
@@ -82,6 +89,26 @@ def check_options(opt: argparse.Namespace) -> None:
         sys.exit(f"error: --strength must be in (0, 1], got {opt.strength}")
     if opt.init_img and opt.plms:
         sys.exit("error: img2img uses DDIM; drop --plms")
+    if opt.adapter_scale and len(opt.adapter_scale) != len(opt.adapter_path):
+        sys.exit(f"error: give one --adapter_scale per --adapter_path (or none for 1.0), got "
+                 f"{len(opt.adapter_scale)} for {len(opt.adapter_path)}")
+
+
+def pop_adapter_config(config) -> Optional[dict]:
+    """Take the adapter_config out of --config: with --adapter_path, the adapters come from the directories."""
+    params = OmegaConf.select(config, "model.params.unet_config.params")
+    return params.pop("adapter_config", None) if params is not None else None
+
+
+def attach_adapters(unet: torch.nn.Module, opt: argparse.Namespace, config_adapters: Optional[dict]) -> None:
+    """Load each --adapter_path as its own adapter group `adapterN`, scaled by its --adapter_scale.
+
+    A directory of ours brings its own adapter config; an original-format one is built from --config's.
+    """
+    scales = opt.adapter_scale or [1.0] * len(opt.adapter_path)
+    for i, (path, scale) in enumerate(zip(opt.adapter_path, scales), start=1):
+        unet.load_adapter_from_dir(path, name=f"adapter{i}", adapter_config=config_adapters)
+        set_adapter_scale(unet, scale, name=f"adapter{i}")
 
 
 def main(argv: Optional[List[str]] = None) -> List[Path]:
@@ -92,8 +119,10 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
     try:
         config = OmegaConf.load(opt.config)
+        config_adapters = pop_adapter_config(config) if opt.adapter_path else None
         model = load_model_from_config(config, None if opt.random_init else opt.ckpt).to(device)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        attach_adapters(model.unet, opt, config_adapters)
+    except (ConfigError, CheckpointError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
     use_autocast = opt.precision == "autocast" or (opt.precision is None and device.type == "cuda")
@@ -140,4 +169,5 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     main()

@@ -57,13 +57,12 @@ def unet_config(size: str):
 
 
 def build_ours(config, seed: int = 0) -> torch.nn.Module:
-    """Our UNetModel with random weights; zero-initialised layers get small random values so nothing is trivial."""
+    """Our UNetModel with random weights; its zero-initialised convs get torch's default init so no output is zero."""
     torch.manual_seed(seed)
     unet = instantiate_from_config(config.params.unet_config)
-    with torch.no_grad():
-        for p in unet.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.02)
+    for m in unet.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and not m.weight.any():
+            m.reset_parameters()
     return unet.eval()
 
 

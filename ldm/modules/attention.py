@@ -117,5 +117,6 @@ class SpatialTransformer(nn.Module):
         x = rearrange(x, "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
             x = block(x, context=context)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)
+        # contiguous: a channels-last view here would spread to every later conv (weights re-laid out each call)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()
         return self.proj_out(x) + x_in

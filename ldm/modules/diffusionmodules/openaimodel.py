@@ -156,6 +156,21 @@ class UNetModel(nn.Module):
             from ldm.modules.adapters import inject_adapters
             inject_adapters(self, adapter_config)
 
+    def save_adapter_to_dir(self, path: str, name: str = "default") -> None:
+        """Write adapter group `name` (weights + the config that built them) to directory `path`, atomically."""
+        from ldm.modules.adapter_io import save_adapter_to_dir
+        save_adapter_to_dir(self, path, name)
+
+    def load_adapter_from_dir(self, path: str, name: str = "default", adapter_config: Optional[dict] = None) -> None:
+        """Load an adapter directory (ours or the paper code's) into group `name`, injecting the group if absent."""
+        from ldm.modules.adapter_io import load_adapter_from_dir
+        load_adapter_from_dir(self, path, name, adapter_config)
+
+    def adapters_enable(self, enabled: bool = True, name: Optional[str] = None) -> None:
+        """Switch adapters (all groups, or group `name`) on or off; off gives the base model's output exactly."""
+        from ldm.modules.adapters import adapters_enable
+        adapters_enable(self, enabled, name)
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Turn activation checkpointing of every ResBlock and transformer block on or off."""
         for m in self.modules():

@@ -39,9 +39,16 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 whatever the input dtype (the original's fp16 safeguard)."""
+    """GroupNorm with fp32 statistics whatever the input dtype (the original's fp16 safeguard).
+
+    torch's group_norm kernels accumulate half/bf16 inputs in fp32 themselves, so when input and parameters share a
+    dtype (fp32, or a model cast to bf16/fp16) no upcast is needed; the original's x.float() with bf16 parameters
+    fails on the CPU ("mixed dtype"). Mixed dtypes (fp32 parameters, bf16 input under autocast) upcast as before.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x)
         return super().forward(x.float()).type(x.dtype)
 
 
