@@ -114,9 +114,12 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, r
 
 
 def git_commit() -> str:
+    """Short HEAD, with "+dirty" when ldm/ has uncommitted changes (the numbers are then not HEAD's)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "ldm"], cwd=REPO).returncode != 0
+        return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -197,7 +200,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
               f"{row['dtype']} | {row['shape']} | {mode} | {row['ours']:.1f} | {row['diffusers']:.1f} | "
               f"{row['ratio']:.3f} |", flush=True)
         print(f"  {mode} all ms: ours {[round(v, 1) for v in times['ours']]}, "
-              f"diffusers {[round(v, 1) for v in times['diffusers']]}", file=sys.stderr)
+              f"diffusers {[round(v, 1) for v in times['diffusers']]}; load average {os.getloadavg()[0]:.1f}",
+              file=sys.stderr)
     return rows
 
 
