@@ -16,8 +16,8 @@ if str(REPO) not in sys.path:
 
 from ldm.modules.adapters import INITS, METHODS, valid_pairs  # noqa: E402
 
-# The shared template: merged in order (CompVis --base style); later training sections go into further files here.
-BASES = ["configs/stable-diffusion/v1-inference.yaml"]
+# The shared template: the model, then the DreamBooth training sections, merged in order (CompVis --base style).
+BASES = ["configs/stable-diffusion/v1-inference.yaml", "configs/stable-diffusion/v1-finetune-dreambooth.yaml"]
 # The paper's bottleneck widths: 60 in every transformer block; ResBlock widths that give ~3.3M parameters each.
 MID_DIM = {"transformer": 60, ("resi", "resi"): 6, ("resi", "reso"): 7, ("reso", "reso"): 9}
 SECTION = {"transformer": "transformer_adp_config", "resblock": "resblock_adp_config"}

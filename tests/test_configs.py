@@ -7,16 +7,31 @@ from conftest import REPO
 from ldm.util import ConfigError, count_params, instantiate_from_config
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+# Fragments (no UNet of their own) are tested merged after these, as --base would merge them.
+FRAGMENT_BASES = {"tests": ["configs/tests/tiny-inference.yaml", "configs/stable-diffusion/v1-finetune-dreambooth.yaml"],
+                  "": ["configs/sd-inject-dreambooth/attn2o-ffni.yaml"]}
+
+
+def merged(path):
+    config = OmegaConf.load(path)
+    if OmegaConf.select(config, "model.params.unet_config.target") is not None:
+        return config
+    bases = FRAGMENT_BASES["tests" if path.parent.name == "tests" else ""]
+    return OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in bases if REPO / b != path], config)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(REPO / "configs")))
 def test_config_builds(path):
-    config = OmegaConf.load(path)
+    config = merged(path)
     if "model" not in config:
         pytest.skip("not a model config")
     with torch.device("meta"):
         model = instantiate_from_config(config.model)
     assert count_params(model) > 0
+    if "data" in config:  # datasets are built lazily, so this needs no image folder
+        assert instantiate_from_config(config.data).configs["instance"].target
+    for callback in OmegaConf.select(config, "lightning.callbacks", default={}).values():
+        assert instantiate_from_config(callback) is not None
 
 
 def test_sd_v1_parameter_counts():

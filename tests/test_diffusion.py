@@ -55,6 +55,11 @@ def test_guidance_arithmetic():
 
 def test_ddim_timesteps():
     assert list(make_ddim_timesteps(4, 1000)) == [1, 251, 501, 751]
+    # Step counts that do not divide 1000 give exactly that many steps, all inside the schedule.
+    for steps in (3, 7, 30, 999):
+        ts = make_ddim_timesteps(steps, 1000)
+        assert len(ts) == steps and ts[0] == 1 and ts[-1] <= 999
+    assert list(make_ddim_timesteps(3, 1000)) == [1, 334, 667]
     with pytest.raises(ValueError, match="sampling steps"):
         make_ddim_timesteps(0, 1000)
 

@@ -106,6 +106,15 @@ def usable_images(folder: PathLike) -> List[Path]:
     return ok
 
 
+def format_prompt(template: str, fields: Dict[str, str]) -> str:
+    """Fill a prompt template from `fields`, positionally ({}) and by name ({class_word}); a clear error otherwise."""
+    try:
+        return template.format(*fields.values(), **fields)
+    except (IndexError, KeyError) as e:
+        raise ValueError(f"prompt template '{template}' uses a field other than positional {{}} or "
+                         f"{', '.join('{' + k + '}' for k in fields)} ({type(e).__name__}: {e})") from None
+
+
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Subject (or, with reg=True, class) images with captions and random horizontal flips.
 
@@ -132,18 +141,10 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         if not (class_templates if reg else templates):
             raise ValueError("need at least one prompt template")
         fields = dict(class_word=class_word) if reg else dict(token=placeholder_token, class_word=class_word)
-        self.prompts = [self._format(t, fields) for t in (class_templates if reg else templates)]
+        self.prompts = [format_prompt(t, fields) for t in (class_templates if reg else templates)]
         self.captions = [self._caption_file(p) for p in self.paths]
         self.seed, self._generator, self._worker_seed = seed, None, None
         self._cache: Dict[int, torch.Tensor] = {}
-
-    @staticmethod
-    def _format(template: str, fields: Dict[str, str]) -> str:
-        try:
-            return template.format(*fields.values(), **fields)
-        except (IndexError, KeyError) as e:
-            raise ValueError(f"prompt template '{template}' uses a field other than positional {{}} or "
-                             f"{', '.join('{' + k + '}' for k in fields)} ({type(e).__name__}: {e})") from None
 
     @staticmethod
     def _caption_file(path: Path) -> Optional[str]:

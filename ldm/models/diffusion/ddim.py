@@ -13,7 +13,7 @@ def make_ddim_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
     if not 0 < num_ddim_steps <= num_ddpm_steps:
         raise ValueError(f"number of sampling steps must be in 1..{num_ddpm_steps}, got {num_ddim_steps}")
     c = num_ddpm_steps // num_ddim_steps
-    return np.asarray(list(range(0, num_ddpm_steps, c))) + 1
+    return np.arange(num_ddim_steps) * c + 1
 
 
 class DDIMSampler:
