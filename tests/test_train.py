@@ -274,10 +274,10 @@ def test_other_bad_flags(world, tmp_path):
 
 
 # ---- the training module --------------------------------------------------------------------------------------
-def build_dreambooth(ckpt, reg_weight=1.0, cache_latents=True):
+def build_dreambooth(ckpt, reg_weight=1.0, cache_latents=True, **params):
     """The tiny DreamBooth model on the tiny base weights (a fresh UNet's zero output layer would block gradients)."""
     config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES])
-    config.model.params.update(reg_weight=reg_weight, cache_latents=cache_latents, ckpt_path=str(ckpt))
+    config.model.params.update(reg_weight=reg_weight, cache_latents=cache_latents, ckpt_path=str(ckpt), **params)
     from ldm.util import instantiate_from_config
     torch.manual_seed(0)
     return instantiate_from_config(config.model)
@@ -376,3 +376,28 @@ def test_gpus_and_precision_flags():
         parse_gpus("zero")
     assert default_precision("cpu") == "32-true"
     assert scaled_learning_rate(1e-4, 2, 4, 1, 3) == pytest.approx(2.4e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(world):
+    batch = {"instance": batch_of(world["data"], "photo of a sks cat"), "reg": batch_of(world["data"], "photo of a cat")}
+    grads = []
+    for flag in (False, True):
+        model = build_dreambooth(world["ckpt"], cache_latents=False, gradient_checkpointing=flag).train()
+        assert any(getattr(m, "use_checkpoint", False) for m in model.unet.modules()) == flag
+        torch.manual_seed(3)
+        model.shared_step(batch)[0].backward()
+        grads.append([p.grad.clone() for p in model.trained_parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_8bit_adam_needs_bitsandbytes(world):
+    model = build_dreambooth(world["ckpt"], use_8bit_adam=True)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        from ldm.util import ConfigError
+        with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+            model.configure_optimizers()
+    else:
+        assert type(model.configure_optimizers()["optimizer"]).__name__ == "AdamW8bit"

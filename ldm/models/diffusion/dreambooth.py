@@ -167,7 +167,7 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         try:
             import bitsandbytes as bnb
         except ImportError:
-            raise ImportError("use_8bit_adam needs bitsandbytes: `pip install bitsandbytes` (CUDA only), or set "
+            raise ConfigError("use_8bit_adam needs bitsandbytes: `pip install bitsandbytes` (CUDA only), or set "
                               "model.params.use_8bit_adam=false") from None
         return bnb.optim.AdamW8bit
 
