@@ -1,12 +1,19 @@
-"""Adapter directories: one adapter group as safetensors plus the config that built it, written atomically; and the
-paper code's directories (one `<module path>.pt` state dict per adapter module), read safely."""
+"""Adapter directories: one adapter group as safetensors plus the config that built it, written atomically; the paper
+code's directories (one `<module path>.pt` state dict per adapter module), read safely; and, through the same
+`load_adapter_from_dir`, kohya / A1111 / diffusers LoRA and (IA)^3 `.safetensors` files (`ldm.modules.lora_export`).
+
+A group may span the UNet and the text encoder: `adapter_config.yaml` then holds `adapter_config` (the UNet's) and
+`cond_stage_adapter_config` (the text encoder's), and the text encoder's keys in `adapters.safetensors` start with
+`cond_stage_model.`; UNet keys are relative to the UNet, as in directories of UNet adapters only.
+"""
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -14,7 +21,7 @@ import yaml
 
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict, save_state_dict
 from ldm.modules.adapters import (DEFAULT_GROUP, AdapterConfigError, AdapterSpec, adapter_blocks, adapter_groups,
-                                  adapter_state_dict, config_from_specs, describe, inject_adapters,
+                                  adapter_networks, adapter_state_dict, config_from_specs, describe, inject_adapters,
                                   parse_adapter_config, remove_adapters)
 
 log = logging.getLogger(__name__)
@@ -24,22 +31,29 @@ WEIGHTS_FILE = "adapters.safetensors"
 # The original code's file names (Xiang-cd/unet-finetune, `UNetModel_inject.save_adapter_to_dir`)
 ORIGINAL_SUFFIX = {"transformer": ".adapter_inout.pt", "resblock": ".adapter.pt"}
 ORIGINAL_DUPLICATE = ".adapter_inout.adp.pt"  # the same tensors again under another prefix; ignored
+# per network role: its section of adapter_config.yaml and the prefix of its keys in adapters.safetensors
+SECTION = {"unet": "adapter_config", "cond_stage_model": "cond_stage_adapter_config"}
+KEY_PREFIX = {"unet": "", "cond_stage_model": "cond_stage_model."}
 
 
 class AdapterDirError(AdapterConfigError):
     """An adapter directory that is missing, damaged, or made for another model or adapter config."""
 
 
-def save_adapter_to_dir(unet: nn.Module, path: str, name: str = DEFAULT_GROUP) -> Path:
-    """Write adapter group `name` to directory `path`: its weights and the config that built them, atomically.
+def save_adapter_to_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP) -> Path:
+    """Write adapter group `name` of `model` (a UNet, or a LatentDiffusion whose text encoder may carry part of the
+    group) to directory `path`: its weights and the config that built them, atomically.
 
     Everything is written into a temporary sibling directory that is renamed into place, so a crash never leaves a
     half-written directory that loads. An existing adapter directory at `path` is replaced; anything else is kept.
     """
-    specs = adapter_groups(unet).get(name)
-    if specs is None:
-        raise AdapterDirError(f"no adapter group {name!r} to save; the UNet has: "
-                              f"{', '.join(adapter_groups(unet)) or 'none'}")
+    nets = {role: net for role, (_, net) in adapter_networks(model).items()
+            if name in getattr(net, "adapter_specs", {})}
+    if not nets:
+        raise AdapterDirError(f"no adapter group {name!r} to save; the model has: "
+                              f"{', '.join(adapter_groups(model)) or 'none'}")
+    config = {SECTION[role]: config_from_specs(net.adapter_specs[name]) for role, net in nets.items()}
+    weights = {KEY_PREFIX[role] + k: v for role, net in nets.items() for k, v in adapter_state_dict(net, name).items()}
     path = Path(path)
     if path.exists() and not (path.is_dir() and ((path / CONFIG_FILE).exists() or not any(path.iterdir()))):
         raise AdapterDirError(f"'{path}' exists and is not an adapter directory; not overwriting it")
@@ -49,13 +63,13 @@ def save_adapter_to_dir(unet: nn.Module, path: str, name: str = DEFAULT_GROUP) -
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # the permissions of a plain mkdir, not mkdtemp's private 0700
     try:
-        save_state_dict(adapter_state_dict(unet, name), str(tmp / WEIGHTS_FILE))
-        text = yaml.safe_dump({"adapter_config": config_from_specs(specs)}, sort_keys=False)
+        save_state_dict(weights, str(tmp / WEIGHTS_FILE))
+        text = yaml.safe_dump(config, sort_keys=False)
         (tmp / CONFIG_FILE).write_text(f"# adapter group '{name}', written by ldm.modules.adapter_io\n{text}")
         _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved adapter group '%s' (%s) to %s", name, describe(specs), path)
+    log.info("saved adapter group '%s' (%s) to %s", name, describe(adapter_groups(model)[name]), path)
     return path
 
 
@@ -69,48 +83,75 @@ def _replace_dir(new: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_adapter_from_dir(unet: nn.Module, path: str, name: str = DEFAULT_GROUP, adapter_config: Any = None) -> None:
-    """Load an adapter directory into group `name` of `unet`: ours (safetensors + config) or the paper code's.
+def load_adapter_from_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP, adapter_config: Any = None) -> None:
+    """Load an adapter directory, ours (safetensors + config) or the paper code's, or a kohya / A1111 / diffusers LoRA
+    or (IA)^3 `.safetensors` file, into group `name` of `model` (a UNet, or a LatentDiffusion for text-encoder parts).
 
-    When `unet` has no group `name`, it is injected first from the directory's own config, or, for an original-format
-    directory (which carries no config), from `adapter_config`. An existing group must have the directory's layout.
+    When `model` has no group `name`, it is injected first from the directory's own config, from the file's tensors,
+    or, for an original-format directory (which carries no config), from `adapter_config`. An existing group must have
+    the directory's layout.
     """
     path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        from ldm.modules.lora_export import load_lora_file  # it builds on this module
+        return load_lora_file(model, str(path), name)
     if not path.is_dir():
-        raise AdapterDirError(f"adapter directory not found: '{path}'")
+        raise AdapterDirError(f"adapter directory not found: '{path}' (--adapter_path takes an adapter directory or a "
+                              "kohya / diffusers LoRA .safetensors file)")
     if not (path / CONFIG_FILE).is_file() and not any(path.glob("*.pt")):
         raise AdapterDirError(f"'{path}' is not an adapter directory: it holds neither {CONFIG_FILE} and "
                               f"{WEIGHTS_FILE} nor the original code's <module path>.pt files")
-    injected = name not in adapter_groups(unet)
-    try:
+    with restored_on_error(model, name):
         if (path / CONFIG_FILE).is_file():
-            _load_ours(unet, path, name)
+            _load_ours(model, path, name)
         else:
-            _load_original(unet, path, name, adapter_config)
-    except AdapterConfigError:
-        if injected and name in adapter_groups(unet):
-            remove_adapters(unet, name)  # leave the model as it was
-        raise
-    log.info("loaded adapter group '%s' (%s) from %s", name, describe(adapter_groups(unet)[name]), path)
+            _load_original(model, path, name, adapter_config)
+    log.info("loaded adapter group '%s' (%s) from %s", name, describe(adapter_groups(model)[name]), path)
 
 
-def _read_config(path: Path) -> List[AdapterSpec]:
+@contextmanager
+def restored_on_error(model: nn.Module, name: str) -> Iterator[None]:
+    """Remove group `name` again if the block fails after injecting it: a failed load leaves the model as it was."""
+    injected = name not in adapter_groups(model)
     try:
-        config = (yaml.safe_load((path / CONFIG_FILE).read_text()) or {}).get("adapter_config")
-        return parse_adapter_config(config)
-    except (yaml.YAMLError, AttributeError, AdapterConfigError) as e:
+        yield
+    except AdapterConfigError:
+        if injected and name in adapter_groups(model):
+            remove_adapters(model, name)
+        raise
+
+
+def network(model: nn.Module, role: str, source: str) -> nn.Module:
+    """The `role` network of `model`, or an error saying the source needs the whole model."""
+    nets = adapter_networks(model)
+    if role not in nets:
+        what = {"unet": "the UNet", "cond_stage_model": "the text encoder"}[role]
+        raise AdapterDirError(f"{source} adapts {what}, which this {type(model).__name__} does not contain: load it "
+                              f"into the whole model (LatentDiffusion), e.g. load_adapter_from_dir(model, path)")
+    return nets[role][1]
+
+
+def _read_config(path: Path) -> Dict[str, List[AdapterSpec]]:
+    """The specs of each network role in the directory's config."""
+    try:
+        config = yaml.safe_load((path / CONFIG_FILE).read_text()) or {}
+        unknown = sorted(set(config) - set(SECTION.values()))
+        if unknown or not config:
+            raise AdapterConfigError(f"expected the key(s) {', '.join(SECTION.values())}, got {', '.join(unknown)}")
+        return {role: parse_adapter_config(config[key]) for role, key in SECTION.items() if key in config}
+    except (yaml.YAMLError, AttributeError, TypeError, AdapterConfigError) as e:
         raise AdapterDirError(f"'{path / CONFIG_FILE}' is not a valid adapter config: {e}") from None
 
 
-def _ensure_group(unet: nn.Module, name: str, specs: Optional[List[AdapterSpec]], source: str) -> None:
-    """Inject group `name` from `specs` when absent; else check the group was built from the same layout."""
-    have = adapter_groups(unet).get(name)
+def _ensure_group(net: nn.Module, name: str, specs: Optional[List[AdapterSpec]], source: str) -> None:
+    """Inject group `name` into network `net` from `specs` when absent; else check it has the same layout."""
+    have = adapter_groups(net).get(name)
     if have is None:
         if specs is None:
             raise AdapterDirError(f"{source} is in the original code's format, which carries no adapter config: build "
                                   f"the model with the adapter config it was trained with (e.g. --config "
                                   f"configs/sd-inject-dreambooth/<din>-<dout>.yaml), or pass adapter_config")
-        inject_adapters(unet, config_from_specs(specs), name)
+        inject_adapters(net, config_from_specs(specs), name)
         return
     if specs is not None and [s.layout() for s in specs] != [s.layout() for s in have]:
         raise AdapterDirError(f"{source} was made with another adapter config: the directory has {describe(specs)}; "
@@ -120,15 +161,29 @@ def _ensure_group(unet: nn.Module, name: str, specs: Optional[List[AdapterSpec]]
                     [s.scale for s in have])
 
 
-def _load_ours(unet: nn.Module, path: Path, name: str) -> None:
+def _load_ours(model: nn.Module, path: Path, name: str) -> None:
     source = f"adapter directory '{path}'"
-    _ensure_group(unet, name, _read_config(path), source)
+    sections = _read_config(path)
+    nets = {role: network(model, role, source) for role in sections}
+    for role, specs in sections.items():
+        _ensure_group(nets[role], name, specs, source)
     sd = _read(path / WEIGHTS_FILE)
-    _copy_into(unet, name, {k.replace(".adapters.", f".adapters.{name}.", 1): v for k, v in sd.items()}, source)
+    stray = [k for k in sd if _role_of(k) not in nets]
+    if stray:
+        raise AdapterDirError(f"{source} holds weights of a network its config does not adapt, e.g. {stray[0]}")
+    for role, net in nets.items():
+        part = {k[len(KEY_PREFIX[role]):]: v for k, v in sd.items() if _role_of(k) == role}
+        _copy_into(net, name, {k.replace(".adapters.", f".adapters.{name}.", 1): v for k, v in part.items()}, source)
 
 
-def _load_original(unet: nn.Module, path: Path, name: str, adapter_config: Any) -> None:
+def _role_of(key: str) -> str:
+    """The network a key of adapters.safetensors belongs to."""
+    return "cond_stage_model" if key.startswith(KEY_PREFIX["cond_stage_model"]) else "unet"
+
+
+def _load_original(model: nn.Module, path: Path, name: str, adapter_config: Any) -> None:
     source = f"original-format adapter directory '{path}'"
+    unet = network(model, "unet", source)
     _ensure_group(unet, name, None if adapter_config is None else parse_adapter_config(adapter_config), source)
     sd, used, missing = {}, set(), []
     for block_path, block, kind, _ in adapter_blocks(unet):
@@ -163,10 +218,10 @@ def _read(file: Path) -> Dict[str, torch.Tensor]:
         raise AdapterDirError(str(e)) from None
 
 
-def _copy_into(unet: nn.Module, name: str, sd: Dict[str, torch.Tensor], source: str) -> None:
+def _copy_into(net: nn.Module, name: str, sd: Dict[str, torch.Tensor], source: str) -> None:
     """Copy `sd` into group `name`, failing with the missing, unexpected or mis-shaped keys."""
     marker = f".adapters.{name}."
     try:
-        load_into(unet, sd, source=source, optional=lambda k: marker not in k)
+        load_into(net, sd, source=source, optional=lambda k: marker not in k)
     except CheckpointError as e:
         raise AdapterDirError(str(e)) from None

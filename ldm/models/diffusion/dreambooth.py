@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.ddpm import LatentDiffusion, is_added_key
 from ldm.modules.adapters import AdapterConfigError, adapter_groups, adapter_parameters, config_from_specs
 from ldm.util import ConfigError
 
@@ -74,7 +74,7 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
     def describe_trained(self) -> str:
         """'1,511,040 trained parameters (0.176% of the UNet's 859,520,964)' and the like."""
         trained = sum(p.numel() for p in self.trained_parameters())
-        base = sum(p.numel() for n, p in self.unet.named_parameters() if ".adapters." not in n)
+        base = sum(p.numel() for n, p in self.unet.named_parameters() if not is_added_key(n))
         return f"{trained:,} trained parameters ({100 * trained / base:.3f}% of the UNet's {base:,})"
 
     def train(self, mode: bool = True) -> "DreamBoothLatentDiffusion":

@@ -1,5 +1,5 @@
 """Frozen text encoders for conditioning: the CLIP ViT-L/14 text transformer of SD v1, built offline."""
-from typing import List, Union
+from typing import List, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -117,12 +117,14 @@ class FrozenCLIPEmbedder(nn.Module):
     """CLIP ViT-L/14 text encoder of SD v1 (Radford et al. 2021): prompts -> last hidden state [B, 77, 768].
 
     `layer` picks the output: "last", "penultimate", or a hidden-state index (0 = embeddings, -1 = last,
-    -2 = penultimate, as A1111's clip skip); every choice goes through final_layer_norm.
+    -2 = penultimate, as A1111's clip skip); every choice goes through final_layer_norm. `adapter_config` (the schema
+    of `ldm.modules.adapter_config`, projection forms such as LoRA on q_proj/k_proj/v_proj/out_proj/fc1/fc2) attaches
+    adapters after the base is built and frozen (`freeze_except_adapters` makes them trainable).
     """
 
     def __init__(self, vocab_size: int = 49408, width: int = 768, layers: int = 12, heads: int = 12,
                  max_length: int = 77, mlp_ratio: float = 4.0, freeze: bool = True,
-                 layer: Union[str, int] = "last"):
+                 layer: Union[str, int] = "last", adapter_config: Optional[dict] = None):
         super().__init__()
         self.max_length = max_length
         self.n_layers = self.layer_to_depth(layer, layers)
@@ -131,6 +133,9 @@ class FrozenCLIPEmbedder(nn.Module):
                                          max_length=max_length, hidden=int(width * mlp_ratio))
         if freeze:
             self.freeze()
+        if adapter_config:
+            from ldm.modules.adapters import inject_adapters
+            inject_adapters(self, adapter_config)
 
     @staticmethod
     def layer_to_depth(layer: Union[str, int], layers: int) -> int:

@@ -1,0 +1,272 @@
+"""LoRA and (IA)^3 files other tools read: kohya / AUTOMATIC1111 / ComfyUI safetensors and diffusers'
+`pytorch_lora_weights.safetensors`, written from an adapter group and read back into one.
+
+Names. A module of our UNet is named by its diffusers path: the blocks map as in diffusers' LDM conversion
+(input_blocks.{k}.{0,1} -> down_blocks.{i}.{resnets,attentions}.{j}, middle_block.{0,1,2} -> mid_block.{resnets.0,
+attentions.0,resnets.1}, output_blocks.{k} -> up_blocks.{i}...), derived here from the UNet's own block structure, and
+names inside a transformer are the same in both. Text-encoder modules are named by transformers' CLIPTextModel paths
+(`text_model.encoder.layers.N.self_attn.q_proj`).
+  kohya      `lora_unet_<diffusers path, . -> _>` / `lora_te_<CLIP path, . -> _>` + `.lora_down.weight`,
+             `.lora_up.weight`, `.alpha` (ΔW = alpha / rank * up @ down); (IA)^3 as `.weight` + `.on_input`
+             (LyCORIS / A1111: W' = W * (1 + weight)). Read back also: LDM-path names (`lora_unet_input_blocks_1_1_...`)
+             and `lora_te1_`.
+  diffusers  `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<CLIP path>...` (peft's
+             names; alpha / rank is folded into lora_B, since the file carries no alpha). LoRA only.
+"""
+from collections import defaultdict
+from typing import Dict, List, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ldm.checkpoint import load_into, load_state_dict, save_state_dict
+from ldm.modules.adapter_config import DEFAULT_GROUP, AdapterConfigError
+from ldm.modules.adapter_io import AdapterDirError, network, restored_on_error
+from ldm.modules.adapters import adapter_groups, adapter_networks, group_adapters, inject_adapters, is_projection
+from ldm.modules.attention import SpatialTransformer
+from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
+from ldm.modules.ia3 import IA3, IA3Vector
+from ldm.modules.lora import LoRA, LoRAFactors, stack_factors
+
+Update = Union[LoRAFactors, IA3Vector]
+FORMATS = ("kohya", "diffusers")
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
+DIFFUSERS_PREFIX = {"unet": "unet", "cond_stage_model": "text_encoder"}
+RESNET_NAMES = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
+                "skip_connection": "conv_shortcut"}
+TOP_NAMES = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
+CLIP_ROOT = "transformer."  # FrozenCLIPEmbedder.transformer holds transformers' `text_model`
+
+
+# ---- names ------------------------------------------------------------------------------------------------------
+def unet_block_map(unet: UNetModel) -> Dict[str, str]:
+    """LDM path -> diffusers path of every ResBlock and SpatialTransformer of the UNet."""
+    blocks: Dict[str, str] = {}
+
+    def name(ldm: str, seq: nn.Module, diffusers: str, j: int) -> None:
+        for idx, layer in enumerate(seq):
+            kind = "resnets" if isinstance(layer, ResBlock) else "attentions" if isinstance(layer, SpatialTransformer) \
+                else None
+            if kind:
+                blocks[f"{ldm}.{idx}"] = f"{diffusers}.{kind}.{j}"
+
+    level, j = 0, 0
+    for k, block in enumerate(unet.input_blocks):
+        if k and isinstance(block[0], Downsample):
+            level, j = level + 1, 0
+        elif k:
+            name(f"input_blocks.{k}", block, f"down_blocks.{level}", j)
+            j += 1
+    blocks.update({"middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
+                   "middle_block.2": "mid_block.resnets.1"})
+    level, j = 0, 0
+    for k, block in enumerate(unet.output_blocks):
+        name(f"output_blocks.{k}", block, f"up_blocks.{level}", j)
+        level, j = (level + 1, 0) if any(isinstance(m, Upsample) for m in block) else (level, j + 1)
+    return blocks
+
+
+def _diffusers_unet_path(path: str, blocks: Dict[str, str]) -> Optional[str]:
+    if path in TOP_NAMES:
+        return TOP_NAMES[path]
+    parts = path.split(".")
+    for n in (2, 3):
+        block, inner = ".".join(parts[:n]), ".".join(parts[n:])
+        if block in blocks and inner:
+            inner = RESNET_NAMES.get(inner) if ".resnets." in blocks[block] else inner
+            return f"{blocks[block]}.{inner}" if inner else None
+    return None
+
+
+def external_names(model: nn.Module) -> Dict[str, str]:
+    """Path in `model` -> "unet.<diffusers path>" / "text_encoder.<CLIP path>" for every projection others can name."""
+    names = {}
+    for role, (prefix, net) in adapter_networks(model).items():
+        root = f"{prefix}." if prefix else ""
+        blocks = unet_block_map(net) if role == "unet" else {}
+        for path, m in net.named_modules():
+            if not is_projection(m) or "adapters" in path.split("."):
+                continue
+            if role == "unet":
+                ext = _diffusers_unet_path(path, blocks)
+            else:
+                ext = path[len(CLIP_ROOT):] if path.startswith(CLIP_ROOT) else None
+            if ext is not None:
+                names[root + path] = f"{DIFFUSERS_PREFIX[role]}.{ext}"
+    return names
+
+
+def kohya_name(external: str) -> str:
+    """"unet.down_blocks.0.x" -> "lora_unet_down_blocks_0_x"; "text_encoder.text_model.y" -> "lora_te_text_model_y"."""
+    head, path = external.split(".", 1)
+    return f"{KOHYA_PREFIX[head]}_{path.replace('.', '_')}"
+
+
+# ---- a group as plain tensors, and back -------------------------------------------------------------------------
+def projection_updates(model: nn.Module, name: str = DEFAULT_GROUP) -> Dict[str, Update]:
+    """Group `name` per module path of `model` as plain tensors, each at its config `scale` (the run-time
+    set_adapter_scale strength is left out, as in adapter directories): LoRAFactors (several LoRAs on one module
+    stacked exactly) or an IA3Vector. Block adapters, and LoRA with (IA)^3 on one module, have none."""
+    updates: Dict[str, Update] = {}
+    for path, host, group in group_adapters(model, name):
+        if not is_projection(host):
+            raise AdapterConfigError(f"group {name!r} has block adapters ({group[0].spec.describe()}) on {path}: "
+                                     "nonlinear bottlenecks have no LoRA equivalent, so they cannot be merged into the "
+                                     "weights or written to kohya / diffusers files; keep them as an adapter directory")
+        loras = [a.factors().scaled(a.spec.scale) for a in group if isinstance(a, LoRA)]
+        ia3s = [a.vector(a.spec.scale) for a in group if isinstance(a, IA3)]
+        if len(ia3s) > 1 or (ia3s and loras):
+            raise AdapterConfigError(f"group {name!r} puts {len(loras)} LoRA and {len(ia3s)} (IA)^3 on {path}: a file "
+                                     "holds one update per module; keep it as an adapter directory")
+        updates[path] = ia3s[0] if ia3s else stack_factors(loras) if len(loras) > 1 else loras[0]
+    return updates
+
+
+def install_updates(model: nn.Module, updates: Dict[str, Update], name: str, source: str) -> None:
+    """Inject group `name` holding exactly `updates` (keyed by path in `model`) into the model's networks."""
+    for prefix, net in adapter_networks(model).values():  # disjoint paths, or the model is the one network
+        root = f"{prefix}." if prefix else ""
+        mine = {p[len(root):]: u for p, u in updates.items() if p.startswith(root)}
+        if not mine:
+            continue
+        inject_adapters(net, {"projection_adp_config": _entries(mine)}, name)
+        for path, u in mine.items():
+            tensors = ({"down.weight": u.down, "up.weight": u.up} if isinstance(u, LoRAFactors)
+                       else {"weight": u.weight})
+            load_into(net.get_submodule(path).adapters[name][0], tensors, source=f"{source}, {path}")
+
+
+def _entries(updates: Dict[str, Update]) -> List[dict]:
+    """projection_adp_config entries for `updates`: one per (form, rank, alpha) or on_input, targets by full path."""
+    groups: Dict[tuple, List[str]] = defaultdict(list)
+    for path, u in updates.items():
+        key = ("lora", u.rank, u.alpha) if isinstance(u, LoRAFactors) else ("ia3", u.on_input)
+        groups[key].append(path)
+    return [{"type": "lora", "target": paths, "rank": k[1], "alpha": k[2]} if k[0] == "lora"
+            else {"type": "ia3", "target": paths, "on_input": k[1]} for k, paths in groups.items()]
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+def lora_state_dict(model: nn.Module, name: str = DEFAULT_GROUP, fmt: str = "kohya") -> Dict[str, torch.Tensor]:
+    """Group `name` as the tensors of a kohya or diffusers file."""
+    if fmt not in FORMATS:
+        raise AdapterConfigError(f"unknown LoRA file format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    names, sd = external_names(model), {}
+    for path, u in projection_updates(model, name).items():
+        if path not in names:
+            raise AdapterConfigError(f"{path} has no diffusers name (the export maps the modules of SD v1's UNet and "
+                                     f"CLIP text encoder); keep this group as an adapter directory")
+        if fmt == "diffusers":
+            if not isinstance(u, LoRAFactors):
+                raise AdapterConfigError("diffusers' loaders take LoRA only: write (IA)^3 as a kohya file (A1111, "
+                                         "ComfyUI, LyCORIS read it) or keep it as an adapter directory")
+            u = u.folded()
+            sd.update({f"{names[path]}.lora_A.weight": u.down, f"{names[path]}.lora_B.weight": u.up})
+        elif isinstance(u, LoRAFactors):
+            key = kohya_name(names[path])
+            sd.update({f"{key}.lora_down.weight": u.down, f"{key}.lora_up.weight": u.up,
+                       f"{key}.alpha": torch.tensor(u.alpha)})
+        else:
+            key = kohya_name(names[path])
+            sd.update({f"{key}.weight": u.weight, f"{key}.on_input": torch.tensor(u.on_input)})
+    return sd
+
+
+def save_lora_file(model: nn.Module, path: str, name: str = DEFAULT_GROUP, fmt: str = "kohya") -> None:
+    """Write group `name` to a kohya or diffusers `.safetensors` file, atomically."""
+    if not str(path).endswith(".safetensors"):
+        raise AdapterConfigError(f"LoRA files are .safetensors; got '{path}'")
+    save_state_dict(lora_state_dict(model, name, fmt), str(path), metadata={"format": "pt"})
+
+
+def load_lora_file(model: nn.Module, path: str, name: str = DEFAULT_GROUP) -> None:
+    """Load a kohya / A1111 / diffusers LoRA or (IA)^3 `.safetensors` file into a new group `name` of `model`."""
+    source = f"LoRA file '{path}'"
+    if name in adapter_groups(model):
+        raise AdapterDirError(f"the model already has an adapter group {name!r}; load {source} into a new one")
+    updates = read_lora_state_dict(model, load_state_dict(path), source)
+    with restored_on_error(model, name):
+        install_updates(model, updates, name, source)
+
+
+def read_lora_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], source: str) -> Dict[str, Update]:
+    """The updates of a kohya or diffusers LoRA state dict, keyed by path in `model`; errors name what does not fit."""
+    modules, names = dict(model.named_modules()), _reverse_names(model)
+    grouped = _split_modules(sd, source)
+    unknown = [n for n in grouped if n not in names]
+    if unknown:
+        _unknown_error(model, unknown, len(grouped), source)
+    return {names[n]: _update(t, modules[names[n]], f"{source}: {n}") for n, t in grouped.items()}
+
+
+def _reverse_names(model: nn.Module) -> Dict[str, str]:
+    """Every name a file may give a projection of `model` (kohya, kohya with LDM paths, lora_te1_, diffusers) ->
+    its path."""
+    nets = adapter_networks(model)
+    unet_root = f"{nets['unet'][0]}." if nets.get("unet", ("",))[0] else ""
+    names = {}
+    for path, ext in external_names(model).items():
+        key = kohya_name(ext)
+        names.update({ext: path, key: path})
+        if ext.startswith("unet."):
+            names[f"lora_unet_{path[len(unet_root):].replace('.', '_')}"] = path
+        else:
+            names[f"lora_te1_{key[len('lora_te_'):]}"] = path
+    return names
+
+
+DIFFUSERS_SUFFIXES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
+                      ".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
+                      ".lora_linear_layer.down.weight": "lora_down.weight",
+                      ".lora_linear_layer.up.weight": "lora_up.weight", ".alpha": "alpha"}
+
+
+def _split_modules(sd: Dict[str, torch.Tensor], source: str) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{module name: {tensor name: tensor}}, tensor names in kohya's terms (lora_down.weight, lora_up.weight, alpha)."""
+    grouped: Dict[str, Dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in sd.items():
+        if key.startswith("lora_"):
+            module_name, tensor = key.split(".", 1)
+        else:
+            suffix = next((s for s in DIFFUSERS_SUFFIXES if key.endswith(s)), None)
+            if suffix is None:
+                raise AdapterDirError(f"{source}: key {key!r} is neither kohya (lora_unet_..., lora_te_...) nor "
+                                      "diffusers (unet.<path>.lora_A.weight, text_encoder.<path>.lora_B.weight)")
+            module_name, tensor = key[:-len(suffix)], DIFFUSERS_SUFFIXES[suffix]
+        grouped[module_name][tensor] = value
+    return grouped
+
+
+def _update(tensors: Dict[str, torch.Tensor], host: nn.Module, where: str) -> Update:
+    """One module's LoRAFactors or IA3Vector, checked against the module it goes on."""
+    conv = isinstance(host, nn.Conv2d)
+    n_in, n_out = host.weight.shape[1], host.weight.shape[0]
+    if set(tensors) == {"weight", "on_input"}:
+        on_input = bool(tensors["on_input"].item())
+        if tuple(tensors["weight"].shape) != ((n_in,) if on_input else (n_out,)):
+            raise AdapterDirError(f"{where}: (IA)^3 vector of shape {tuple(tensors['weight'].shape)} does not fit a "
+                                  f"module with {n_in} inputs and {n_out} outputs: the file was made for another model")
+        return IA3Vector(tensors["weight"], on_input)
+    if set(tensors) - {"alpha"} != {"lora_down.weight", "lora_up.weight"}:
+        raise AdapterDirError(f"{where}: tensors {', '.join(sorted(tensors))} are neither LoRA (lora_down.weight, "
+                              "lora_up.weight, alpha) nor (IA)^3 (weight, on_input); LyCORIS LoHa / LoKr / DoRA / "
+                              "full-diff modules are not supported here")
+    down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
+    if conv and down.dim() == 2 and up.dim() == 2:  # a Linear-shaped LoRA of a 1x1 conv: the same map
+        down, up = down[..., None, None], up[..., None, None]
+    rank, tail = down.shape[0], (1, 1) if conv else ()
+    if tuple(down.shape) != (rank, n_in, *tail) or tuple(up.shape) != (n_out, rank, *tail):
+        raise AdapterDirError(f"{where}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not fit a "
+                              f"{type(host).__name__} with {n_in} inputs and {n_out} outputs: the file was made for "
+                              "another model")
+    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)  # kohya: no alpha means alpha = rank
+    return LoRAFactors(down, up, alpha)
+
+
+def _unknown_error(model: nn.Module, unknown: List[str], total: int, source: str) -> None:
+    text = [n for n in unknown if n.startswith(("lora_te", "text_encoder."))]
+    if text and "cond_stage_model" not in adapter_networks(model):
+        network(model, "cond_stage_model", f"{source} ({len(text)} text-encoder modules, e.g. {text[0]})")
+    raise AdapterDirError(f"{source} does not fit this model: {len(unknown)} of its {total} modules have no "
+                          f"counterpart here, e.g. {', '.join(unknown[:3])}. It was made for another architecture "
+                          "(SD 2.x and SDXL differ), or adapts modules LoRA does not take here (3x3 convs)")

@@ -1,0 +1,61 @@
+"""Merge adapters as cloneofsimo/lora's `lora_add` does: a LoRA or (IA)^3 into a base SD checkpoint (upl), or two
+LoRAs into one (lpl: cloneofsimo's mix of the factors; exact: ΔW = α·ΔW1 + (1-α)·ΔW2). The formulas are in
+ldm/modules/adapter_merge.py.
+
+    python scripts/merge.py --mode upl --path_1 sd-v1-5.ckpt --path_2 logs/<run>/checkpoints/999-adapters \
+        --alpha 1.0 --output_path sd-v1-5-merged.ckpt
+    python scripts/merge.py --mode exact --path_1 a-adapters --path_2 b_kohya.safetensors --alpha 0.5 \
+        --output_path ab-adapters
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.modules.adapter_config import AdapterConfigError  # noqa: E402
+from ldm.modules.adapter_merge import MODES, combine_loras, merge_into_checkpoint  # noqa: E402
+from ldm.modules.lora_export import FORMATS  # noqa: E402
+from ldm.util import ConfigError  # noqa: E402
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--path_1", required=True, help="upl: the base SD v1 checkpoint; lpl/exact: the first LoRA "
+                                                   "(adapter directory or kohya / diffusers .safetensors)")
+    p.add_argument("--path_2", required=True, help="upl: the adapter to merge in; lpl/exact: the second LoRA")
+    p.add_argument("--mode", choices=MODES, required=True,
+                   help="upl: W + alpha*dW as a full checkpoint; lpl: cloneofsimo's factor mix; exact: "
+                        "alpha*dW1 + (1-alpha)*dW2 with concatenated ranks")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="upl: strength of the adapter (default 1.0); lpl/exact: weight of path_1, path_2 gets "
+                        "1 - alpha (default 0.5)")
+    p.add_argument("--output_path", required=True, help="upl: a .ckpt or .safetensors checkpoint; lpl/exact: an "
+                                                        "adapter directory, or a .safetensors LoRA file")
+    p.add_argument("--format", choices=FORMATS, default="kohya", help="lpl/exact into .safetensors: the file format")
+    p.add_argument("--config", default=str(REPO / "configs/stable-diffusion/v1-inference.yaml"),
+                   help="the model config (its adapter configs are ignored)")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    opt = parse_args(argv)
+    try:
+        if opt.mode == "upl":
+            merge_into_checkpoint(opt.config, opt.path_1, opt.path_2, opt.output_path,
+                                  1.0 if opt.alpha is None else opt.alpha)
+        else:
+            combine_loras(opt.config, opt.path_1, opt.path_2, opt.output_path, opt.mode,
+                          0.5 if opt.alpha is None else opt.alpha, opt.format)
+    except (AdapterConfigError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {opt.output_path}")
+    return Path(opt.output_path)
+
+
+if __name__ == "__main__":
+    main()
