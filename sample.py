@@ -1,6 +1,7 @@
 """Text-to-image (and image-to-image) sampling with Stable Diffusion v1 and trained adapters.
 
-The CompVis `txt2img.py` interface: numbered samples under OUTDIR/samples and a grid per run.
+The CompVis `txt2img.py` interface: numbered samples under OUTDIR/samples and a grid per run, invisibly watermarked,
+optionally through the SD safety checker; adapter scale sweeps into one labelled grid (and a GIF).
 """
 import argparse
 import logging
@@ -8,7 +9,7 @@ import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,9 +18,14 @@ from PIL import Image
 
 from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.modules.adapters import AdapterConfigError, set_adapter_scale
+from ldm.modules.safety import SafetyChecker, SafetyCheckerError
+from ldm.modules.watermark import Watermarker
 from ldm.util import ConfigError, image_grid, load_model_from_config, pick_device, to_pil
+
+log = logging.getLogger("sample")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -31,6 +37,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
+    p.add_argument("--dpm_solver", action="store_true", help="use DPM-Solver++(2M) sampling (default: DDIM)")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 is deterministic)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
     p.add_argument("--n_iter", type=int, default=2, help="batches per prompt")
@@ -57,6 +64,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "builds the adapters, --config only the base (and an original-format directory's adapters)")
     p.add_argument("--adapter_scale", action="append", type=float, default=[], metavar="S",
                    help="strength of the matching --adapter_path (repeatable, one per path; default 1.0)")
+    p.add_argument("--adapter_scale_sweep", type=str, metavar="S,S,...",
+                   help="render the same seeds at each of these adapter scales, one grid row per scale (each "
+                        "--adapter_path's scale is S times its --adapter_scale), e.g. 0,0.25,0.5,0.75,1.0")
+    p.add_argument("--gif", action="store_true", help="with --adapter_scale_sweep: also save an animated GIF over "
+                                                       "the scales (OUTDIR/sweep-NNNN.gif, not watermarked)")
+    p.add_argument("--label", action="store_true", help="write prompt and seed under each grid image (and the "
+                                                         "scale beside each sweep row)")
+    p.add_argument("--no-watermark", dest="no_watermark", action="store_true",
+                   help="do not put the invisible watermark (\"StableDiffusionV1\") into saved images")
+    p.add_argument("--safety_checker", type=str, metavar="PATH",
+                   help="run the SD safety checker from these local weights (its model.safetensors or "
+                        "pytorch_model.bin, or their folder); flagged images are saved black. Default: none runs")
     return p.parse_args(argv)
 
 
@@ -83,15 +102,38 @@ def load_init_latent(model, opt: argparse.Namespace, device: torch.device) -> to
 
 
 def check_options(opt: argparse.Namespace) -> None:
+    """Exit with one clear message for options that cannot work together."""
     if opt.H % opt.f or opt.W % opt.f:
         sys.exit(f"error: --H and --W must be multiples of --f ({opt.f}), got {opt.H}x{opt.W}")
     if opt.init_img and not 0.0 < opt.strength <= 1.0:
         sys.exit(f"error: --strength must be in (0, 1], got {opt.strength}")
-    if opt.init_img and opt.plms:
-        sys.exit("error: img2img uses DDIM; drop --plms")
+    if opt.plms and opt.dpm_solver:
+        sys.exit("error: pick one sampler: --plms or --dpm_solver")
+    if opt.init_img and (opt.plms or opt.dpm_solver):
+        sys.exit(f"error: img2img uses DDIM; drop --{'plms' if opt.plms else 'dpm_solver'}")
+    if opt.ddim_eta and (opt.plms or opt.dpm_solver):
+        sys.exit("error: PLMS and DPM-Solver++ are deterministic; drop --ddim_eta (it is DDIM's)")
     if opt.adapter_scale and len(opt.adapter_scale) != len(opt.adapter_path):
         sys.exit(f"error: give one --adapter_scale per --adapter_path (or none for 1.0), got "
                  f"{len(opt.adapter_scale)} for {len(opt.adapter_path)}")
+    if opt.gif and opt.adapter_scale_sweep is None:
+        sys.exit("error: --gif animates an adapter scale sweep: add --adapter_scale_sweep (or drop --gif)")
+
+
+def sweep_scales(opt: argparse.Namespace) -> List[Optional[float]]:
+    """The scales of --adapter_scale_sweep, or [None] (render once, as given) without it."""
+    if opt.adapter_scale_sweep is None:
+        return [None]
+    if not opt.adapter_path:
+        sys.exit("error: --adapter_scale_sweep scales adapters: add at least one --adapter_path")
+    try:
+        scales = [float(v) for v in opt.adapter_scale_sweep.split(",")]
+    except ValueError:
+        scales = []
+    if not scales or not all(np.isfinite(scales)):
+        sys.exit(f"error: --adapter_scale_sweep takes comma-separated numbers like 0,0.5,1, "
+                 f"got '{opt.adapter_scale_sweep}'")
+    return scales
 
 
 def pop_adapter_config(config) -> Optional[dict]:
@@ -100,23 +142,31 @@ def pop_adapter_config(config) -> Optional[dict]:
     return params.pop("adapter_config", None) if params is not None else None
 
 
+def adapter_paths(opt: argparse.Namespace) -> List[Tuple[str, str, float]]:
+    """(group name, directory, --adapter_scale) for each --adapter_path."""
+    scales = opt.adapter_scale or [1.0] * len(opt.adapter_path)
+    return [(f"adapter{i}", path, scale) for i, (path, scale) in enumerate(zip(opt.adapter_path, scales), start=1)]
+
+
 def attach_adapters(unet: torch.nn.Module, opt: argparse.Namespace, config_adapters: Optional[dict]) -> None:
     """Load each --adapter_path as its own adapter group `adapterN`, scaled by its --adapter_scale.
 
     A directory of ours brings its own adapter config; an original-format one is built from --config's.
     """
-    scales = opt.adapter_scale or [1.0] * len(opt.adapter_path)
-    for i, (path, scale) in enumerate(zip(opt.adapter_path, scales), start=1):
-        unet.load_adapter_from_dir(path, name=f"adapter{i}", adapter_config=config_adapters)
-        set_adapter_scale(unet, scale, name=f"adapter{i}")
+    for name, path, scale in adapter_paths(opt):
+        unet.load_adapter_from_dir(path, name=name, adapter_config=config_adapters)
+        set_adapter_scale(unet, scale, name=name)
 
 
-def main(argv: Optional[List[str]] = None) -> List[Path]:
-    opt = parse_args(argv)
-    check_options(opt)
-    prompts = read_prompts(opt)
-    device = pick_device()
-    torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
+def set_sweep_scale(unet: torch.nn.Module, opt: argparse.Namespace, sweep: Optional[float]) -> None:
+    """Scale every adapter group to `sweep` times its --adapter_scale (outside a sweep, `sweep` is None: no-op)."""
+    if sweep is not None:
+        for name, _, scale in adapter_paths(opt):
+            set_adapter_scale(unet, sweep * scale, name=name)
+
+
+def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The base model from --config/--ckpt with every --adapter_path attached, on `device`."""
     try:
         config = OmegaConf.load(opt.config)
         config_adapters = pop_adapter_config(config) if opt.adapter_path else None
@@ -124,46 +174,133 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
         attach_adapters(model.unet, opt, config_adapters)
     except (ConfigError, CheckpointError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    sampler = PLMSSampler(model) if opt.plms else DDIMSampler(model)
+    return model
+
+
+def make_sampler(model: torch.nn.Module, opt: argparse.Namespace) -> DDIMSampler:
+    """PLMS, DPM-Solver++ or (default) DDIM; all share DDIMSampler's interface."""
+    if opt.plms:
+        return PLMSSampler(model)
+    return DPMSolverSampler(model) if opt.dpm_solver else DDIMSampler(model)
+
+
+def make_watermarker(opt: argparse.Namespace) -> Callable[[Image.Image], Image.Image]:
+    """Puts the invisible watermark into an image (unless --no-watermark)."""
+    if opt.no_watermark:
+        return lambda im: im
+    try:
+        return Watermarker()
+    except ImportError as e:
+        sys.exit(f"error: {e}")
+
+
+def make_safety_checker(opt: argparse.Namespace, device: torch.device) -> Optional[SafetyChecker]:
+    """The safety checker of --safety_checker, or None without it."""
+    if not opt.safety_checker:
+        return None
+    try:
+        return SafetyChecker(opt.safety_checker, device)
+    except SafetyCheckerError as e:
+        sys.exit(f"error: {e}")
+
+
+def render_batch(model, sampler: DDIMSampler, opt: argparse.Namespace, prompt: str,
+                 init_latent: Optional[torch.Tensor], start_code: Optional[torch.Tensor],
+                 generator: torch.Generator) -> List[Image.Image]:
+    """One batch of --n_samples images of `prompt`: txt2img from start_code (or fresh noise), or img2img."""
+    c = model.get_learned_conditioning(opt.n_samples * [prompt])
+    uc = model.get_learned_conditioning(opt.n_samples * [""]) if opt.scale != 1.0 else None
+    if init_latent is not None:
+        t_enc = max(1, int(opt.strength * opt.ddim_steps))
+        sampler.make_schedule(opt.ddim_steps, opt.ddim_eta)
+        z = sampler.stochastic_encode(init_latent.expand(opt.n_samples, -1, -1, -1), t_enc - 1, generator)
+        samples = sampler.decode(z, c, t_enc, opt.scale, uc, generator)
+    else:
+        samples, _ = sampler.sample(opt.ddim_steps, opt.n_samples, shape_of(opt), c, opt.scale, uc,
+                                    eta=opt.ddim_eta, x_T=start_code, generator=generator)
+    return to_pil(model.decode_first_stage(samples))
+
+
+def shape_of(opt: argparse.Namespace) -> Tuple[int, int, int]:
+    """The latent shape (C, H/f, W/f)."""
+    return opt.C, opt.H // opt.f, opt.W // opt.f
+
+
+def save_grids(rows: List[List[Image.Image]], scales: List[Optional[float]], captions: List[str],
+               opt: argparse.Namespace, outdir: Path, mark: Callable[[Image.Image], Image.Image]) -> List[Path]:
+    """The run's grid (one row per sweep scale) and, with --gif, the sweep's animation; returns their paths."""
+    number = len(list(outdir.glob("grid-*.png")))
+    sweep = scales[0] is not None
+    labels = captions if opt.label else None
+    row_labels = [f"scale {s:g}" for s in scales] if sweep and opt.label else None
+    written = []
+    if not opt.skip_grid:
+        n_cols = len(rows[0]) if sweep else opt.n_rows or opt.n_samples
+        grid = image_grid([im for row in rows for im in row], n_cols, labels and labels * len(rows), row_labels)
+        written.append(outdir / f"grid-{number:04}.png")
+        mark(grid).save(written[-1])
+    if opt.gif:  # GIF's 256-colour palette would not keep the watermark: the frames go unmarked
+        texts = row_labels or [None] * len(rows)
+        frames = [image_grid(row, len(row), labels, text and [text]) for row, text in zip(rows, texts)]
+        written.append(outdir / f"sweep-{number:04}.gif")
+        frames[0].save(written[-1], save_all=True, append_images=frames[1:], duration=700, loop=0)
+    return written
+
+
+def save_samples(images: List[Image.Image], sample_dir: Path, mark: Callable[[Image.Image], Image.Image]
+                 ) -> List[Path]:
+    """Save `images` watermarked as the next numbered PNGs of `sample_dir` (numbering continues across runs)."""
+    start = len(list(sample_dir.glob("*.png")))
+    paths = [sample_dir / f"{start + i:05}.png" for i in range(len(images))]
+    for im, path in zip(images, paths):
+        mark(im).save(path)
+    return paths
+
+
+def render_all(model, opt: argparse.Namespace, prompts: List[str], scales: List[Optional[float]],
+               checker: Optional[SafetyChecker], mark: Callable[[Image.Image], Image.Image]
+               ) -> Tuple[List[List[Image.Image]], List[str], List[Path]]:
+    """Every prompt x --n_iter batch at every sweep scale, samples saved; returns grid rows, captions, saved paths."""
+    device = model.betas.device
+    sampler = make_sampler(model, opt)
     use_autocast = opt.precision == "autocast" or (opt.precision is None and device.type == "cuda")
     precision_scope = torch.autocast(device.type) if use_autocast else nullcontext()
-
-    outdir = Path(opt.outdir)
-    sample_dir = outdir / "samples"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    base_count = len(list(sample_dir.glob("*.png")))
-    grid_count = len(list(outdir.glob("grid-*.png")))
     generator = torch.Generator(device=device).manual_seed(opt.seed)
-    shape = (opt.C, opt.H // opt.f, opt.W // opt.f)
-    start_code = torch.randn((opt.n_samples, *shape), generator=generator, device=device) if opt.fixed_code else None
+    shape = (opt.n_samples, *shape_of(opt))
+    start_code = torch.randn(shape, generator=generator, device=device) if opt.fixed_code else None
     init_latent = load_init_latent(model, opt, device) if opt.init_img else None
-
-    written, grid_images = [], []
-    with torch.no_grad(), precision_scope:
-        for prompt in prompts:
-            for _ in range(opt.n_iter):
-                c = model.get_learned_conditioning(opt.n_samples * [prompt])
-                uc = model.get_learned_conditioning(opt.n_samples * [""]) if opt.scale != 1.0 else None
-                if init_latent is not None:
-                    t_enc = max(1, int(opt.strength * opt.ddim_steps))
-                    sampler.make_schedule(opt.ddim_steps, opt.ddim_eta)
-                    z = sampler.stochastic_encode(init_latent.expand(opt.n_samples, -1, -1, -1), t_enc - 1, generator)
-                    samples = sampler.decode(z, c, t_enc, opt.scale, uc, generator)
-                else:
-                    samples, _ = sampler.sample(opt.ddim_steps, opt.n_samples, shape, c, opt.scale, uc,
-                                                eta=opt.ddim_eta, x_T=start_code, generator=generator)
-                images = to_pil(model.decode_first_stage(samples))
-                grid_images.extend(images)
+    rows, captions, written = [[] for _ in scales], [], []
+    for prompt in prompts:
+        for _ in range(opt.n_iter):
+            state = generator.get_state()  # every sweep scale starts from the same noise
+            for row, scale in zip(rows, scales):
+                set_sweep_scale(model.unet, opt, scale)
+                generator.set_state(state)
+                with torch.no_grad(), precision_scope:
+                    images = render_batch(model, sampler, opt, prompt, init_latent, start_code, generator)
+                images = images if checker is None else checker(images)
+                row.extend(images)
                 if not opt.skip_save:
-                    for im in images:
-                        path = sample_dir / f"{base_count:05}.png"
-                        im.save(path)
-                        written.append(path)
-                        base_count += 1
-    if not opt.skip_grid:
-        path = outdir / f"grid-{grid_count:04}.png"
-        image_grid(grid_images, opt.n_rows or opt.n_samples).save(path)
-        written.append(path)
+                    written += save_samples(images, Path(opt.outdir) / "samples", mark)
+            captions += [f"{prompt}\nseed {opt.seed}, #{len(captions) + i}" for i in range(opt.n_samples)]
+    return rows, captions, written
+
+
+def main(argv: Optional[List[str]] = None) -> List[Path]:
+    opt = parse_args(argv)
+    check_options(opt)
+    scales = sweep_scales(opt)
+    prompts = read_prompts(opt)
+    device = pick_device()
+    torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
+    model = load_model(opt, device)
+    mark, checker = make_watermarker(opt), make_safety_checker(opt, device)
+    outdir = Path(opt.outdir)
+    (outdir / "samples").mkdir(parents=True, exist_ok=True)
+    rows, captions, written = render_all(model, opt, prompts, scales, checker, mark)
+    if checker is not None:
+        log.info("safety checker: %d of %d images flagged and saved black", checker.flagged, checker.checked)
+    written += save_grids(rows, scales, captions, opt, outdir, mark)
     print(f"Your samples are ready and waiting for you here:\n{outdir.resolve()}\nEnjoy.")
     return written
 

@@ -4,7 +4,7 @@ from inspect import isfunction
 from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 
 class ConfigError(ValueError):
@@ -71,12 +71,36 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
     return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def image_grid(images: Sequence[Image.Image], n_rows: int) -> Image.Image:
-    """Tile equally sized images row by row, `n_rows` images per row (as CompVis' --n_rows), 2 px apart."""
+def _fit(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
+    """`text` cut (with an ellipsis) to fit `width` pixels."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def image_grid(images: Sequence[Image.Image], n_rows: int, labels: Optional[Sequence[str]] = None,
+               row_labels: Optional[Sequence[str]] = None) -> Image.Image:
+    """Tile equally sized images row by row, `n_rows` images per row (as CompVis' --n_rows), 2 px apart.
+
+    `labels` (one per image, lines split on newlines) are written under the images, `row_labels` (one per row) in a
+    margin on the left, with PIL's default font; text wider than its room is cut with an ellipsis.
+    """
     n_cols = max(1, min(n_rows, len(images)))
     rows = (len(images) + n_cols - 1) // n_cols
     w, h = images[0].size
-    grid = Image.new("RGB", (n_cols * (w + 2) + 2, rows * (h + 2) + 2))
+    font = ImageFont.load_default(size=max(10, w // 32))
+    line_h = font.getbbox("Ag")[3] + 2
+    label_h = max(len(t.split("\n")) for t in labels) * line_h + 2 if labels else 0
+    margin = int(max(font.getlength(t) for t in row_labels)) + 8 if row_labels else 0
+    grid = Image.new("RGB", (margin + n_cols * (w + 2) + 2, rows * (h + 2 + label_h) + 2))
+    draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
-        grid.paste(im, (2 + (i % n_cols) * (w + 2), 2 + (i // n_cols) * (h + 2)))
+        x, y = margin + 2 + (i % n_cols) * (w + 2), 2 + (i // n_cols) * (h + 2 + label_h)
+        grid.paste(im, (x, y))
+        for j, line in enumerate(labels[i].split("\n") if labels else []):
+            draw.text((x, y + h + 1 + j * line_h), _fit(line, font, w), fill="white", font=font)
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, 2 + r * (h + 2 + label_h) + (h - line_h) // 2), text, fill="white", font=font)
     return grid

@@ -60,6 +60,7 @@ def test_ddim_timesteps():
         ts = make_ddim_timesteps(steps, 1000)
         assert len(ts) == steps and ts[0] == 1 and ts[-1] <= 999
     assert list(make_ddim_timesteps(3, 1000)) == [1, 334, 667]
+    assert list(make_ddim_timesteps(1000, 1000)) == list(range(1000))
     with pytest.raises(ValueError, match="sampling steps"):
         make_ddim_timesteps(0, 1000)
 

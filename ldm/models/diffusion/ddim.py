@@ -9,11 +9,16 @@ from ldm.models.diffusion.guidance import guided_eps
 
 
 def make_ddim_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
-    """Uniformly spaced DDPM timesteps, shifted by one as in the original (the last step is t=1)."""
+    """`num_ddim_steps` uniformly spaced DDPM timesteps, shifted by one as in the original (the first is t=1).
+
+    Equal to the original for step counts that divide the DDPM steps (and to diffusers' "leading" spacing with
+    steps_offset 1 for any count); the original's range() gave one step too many, past the schedule, for others.
+    """
     if not 0 < num_ddim_steps <= num_ddpm_steps:
         raise ValueError(f"number of sampling steps must be in 1..{num_ddpm_steps}, got {num_ddim_steps}")
     c = num_ddpm_steps // num_ddim_steps
-    return np.arange(num_ddim_steps) * c + 1
+    ts = np.arange(num_ddim_steps) * c
+    return ts + 1 if ts[-1] + 1 < num_ddpm_steps else ts  # every DDPM step (c = 1): 0..999, not past the end
 
 
 class DDIMSampler:
@@ -25,12 +30,16 @@ class DDIMSampler:
     def make_schedule(self, ddim_num_steps: int, ddim_eta: float = 0.0) -> None:
         """alpha_t, alpha_prev and sigma_t at the selected timesteps (fp64 math, stored in fp32)."""
         ac = self.model.alphas_cumprod.double().cpu()
-        ts = make_ddim_timesteps(ddim_num_steps, self.model.num_timesteps)
+        ts = self.timesteps(ddim_num_steps)
         alphas = ac[ts]
         alphas_prev = torch.cat([ac[:1], ac[ts[:-1]]])
         sigmas = ddim_eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
         self.ddim_timesteps = ts
         self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = alphas.float(), alphas_prev.float(), sigmas.float()
+
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        """The DDPM timesteps the model is evaluated at, ascending; each step lands on the one below (or t=0)."""
+        return make_ddim_timesteps(num_steps, self.model.num_timesteps)
 
     def _step(self, x: torch.Tensor, e_t: torch.Tensor, index: int, generator: Optional[torch.Generator]
               ) -> Tuple[torch.Tensor, torch.Tensor]:
