@@ -115,8 +115,9 @@ class ImageLogger(pl.Callback):
     def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.disabled or not trainer.is_global_zero:
             return
+        prompts = self._prompts(trainer)
         images = self.sample(trainer, pl_module)
-        n = images.shape[0] // max(1, len(self._prompts(trainer)))
+        n = images.shape[0] // max(1, len(prompts))
         path = Path(trainer.default_root_dir) / "images" / f"step-{trainer.global_step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = image_grid(to_pil(images), n)
@@ -124,7 +125,7 @@ class ImageLogger(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, pl.loggers.TensorBoardLogger):
                 logger.experiment.add_image("samples", np.asarray(grid), trainer.global_step, dataformats="HWC")
-        log.info("step %d: samples of %s in %s", trainer.global_step, self._prompts(trainer), path)
+        log.info("step %d: samples of %s in %s", trainer.global_step, prompts, path)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.log_on_start and trainer.global_step == 0:

@@ -28,6 +28,26 @@ def build_tiny(seed: int = 0) -> torch.nn.Module:
     return randomize_zero_layers(model, seed).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and lose ~10x when the two cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def diffusers_sample(model, sched, c, uc, scale=5.0, seed=3):
+    """(x_T, x_0) of a diffusers scheduler's loop over our model with our guidance, for sampler equivalence tests."""
+    from ldm.models.diffusion.guidance import guided_eps
+    x_T = torch.randn(c.shape[0], 4, 4, 4, generator=torch.Generator().manual_seed(seed))
+    x = x_T
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(guided_eps(model, x, t.repeat(c.shape[0]), c, uc, scale), t, x).prev_sample
+    return x_T, x
+
+
 @pytest.fixture(scope="session")
 def tiny_model_session():
     return build_tiny()

@@ -41,14 +41,6 @@ def tiny_unet_config(**overrides):
     return config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot when the two cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_unet():
     """The tiny UNet with its zero-initialised output layers randomised, so adapters anywhere reach the output."""

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import diffusers_sample
 from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
 from ldm.models.diffusion.guidance import guided_eps
 from ldm.models.diffusion.plms import PLMSSampler
@@ -81,13 +82,8 @@ def test_ddim_matches_diffusers_scheduler(tiny_model):
     sched.set_timesteps(10)
     c = tiny_model.get_learned_conditioning(["a red star", "a blue circle"])
     uc = tiny_model.get_learned_conditioning(["", ""])
-    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
-    x = x_T
-    with torch.no_grad():
-        for t in sched.timesteps:
-            eps = guided_eps(tiny_model, x, t.repeat(2), c, uc, 5.0)
-            x = sched.step(eps, t, x).prev_sample
-        ours, _ = DDIMSampler(tiny_model).sample(10, 2, (4, 4, 4), c, 5.0, uc, x_T=x_T, verbose=False)
+    x_T, x = diffusers_sample(tiny_model, sched, c, uc)
+    ours, _ = DDIMSampler(tiny_model).sample(10, 2, (4, 4, 4), c, 5.0, uc, x_T=x_T, verbose=False)
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
 
 

@@ -16,7 +16,7 @@ from ldm.modules.adapter_io import load_adapter_from_dir
 from ldm.modules.adapter_merge import merge_adapters
 from ldm.modules.adapters import adapter_parameters, set_adapter_scale
 from ldm.modules.lora_export import external_names, kohya_name, lora_state_dict, read_lora_state_dict, save_lora_file
-from test_lora import close, ia3, inputs, one_thread, outputs, proj, sd_meta, with_group  # noqa: F401
+from test_lora import close, ia3, inputs, outputs, proj, sd_meta, with_group  # noqa: F401  (fixtures)
 
 KV = ["attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v"]
 

@@ -66,13 +66,6 @@ def with_group(model, unet_cfg=None, te_cfg=None, name="default", seed=0):
     return randomize(model, name, seed=seed)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def inputs():

@@ -10,11 +10,10 @@ import torch
 from PIL import Image
 
 import sample
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, diffusers_sample
 from ldm.checkpoint import save_state_dict
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler, make_dpm_timesteps
-from ldm.models.diffusion.guidance import guided_eps
 from ldm.modules.adapters import inject_adapters
 from ldm.modules.safety import checker_config, clip_input, read_checker_weights
 from ldm.modules.watermark import WATERMARK_TEXT, read_watermark
@@ -24,14 +23,6 @@ from test_diffusion import _GaussianData
 BASE = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "4",
         "--n_samples", "2", "--n_iter", "1", "--scale", "3.0"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread runs ~10x faster than two when other jobs share the cores (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _pixels(paths):
@@ -54,12 +45,8 @@ def test_dpm_solver_matches_diffusers(tiny_model):
     sched.set_timesteps(timesteps=[int(t) for t in make_dpm_timesteps(20, 1000)[::-1]])  # >= 15: no lower order
     c = tiny_model.get_learned_conditioning(["a red star", "a blue circle"])
     uc = tiny_model.get_learned_conditioning(["", ""])
-    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(3))
-    x = x_T
-    with torch.no_grad():
-        for t in sched.timesteps:
-            x = sched.step(guided_eps(tiny_model, x, t.repeat(2), c, uc, 5.0), t, x).prev_sample
-        ours, _ = DPMSolverSampler(tiny_model).sample(20, 2, (4, 4, 4), c, 5.0, uc, x_T=x_T, verbose=False)
+    x_T, x = diffusers_sample(tiny_model, sched, c, uc)
+    ours, _ = DPMSolverSampler(tiny_model).sample(20, 2, (4, 4, 4), c, 5.0, uc, x_T=x_T, verbose=False)
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
 
 
