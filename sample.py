@@ -20,6 +20,7 @@ from ldm.checkpoint import CheckpointError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.modules.adapter_io import load_adapter_from_dir
 from ldm.modules.adapters import AdapterConfigError, set_adapter_scale
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
@@ -60,7 +61,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.75,
                    help="img2img: how much to change the init image (1.0 destroys it entirely)")
     p.add_argument("--adapter_path", action="append", default=[], metavar="DIR",
-                   help="a trained adapter directory (repeatable: each is its own adapter group); its own config "
+                   help="a trained adapter directory or a kohya / diffusers LoRA .safetensors file, for the UNet "
+                        "and/or the text encoder (repeatable: each is its own adapter group); its own config "
                         "builds the adapters, --config only the base (and an original-format directory's adapters)")
     p.add_argument("--adapter_scale", action="append", type=float, default=[], metavar="S",
                    help="strength of the matching --adapter_path (repeatable, one per path; default 1.0)")
@@ -137,9 +139,13 @@ def sweep_scales(opt: argparse.Namespace) -> List[Optional[float]]:
 
 
 def pop_adapter_config(config) -> Optional[dict]:
-    """Take the adapter_config out of --config: with --adapter_path, the adapters come from the directories."""
-    params = OmegaConf.select(config, "model.params.unet_config.params")
-    return params.pop("adapter_config", None) if params is not None else None
+    """Take the adapter_configs (UNet and text encoder) out of --config: with --adapter_path, the adapters come from
+    the directories. Returns the UNet's, which builds an original-format directory's adapters."""
+    popped = {}
+    for part in ("unet_config", "cond_stage_config"):
+        params = OmegaConf.select(config, f"model.params.{part}.params")
+        popped[part] = params.pop("adapter_config", None) if params is not None else None
+    return popped["unet_config"]
 
 
 def adapter_paths(opt: argparse.Namespace) -> List[Tuple[str, str, float]]:
@@ -148,21 +154,22 @@ def adapter_paths(opt: argparse.Namespace) -> List[Tuple[str, str, float]]:
     return [(f"adapter{i}", path, scale) for i, (path, scale) in enumerate(zip(opt.adapter_path, scales), start=1)]
 
 
-def attach_adapters(unet: torch.nn.Module, opt: argparse.Namespace, config_adapters: Optional[dict]) -> None:
-    """Load each --adapter_path as its own adapter group `adapterN`, scaled by its --adapter_scale.
+def attach_adapters(model: torch.nn.Module, opt: argparse.Namespace, config_adapters: Optional[dict]) -> None:
+    """Load each --adapter_path into the whole model (UNet and text encoder) as its own adapter group `adapterN`,
+    scaled by its --adapter_scale.
 
     A directory of ours brings its own adapter config; an original-format one is built from --config's.
     """
     for name, path, scale in adapter_paths(opt):
-        unet.load_adapter_from_dir(path, name=name, adapter_config=config_adapters)
-        set_adapter_scale(unet, scale, name=name)
+        load_adapter_from_dir(model, path, name=name, adapter_config=config_adapters)
+        set_adapter_scale(model, scale, name=name)
 
 
-def set_sweep_scale(unet: torch.nn.Module, opt: argparse.Namespace, sweep: Optional[float]) -> None:
+def set_sweep_scale(model: torch.nn.Module, opt: argparse.Namespace, sweep: Optional[float]) -> None:
     """Scale every adapter group to `sweep` times its --adapter_scale (outside a sweep, `sweep` is None: no-op)."""
     if sweep is not None:
         for name, _, scale in adapter_paths(opt):
-            set_adapter_scale(unet, sweep * scale, name=name)
+            set_adapter_scale(model, sweep * scale, name=name)
 
 
 def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
@@ -171,7 +178,7 @@ def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module
         config = OmegaConf.load(opt.config)
         config_adapters = pop_adapter_config(config) if opt.adapter_path else None
         model = load_model_from_config(config, None if opt.random_init else opt.ckpt).to(device)
-        attach_adapters(model.unet, opt, config_adapters)
+        attach_adapters(model, opt, config_adapters)
     except (ConfigError, CheckpointError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     return model
@@ -274,7 +281,7 @@ def render_all(model, opt: argparse.Namespace, prompts: List[str], scales: List[
         for _ in range(opt.n_iter):
             state = generator.get_state()  # every sweep scale starts from the same noise
             for row, scale in zip(rows, scales):
-                set_sweep_scale(model.unet, opt, scale)
+                set_sweep_scale(model, opt, scale)
                 generator.set_state(state)
                 with torch.no_grad(), precision_scope:
                     images = render_batch(model, sampler, opt, prompt, init_latent, start_code, generator)

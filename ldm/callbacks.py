@@ -13,6 +13,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ldm.checkpoint import atomic_write
 from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.adapter_io import save_adapter_to_dir
 from ldm.modules.adapters import adapter_groups
 from ldm.util import image_grid, to_pil
 
@@ -38,7 +39,9 @@ def _every(step: int, frequency: int) -> bool:
 class AdapterCheckpoint(pl.Callback):
     """Writes the trained adapters to checkpoints/<step>-adapters every N steps and at the end (as the paper's code).
 
-    <step> is the index of the last step taken, counted from 0: after 1000 steps the folder is 999-adapters.
+    <step> is the index of the last step taken, counted from 0: after 1000 steps the folder is 999-adapters. A group
+    on the UNet and the text encoder goes into one directory (`ldm.modules.adapter_io`); other groups than "default"
+    into <step>-adapters-<group>.
     """
 
     def __init__(self, every_n_train_steps: int = 500, dirpath: Optional[str] = None):
@@ -50,12 +53,12 @@ class AdapterCheckpoint(pl.Callback):
         if step == self.saved_step or step == 0:
             return
         self.saved_step = step
-        if not trainer.is_global_zero or not adapter_groups(pl_module.unet):
+        if not trainer.is_global_zero:
             return
         root = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-        for name in adapter_groups(pl_module.unet):
+        for name in adapter_groups(pl_module):
             suffix = "adapters" if name == "default" else f"adapters-{name}"
-            pl_module.unet.save_adapter_to_dir(str(root / f"{step - 1}-{suffix}"), name)
+            save_adapter_to_dir(pl_module, str(root / f"{step - 1}-{suffix}"), name)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if _every(trainer.global_step, self.every_n_train_steps):
@@ -68,7 +71,8 @@ class AdapterCheckpoint(pl.Callback):
 class ImageLogger(pl.Callback):
     """Samples fixed prompts from fixed noise every N steps into images/step-NNNNNN.png, so the subject can be watched.
 
-    The default prompts are the subject prompt and the class prompt of the training data. Sampling uses its own
+    The default prompts are the subject prompt and the class prompt of the training data (a caption dataset's first
+    caption). Sampling uses its own
     generator: the training RNG is left alone. The grid has one row per prompt.
     """
 

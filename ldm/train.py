@@ -24,7 +24,7 @@ from ldm.checkpoint import atomic_write
 from ldm.data.class_images import ensure_class_images
 from ldm.data.dreambooth import DataError, format_prompt, usable_images
 from ldm.models.diffusion.dreambooth import scaled_learning_rate
-from ldm.modules.adapters import adapter_groups
+from ldm.modules.adapters import adapters_enable
 from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def apply_override(config: DictConfig, item: str) -> None:
 
 
 def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
-    """Write --data_root, --reg_data_root, --class_word, --actual_resume, --max_steps into the config."""
+    """Write --data_root (subject images or caption folder), --reg_data_root, --class_word, --actual_resume,
+    --max_steps into the config."""
     data = config.data.params
     if opt.data_root:
         OmegaConf.update(data, "train.params.data_root", opt.data_root, force_add=True)
@@ -94,11 +95,14 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
 
 
 def check_data_config(config: DictConfig) -> None:
-    """Fail early, before any weights load, on a missing subject folder or a class image folder without a class."""
+    """Fail early, before any weights load, on a missing image folder or a class image folder without a class. A
+    data config without `reg` (a caption dataset, configs/stable-diffusion/v1-finetune-captions.yaml) trains without
+    prior preservation."""
     data = config.data.params
     root = OmegaConf.select(data, "train.params.data_root")
     if not root:
-        raise ConfigError("no subject images: pass --data_root DIR (or set data.params.train.params.data_root)")
+        raise ConfigError("no training images: pass --data_root DIR, the subject images or the caption folder (or set "
+                          "data.params.train.params.data_root)")
     if "reg" in data:
         if not OmegaConf.select(data, "reg.params.data_root"):
             log.warning("no --reg_data_root: training without prior preservation")
@@ -243,17 +247,14 @@ def prepare_class_images(model: pl.LightningModule, datamodule: pl.LightningData
         return
     templates = reg.params.get("class_templates", ["photo of a {}"])
     prompt = format_prompt(templates[0], {"class_word": reg.params.class_word})
-    has_adapters = bool(adapter_groups(model.unet))
     model.to(trainer.strategy.root_device)
-    if has_adapters:
-        model.unet.adapters_enable(False)
+    adapters_enable(model, False)  # the base model's images: UNet and text-encoder adapters off
     try:
         with trainer.precision_plugin.forward_context():
             ensure_class_images(model, folder, prompt, wanted, size=reg.params.get("size", 512),
                                 **datamodule.class_image_sampler)
     finally:
-        if has_adapters:
-            model.unet.adapters_enable(True)
+        adapters_enable(model, True)
 
 
 def run(opt: argparse.Namespace) -> Path:
@@ -273,6 +274,8 @@ def run(opt: argparse.Namespace) -> Path:
     trainer = build_trainer(config, opt, logdir)
     model = instantiate_from_config(config.model)
     model.learning_rate = learning_rate(config, opt, trainer)
+    if ckpt:  # refuse a checkpoint of other adapters before config.yaml is rewritten with their config
+        model.on_load_checkpoint(AtomicCheckpointIO().load_checkpoint(str(ckpt)))
     prepare_class_images(model, datamodule, trainer)
     save_config(config, logdir)
     log.info("run dir %s: %s", logdir, model.describe_trained())

@@ -225,6 +225,14 @@ def test_sd_size_parameter_counts(caplog, unet_targets, te, rank, expected):
     assert "on 192 modules" in caplog.text if unet_targets == UNET_ALL else "on 128 modules" in caplog.text
 
 
+def test_sd_size_of_the_unet_and_text_encoder_config():
+    config = OmegaConf.merge(OmegaConf.load(SD_CONFIG), OmegaConf.load(REPO / "configs/lora/lora-unet-te-r4.yaml"))
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    assert sum(p.numel() for p in adapter_parameters(model.unet)) == 797_184
+    assert sum(p.numel() for p in adapter_parameters(model.cond_stage_model)) == 294_912  # 48 modules x 4 x 1536
+
+
 @pytest.mark.skipif(KEYS_TSV is None, reason="shared/sd-v1-keys.tsv not found")
 def test_sd_state_dict_keeps_the_checkpoint_layout():
     model = sd_meta({**proj(lora(), ia3(learn_biases=True)), "transformer_adp_config": {"din": "attn2o",

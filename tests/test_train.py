@@ -1,4 +1,5 @@
-"""main_dream_booth.py end to end on the tiny model: outputs, prior loss, resume, DDP, and every bad input."""
+"""main_dream_booth.py end to end on the tiny model: outputs, prior loss, resume, DDP, every bad input, and LoRA on
+the text encoder (trained, checkpointed, resumed, reloaded, exported, sampled)."""
 import csv
 import os
 import subprocess
@@ -9,16 +10,22 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
 import main_dream_booth
-from conftest import REPO, build_tiny
+import sample
+from conftest import REPO, TINY_CONFIG, build_tiny
 from ldm.checkpoint import load_state_dict, save_state_dict
-from ldm.modules.adapters import adapter_state_dict
+from ldm.modules.adapter_io import load_adapter_from_dir
+from ldm.modules.adapters import adapter_groups, adapter_state_dict
+from ldm.util import instantiate_from_config
+from scripts import convert_lora
 
 BASES = ["configs/tests/tiny-inference.yaml", "configs/stable-diffusion/v1-finetune-dreambooth.yaml",
          "configs/tests/tiny-dreambooth.yaml"]
+TE_LORA = "configs/lora/lora-unet-te-r4.yaml"  # LoRA on the UNet's attention and the text encoder's
 
 
 def write_images(folder: Path, n: int = 3, size=(40, 48)) -> Path:
@@ -45,8 +52,8 @@ def world(tmp_path, base_ckpt):
             "logs": tmp_path / "logs"}
 
 
-def argv(world, *extra, reg=True, train=True):
-    args = ["--base", *[str(REPO / b) for b in BASES], "--actual_resume", str(world["ckpt"]), "-n", "test",
+def argv(world, *extra, reg=True, train=True, bases=tuple(BASES)):
+    args = ["--base", *[str(REPO / b) for b in bases], "--actual_resume", str(world["ckpt"]), "-n", "test",
             "--data_root", str(world["data"]), "--logdir", str(world["logs"]), "--class_word", "cat"]
     args += ["--reg_data_root", str(world["reg"])] if reg else []
     return args + (["-t"] if train else []) + list(extra)
@@ -274,11 +281,11 @@ def test_other_bad_flags(world, tmp_path):
 
 
 # ---- the training module --------------------------------------------------------------------------------------
-def build_dreambooth(ckpt, reg_weight=1.0, cache_latents=True, **params):
-    """The tiny DreamBooth model on the tiny base weights (a fresh UNet's zero output layer would block gradients)."""
-    config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES])
+def build_dreambooth(ckpt, reg_weight=1.0, cache_latents=True, extra=(), **params):
+    """The tiny DreamBooth model on the tiny base weights (a fresh UNet's zero output layer would block gradients),
+    with the config fragments `extra` merged after BASES."""
+    config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES + list(extra)])
     config.model.params.update(reg_weight=reg_weight, cache_latents=cache_latents, ckpt_path=str(ckpt), **params)
-    from ldm.util import instantiate_from_config
     torch.manual_seed(0)
     return instantiate_from_config(config.model)
 
@@ -300,8 +307,9 @@ class FixedBatches(pl.LightningDataModule):
         return torch.utils.data.DataLoader([self.batch] * 3, batch_size=None)
 
 
-def test_training_changes_only_adapters_and_keeps_the_base_in_eval_mode(world):
-    model = build_dreambooth(world["ckpt"])
+@pytest.mark.parametrize("extra", [(), (TE_LORA,)], ids=["unet", "unet+text-encoder"])
+def test_training_changes_only_adapters_and_keeps_the_base_in_eval_mode(world, extra):
+    model = build_dreambooth(world["ckpt"], extra=extra)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     modes = []
 
@@ -318,9 +326,11 @@ def test_training_changes_only_adapters_and_keeps_the_base_in_eval_mode(world):
     trained = set(model.trained_state_keys())
     assert trained and all(".adapters." in k for k in trained)
     assert changed == trained  # every adapter tensor moved (zero-init up first, then down); nothing else did
+    assert any(k.startswith("cond_stage_model.") for k in trained) == bool(extra)
     for m in modes:
         trained = {n for n, on in m.items() if on}
         assert trained and all(".adapters" in n for n in trained if n)  # only the adapters are in train mode
+        assert any(n.startswith("cond_stage_model.") for n in trained) == bool(extra)
 
 
 def test_latents_and_contexts_are_encoded_once_per_view(world, monkeypatch):
@@ -401,3 +411,76 @@ def test_8bit_adam_needs_bitsandbytes(world):
             model.configure_optimizers()
     else:
         assert type(model.configure_optimizers()["optimizer"]).__name__ == "AdamW8bit"
+
+
+# ---- LoRA on the text encoder ---------------------------------------------------------------------------------
+def test_text_encoder_training_bypasses_the_context_cache(world, monkeypatch):
+    model = build_dreambooth(world["ckpt"], extra=[TE_LORA]).train()
+    assert model.text_encoder_trains and "of them in the text encoder" in model.describe_trained()
+    cached = []
+    monkeypatch.setattr(model, "get_learned_conditioning", lambda c: cached.append(c))  # the no-grad, cached path
+    batch = {"instance": batch_of(world["data"], "photo of a sks cat"),
+             "reg": batch_of(world["data"], "photo of a cat")}
+    for _ in range(2):
+        loss, _ = model.shared_step(batch)
+    assert not cached and not model._contexts
+    loss.backward()
+    te = [p for n, p in model.named_parameters() if n.startswith("cond_stage_model.") and p.requires_grad]
+    assert te and all(".adapters." in n for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in te) and any(p.grad.abs().max() > 0 for p in te)
+
+
+def outputs_of(model, prompts=("photo of a sks cat", "a painting")):
+    """(UNet output, text-encoder output) of a tiny LatentDiffusion on fixed inputs."""
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 4, 4, generator=g), torch.tensor([3, 700])
+    with torch.no_grad():
+        context = model.cond_stage_model(list(prompts))
+        return model.unet(x, t, context), context
+
+
+def base_model_with(ckpt, adapter_path=None):
+    """The tiny base model (inference config, base weights), with an adapter directory or file loaded."""
+    config = OmegaConf.load(TINY_CONFIG)
+    config.model.params.ckpt_path = str(ckpt)
+    model = instantiate_from_config(config.model).eval()
+    if adapter_path:
+        load_adapter_from_dir(model, str(adapter_path))
+    return model
+
+
+def test_text_encoder_lora_run_resume_reload_export_and_sample(world, tmp_path):
+    lora_only = "model.params.unet_config.params.adapter_config.transformer_adp_config=null"  # kohya has no bottleneck
+    crash = "lightning.callbacks.crash={target: test_train.CrashAtStep, params: {step: 3}}"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main_dream_booth.main(argv(world, crash, lora_only, reg=False, bases=BASES + [TE_LORA]))
+    logdir = next(world["logs"].iterdir())
+    state = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2 and all(".adapters." in k for k in state["state_dict"])
+    assert any(k.startswith("cond_stage_model.") for k in state["state_dict"])
+    assert state["cond_stage_adapter_config"]["default"]["projection_adp_config"][0]["target"][0] == "q_proj"
+    # resuming with other text-encoder adapters (same shapes, other alpha) is refused, and leaves config.yaml alone
+    other = "model.params.cond_stage_config.params.adapter_config.projection_adp_config.0.alpha=2"
+    _fails(["-r", str(logdir), "-t", other], "checkpoint was made for other trained parameters")
+    main_dream_booth.main(["-r", str(logdir), "-t", "lightning.callbacks.crash.params.step=-1"])
+    state = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 4
+    # checkpoints/3-adapters holds both networks' parts; loaded into a fresh base model it is the trained model
+    final = logdir / "checkpoints" / "3-adapters"
+    assert set(yaml.safe_load((final / "adapter_config.yaml").read_text())) == {"adapter_config",
+                                                                               "cond_stage_adapter_config"}
+    trained = instantiate_from_config(OmegaConf.load(logdir / "config.yaml").model).eval()
+    trained.load_state_dict(state["state_dict"], strict=False)
+    want, base = outputs_of(trained), outputs_of(base_model_with(world["ckpt"]))
+    assert all(torch.equal(a, b) for a, b in zip(outputs_of(base_model_with(world["ckpt"], final)), want))
+    assert (want[1] - base[1]).abs().max() > 0  # the text encoder's LoRA trained
+    # the kohya export names the text encoder's modules lora_te_..., and sample.py applies them
+    kohya = convert_lora.main(["--config", str(TINY_CONFIG), "--input", str(final), "--output",
+                               str(tmp_path / "k.safetensors"), "--to", "kohya"])
+    keys = load_state_dict(str(kohya))
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
+    opt = sample.parse_args(["--config", str(TINY_CONFIG), "--ckpt", str(world["ckpt"]), "--adapter_path", str(kohya)])
+    sampled = sample.load_model(opt, torch.device("cpu"))
+    assert "adapter1" in adapter_groups(sampled.cond_stage_model)
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(outputs_of(sampled), want))

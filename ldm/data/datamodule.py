@@ -8,10 +8,12 @@ from ldm.util import instantiate_from_config
 
 
 class DataModuleFromConfig(pl.LightningDataModule):
-    """Subject images (`train`) and, for prior preservation, class images (`reg`), each a target/params config.
+    """Subject images (`train`) and, for prior preservation, class images (`reg`), each a target/params config; or,
+    without `reg`, a caption dataset (`ldm.data.captions.CaptionDataset`) as `train`.
 
-    A training batch is {"instance": batch of train items, "reg": batch of reg items}; Lightning cycles the shorter
-    loader, so every step sees both. Class-image generation settings ride along for main_dream_booth.py.
+    A training batch is {"instance": batch of train items, "reg": batch of reg items} (without `reg`: {"instance":
+    ...}); Lightning cycles the shorter loader, so every step sees both. Class-image generation settings ride along
+    for main_dream_booth.py.
     """
 
     def __init__(self, batch_size: int, train: Mapping, reg: Optional[Mapping] = None,

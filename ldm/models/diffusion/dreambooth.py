@@ -1,8 +1,10 @@
 """DreamBooth with prior preservation (Ruiz et al. 2023) that trains only adapters (Xiang et al. 2023), in Lightning.
 
 A batch is {"instance": subject items, "reg": class items} from `ldm.data.datamodule.DataModuleFromConfig`; the loss
-is the eps-prediction MSE on the instance items plus `reg_weight` times the MSE on the class items. Everything but
-the trained parameters is frozen and stays in eval mode; the trained ones stay fp32 under mixed precision.
+is the eps-prediction MSE on the instance items plus `reg_weight` times the MSE on the class items. Without "reg"
+(caption-dataset fine-tuning, `ldm.data.captions`) it is the instance MSE alone. The adapters may sit on the UNet and
+on the text encoder (LoRA, (IA)^3); everything but the trained parameters is frozen and stays in eval mode; the
+trained ones stay fp32 under mixed precision.
 """
 import logging
 import math
@@ -11,7 +13,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ldm.models.diffusion.ddpm import LatentDiffusion, is_added_key
-from ldm.modules.adapters import AdapterConfigError, adapter_groups, adapter_parameters, config_from_specs
+from ldm.modules.adapter_io import SECTION
+from ldm.modules.adapters import (AdapterConfigError, adapter_groups, adapter_networks, adapter_parameters,
+                                  config_from_specs)
 from ldm.util import ConfigError
 
 log = logging.getLogger(__name__)
@@ -24,7 +28,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class DreamBoothLatentDiffusion(LatentDiffusion):
-    """LatentDiffusion with a DreamBooth training step over adapters (train_level ["adapter"]) or the UNet."""
+    """LatentDiffusion with a DreamBooth training step over adapters (train_level ["adapter"]: those of the UNet and
+    of the text encoder) or the UNet."""
 
     def __init__(self, *args: Any, reg_weight: float = 1.0, train_level: Sequence[str] = ("adapter",),
                  cache_latents: bool = True, gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
@@ -48,17 +53,24 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
 
     # ---- what trains --------------------------------------------------------------------------------------------
     def trained_parameters(self) -> List[torch.nn.Parameter]:
-        """The parameters of the train levels: the adapters' and/or the whole UNet's, each once."""
+        """The parameters of the train levels: the adapters' (UNet and text encoder) and/or the whole UNet's, each
+        once."""
         params = {}
         if "unet" in self.train_level:
             params.update({id(p): p for p in self.unet.parameters()})
         if "adapter" in self.train_level:
-            found = adapter_parameters(self.unet)
+            found = adapter_parameters(self)
             if not found:
-                raise AdapterConfigError("train_level 'adapter' but the UNet has no adapters: set "
-                                         "model.params.unet_config.params.adapter_config (see configs/sd-inject-dreambooth)")
+                raise AdapterConfigError("train_level 'adapter' but the model has no adapters: set "
+                                         "model.params.unet_config.params.adapter_config (see configs/lora and "
+                                         "configs/sd-inject-dreambooth) or cond_stage_config.params.adapter_config")
             params.update({id(p): p for p in found})
         return list(params.values())
+
+    @property
+    def text_encoder_trains(self) -> bool:
+        """Whether the text encoder has trained parameters (adapters): captions are then encoded inside the step."""
+        return any(p.requires_grad for p in self.cond_stage_model.parameters())
 
     def _freeze_all_but_trained(self) -> None:
         trained = self.trained_parameters()
@@ -72,19 +84,22 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         return [k for k, p in self.named_parameters() if p.requires_grad]
 
     def describe_trained(self) -> str:
-        """'1,511,040 trained parameters (0.176% of the UNet's 859,520,964)' and the like."""
+        """'1,511,040 trained parameters (0.176% of the UNet's 859,520,964)' and the like, with the text encoder's
+        share when it trains."""
         trained = sum(p.numel() for p in self.trained_parameters())
         base = sum(p.numel() for n, p in self.unet.named_parameters() if not is_added_key(n))
-        return f"{trained:,} trained parameters ({100 * trained / base:.3f}% of the UNet's {base:,})"
+        text = sum(p.numel() for p in self.cond_stage_model.parameters() if p.requires_grad)
+        return (f"{trained:,} trained parameters ({100 * trained / base:.3f}% of the UNet's {base:,})"
+                + (f", {text:,} of them in the text encoder" if text else ""))
 
     def train(self, mode: bool = True) -> "DreamBoothLatentDiffusion":
         """Only trained modules follow `mode`; the frozen base stays in eval mode (dropout off, as in inference)."""
-        super().train(mode)
+        super().train(mode)  # the VAE and text encoder stay in eval mode (LatentDiffusion.train)
         if "unet" not in self.train_level:
             self.model.eval()
-            for name, module in self.unet.named_modules():
-                if name.endswith(".adapters") or ".adapters." in name:
-                    module.train(mode)
+        for name, module in self.named_modules():  # the adapters of the UNet and the text encoder
+            if name.endswith(".adapters"):
+                module.train(mode)
         return self
 
     # ---- inputs -------------------------------------------------------------------------------------------------
@@ -106,7 +121,10 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         return torch.stack([self._moments[k] for k in keys])
 
     def _contexts_of(self, captions: Sequence[str]) -> torch.Tensor:
-        """Text contexts (b, 77, d), each distinct caption encoded once when caching is on."""
+        """Text contexts (b, 77, d), each distinct caption encoded once when caching is on. When the text encoder
+        trains, every step encodes its captions afresh, with grad (a cached context would be stale and detached)."""
+        if self.text_encoder_trains:
+            return self.cond_stage_model.encode(list(captions))
         if not self.cache_latents:
             return self.get_learned_conditioning(list(captions))
         missing = sorted({c for c in captions if c not in self._contexts})
@@ -182,19 +200,23 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
             raise TypeError(f"trained parameters must be fp32 under mixed precision; {bad[0]} is not")
 
     # ---- checkpoints hold the trained state only ----------------------------------------------------------------
-    def _adapter_layout(self) -> Dict[str, Any]:
-        """Each adapter group's config: equal shapes at another position must not load silently."""
-        return {name: config_from_specs(specs) for name, specs in adapter_groups(self.unet).items()}
+    def _adapter_layout(self) -> Dict[str, Dict[str, Any]]:
+        """Each adapter group's config per network, under the keys of adapter directories ("adapter_config" for the
+        UNet, "cond_stage_adapter_config" for the text encoder): equal shapes at another position must not load
+        silently."""
+        nets = adapter_networks(self)
+        return {key: {name: config_from_specs(specs) for name, specs in adapter_groups(nets[role][1]).items()}
+                for role, key in SECTION.items() if role in nets}
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         keep = set(self.trained_state_keys())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["adapter_config"] = self._adapter_layout()
+        checkpoint.update(self._adapter_layout())
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         own = {k: v.shape for k, v in self.state_dict().items() if k in set(self.trained_state_keys())}
         saved = {k: v.shape for k, v in checkpoint["state_dict"].items()}
-        same_layout = checkpoint.get("adapter_config", {}) == self._adapter_layout()
+        same_layout = all(checkpoint.get(key, {}) == groups for key, groups in self._adapter_layout().items())
         if saved != own or not same_layout:
             differ = sorted(set(saved) ^ set(own)) or sorted(k for k in own if saved[k] != own[k])
             raise ConfigError(
