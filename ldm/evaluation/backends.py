@@ -1,0 +1,200 @@
+"""Metric backends: feature extractors behind one small interface, registered by name; nothing is downloaded.
+
+A backend is built as `factory(weights: Optional[str], device: torch.device)` and has
+
+    image_features(images) -> (B, D)               images (B, 3, H, W) in [0, 1]; any size (the backend resizes)
+    text_image_score(images, prompts) -> (B,)     cosine similarity of each image to its prompt; only when
+                                                   `has_text` is True
+
+Subject fidelity (DINO, CLIP-I of DreamBooth, Ruiz et al. 2023) is the mean cosine similarity of the samples'
+`image_features` to the instance images'; prompt fidelity (CLIP-T) is the mean `text_image_score`
+(`ldm.evaluation.metrics`).
+
+Registering a backend: decorate its class (or a factory function) with `@register_backend("name")`. A backend whose
+module should only be imported when it is asked for is listed in LAZY_BACKENDS (name -> module); `get_backend`
+imports that module, and the module registers the name on import. The tiny world's offline metric models (issue 5)
+plug in this way: `ldm/tinyworld/metrics.py` defines its backend class with `@register_backend("tinyworld")` and the
+interface above (`weights` may be None when it ships its own).
+"""
+import importlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationError(ValueError):
+    """Evaluation input that cannot be used: a run, a metric name, images, options."""
+
+
+class WeightsNotFoundError(EvaluationError):
+    """A metric model's local weight file or folder is missing."""
+
+
+BACKENDS: Dict[str, Callable[..., "MetricBackend"]] = {}
+LAZY_BACKENDS = {"tinyworld": "ldm.tinyworld.metrics"}  # name -> module that registers it on import
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+# facebook/dino-vits16 (Caron et al. 2021): the architecture of a bare weights file without its config.json
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # transformers' names
+DINO_VITS16 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+                   patch_size=16, image_size=224, qkv_bias=True, layer_norm_eps=1e-6)
+
+
+def register_backend(name: str) -> Callable:
+    """Decorator: make a backend class or factory available as `name` (see the module docstring)."""
+    def wrap(factory: Callable) -> Callable:
+        BACKENDS[name] = factory
+        return factory
+    return wrap
+
+
+def backend_names() -> List[str]:
+    return sorted(set(BACKENDS) | set(LAZY_BACKENDS))
+
+
+def get_backend(name: str, weights: Optional[str] = None, device: Optional[torch.device] = None) -> "MetricBackend":
+    """Build the backend registered as `name` from local `weights`."""
+    if name not in BACKENDS and name in LAZY_BACKENDS:
+        try:
+            importlib.import_module(LAZY_BACKENDS[name])
+        except ModuleNotFoundError as e:
+            raise EvaluationError(f"metric backend '{name}' lives in {LAZY_BACKENDS[name]}, which cannot be imported "
+                                  f"({e})") from None
+    if name not in BACKENDS:
+        raise EvaluationError(f"unknown metric backend '{name}'; known: {', '.join(backend_names())}")
+    return BACKENDS[name](weights=weights, device=torch.device(device or "cpu"))
+
+
+class MetricBackend:
+    """Base class of the backends: resizing and normalising images for the model it wraps."""
+    has_text = False
+    image_size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
+
+    def prepare(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> resized and normalised for the model."""
+        x = images.float().to(device)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(0, 1)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_image_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise EvaluationError(f"the {type(self).__name__} backend has no text model: it gives no prompt fidelity")
+
+
+def require_path(weights: Optional[str], backend: str, what: str) -> Path:
+    """The weights path, or an error naming the missing file and how to pass it."""
+    if not weights:
+        raise WeightsNotFoundError(f"the '{backend}' metric needs local weights ({what}); nothing is downloaded: "
+                                   f"pass --metric {backend}=PATH")
+    path = Path(weights)
+    if not path.exists():
+        raise WeightsNotFoundError(f"weights of the '{backend}' metric not found: '{path}' does not exist; put "
+                                   f"{what} there, or pass --metric {backend}=PATH with the right place")
+    return path
+
+
+def _pooled(output) -> torch.Tensor:
+    """transformers 4 returns the features; 5 an output whose pooler_output holds them."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _check_weights(path: Path, backend: str, default_config: Optional[dict]) -> Optional[dict]:
+    """The config beside the weights (None: a folder that from_pretrained reads as it is), or a clear error."""
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file() and (path.is_dir() or default_config is None):
+        raise WeightsNotFoundError(f"'{folder / 'config.json'}' is missing: the '{backend}' metric needs the model "
+                                   "folder with its config.json next to the weights")
+    if path.is_dir() and not any((path / f).is_file() for f in WEIGHT_FILES):
+        raise WeightsNotFoundError(f"'{path}' holds no {' or '.join(WEIGHT_FILES)} for the '{backend}' metric: put "
+                                   "the weights file there")
+    if path.is_dir():
+        return None
+    return json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else default_config
+
+
+def _load_transformers(cls_name: str, path: Path, backend: str, default_config: Optional[dict] = None, **kw):
+    """A transformers model from a local folder (config.json + weights) or a weights file (with config.json beside
+    it, or `default_config`); every weight must be in the file."""
+    try:
+        import transformers
+    except ImportError:
+        raise EvaluationError(f"the '{backend}' metric needs transformers: pip install transformers") from None
+    model_cls, config = getattr(transformers, cls_name), _check_weights(path, backend, default_config)
+    with tempfile.TemporaryDirectory() as tmp:
+        if config is not None:  # a lone weights file: a folder holding it and its config, for from_pretrained
+            os.symlink(path.resolve(), Path(tmp) / WEIGHT_FILES[path.suffix != ".safetensors"])
+            (Path(tmp) / "config.json").write_text(json.dumps({**config,
+                                                               "model_type": model_cls.config_class.model_type}))
+        try:
+            model, info = model_cls.from_pretrained(str(path) if config is None else tmp, local_files_only=True,
+                                                    output_loading_info=True, **kw)
+        except (OSError, RuntimeError, ValueError) as e:  # transformers' errors for files that do not fit
+            raise EvaluationError(f"cannot load the '{backend}' weights from '{path}' as {cls_name}: {e}") from None
+    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k and "pooler" not in k]
+    if missing:
+        raise EvaluationError(f"the '{backend}' weights in '{path}' do not fit {cls_name}: {len(missing)} missing "
+                              f"weight(s), e.g. {', '.join(sorted(missing)[:3])}")
+    return model.eval()
+
+
+@register_backend("dino")
+class DinoBackend(MetricBackend):
+    """DINO ViT-S/16 (Caron et al. 2021) CLS features, as DreamBooth's DINO score, via transformers' ViTModel."""
+
+    def __init__(self, weights: Optional[str] = None, device: Optional[torch.device] = None):
+        path = require_path(weights, "dino", "a folder holding config.json and model.safetensors (or "
+                                             "pytorch_model.bin) of facebook/dino-vits16, or that weights file")
+        self.device = torch.device(device or "cpu")
+        self.model = _load_transformers("ViTModel", path, "dino", DINO_VITS16, add_pooling_layer=False)
+        self.model.to(self.device)
+        self.image_size = self.model.config.image_size
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(images, self.device)
+        return self.model(pixel_values=x).last_hidden_state[:, 0].float()  # (B, D): the CLS token
+
+
+@register_backend("clip")
+class ClipBackend(MetricBackend):
+    """CLIP (Radford et al. 2021) image and text embeddings via transformers' CLIPModel: CLIP-I and CLIP-T."""
+    has_text = True
+    mean, std = CLIP_MEAN, CLIP_STD
+
+    def __init__(self, weights: Optional[str] = None, device: Optional[torch.device] = None):
+        path = require_path(weights, "clip", "a folder holding config.json and model.safetensors (or "
+                                             "pytorch_model.bin) of a CLIP model, e.g. openai/clip-vit-large-patch14")
+        self.device = torch.device(device or "cpu")
+        self.model = _load_transformers("CLIPModel", path, "clip").to(self.device)
+        self.image_size = self.model.config.vision_config.image_size
+        context = self.model.config.text_config.max_position_embeddings
+        self.tokenizer = CLIPTokenizer(context_length=context)  # the offline BPE vocabulary of SD's text encoder
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(images, self.device)
+        return _pooled(self.model.get_image_features(pixel_values=x)).float()
+
+    @torch.no_grad()
+    def text_features(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(list(prompts)).to(self.device)
+        return _pooled(self.model.get_text_features(input_ids=ids)).float()
+
+    def text_image_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        return F.cosine_similarity(self.image_features(images), self.text_features(prompts), dim=-1)

@@ -1,0 +1,201 @@
+"""Evaluating trained runs: sample a fixed prompt set with fixed seeds, compute the metrics, add a row to the table.
+
+A run is a folder holding the merged config.yaml of its training and checkpoints/<step>-adapters (a sweep's run
+folder, or any main_dream_booth.py log dir). The model is rebuilt from that config (base weights from its
+model.params.ckpt_path) and the adapters are loaded from the directory, as `sample.py --adapter_path` does.
+"""
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.checkpoint import CheckpointError
+from ldm.data.dreambooth import format_prompt, usable_images
+from ldm.evaluation.backends import EvaluationError, MetricBackend
+from ldm.evaluation.metrics import frechet_distance, load_images, prompt_fidelity, subject_fidelity
+from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
+from ldm.evaluation.table import upsert_row
+from ldm.modules.adapter_io import WEIGHTS_FILE, load_adapter_from_dir
+from ldm.modules.adapters import adapter_groups, adapter_parameters, describe
+from ldm.util import image_grid, load_model_from_config, to_pil
+
+log = logging.getLogger(__name__)
+
+# Prompts in the spirit of DreamBooth's evaluation set; {token} is the placeholder (sks), {class_word} the class.
+DEFAULT_PROMPTS = ("photo of a {token} {class_word}", "a {token} {class_word} on the beach",
+                   "a {token} {class_word} in the snow", "a red {token} {class_word}")
+ADAPTER_DIR = re.compile(r"^(\d+)-adapters$")
+STATS = {"seconds": "train_seconds", "steps": "train_steps", "steps_per_second": "train_steps_per_second",
+         "peak_gpu_memory_bytes": "peak_gpu_memory_bytes", "peak_host_memory_bytes": "peak_host_memory_bytes"}
+
+
+@dataclass
+class EvalSettings:
+    """What each run is evaluated on: prompt templates x seeds, the sampler, and the adapter step."""
+    prompts: Sequence[str] = DEFAULT_PROMPTS
+    seeds: Sequence[int] = (0, 1, 2, 3)
+    steps: int = 50
+    scale: float = 7.5
+    sampler: str = "ddim"
+    batch_size: int = 8
+    step: Optional[int] = None  # which checkpoints/<step>-adapters; None: the last
+    save_grid: bool = True
+
+
+@dataclass
+class Metrics:
+    """The metric backends (by name) and, optionally, FID against reference images."""
+    backends: Dict[str, MetricBackend] = field(default_factory=dict)
+    fid: Any = None  # a metric from ldm.evaluation.metrics.fid_metric
+    fid_reference: Optional[str] = None
+
+
+# ---- one run ----------------------------------------------------------------------------------------------------
+def adapter_dir(run_dir: Path, step: Optional[int] = None) -> Path:
+    """checkpoints/<step>-adapters of the run: the given step, or the last one."""
+    found = {int(m.group(1)): p for p in (run_dir / "checkpoints").glob("*-adapters")
+             if (m := ADAPTER_DIR.match(p.name))}
+    if not found:
+        raise EvaluationError(f"'{run_dir}' has no trained adapters (checkpoints/<step>-adapters): has it trained?")
+    if step is not None and step not in found:
+        raise EvaluationError(f"'{run_dir}' has no checkpoints/{step}-adapters; it has steps {sorted(found)}")
+    return found[max(found) if step is None else step]
+
+
+def run_config(run_dir: Path) -> DictConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise EvaluationError(f"'{run_dir}' is not a run folder: it has no config.yaml")
+    return OmegaConf.load(path)
+
+
+def load_run_model(config: DictConfig, adapters: Path, device: torch.device) -> torch.nn.Module:
+    """The run's model (base weights from its config's ckpt_path) with the trained adapters of `adapters`."""
+    model = load_model_from_config(config)
+    load_adapter_from_dir(model, str(adapters))
+    return model.to(device).eval()
+
+
+def subject_fields(config: DictConfig) -> Dict[str, str]:
+    """{token, class_word} of the run's subject data."""
+    train = OmegaConf.select(config, "data.params.train.params") or {}
+    return {"token": str(train.get("placeholder_token", "sks")), "class_word": str(train.get("class_word", ""))}
+
+
+def prompts_for(config: DictConfig, templates: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(sampling prompts, their text for prompt fidelity): the placeholder token is left out of the latter."""
+    fields = subject_fields(config)
+    prompts = [format_prompt(t, fields) for t in templates]
+    plain = [" ".join(format_prompt(t, {**fields, "token": ""}).split()) for t in templates]
+    return prompts, plain
+
+
+def image_size(config: DictConfig) -> int:
+    return int(OmegaConf.select(config, "data.params.train.params.size", default=512))
+
+
+def instance_images(config: DictConfig, size: int) -> torch.Tensor:
+    root = OmegaConf.select(config, "data.params.train.params.data_root")
+    if not root:
+        raise EvaluationError("the run's config has no data.params.train.params.data_root (the subject images)")
+    return load_images(usable_images(root), size)
+
+
+def train_stats(run_dir: Path) -> Dict[str, Any]:
+    """Training time and peak memory from the run's train_stats.json (ldm.callbacks.TrainStats)."""
+    path = run_dir / "train_stats.json"
+    stats = json.loads(path.read_text()) if path.is_file() else {}
+    return {column: stats[key] for key, column in STATS.items() if key in stats}
+
+
+def adapter_size(adapters: Path, model: torch.nn.Module) -> Dict[str, Any]:
+    """Trainable (adapter) parameters, the adapter file's size in bytes, and a one-line description."""
+    groups = adapter_groups(model)
+    params = sum(p.numel() for p in adapter_parameters(model))
+    weights = adapters / WEIGHTS_FILE
+    return {"trainable_parameters": params, "adapter_bytes": weights.stat().st_size if weights.is_file() else "",
+            "adapter": describe(groups.get("default", []))}
+
+
+def compute_metrics(metrics: Metrics, images: torch.Tensor, texts: Sequence[str], references: torch.Tensor
+                    ) -> Dict[str, float]:
+    """{<backend>_i: subject fidelity, <backend>_t: prompt fidelity (text backends), fid} of one run's samples."""
+    out = {}
+    for name, backend in metrics.backends.items():
+        out[f"{name}_i"] = subject_fidelity(backend, images, references)
+        if backend.has_text:
+            out[f"{name}_t"] = prompt_fidelity(backend, images, texts)
+    if metrics.fid is not None:
+        reference = load_images(usable_images(metrics.fid_reference), images.shape[-1])
+        out["fid"] = frechet_distance(metrics.fid, images, reference)
+    return out
+
+
+def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device: torch.device) -> Dict[str, Any]:
+    """Sample, measure and describe one run: its results-table row."""
+    run_dir = Path(run_dir)
+    config, adapters = run_config(run_dir), adapter_dir(run_dir, settings.step)
+    model = load_run_model(config, adapters, device)
+    prompts, texts = prompts_for(config, settings.prompts)
+    pairs = prompt_seed_pairs(prompts, settings.seeds)
+    size = image_size(config)
+    images = sample_images(model, pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
+    if settings.save_grid:
+        grid = image_grid(to_pil(images * 2 - 1), len(settings.seeds))
+        (run_dir / "eval").mkdir(exist_ok=True)
+        grid.save(run_dir / "eval" / f"samples-{adapters.name}.png")
+    plain = [t for t in texts for _ in settings.seeds]
+    row = {"run": run_dir.name, **run_levels(run_dir)}
+    row.update(compute_metrics(metrics, images, plain, instance_images(config, size)))
+    row.update(adapter_size(adapters, model), adapter_step=int(adapters.name.split("-")[0]), n_samples=len(images))
+    row.update(train_stats(run_dir))
+    return row
+
+
+def run_levels(run_dir: Path) -> Dict[str, Any]:
+    """The run's factor levels (a sweep run's levels.json), else none."""
+    path = run_dir / "levels.json"
+    return dict(json.loads(path.read_text()).get("levels", {})) if path.is_file() else {}
+
+
+# ---- many runs --------------------------------------------------------------------------------------------------
+def find_runs(paths: Sequence[str]) -> List[Path]:
+    """Run folders to evaluate: a sweep folder's finished runs (in grid order), or run folders as given."""
+    from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
+    found = []
+    for p in map(Path, paths):
+        if (p / "sweep.json").is_file():
+            runs = load_runs(str(p))
+            found += [r.dir for r in runs if r.state == "done"]
+            if not any(r.state == "done" for r in runs):
+                log.warning("sweep '%s' has no finished run yet", p)
+        elif (p / "config.yaml").is_file():
+            found.append(p)
+        else:
+            raise EvaluationError(f"'{p}' is neither a sweep folder (sweep.json) nor a run folder (config.yaml)")
+    return found
+
+
+def evaluate_runs(runs: Sequence[Path], table: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
+                  skip: Sequence[str] = ()) -> List[str]:
+    """Evaluate each run not in `skip` and upsert its row into `table` as soon as it is done; returns the failures."""
+    failed = []
+    for run_dir in runs:
+        if run_dir.name in skip:
+            log.info("%s: already in %s (pass --force to evaluate again)", run_dir.name, table)
+            continue
+        try:
+            row = evaluate_run(run_dir, metrics, settings, device)
+        except (ValueError, CheckpointError) as e:  # EvaluationError, DataError, AdapterConfigError: one bad run
+            # does not stop the others
+            log.error("%s: not evaluated: %s", run_dir.name, e)
+            failed.append(run_dir.name)
+            continue
+        upsert_row(table, row)
+        log.info("%s: %s", run_dir.name, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
+    return failed

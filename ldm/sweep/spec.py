@@ -1,0 +1,316 @@
+"""Sweep files: the factors of a design-space study (Xiang et al. 2023, arXiv 2303.18181) and their full grid.
+
+A sweep file is YAML:
+
+    name: position-pairs                     # optional
+    base: [configs/sd-inject-dreambooth/attn2o-ffni.yaml]   # merged in order, as main_dream_booth.py --base
+    overrides:                               # KEY=VALUE as main_dream_booth.py takes them (or a mapping), and its
+      - lightning.trainer.max_steps=800      # flags by name: data_root, reg_data_root, class_word, actual_resume,
+      - data_root=data/dog                   # max_steps (written into the config), seed, scale_lr, gpus, precision,
+      - class_word=dog                       # accelerator, devices, num_nodes, strategy (on the command line)
+    factors:
+      din: {key: din, levels: [attn1i, attn2o, resi]}
+      lr: {key: model.base_learning_rate, levels: [1.0e-4, 3.0e-4]}
+      subject:                               # a factor whose levels set several keys at once
+        levels:
+          dog: {data_root: data/dog, class_word: dog}
+          cat: {data_root: data/cat, class_word: cat}
+    rules:                                   # optional: settings for some combinations of levels
+      - when: {din: resi}
+        set: {mid_dim: 7}
+
+A factor key is a dotted config key that exists in the merged config (list items by index), a flag above, or an
+alias: `din`, `dout`, `method`, `mid_dim`, `scale` set that field of every block adapter of the UNet (entries move
+between transformer_adp_config and resblock_adp_config with their din); `lr` is model.base_learning_rate, `steps`
+lightning.trainer.max_steps. Combinations the adapter schema rejects (`parse_adapter_config`) are dropped with a note.
+"""
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import re
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from ldm.modules.adapter_config import POSITIONS, AdapterConfigError, parse_adapter_config
+from ldm.train import apply_flags
+
+log = logging.getLogger(__name__)
+
+
+class SweepError(ValueError):
+    """A sweep file or sweep folder that cannot be used as it is."""
+
+
+SPEC_FIELDS = ("name", "base", "overrides", "factors", "rules")
+CONFIG_FLAGS = ("data_root", "reg_data_root", "class_word", "actual_resume", "max_steps")  # written into config.yaml
+PATH_FLAGS = ("data_root", "reg_data_root", "actual_resume")
+CLI_FLAGS = ("seed", "scale_lr", "gpus", "accelerator", "devices", "num_nodes", "strategy", "precision")
+ADAPTER_FIELDS = ("din", "dout", "method", "mid_dim", "scale")
+KEY_ALIASES = {"lr": "model.base_learning_rate", "steps": "lightning.trainer.max_steps"}
+BLOCK_SECTIONS = {"transformer": "transformer_adp_config", "resblock": "resblock_adp_config"}
+UNET_ADAPTERS = "model.params.unet_config.params.adapter_config"
+TEXT_ADAPTERS = "model.params.cond_stage_config.params.adapter_config"
+_MISSING = object()
+
+
+@dataclass
+class Run:
+    """One point of the grid: its name, factor levels, merged config and main_dream_booth.py command-line flags."""
+    name: str
+    levels: Dict[str, Any]
+    config: DictConfig
+    flags: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    """The valid runs of a sweep, and the combinations dropped with the reason."""
+    runs: List[Run]
+    dropped: List[Tuple[Dict[str, Any], str]]
+
+
+# ---- reading and checking the file ------------------------------------------------------------------------------
+def load_spec(path: str) -> Dict[str, Any]:
+    """The sweep file as a checked mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep file not found: '{path}'")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SweepError(f"sweep file '{path}' is not valid YAML: {e}") from None
+    return check_spec(spec, str(path))
+
+
+def check_spec(spec: Any, where: str = "sweep") -> Dict[str, Any]:
+    """Check the top-level shape of a sweep mapping (keys, base list, factors with levels)."""
+    if not isinstance(spec, Mapping):
+        raise SweepError(f"{where}: expected a mapping with keys {', '.join(SPEC_FIELDS)}")
+    unknown = sorted(set(spec) - set(SPEC_FIELDS))
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(SPEC_FIELDS)}")
+    base = spec.get("base")
+    if not isinstance(base, list) or not base or not all(isinstance(b, str) for b in base):
+        raise SweepError(f"{where}: 'base' must be a list of config files (as main_dream_booth.py --base)")
+    factors = spec.get("factors")
+    if not isinstance(factors, Mapping) or not factors:
+        raise SweepError(f"{where}: 'factors' must map factor names to {{key: ..., levels: [...]}}")
+    for name, factor in factors.items():
+        factor_levels(str(name), factor)
+    return dict(spec)
+
+
+def factor_levels(name: str, factor: Any) -> List[Tuple[Any, Dict[str, Any]]]:
+    """(level, {key: value}) of a factor: `key` with a list of values, or `levels` naming mappings of settings."""
+    if not isinstance(factor, Mapping) or set(factor) - {"key", "levels"} or "levels" not in factor:
+        raise SweepError(f"factor '{name}': expected {{key: KEY, levels: [...]}} or {{levels: {{LEVEL: {{KEY: "
+                         f"VALUE, ...}}, ...}}}}, got {factor!r}")
+    levels = factor["levels"]
+    if "key" in factor:
+        if not isinstance(levels, list) or not levels:
+            raise SweepError(f"factor '{name}': 'levels' must be a non-empty list of values for key {factor['key']}")
+        pairs = [(v, {str(factor["key"]): v}) for v in levels]
+    else:
+        if not isinstance(levels, Mapping) or not levels or not all(isinstance(s, Mapping) for s in levels.values()):
+            raise SweepError(f"factor '{name}' has no 'key': its 'levels' must map level names to settings, e.g. "
+                             "{dog: {data_root: data/dog, class_word: dog}}")
+        pairs = [(str(k), dict(v)) for k, v in levels.items()]
+    labels = [json.dumps(level, sort_keys=True, default=str) for level, _ in pairs]
+    if len(set(labels)) != len(labels):
+        raise SweepError(f"factor '{name}' lists a level twice: {[level for level, _ in pairs]}")
+    return pairs
+
+
+def spec_hash(spec: Mapping) -> str:
+    """A short hash of the sweep's content: a sweep folder belongs to exactly one spec."""
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---- the grid ---------------------------------------------------------------------------------------------------
+def expand(spec: Mapping, root: Optional[Path] = None) -> Grid:
+    """Every combination of the factor levels as a Run; invalid combinations are dropped with a logged note.
+
+    Relative paths (base files, data and weight flags) are taken relative to `root` (default: the current folder).
+    """
+    root = Path(root or Path.cwd())
+    base, fixed_flags = fixed_config(spec, root)
+    factors = {str(n): factor_levels(str(n), f) for n, f in spec["factors"].items()}
+    runs, dropped = [], []
+    for combo in itertools.product(*factors.values()):
+        levels = {n: level for n, (level, _) in zip(factors, combo)}
+        settings = [s for _, s in combo] + rule_settings(spec.get("rules") or [], levels)
+        config, flags = copy.deepcopy(base), dict(fixed_flags)
+        for setting in settings:
+            for key, value in setting.items():
+                apply_setting(config, flags, key, value, root)
+        reason = invalid_reason(config)
+        if reason:
+            log.info("dropped %s: %s", levels, reason)
+            dropped.append((levels, reason))
+        else:
+            runs.append(Run(run_name(levels), levels, config, flags))
+    if not runs:
+        reasons = "; ".join(sorted({r for _, r in dropped})[:3])
+        raise SweepError(f"no valid combination: all {len(dropped)} were dropped ({reasons}); change the levels")
+    if dropped:
+        log.info("%d of %d combinations dropped as invalid", len(dropped), len(dropped) + len(runs))
+    unique_names(runs)
+    return Grid(runs, dropped)
+
+
+def fixed_config(spec: Mapping, root: Path) -> Tuple[DictConfig, Dict[str, Any]]:
+    """The base files merged, then the fixed overrides: (config, command-line flags)."""
+    files = [resolve(root, b) for b in spec["base"]]
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise SweepError(f"base config(s) not found: {', '.join(missing)} (relative paths are taken from {root})")
+    config, flags = OmegaConf.merge(*[OmegaConf.load(f) for f in files]), {}
+    for key, value in override_items(spec.get("overrides")):
+        if key in ADAPTER_FIELDS + tuple(KEY_ALIASES) + CONFIG_FLAGS + CLI_FLAGS:
+            apply_setting(config, flags, key, value, root)
+        else:  # as main_dream_booth.py's KEY=VALUE: a fixed override may add a key
+            set_config_key(config, key, value, new_ok=True)
+    return config, flags
+
+
+def override_items(overrides: Any) -> List[Tuple[str, Any]]:
+    """The fixed overrides as (key, value): a list of KEY=VALUE strings (YAML values) or a mapping."""
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return [(str(k), v) for k, v in overrides.items()]
+    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+        raise SweepError(f"'overrides' must be a list of KEY=VALUE strings or a mapping, got {overrides!r}")
+    items = []
+    for item in overrides:
+        key, _, text = item.partition("=")
+        items.append((key.strip(), yaml.safe_load(text) if text.strip() else None))  # as main_dream_booth.py
+    return items
+
+
+def rule_settings(rules: Any, levels: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The `set` mappings of the rules whose `when` matches these levels."""
+    if not isinstance(rules, list):
+        raise SweepError("'rules' must be a list of {when: {FACTOR: LEVEL, ...}, set: {KEY: VALUE, ...}}")
+    matched = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, Mapping) or set(rule) != {"when", "set"}:
+            raise SweepError(f"rules[{i}]: expected {{when: {{FACTOR: LEVEL}}, set: {{KEY: VALUE}}}}, got {rule!r}")
+        unknown = sorted(set(rule["when"]) - set(levels))
+        if unknown:
+            raise SweepError(f"rules[{i}].when names unknown factor(s) {', '.join(unknown)}; factors: "
+                             f"{', '.join(levels)}")
+        if all(levels[f] == v or str(levels[f]) == str(v) for f, v in rule["when"].items()):
+            matched.append(dict(rule["set"]))
+    return matched
+
+
+def resolve(root: Path, path: str) -> str:
+    return str(path if Path(path).is_absolute() else (root / path).resolve())
+
+
+# ---- one setting ------------------------------------------------------------------------------------------------
+def apply_setting(config: DictConfig, flags: Dict[str, Any], key: str, value: Any, root: Path) -> None:
+    """Set `key` (an alias, a main_dream_booth.py flag, or a dotted config key) to `value` for one run."""
+    if key in ADAPTER_FIELDS:
+        set_adapter_field(config, key, value)
+    elif key in KEY_ALIASES:
+        set_config_key(config, KEY_ALIASES[key], value)
+    elif key in CLI_FLAGS:
+        flags[key] = value
+    elif key in CONFIG_FLAGS:
+        value = resolve(root, str(value)) if key in PATH_FLAGS else value
+        opt = Namespace(**{k: None for k in CONFIG_FLAGS})
+        setattr(opt, key, value)
+        apply_flags(config, opt)
+    else:
+        set_config_key(config, key, value)
+
+
+def set_config_key(config: DictConfig, key: str, value: Any, new_ok: bool = False) -> None:
+    """Set a dotted key that exists (or, with `new_ok`, a new one); an unknown key is an error that lists what can
+    be used instead."""
+    if "." not in key or (not new_ok and OmegaConf.select(config, key, default=_MISSING) is _MISSING):
+        raise SweepError(f"unknown key '{key}': not in the merged config and not an alias or flag. Use a dotted "
+                         f"config key that exists (e.g. model.params.reg_weight; set new keys in 'overrides' first), "
+                         f"an alias ({', '.join(ADAPTER_FIELDS + tuple(KEY_ALIASES))}) or a main_dream_booth.py "
+                         f"flag ({', '.join(CONFIG_FLAGS + CLI_FLAGS)})")
+    try:
+        OmegaConf.update(config, key, value, force_add=True)
+    except Exception as e:  # OmegaConf raises many kinds; all mean the value does not fit the key
+        raise SweepError(f"cannot set '{key}' to {value!r}: {e}") from None
+
+
+def block_entries(config: DictConfig) -> List[Dict[str, Any]]:
+    """The UNet's block adapter entries (transformer and ResBlock) as plain dicts."""
+    adapters = OmegaConf.select(config, UNET_ADAPTERS) or {}
+    entries = []
+    for section in BLOCK_SECTIONS.values():
+        value = adapters.get(section) or []
+        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        entries += [dict(value)] if isinstance(value, Mapping) else [dict(e) for e in value]
+    return entries
+
+
+def set_adapter_field(config: DictConfig, field_name: str, value: Any) -> None:
+    """Set `field_name` of every block adapter of the UNet; each entry goes to the section its din belongs to."""
+    entries = block_entries(config)
+    if not entries:
+        raise SweepError(f"factor key '{field_name}' sets a field of the UNet's block adapters, but the merged config "
+                         f"has none under {UNET_ADAPTERS}: start from an adapter config such as "
+                         "configs/sd-inject-dreambooth/attn2o-ffni.yaml")
+    for entry in entries:
+        entry[field_name] = value
+    sections = {s: [] for s in BLOCK_SECTIONS.values()}
+    for entry in entries:
+        kind = "resblock" if entry.get("din") in POSITIONS["resblock"]["din"] else "transformer"
+        sections[BLOCK_SECTIONS[kind]].append(entry)
+    adapters = OmegaConf.select(config, UNET_ADAPTERS)
+    for section, items in sections.items():
+        if items:  # one ResBlock adapter is a mapping in the paper's schema, transformer adapters a list
+            one = section == BLOCK_SECTIONS["resblock"] and len(items) == 1
+            adapters[section] = items[0] if one else items
+        elif section in adapters:
+            del adapters[section]
+
+
+def invalid_reason(config: DictConfig) -> Optional[str]:
+    """Why the adapter schema rejects this config (None when it is valid)."""
+    for key in (UNET_ADAPTERS, TEXT_ADAPTERS):
+        adapters = OmegaConf.select(config, key)
+        if adapters is None:
+            continue
+        try:
+            parse_adapter_config(adapters)
+        except AdapterConfigError as e:
+            return str(e)
+    return None
+
+
+# ---- run names --------------------------------------------------------------------------------------------------
+def slug(value: Any) -> str:
+    """A level as a folder-name part: letters, digits, '.', '+' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", str(value)).strip("-") or "x"
+
+
+def run_name(levels: Mapping[str, Any]) -> str:
+    """'din-attn2o_dout-ffni_seed-0' from the factor levels, in factor order."""
+    return "_".join(f"{slug(f)}-{slug(v)}" for f, v in levels.items())
+
+
+def unique_names(runs: List[Run]) -> None:
+    """Give runs whose names collide after slugging a numeric suffix (levels like 'a/b' and 'a-b')."""
+    seen: Dict[str, int] = {}
+    for run in runs:
+        n = seen.get(run.name, 0)
+        seen[run.name] = n + 1
+        if n:
+            run.name = f"{run.name}-{n + 1}"

@@ -1,0 +1,115 @@
+"""Evaluate trained runs: sample fixed prompts with fixed seeds, compute the metrics, one results-table row per run.
+
+    python scripts/evaluate.py sweeps/pairs --metric dino=models/dino-vits16 --metric clip=models/clip-vit-large-patch14
+    python scripts/evaluate.py sweeps/pairs --metric tinyworld --prompts prompts.txt --seeds 0,1,2,3 --steps 50
+    python scripts/evaluate.py logs/<run> --metric clip=models/clip --fid data/reference --fid_weights \
+        models/pt_inception-2015-12-05-6726825d.pth --table results.csv
+
+Metric weights are local files or folders (nothing is downloaded): dino is a folder (config.json +
+model.safetensors) of facebook/dino-vits16 or that weights file; clip a transformers CLIPModel folder. Rows are
+added to the table (default: <sweep folder>/results.csv) as each run finishes, atomically.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from ldm.checkpoint import CheckpointError  # noqa: E402
+from ldm.evaluation.backends import EvaluationError, backend_names, get_backend  # noqa: E402
+from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, evaluate_runs, find_runs  # noqa: E402
+from ldm.evaluation.metrics import fid_metric  # noqa: E402
+from ldm.evaluation.sampling import SAMPLERS  # noqa: E402
+from ldm.evaluation.table import done_runs  # noqa: E402
+from ldm.sweep.spec import SweepError  # noqa: E402
+from ldm.util import pick_device  # noqa: E402
+
+USER_ERRORS = (EvaluationError, SweepError, CheckpointError)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("paths", nargs="+", help="sweep folders (their finished runs) or run folders")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME[=WEIGHTS]",
+                   help=f"a metric backend and its local weights, repeatable; known: {', '.join(backend_names())}")
+    p.add_argument("--table", help="the results CSV (default: results.csv in the first path)")
+    p.add_argument("--prompts", help="a file of prompt templates, one per line, with {token} and {class_word} "
+                                     f"(default: {'; '.join(DEFAULT_PROMPTS)})")
+    p.add_argument("--seeds", default="0,1,2,3", help="seeds, one sample per prompt and seed (default 0,1,2,3)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--step", type=int, help="evaluate checkpoints/<step>-adapters (default: the last)")
+    p.add_argument("--fid", metavar="DIR", help="also FID against the images in DIR")
+    p.add_argument("--fid_weights", metavar="FILE", help="Inception weights for --fid "
+                                                         "(pt_inception-2015-12-05-6726825d.pth; needs torch-fidelity)")
+    p.add_argument("--fid_features", metavar="NAME", help="compute --fid in this metric backend's feature space "
+                                                          "instead of Inception's (one of the --metric names)")
+    p.add_argument("--force", action="store_true", help="evaluate runs that already have a row again")
+    p.add_argument("--device", help="torch device (default: the first GPU, else the CPU)")
+    opt = p.parse_args(argv)
+    if not opt.metric and not opt.fid:
+        p.error("choose at least one --metric (or --fid)")
+    return opt
+
+
+def read_settings(opt: argparse.Namespace) -> EvalSettings:
+    prompts = DEFAULT_PROMPTS
+    if opt.prompts:
+        path = Path(opt.prompts)
+        if not path.is_file():
+            raise EvaluationError(f"prompt file not found: '{path}'")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise EvaluationError(f"prompt file '{path}' is empty: put one prompt template per line")
+    try:
+        seeds = [int(s) for s in opt.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise EvaluationError(f"--seeds takes comma-separated integers like 0,1,2,3, got '{opt.seeds}'") from None
+    return EvalSettings(prompts, seeds, opt.steps, opt.scale, opt.sampler, opt.batch_size, opt.step)
+
+
+def build_metrics(opt: argparse.Namespace, device) -> Metrics:
+    """The backends of --metric, built (and their weights checked) before any run is sampled."""
+    backends = {}
+    for item in opt.metric:
+        name, _, weights = item.partition("=")
+        backends[name] = get_backend(name, weights or None, device)
+    metrics = Metrics(backends)
+    if opt.fid:
+        if opt.fid_features and opt.fid_features not in backends:
+            raise EvaluationError(f"--fid_features {opt.fid_features} must be one of the --metric names")
+        features = backends.get(opt.fid_features) if opt.fid_features else None
+        metrics.fid, metrics.fid_reference = fid_metric(opt.fid_weights, features), opt.fid
+    return metrics
+
+
+def main(argv: Optional[List[str]] = None) -> Path:
+    opt = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    table = Path(opt.table or Path(opt.paths[0]) / "results.csv")
+    try:
+        settings = read_settings(opt)
+        device = torch.device(opt.device) if opt.device else pick_device()
+        metrics = build_metrics(opt, device)  # weights are checked before any run is looked at
+        runs = find_runs(opt.paths)
+        skip = [] if opt.force else done_runs(table)
+        failed = evaluate_runs(runs, table, metrics, settings, device, skip)
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+    print(f"results in {table}")
+    if failed:
+        sys.exit(f"error: {len(failed)} run(s) could not be evaluated: {', '.join(failed)}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

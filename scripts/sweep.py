@@ -1,0 +1,104 @@
+"""Design-space sweeps: expand a sweep file into one DreamBooth run per grid point and run them.
+
+    python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs            # one after another
+    python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs --parallel 4 --devices 0,1,2,3
+    python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs --print_jobs > jobs.txt
+    python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs --run_index $SLURM_ARRAY_TASK_ID
+    python scripts/sweep.py status sweeps/pairs
+
+Re-running skips finished runs and retries failed ones (from their last checkpoint). The sweep file format is in
+ldm/sweep/spec.py.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ldm.sweep.launch import job_lines, run_all, run_index  # noqa: E402
+from ldm.sweep.runs import STATES, load_runs, prepare, summary  # noqa: E402
+from ldm.sweep.spec import SweepError  # noqa: E402
+from ldm.modules.adapter_config import AdapterConfigError  # noqa: E402
+from ldm.util import ConfigError  # noqa: E402
+
+USER_ERRORS = (SweepError, ConfigError, AdapterConfigError)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["status"]:
+        p = argparse.ArgumentParser(prog="sweep.py status", description="done / running / failed / pending runs")
+        p.add_argument("sweep_dir", help="a sweep folder made by scripts/sweep.py")
+        p.add_argument("-v", "--verbose", action="store_true", help="list every run with its state")
+        opt = p.parse_args(argv[1:])
+        opt.command = "status"
+        return opt
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="'scripts/sweep.py status SWEEP_DIR' shows the progress of a sweep")
+    p.add_argument("spec", help="the sweep file (YAML): base, overrides, factors, rules")
+    p.add_argument("--sweep_dir", help="where the runs go (default: sweeps/<sweep file name>)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--devices", type=str, help="GPU indices to spread the runs over, one per run: 0,1,2,3")
+    p.add_argument("--print_jobs", action="store_true", help="print one shell command per unfinished run and stop")
+    p.add_argument("--run_index", type=int, help="run only the run with this index (0-based, e.g. a SLURM array task)")
+    p.add_argument("--prepare_only", action="store_true", help="write the run folders and stop")
+    p.add_argument("--python", default=None, help="Python for the runs (default: this one; 'python' in --print_jobs)")
+    opt = p.parse_args(argv)
+    opt.command = "run"
+    opt.sweep_dir = opt.sweep_dir or str(Path("sweeps") / Path(opt.spec).stem)
+    opt.devices = [d.strip() for d in opt.devices.split(",") if d.strip()] if opt.devices else None
+    return opt
+
+
+def print_status(sweep_dir: str, verbose: bool) -> Dict[str, List[str]]:
+    runs = load_runs(sweep_dir)
+    by_state = summary(runs)
+    if verbose:
+        for run in runs:
+            print(f"{run.index:4d}  {run.state:8s}  {run.name}")
+    print(" / ".join(f"{state} {len(by_state[state])}" for state in STATES) + f"  ({len(runs)} runs in {sweep_dir})")
+    for name in by_state["failed"]:
+        print(f"failed: {name} (see {Path(sweep_dir) / 'runs' / name / 'train.log'})")
+    return by_state
+
+
+def run(opt: argparse.Namespace) -> int:
+    """Prepare the sweep folder, then print the jobs, run one, or run all; returns the number of failed runs."""
+    runs = prepare(opt.spec, opt.sweep_dir)
+    if opt.print_jobs:
+        print("\n".join(job_lines(runs, opt.python or "python")))
+        return 0
+    if opt.prepare_only:
+        print(f"{len(runs)} runs prepared in {opt.sweep_dir}")
+        return 0
+    python = opt.python or sys.executable
+    if opt.run_index is not None:
+        device = opt.devices[0] if opt.devices else None
+        return 0 if run_index(runs, opt.run_index, device, python) else 1
+    results = run_all(runs, opt.parallel, opt.devices, python)
+    print_status(opt.sweep_dir, verbose=False)
+    return sum(not ok for ok in results.values())
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    opt = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        if opt.command == "status":
+            print_status(opt.sweep_dir, opt.verbose)
+            return 0
+        failed = run(opt)
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+    if failed:
+        sys.exit(f"error: {failed} run(s) failed; run the same command again to retry them")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Evaluation: metric backends on tiny random models built from configs (nothing downloaded), metric functions on
+known inputs, fixed-seed sampling, the atomic results table, evaluating a trained run and a sweep, the subject-fidelity
+callback during training, the registration hook, and missing weight files."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_dream_booth
+from conftest import REPO, build_tiny
+from ldm.checkpoint import save_state_dict
+from ldm.evaluation import backends
+from ldm.evaluation.backends import (EvaluationError, MetricBackend, WeightsNotFoundError, backend_names,
+                                     get_backend, register_backend)
+from ldm.evaluation.metrics import (cosine_matrix, fid_metric, frechet_distance, prompt_fidelity,
+                                    subject_fidelity)
+from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
+from ldm.evaluation.table import read_rows, upsert_row
+from scripts import evaluate as evaluate_script
+from test_train import BASES, write_images
+
+transformers = pytest.importorskip("transformers")
+
+
+# ---- tiny metric models, saved as a user would have them ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_dino(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                    image_size=32, patch_size=8)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.CLIPConfig(text_config=small, vision_config={**small, "image_size": 32, "patch_size": 8},
+                                     projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(path)
+    return path
+
+
+class MeanColour(MetricBackend):
+    """Features you can compute by hand: the mean of each channel."""
+    has_text = True
+
+    def __init__(self, weights=None, device=None):
+        pass
+
+    def image_features(self, images):
+        return images.mean(dim=(2, 3))
+
+    def text_image_score(self, images, prompts):
+        colours = {"red": torch.tensor([1.0, 0, 0]), "green": torch.tensor([0, 1.0, 0])}
+        return cosine_matrix(self.image_features(images), torch.stack([colours[p] for p in prompts])).diagonal()
+
+
+def solid(rgb, n=1, size=16):
+    return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(n, 3, size, size).clone()
+
+
+# ---- metric functions on known inputs -----------------------------------------------------------------------------
+def test_metrics_on_known_inputs():
+    b = MeanColour()
+    red, green = solid([1, 0, 0], 3), solid([0, 1, 0], 2)
+    assert subject_fidelity(b, red, red[:1]) == pytest.approx(1.0)  # identical images
+    assert subject_fidelity(b, red, green) == pytest.approx(0.0)  # orthogonal features
+    half = torch.cat([red[:1], green[:1]])
+    assert subject_fidelity(b, half, red[:1]) == pytest.approx(0.5)  # the mean over samples
+    assert prompt_fidelity(b, half, ["red", "red"]) == pytest.approx(0.5)
+    assert prompt_fidelity(b, half, ["red", "green"]) == pytest.approx(1.0)
+    with pytest.raises(EvaluationError, match="one prompt per image"):
+        prompt_fidelity(b, half, ["red"])
+    torch.testing.assert_close(cosine_matrix(torch.eye(2), torch.tensor([[1.0, 1.0]])), torch.full((2, 1), 0.5 ** 0.5))
+
+
+def test_dino_and_clip_backends_from_local_folders(tiny_dino, tiny_clip):
+    images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    for name, path in (("dino", tiny_dino), ("clip", tiny_clip)):
+        b = get_backend(name, str(path))
+        features = b.image_features(images)
+        assert features.shape[0] == 3 and torch.isfinite(features).all()
+        assert subject_fidelity(b, images[:1].repeat(2, 1, 1, 1), images[:1]) == pytest.approx(1.0, abs=1e-5)
+        assert subject_fidelity(b, images[:1], images[1:]) < 0.9999
+    dino_file = get_backend("dino", str(tiny_dino / "model.safetensors"))  # the weights file, config beside it
+    torch.testing.assert_close(dino_file.image_features(images), get_backend("dino", str(tiny_dino)).image_features(images))
+    clip = get_backend("clip", str(tiny_clip))
+    prompts = ["a photo of a dog", "a red cube", "a photo of a dog"]
+    score = clip.text_image_score(images, prompts)
+    assert score.shape == (3,) and ((score >= -1) & (score <= 1)).all()
+    # CLIP-T is the cosine of the image and text embeddings of the same model
+    torch.testing.assert_close(score, torch.nn.functional.cosine_similarity(
+        clip.image_features(images), clip.text_features(prompts), dim=-1))
+    assert not get_backend("dino", str(tiny_dino)).has_text
+
+
+def test_fid_in_a_backends_feature_space(tiny_dino):
+    dino = get_backend("dino", str(tiny_dino))
+    x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    metric = fid_metric(features=dino)
+    assert frechet_distance(metric, x, x) == pytest.approx(0.0, abs=1e-3)
+    assert frechet_distance(metric, x * 0.3, x) > 10 * max(frechet_distance(metric, x, x), 1e-4)
+
+
+def test_missing_weights_are_named(tmp_path, tiny_dino):
+    with pytest.raises(WeightsNotFoundError, match="needs local weights .*pass --metric dino=PATH"):
+        get_backend("dino", None)
+    with pytest.raises(WeightsNotFoundError, match=r"'.*nowhere' does not exist; put .*facebook/dino-vits16"):
+        get_backend("dino", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsNotFoundError, match="config.json' is missing"):
+        get_backend("clip", str(tmp_path / "empty"))
+    (tmp_path / "empty" / "config.json").write_text((tiny_dino / "config.json").read_text())
+    with pytest.raises(WeightsNotFoundError, match="holds no model.safetensors or pytorch_model.bin"):
+        get_backend("dino", str(tmp_path / "empty"))
+    with pytest.raises(WeightsNotFoundError, match="pt_inception-2015-12-05-6726825d.pth"):
+        fid_metric(str(tmp_path / "inception.pth"))
+    with pytest.raises(EvaluationError, match="unknown metric backend 'dinov9'; known: .*clip, dino"):
+        get_backend("dinov9")
+    with pytest.raises(SystemExit, match="error: weights of the 'dino' metric not found"):
+        evaluate_script.main([str(tmp_path), "--metric", f"dino={tmp_path / 'nowhere'}"])
+
+
+def test_registration_hook_imports_lazy_backends_by_name(tmp_path, monkeypatch):
+    """The tiny world's backend plugs in as 'tinyworld' this way; here a stand-in module registers 'fakeworld'."""
+    assert "tinyworld" in backend_names()
+    (tmp_path / "fakeworld_metrics.py").write_text(
+        "from ldm.evaluation.backends import MetricBackend, register_backend\n"
+        "@register_backend('fakeworld')\n"
+        "class Fake(MetricBackend):\n"
+        "    def __init__(self, weights=None, device=None):\n"
+        "        self.weights = weights\n"
+        "    def image_features(self, images):\n"
+        "        return images.flatten(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(backends.LAZY_BACKENDS, "fakeworld", "fakeworld_metrics")
+    monkeypatch.setitem(backends.LAZY_BACKENDS, "elsewhere", "no_such_module_anywhere")
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    assert get_backend("fakeworld", "w").weights == "w"
+    with pytest.raises(EvaluationError, match="lives in no_such_module_anywhere, which cannot be imported"):
+        get_backend("elsewhere")
+    register_backend("direct")(MeanColour)
+    assert isinstance(get_backend("direct"), MeanColour)
+    sys.modules.pop("fakeworld_metrics", None)
+
+
+# ---- sampling and the table ---------------------------------------------------------------------------------------
+def test_samples_depend_on_seed_not_on_batching(tiny_model):
+    pairs = prompt_seed_pairs(["a red cube", "a blue ball"], [3, 4])
+    assert pairs == [("a red cube", 3), ("a red cube", 4), ("a blue ball", 3), ("a blue ball", 4)]
+    one = sample_images(tiny_model, pairs, 32, steps=2, scale=3.0, batch_size=1)
+    four = sample_images(tiny_model, pairs, 32, steps=2, scale=3.0, batch_size=4)
+    assert one.shape == (4, 3, 32, 32) and one.min() >= 0 and one.max() <= 1
+    torch.testing.assert_close(one, four, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(one[0], one[1])
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sample_images(tiny_model, pairs, 32, sampler="euler")
+
+
+def test_results_table_is_replaced_atomically(tmp_path, monkeypatch):
+    table = tmp_path / "results.csv"
+    upsert_row(table, {"run": "a", "din": "attn2o", "dino_i": 0.5})
+    upsert_row(table, {"run": "b", "din": "ffni", "dino_i": 0.25, "clip_t": 0.1})
+    upsert_row(table, {"run": "a", "din": "attn2o", "dino_i": 0.75})  # re-evaluated: replaces its row
+    rows = read_rows(table)
+    assert [(r["run"], r["dino_i"], r["clip_t"]) for r in rows] == [("b", "0.25", "0.1"), ("a", "0.75", "")]
+    before = table.read_bytes()
+
+    def crash(self, text, *args, **kwargs):  # the process dies half-way through writing the new table
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        upsert_row(table, {"run": "c", "dino_i": 0.1})
+    monkeypatch.undo()
+    assert table.read_bytes() == before  # the old table is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.csv.lock"]  # no half file left
+
+
+# ---- whole runs -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base") / "tiny.safetensors"
+    save_state_dict(build_tiny().state_dict(), str(path))
+    return path
+
+
+def train_args(tmp_path, ckpt, *extra):
+    return ["--base", *[str(REPO / b) for b in BASES], "--actual_resume", str(ckpt), "-n", "eval",
+            "--data_root", str(write_images(tmp_path / "subject")), "--logdir", str(tmp_path / "logs"),
+            "--max_steps", "2", "lightning.callbacks.image_logger.params.disabled=true", "-t", *extra]
+
+
+def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
+    logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("photo of a {token} {class_word}\na {token} {class_word} on a blue background\n")
+    table = tmp_path / "results.csv"
+    args = [str(logdir), "--metric", f"dino={tiny_dino}", "--metric", f"clip={tiny_clip}", "--prompts", str(prompts),
+            "--seeds", "0,1", "--steps", "2", "--table", str(table)]
+    evaluate_script.main(args)
+    (row,) = read_rows(table)
+    assert row["run"] == logdir.name and int(row["n_samples"]) == 4 and int(row["adapter_step"]) == 1
+    assert int(row["trainable_parameters"]) == json.loads((logdir / "train_stats.json").read_text())["trained_parameters"]
+    assert int(row["adapter_bytes"]) == (logdir / "checkpoints/1-adapters/adapters.safetensors").stat().st_size
+    assert float(row["train_seconds"]) > 0 and int(row["train_steps"]) == 2 and "peak_host_memory_bytes" in row
+    assert row["adapter"].startswith("attn2o->ffni")
+    for key in ("dino_i", "clip_i", "clip_t"):
+        assert -1.0 <= float(row[key]) <= 1.0
+    assert (logdir / "eval" / "samples-1-adapters.png").is_file()
+    evaluate_script.main(args)  # already in the table: skipped
+    assert len(read_rows(table)) == 1
+    evaluate_script.main(args + ["--force"])  # fixed seeds: the same numbers again
+    (again,) = read_rows(table)
+    for key in ("dino_i", "clip_i", "clip_t"):
+        assert float(again[key]) == pytest.approx(float(row[key]), abs=1e-5)
+
+
+def test_evaluate_a_sweep_and_bad_runs(tmp_path, base_ckpt, tiny_dino):
+    import yaml
+    from ldm.sweep.runs import load_runs, prepare
+    spec = {"base": [str(REPO / b) for b in BASES],
+            "overrides": [f"actual_resume={base_ckpt}", f"data_root={write_images(tmp_path / 'subject')}",
+                          "max_steps=2", "lightning.callbacks.image_logger.params.disabled=true"],
+            "factors": {"method": {"key": "method", "levels": ["relu", "silu"]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    runs = prepare(str(tmp_path / "s.yaml"), str(tmp_path / "sw"))
+    main_dream_booth.main(["-r", str(runs[0].dir), "-t"])  # one run trained in this process; the other pending
+    assert [r.state for r in load_runs(str(tmp_path / "sw"))] == ["done", "pending"]
+    evaluate_script.main([str(tmp_path / "sw"), "--metric", f"dino={tiny_dino}", "--seeds", "0", "--steps", "1",
+                          "--prompts", str(write_prompts(tmp_path))])
+    with open(tmp_path / "sw" / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["run"] == "method-relu" and row["method"] == "relu" and float(row["dino_i"]) <= 1.0
+    # a folder that is not a run, and a run without adapters
+    with pytest.raises(SystemExit, match="neither a sweep folder"):
+        evaluate_script.main([str(tmp_path), "--metric", f"dino={tiny_dino}"])
+    with pytest.raises(SystemExit, match="1 run\\(s\\) could not be evaluated: method-silu"):
+        evaluate_script.main([str(runs[1].dir), "--metric", f"dino={tiny_dino}", "--table", str(tmp_path / "t.csv")])
+
+
+def write_prompts(tmp_path):
+    path = tmp_path / "one-prompt.txt"
+    path.write_text("photo of a {token} {class_word}\n")
+    return path
+
+
+def test_subject_fidelity_callback_logs_during_training(tmp_path, base_ckpt, tiny_dino):
+    callback = ("lightning.callbacks.fidelity={target: ldm.evaluation.callback.SubjectFidelity, params: "
+                f"{{every_n_train_steps: 1, backend: dino, weights: {tiny_dino}, ddim_steps: 2, seeds: [0, 1]}}}}")
+    logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt, callback))
+    files = sorted((logdir / "csv").glob("*/metrics.csv"))
+    with open(files[-1]) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("eval/dino_i")]
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]  # before training, then every step
+    assert all(-1.0 <= float(r["eval/dino_i"]) <= 1.0 for r in rows)
