@@ -90,7 +90,8 @@ def test_dino_and_clip_backends_from_local_folders(tiny_dino, tiny_clip):
         assert subject_fidelity(b, images[:1].repeat(2, 1, 1, 1), images[:1]) == pytest.approx(1.0, abs=1e-5)
         assert subject_fidelity(b, images[:1], images[1:]) < 0.9999
     dino_file = get_backend("dino", str(tiny_dino / "model.safetensors"))  # the weights file, config beside it
-    torch.testing.assert_close(dino_file.image_features(images), get_backend("dino", str(tiny_dino)).image_features(images))
+    dino = get_backend("dino", str(tiny_dino))
+    torch.testing.assert_close(dino_file.image_features(images), dino.image_features(images))
     clip = get_backend("clip", str(tiny_clip))
     prompts = ["a photo of a dog", "a red cube", "a photo of a dog"]
     score = clip.text_image_score(images, prompts)
@@ -209,7 +210,8 @@ def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
     evaluate_script.main(args)
     (row,) = read_rows(table)
     assert row["run"] == logdir.name and int(row["n_samples"]) == 4 and int(row["adapter_step"]) == 1
-    assert int(row["trainable_parameters"]) == json.loads((logdir / "train_stats.json").read_text())["trained_parameters"]
+    stats = json.loads((logdir / "train_stats.json").read_text())
+    assert int(row["trainable_parameters"]) == stats["trained_parameters"]
     assert int(row["adapter_bytes"]) == (logdir / "checkpoints/1-adapters/adapters.safetensors").stat().st_size
     assert float(row["train_seconds"]) > 0 and int(row["train_steps"]) == 2 and "peak_host_memory_bytes" in row
     assert row["adapter"].startswith("attn2o->ffni")

@@ -237,6 +237,24 @@ def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch):
     assert launch.command(runs[2], "py")[-2:] == ["-s", "2"]
 
 
+def test_parallel_runs_share_class_images_made_first(tmp_path, monkeypatch):
+    spec = spec_of({"seed": {"key": "seed", "levels": [0, 1]}}, [f"reg_data_root={tmp_path / 'class'}",
+                                                                   "class_word=cat"])
+    runs = prepare(str(write_spec(tmp_path / "s.yaml", spec)), str(tmp_path / "sw"))
+    calls = []
+
+    def fake_launch(run, device=None, python=None, train=True):
+        calls.append((run.name, train))
+        if train:
+            (run.dir / DONE).write_text("{}")
+        return True
+
+    monkeypatch.setattr(launch, "launch", fake_launch)
+    launch.run_all(runs, parallel=2)
+    assert calls[0] == ("seed-0", False)  # set up only (main_dream_booth.py without -t): the class images
+    assert sorted(calls[1:]) == [("seed-0", True), ("seed-1", True)]
+
+
 # ---- a real sweep of tiny trainings -----------------------------------------------------------------------------
 class CrashOnce(pl.Callback):
     """Simulates a crashed run: the run whose folder name contains `match` raises at step `step`, the first time."""

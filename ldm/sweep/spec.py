@@ -192,7 +192,10 @@ def override_items(overrides: Any) -> List[Tuple[str, Any]]:
     items = []
     for item in overrides:
         key, _, text = item.partition("=")
-        items.append((key.strip(), yaml.safe_load(text) if text.strip() else None))  # as main_dream_booth.py
+        try:
+            items.append((key.strip(), yaml.safe_load(text) if text.strip() else None))  # as main_dream_booth.py
+        except yaml.YAMLError as e:
+            raise SweepError(f"override '{item}': the value is not valid YAML ({e})") from None
     return items
 
 
