@@ -90,7 +90,7 @@ def image_grid(images: Sequence[Image.Image], n_rows: int, labels: Optional[Sequ
     n_cols = max(1, min(n_rows, len(images)))
     rows = (len(images) + n_cols - 1) // n_cols
     w, h = images[0].size
-    font = ImageFont.load_default(size=max(10, w // 32))
+    font = ImageFont.load_default(size=max(12, w // 32))
     line_h = font.getbbox("Ag")[3] + 2
     label_h = max(len(t.split("\n")) for t in labels) * line_h + 2 if labels else 0
     margin = int(max(font.getlength(t) for t in row_labels)) + 8 if row_labels else 0

@@ -10,6 +10,9 @@ from ldm.util import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tests" / "tiny-inference.yaml"
+# The reference list of SD v1 checkpoint keys and shapes: shared/ beside or inside the repository
+KEYS_TSV = next((p for p in (REPO / "shared" / "sd-v1-keys.tsv", REPO.parent / "shared" / "sd-v1-keys.tsv")
+                 if p.exists()), REPO / "shared" / "sd-v1-keys.tsv")
 
 
 def randomize_zero_layers(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

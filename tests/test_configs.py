@@ -9,14 +9,16 @@ from ldm.util import ConfigError, count_params, instantiate_from_config
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 # Fragments (no UNet of their own) are tested merged after these, as --base would merge them.
 FRAGMENT_BASES = {"tests": ["configs/tests/tiny-inference.yaml", "configs/stable-diffusion/v1-finetune-dreambooth.yaml"],
+                  "tiny-world": ["configs/tiny-world/tiny-sd-v1.yaml",
+                                 "configs/stable-diffusion/v1-finetune-dreambooth.yaml"],
                   "": ["configs/sd-inject-dreambooth/attn2o-ffni.yaml"]}
 
 
 def merged(path):
     config = OmegaConf.load(path)
-    if OmegaConf.select(config, "model.params.unet_config.target") is not None:
-        return config
-    bases = FRAGMENT_BASES["tests" if path.parent.name == "tests" else ""]
+    if OmegaConf.select(config, "model.params.unet_config.target") is not None or "model" not in config:
+        return config  # a whole model config, or not a model config at all (e.g. a training recipe)
+    bases = FRAGMENT_BASES.get(path.parent.name, FRAGMENT_BASES[""])
     return OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in bases if REPO / b != path], config)
 
 
