@@ -110,8 +110,10 @@ class ImageLogger(pl.Callback):
             with trainer.precision_plugin.forward_context():
                 c = pl_module.get_learned_conditioning(texts)
                 uc = pl_module.get_learned_conditioning([""] * len(texts)) if self.scale != 1.0 else None
-                z, _ = DDIMSampler(pl_module).sample(self.ddim_steps, len(texts), x_T.shape[1:], c, scale=self.scale,
-                                                     uc=uc, x_T=x_T.to(pl_module.device), verbose=False)
+                z, _ = DDIMSampler(pl_module).sample(self.ddim_steps, len(texts), x_T.shape[1:], c,
+                                                     unconditional_guidance_scale=self.scale,
+                                                     unconditional_conditioning=uc, x_T=x_T.to(pl_module.device),
+                                                     verbose=False)
                 return pl_module.decode_first_stage(z).float().cpu()
         finally:
             pl_module.train(was_training)

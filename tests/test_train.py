@@ -484,3 +484,23 @@ def test_text_encoder_lora_run_resume_reload_export_and_sample(world, tmp_path):
     sampled = sample.load_model(opt, torch.device("cpu"))
     assert "adapter1" in adapter_groups(sampled.cond_stage_model)
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(outputs_of(sampled), want))
+
+
+def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
+    """The logged grids use classifier-free guidance at the configured scale (not the sampler's default of 1)."""
+    import contextlib
+    from types import SimpleNamespace
+    from ldm.callbacks import ImageLogger
+    from ldm.models.diffusion.ddim import DDIMSampler
+    seen = {}
+    real = DDIMSampler.sample
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMSampler, "sample", spy)
+    trainer = SimpleNamespace(datamodule=None, precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
+    images = ImageLogger(max_images=2, prompts=["a red star"], ddim_steps=2, scale=5.0).sample(trainer, tiny_model)
+    assert images.shape == (2, 3, 32, 32)
+    assert seen["unconditional_guidance_scale"] == 5.0 and seen["unconditional_conditioning"] is not None
