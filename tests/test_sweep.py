@@ -109,6 +109,38 @@ def test_position_pairs_reproduces_the_papers_configs():
     assert {r.flags["seed"] for r in grid.runs} == {0, 1}
 
 
+def test_tiny_world_study_expands_to_40_runs_that_build():
+    """The tiny-world study: the same 20 pairs x 2 seeds on the tiny base model and the demo subject, each run's model
+    builds (meta device, base weights left out), with the adapter sizes the sweep file states."""
+    import torch
+    from ldm.modules.adapters import adapter_parameters
+    from ldm.util import instantiate_from_config
+    grid = expand(load_spec(REPO / "configs/sweeps/tiny-world-position-pairs.yaml"), root=REPO)
+    paper = expand(load_spec(REPO / "configs/sweeps/position-pairs.yaml"), root=REPO)
+    assert len(grid.runs) == 40 and [r.levels for r in grid.runs] == [r.levels for r in paper.runs]
+    sizes = {("resi", "resi"): 73_676, ("resi", "reso"): 61_516, ("reso", "reso"): 71_202, ("attn2c", "attn2c"): 34_048}
+    built = {}
+    for run in grid.runs:
+        c, pair = run.config, (run.levels["din"], run.levels["dout"])
+        assert c.model.params.ckpt_path == str(REPO / "models/ldm/tiny-sd-v1/model.safetensors")
+        assert c.data.params.train.params.data_root == str(REPO / "assets/tiny-world/sks-star")
+        assert c.data.params.reg.params.data_root == str(REPO / "outputs/tiny-world-study/class-images")
+        assert c.data.params.train.params.class_word == c.data.params.reg.params.class_word == "star"
+        assert c.lightning.trainer.max_steps == 150 and c.data.params.train.params.size == 64
+        assert run.flags == {"seed": run.levels["seed"]}  # the seeds of a pair differ only in main_dream_booth.py -s
+        if pair in built:
+            assert c == built[pair], run.name
+            continue
+        built[pair] = c
+        model_config = OmegaConf.masked_copy(c.model, ["target", "params"])
+        del model_config.params["ckpt_path"]  # the base weights are not needed to build (nor part of the repo)
+        with torch.device("meta"):
+            model = instantiate_from_config(model_config)
+        assert sum(p.numel() for p in adapter_parameters(model)) == sizes.get(pair, 28_768), run.name
+    assert len(built) == 20
+    assert (REPO / "assets/tiny-world/sks-star").is_dir()
+
+
 # ---- bad input --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("factors,message", [
     ({"x": {"key": "model.params.no_such_key", "levels": [1]}}, "unknown key 'model.params.no_such_key'"),

@@ -21,6 +21,7 @@ from statsmodels.stats.multicomp import pairwise_tukeyhsd
 from statsmodels.tools.sm_exceptions import SingularMatrixWarning
 
 ANOVA_COLUMNS = ["term", "df", "sum_sq", "F", "p", "eta_sq", "partial_eta_sq"]
+CONSTANT_NOTE = "the metric has the same value in every run: there is no variance for the factors to explain"
 
 
 class AnalysisError(ValueError):
@@ -99,7 +100,10 @@ def type2_by_comparison(data: pd.DataFrame, metric: str, terms: Sequence[Tuple[s
     for t in terms:
         others = [o for o in terms if not set(t) <= set(o)]
         without, with_t = fit(data, metric, others), fit(data, metric, others + [t])
-        ss, df = without.ssr - with_t.ssr, without.df_resid - with_t.df_resid
+        df = without.df_resid - with_t.df_resid
+        # A term adds no column of its own (df 0) when it is confounded with the others; then, and for round-off
+        # below zero, it explains nothing: SSR can only fall as terms are added.
+        ss = max(without.ssr - with_t.ssr, 0.0) if df > 0 else 0.0
         f_value = (ss / df) / mse if df > 0 and mse > 0 else np.nan
         rows.append({"term": ":".join(t), "df": df, "sum_sq": ss, "F": f_value,
                      "p": stats.f.sf(f_value, df, full.df_resid) if df > 0 else np.nan})
@@ -129,10 +133,21 @@ def anova_table(data: pd.DataFrame, metric: str, factors: Sequence[str],
                      "from their ranks; confounded effects are credited to no single term")
     total = float(((data[metric] - data[metric].mean()) ** 2).sum())
     residual = float(table.loc[table.term == "Residual", "sum_sq"].iloc[0])
-    table["eta_sq"] = table["sum_sq"] / total if total > 0 else np.nan
+    if is_constant(data[metric]):  # round-off would pass for sums of squares, F and effect sizes
+        notes.append(CONSTANT_NOTE)
+        table.loc[:, ["sum_sq", "F", "p"]] = [0.0, np.nan, np.nan]
+        table["eta_sq"] = table["partial_eta_sq"] = np.nan
+        return table[ANOVA_COLUMNS], notes
+    table["eta_sq"] = table["sum_sq"] / total
     table["partial_eta_sq"] = table["sum_sq"] / (table["sum_sq"] + residual)
     table.loc[table.term == "Residual", ["eta_sq", "partial_eta_sq"]] = np.nan
     return table[ANOVA_COLUMNS], notes
+
+
+def is_constant(values: pd.Series) -> bool:
+    """Whether every run has the same value, up to float round-off."""
+    spread = float(values.max() - values.min())
+    return spread <= 1e-9 * max(1.0, float(values.abs().max()))
 
 
 def tukey_table(data: pd.DataFrame, metric: str, factor: str, alpha: float = 0.05) -> pd.DataFrame:

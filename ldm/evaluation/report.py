@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ldm.evaluation.anova import MetricAnalysis  # noqa: E402
+from ldm.evaluation.anova import CONSTANT_NOTE, MetricAnalysis  # noqa: E402
 
 PARAMETERS = "trainable_parameters"
 
@@ -133,8 +133,12 @@ def summary_lines(results: Sequence[MetricAnalysis], factors: Sequence[str]) -> 
     """One line per metric: the factors ranked by eta², with p."""
     lines = []
     for r in results:
+        if CONSTANT_NOTE in r.notes:
+            lines.append(f"- **{r.metric}**: {CONSTANT_NOTE}")
+            continue
         main = r.anova[r.anova.term.isin(factors)].sort_values("eta_sq", ascending=False)
-        ranked = ", ".join(f"{t} (eta² {fmt(e)}, p {fmt(p)})" for t, e, p in zip(main.term, main.eta_sq, main.p))
+        ranked = ", ".join(f"{t} (eta² {fmt(e) or 'n/a'}, p {fmt(p) or 'n/a: no df of its own'})"
+                           for t, e, p in zip(main.term, main.eta_sq, main.p))
         lines.append(f"- **{r.metric}**: {ranked}")
     return lines
 

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The tiny-world design-space study (issue 7): the paper's 20 adapter position pairs x 2 seeds trained on the tiny base
+# model (configs/sweeps/tiny-world-position-pairs.yaml), each run evaluated with the tiny world's probe (the
+# `tinyworld` metric backend) on configs/sweeps/tiny-world-prompts.txt, then a Type II ANOVA of the metrics on din
+# and dout, written to docs/tiny-world-study/ (report.md, PNGs, tables, results.csv).
+#
+#   scripts/tiny_world_study.sh                        # runs from any folder; rerun to continue after a stop
+#   scripts/tiny_world_study.sh --parallel 2           # extra arguments go to scripts/sweep.py
+#   PYTHON="nice -n 15 .venv/bin/python" SWEEP_DIR=/tmp/sw REPORT_DIR=/tmp/report scripts/tiny_world_study.sh
+#
+# Resumable: the sweep skips finished runs and retries failed ones, evaluation skips runs already in results.csv, and
+# the report is redrawn from the whole table. Settings (environment): PYTHON (default python), SPEC, PROMPTS,
+# SWEEP_DIR (default outputs/tiny-world-study/sweep), REPORT_DIR (default docs/tiny-world-study), EVAL_SEEDS; relative
+# paths are taken from the repository root.
+set -euo pipefail
+cd "$(dirname "$0")/.."  # the sweep file's relative paths are taken from the repository root
+
+PYTHON=${PYTHON:-python}
+SPEC=${SPEC:-configs/sweeps/tiny-world-position-pairs.yaml}
+PROMPTS=${PROMPTS:-configs/sweeps/tiny-world-prompts.txt}
+SWEEP_DIR=${SWEEP_DIR:-outputs/tiny-world-study/sweep}
+REPORT_DIR=${REPORT_DIR:-docs/tiny-world-study}
+EVAL_SEEDS=${EVAL_SEEDS:-0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}
+
+run() { echo "+ $*" >&2; "$@"; }
+
+# The runs and the class images they share belong to one base model: each folder keeps its hash (a hidden file, so
+# the class-image folder still holds only images) and a folder made from another base model is refused.
+base_model=$(sed -n 's/^ *- *actual_resume=\([^ #]*\).*/\1/p' "$SPEC")
+class_images=$(sed -n 's/^ *- *reg_data_root=\([^ #]*\).*/\1/p' "$SPEC")
+[[ -n $base_model ]] || { echo "error: $SPEC has no 'actual_resume=FILE' override (the base model)" >&2; exit 1; }
+digest=$(sha256sum "$base_model" | cut -d' ' -f1)
+for dir in "$SWEEP_DIR" ${class_images:+"$class_images"}; do
+  stamp=$dir/.base-model.sha256
+  if [[ -f $stamp && $(cat "$stamp") != "$digest" ]]; then
+    echo "error: '$dir' was made from another base model than $base_model: remove $SWEEP_DIR" \
+         "${class_images:+and $class_images }to start over, or choose other folders" >&2
+    exit 1
+  fi
+done
+for dir in "$SWEEP_DIR" ${class_images:+"$class_images"}; do
+  mkdir -p "$dir" && echo "$digest" > "$dir/.base-model.sha256"
+done
+
+# $PYTHON unquoted: it may be a command with arguments (nice -n 15 python).
+run $PYTHON scripts/sweep.py "$SPEC" --sweep_dir "$SWEEP_DIR" "$@"
+run $PYTHON scripts/evaluate.py "$SWEEP_DIR" --metric tinyworld --prompts "$PROMPTS" --seeds "$EVAL_SEEDS" \
+    --steps 25 --scale 5.0 --batch_size 64
+run $PYTHON scripts/anova.py "$SWEEP_DIR/results.csv" --factors din dout --out "$REPORT_DIR"
+run cp "$SWEEP_DIR/results.csv" "$REPORT_DIR/results.csv"
+echo "report: $REPORT_DIR/report.md"
