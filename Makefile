@@ -12,8 +12,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) sample.py --config configs/tests/tiny-inference.yaml --random_init --prompt "a red star on a blue background" \
-		--H 64 --W 64 --n_samples 2 --n_iter 1 --ddim_steps 10 --seed 42 --outdir outputs/demo
+	$(PY) scripts/demo.py --outdir outputs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

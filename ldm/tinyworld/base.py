@@ -190,7 +190,7 @@ def train_diffusion(model: torch.nn.Module, moments: torch.Tensor, scenes: List[
             for k, v in nets.state_dict().items():
                 ema[k].lerp_(v, 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0:
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             stage.save({"nets": nets.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step + 1})
     nets.load_state_dict(ema)
     nets.requires_grad_(False)
