@@ -81,7 +81,7 @@ def _train_config(tmp_path, **stage_steps):
     return OmegaConf.create({
         "model_config": str(TINY_CONFIG), "out": str(tmp_path / "tiny.safetensors"), "work_dir": str(tmp_path / "w"),
         "seed": 0, "data": {"num_images": 16, "size": 32},
-        "vae": {"steps": stage_steps.get("vae", 2), "batch_size": 2, "lr": 1e-3, "kl_weight": 1e-6, "l2_weight": 1.0},
+        "vae": {"world": "probe", "steps": stage_steps.get("vae", 2), "batch_size": 2, "lr": 1e-3, "kl_weight": 1e-6, "l2_weight": 1.0},
         "decoder": {"steps": 2, "batch_size": 2, "lr": 1e-3, "l2_weight": 1.0},
         "diffusion": {"steps": stage_steps.get("diffusion", 2), "batch_size": 4, "lr": 1e-3, "warmup_steps": 1,
                       "p_uncond": 0.5, "ema_decay": 0.5, "checkpoint_every": 1}})

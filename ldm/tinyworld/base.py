@@ -26,12 +26,12 @@ from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 log = logging.getLogger(__name__)
 
 
-def render_images(num: int, size: int, seed: int) -> Tuple[torch.Tensor, List[Scene]]:
-    """`num` base-world scenes and their images as one (num, 3, size, size) uint8 tensor."""
+def render_images(num: int, size: int, seed: int, world: str = "base") -> Tuple[torch.Tensor, List[Scene]]:
+    """`num` scenes of `world` and their images as one (num, 3, size, size) uint8 tensor."""
     images = torch.empty(num, 3, size, size, dtype=torch.uint8)
     scenes = []
-    for i in tqdm(range(num), desc="render scenes", unit="img", mininterval=2):
-        scene = random_scene(scene_rng(seed, i))
+    for i in tqdm(range(num), desc=f"render {world} scenes", unit="img", mininterval=2):
+        scene = random_scene(scene_rng(seed, i), world)
         images[i] = render_uint8(scene, size)
         scenes.append(scene)
     return images, scenes
@@ -211,12 +211,18 @@ def train_base(config: DictConfig, device: torch.device) -> Path:
     work_dir = Path(config.work_dir)
     model = instantiate_from_config(OmegaConf.load(config.model_config).model).to(device)
     images, scenes = render_images(config.data.num_images, config.data.size, config.seed)
-    train_vae(model.first_stage_model, images, config.vae, work_dir, config.seed)
+    # The autoencoder is a generic codec: `vae.world: probe` trains it on the wider world (checkered fills,
+    # outlines) that the diffusion model never sees, so a new subject can still be drawn.
+    vae_world = config.vae.get("world", "base")
+    vae_images = images if vae_world == "base" else render_images(len(images), config.data.size, config.seed + 1,
+                                                                  vae_world)[0]
+    train_vae(model.first_stage_model, vae_images, config.vae, work_dir, config.seed)
     moments = encode_moments(model.first_stage_model, images)
     model.scale_factor.fill_(latent_scale(moments, config.seed))
     log.info("latent scale_factor %.5f", model.scale_factor.item())
     if config.get("decoder"):
-        finetune_decoder(model.first_stage_model, images, moments, config.decoder, work_dir, config.seed)
+        codec_moments = moments if vae_images is images else encode_moments(model.first_stage_model, vae_images)
+        finetune_decoder(model.first_stage_model, vae_images, codec_moments, config.decoder, work_dir, config.seed)
     train_diffusion(model, moments, scenes, config.diffusion, work_dir, config.seed)
     out = Path(config.out)
     save_state_dict(shipped_state_dict(model), str(out), metadata={"format": "pt", "config": str(config.model_config)})
