@@ -12,7 +12,7 @@ import logging
 import math
 import random
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ldm.checkpoint import atomic_write, save_state_dict
 from ldm.data.synthetic import Scene, caption, random_scene, render_uint8, scene_rng
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -62,39 +63,53 @@ def _pixels(images: torch.Tensor, idx: torch.Tensor, device: torch.device) -> to
     return images[idx].to(device).float() / 127.5 - 1
 
 
-def train_vae(vae: torch.nn.Module, images: torch.Tensor, cfg: DictConfig, work_dir: Path, seed: int) -> None:
-    """Stage 1: fit the autoencoder (random flips; the autoencoder never sees captions)."""
-    stage = StageState(work_dir, "vae")
+def fit_stage(name: str, desc: str, net: torch.nn.Module, cfg: DictConfig, work_dir: Path, seed: int, warmup: int,
+              batch_loss: Callable[[torch.Generator], torch.Tensor]) -> None:
+    """Train `net` for cfg.steps AdamW steps of `batch_loss(generator)`, resumable from work_dir/<name>.pt; a finished
+    stage just loads its weights."""
+    stage = StageState(work_dir, name)
     state = stage.load()
     if state.get("done"):
-        vae.load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
         return
-    device = next(vae.parameters()).device
-    vae.requires_grad_(True).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = 0
+    net.requires_grad_(True).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = state.get("step", 0)
     if state:
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        start = state["step"]
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
     g = torch.Generator().manual_seed(seed + start)
-    bar = tqdm(range(start, cfg.steps), desc="stage 1/4: autoencoder", initial=start, total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, 100)
+            group["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, warmup)
+        loss = batch_loss(g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 250 == 0 and step + 1 < cfg.steps:
+            stage.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    net.requires_grad_(False).eval()
+    stage.save({"model": net.state_dict(), "done": True})
+
+
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, l2_weight: float) -> torch.Tensor:
+    return (rec - x).abs().mean() + l2_weight * F.mse_loss(rec, x)
+
+
+def train_vae(vae: torch.nn.Module, images: torch.Tensor, cfg: DictConfig, work_dir: Path, seed: int) -> None:
+    """Stage 1: fit the autoencoder (random flips; the autoencoder never sees captions)."""
+    device = next(vae.parameters()).device
+
+    def batch_loss(g: torch.Generator) -> torch.Tensor:
         x = _pixels(images, torch.randint(len(images), (cfg.batch_size,), generator=g), device)
         x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g).to(device) < 0.5, x.flip(-1), x)
         posterior = vae.encode(x)
         rec = vae.decode(posterior.sample())
-        rec_loss = (rec - x).abs().mean() + cfg.l2_weight * F.mse_loss(rec, x)
-        loss = rec_loss + cfg.kl_weight * posterior.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(rec=f"{rec_loss.item():.4f}")
-        if (step + 1) % 250 == 0 and step + 1 < cfg.steps:
-            stage.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
-    vae.requires_grad_(False).eval()
-    stage.save({"model": vae.state_dict(), "done": True})
+        return reconstruction_loss(rec, x, cfg.l2_weight) + cfg.kl_weight * posterior.kl().mean()
+
+    fit_stage("vae", "stage 1/4: autoencoder", vae, cfg, work_dir, seed, 100, batch_loss)
 
 
 @torch.no_grad()
@@ -112,37 +127,15 @@ def finetune_decoder(vae: torch.nn.Module, images: torch.Tensor, moments: torch.
 
     The encoder, and so the latents the UNet learns, stay fixed: this stage is independent of stage 4.
     """
-    stage = StageState(work_dir, "decoder")
-    state = stage.load()
-    decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
-    if state.get("done"):
-        decoder.load_state_dict(state["model"])
-        return
     device = next(vae.parameters()).device
-    decoder.requires_grad_(True).train()
-    opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = 0
-    if state:
-        decoder.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        start = state["step"]
-    g = torch.Generator().manual_seed(seed + 1 + start)
-    bar = tqdm(range(start, cfg.steps), desc="stage 3/4: decoder", initial=start, total=cfg.steps)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * warmup_cosine(step, cfg.steps, 50)
+    decoder = torch.nn.ModuleDict({"post_quant_conv": vae.post_quant_conv, "decoder": vae.decoder})
+
+    def batch_loss(g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(len(images), (cfg.batch_size,), generator=g)
         z = DiagonalGaussianDistribution(moments[idx]).sample(g).to(device)
-        x = _pixels(images, idx, device)
-        rec = vae.decode(z)
-        loss = (rec - x).abs().mean() + cfg.l2_weight * F.mse_loss(rec, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(rec=f"{loss.item():.4f}")
-        if (step + 1) % 250 == 0 and step + 1 < cfg.steps:
-            stage.save({"model": decoder.state_dict(), "opt": opt.state_dict(), "step": step + 1})
-    decoder.requires_grad_(False).eval()
-    stage.save({"model": decoder.state_dict(), "done": True})
+        return reconstruction_loss(vae.decode(z), _pixels(images, idx, device), cfg.l2_weight)
+
+    fit_stage("decoder", "stage 3/4: decoder", decoder, cfg, work_dir, seed + 1, 50, batch_loss)
 
 
 def latent_scale(moments: torch.Tensor, seed: int) -> float:
@@ -161,16 +154,17 @@ def train_diffusion(model: torch.nn.Module, moments: torch.Tensor, scenes: List[
     """Stage 4: UNet + text encoder on cached latents, eps loss, caption dropout, EMA; loads the EMA at the end."""
     nets = torch.nn.ModuleDict({"model": model.model, "cond_stage_model": model.cond_stage_model})
     nets.requires_grad_(True)
-    model.cond_stage_model.frozen = False
+    model.cond_stage_model.frozen = False  # FrozenCLIPEmbedder keeps itself in eval mode while frozen
     model.train()
-    params = [p for p in nets.parameters()]
+    params = list(nets.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
     ema = {k: v.detach().clone() for k, v in nets.state_dict().items()}
     stage = StageState(work_dir, "diffusion")
     state = stage.load()
     start = state.get("step", 0)
     if state:
-        nets.load_state_dict(state["nets"]), opt.load_state_dict(state["opt"])
+        nets.load_state_dict(state["nets"])
+        opt.load_state_dict(state["opt"])
         ema = state["ema"]
     device = model.betas.device
     g, rng = torch.Generator().manual_seed(seed + start), random.Random(seed + start)
@@ -205,8 +199,7 @@ def shipped_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def train_base(config: DictConfig, device: torch.device) -> Path:
-    """All three stages; writes the shipped safetensors file and returns its path."""
-    from ldm.util import instantiate_from_config
+    """All four stages; writes the shipped safetensors file and returns its path."""
     torch.manual_seed(config.seed)
     work_dir = Path(config.work_dir)
     model = instantiate_from_config(OmegaConf.load(config.model_config).model).to(device)

@@ -1,6 +1,7 @@
 """Tiny-world metrics with the probe (ldm/tinyworld/probe.py), in the spirit of the DreamBooth metrics.
 
-- subject fidelity (like DINO / CLIP-I): mean cosine similarity of probe features to the instance images;
+- subject fidelity (like DINO / CLIP-I): mean cosine similarity of probe features to the instance images
+  (`ldm.evaluation.metrics.subject_fidelity` with this backend);
 - subject rate: the fraction of images in which the probe sees the subject's look (checkered fill and an outline),
   a direct check a person can verify by eye;
 - prompt fidelity (like CLIP-T): the fraction of the attributes a prompt names that the probe reads in the image;
@@ -88,11 +89,6 @@ class TinyWorldMetric:
 def tinyworld_backend(weights: Optional[str] = None, device: Optional[torch.device] = None) -> TinyWorldMetric:
     """`scripts/evaluate.py --metric tinyworld`: the shipped probe unless `weights` names another file."""
     return TinyWorldMetric(weights or DEFAULT_PROBE, device)
-
-
-def subject_fidelity(metric: TinyWorldMetric, images: torch.Tensor, references: torch.Tensor) -> float:
-    """Mean cosine similarity between every image and every reference image (DINO-style)."""
-    return float((metric.image_features(images) @ metric.image_features(references).T).mean())
 
 
 def paired_similarity(metric: TinyWorldMetric, images: torch.Tensor, others: torch.Tensor) -> float:

@@ -4,6 +4,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import torch
+
 from ldm.tinyworld.demo import latest_adapters, train
 from ldm.tinyworld.evaluate import (base_quality, dreambooth_metrics, load_references, load_tiny_model,
                                     model_samples)
@@ -19,10 +21,11 @@ def table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def dreambooth_rows(outdir: Path, steps: int, seeds: List[int], n: int) -> Dict[str, List[Dict[str, float]]]:
+def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir: Path, steps: int, seeds: List[int],
+                    n: int) -> Dict[str, List[Dict[str, float]]]:
     """Train with and without prior preservation for each seed; metrics of each run against the base model."""
-    metric, references = TinyWorldMetric(), load_references()
-    base = model_samples(load_tiny_model(), n)
+    references = load_references()
+    base = model_samples(base_model, n)
     runs: Dict[str, List[Dict[str, float]]] = {"base model": [dreambooth_metrics(metric, base, base, references)]}
     for prior in (True, False):
         label = "adapter, with prior preservation" if prior else "adapter, no prior preservation"
@@ -44,9 +47,10 @@ def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n:
                  quality_n: int = 200) -> Path:
     """Run everything and write outdir/tiny-world-report.md (+ .json); returns the Markdown path."""
     outdir.mkdir(parents=True, exist_ok=True)
-    probe = probe_accuracy(TinyWorldMetric().probe)
-    quality = base_quality(load_tiny_model(), TinyWorldMetric(), n=quality_n)
-    runs = dreambooth_rows(outdir, steps, list(seeds), n)
+    metric, base_model = TinyWorldMetric(), load_tiny_model()
+    probe = probe_accuracy(metric.probe)
+    quality = base_quality(base_model, metric, n=quality_n)
+    runs = dreambooth_rows(metric, base_model, outdir, steps, list(seeds), n)
     parts = [
         "### Probe (the metric model): accuracy on 1,000 held-out drawn scenes",
         table(list(probe), [[f"{v:.3f}" for v in probe.values()]]),
