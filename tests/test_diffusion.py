@@ -1,4 +1,6 @@
 """LatentDiffusion and the samplers: schedule, forward process, loss, guidance, DDIM/PLMS against references."""
+import warnings
+
 import pytest
 import torch
 
@@ -131,3 +133,17 @@ def test_samplers_solve_the_probability_flow_ode(tiny_model, sampler_cls):
 def test_plms_rejects_eta(tiny_model):
     with pytest.raises(ValueError, match="eta must be 0"):
         _sample(tiny_model, PLMSSampler, 5, eta=0.5)
+
+
+def test_sampler_rejects_unknown_and_warns_on_compvis_only_arguments():
+    """A misspelt argument (e.g. the guidance scale under the wrong name) must not be dropped silently."""
+    data = _GaussianData(torch.linspace(0.999, 0.01, 1000))
+    run = DDIMSampler(data).sample
+    args = (2, 1, (1, 2, 2), torch.zeros(1, 1, 1))
+    with pytest.raises(TypeError, match="guidance_scale"):
+        run(*args, guidance_scale=5.0, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(*args, log_every_t=100, quantize_x0=False, mask=None, verbose=False)  # defaults: silent
+    with pytest.warns(UserWarning, match="temperature"):
+        run(*args, temperature=0.5, verbose=False)

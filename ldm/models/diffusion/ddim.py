@@ -1,5 +1,6 @@
 """DDIM sampling (Song et al. 2021, "Denoising Diffusion Implicit Models"), with img2img encode/decode."""
-from typing import Callable, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,6 +20,27 @@ def make_ddim_timesteps(num_ddim_steps: int, num_ddpm_steps: int) -> np.ndarray:
     c = num_ddpm_steps // num_ddim_steps
     ts = np.arange(num_ddim_steps) * c
     return ts + 1 if ts[-1] + 1 < num_ddpm_steps else ts  # every DDPM step (c = 1): 0..999, not past the end
+
+
+# Keyword arguments of the original CompVis `DDIMSampler.sample` that this sampler does not implement, with the
+# values that mean "off": scripts written for the original still run, and a value that would change the result warns.
+COMPVIS_ONLY_KWARGS: Dict[str, Any] = {
+    "normals_sequence": None, "img_callback": None, "quantize_x0": False, "mask": None, "x0": None, "temperature": 1.0,
+    "noise_dropout": 0.0, "score_corrector": None, "corrector_kwargs": None, "log_every_t": 100,
+    "dynamic_threshold": None, "ucg_schedule": None,
+}
+
+
+def check_compvis_kwargs(kwargs: Dict[str, Any]) -> None:
+    """Reject unknown sampler arguments; warn about original-only ones set to a value this sampler would ignore."""
+    unknown = sorted(k for k in kwargs if k not in COMPVIS_ONLY_KWARGS)
+    if unknown:
+        raise TypeError(f"sample() got unexpected keyword argument(s) {unknown}: see DDIMSampler.sample for the "
+                        f"supported ones (guidance is `unconditional_guidance_scale`)")
+    for key, value in kwargs.items():
+        if value is not COMPVIS_ONLY_KWARGS[key] and value != COMPVIS_ONLY_KWARGS[key]:
+            warnings.warn(f"sample(): `{key}` of the original CompVis sampler is not supported here and is ignored",
+                          stacklevel=3)
 
 
 class DDIMSampler:
@@ -62,8 +84,13 @@ class DDIMSampler:
     def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: torch.Tensor,
                unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Optional[torch.Tensor] = None,
                eta: float = 0.0, x_T: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-               verbose: bool = True, callback: Optional[Callable] = None, **_ignored) -> Tuple[torch.Tensor, dict]:
-        """Sample latents (batch_size, *shape) in S steps; returns (samples, {"pred_x0": [...]})."""
+               verbose: bool = True, callback: Optional[Callable] = None, **compvis_kwargs: Any) -> Tuple[torch.Tensor, dict]:
+        """Sample latents (batch_size, *shape) in S steps; returns (samples, {"pred_x0": [...]}).
+
+        Arguments only the original CompVis sampler has (`COMPVIS_ONLY_KWARGS`) are accepted and ignored, with a
+        warning when set to anything but their default; any other unknown argument is an error.
+        """
+        check_compvis_kwargs(compvis_kwargs)
         self.make_schedule(S, eta)
         device = self.model.betas.device
         x = x_T if x_T is not None else torch.randn((batch_size, *shape), generator=generator, device=device)
