@@ -430,6 +430,24 @@ def test_text_encoder_training_bypasses_the_context_cache(world, monkeypatch):
     assert all(p.grad is not None for p in te) and any(p.grad.abs().max() > 0 for p in te)
 
 
+def test_text_encoder_lr_gives_the_text_encoder_adapters_their_own_rate(world):
+    model = build_dreambooth(world["ckpt"], extra=[TE_LORA], text_encoder_lr=2e-5, lr_warmup_steps=4)
+    model.learning_rate = 1e-3
+    optimizer = model.configure_optimizers()["optimizer"]
+    unet, text = optimizer.param_groups
+    in_text = {id(p) for p in model.cond_stage_model.parameters()}
+    assert unet["params"] and not any(id(p) in in_text for p in unet["params"])
+    assert text["params"] and all(id(p) in in_text for p in text["params"])
+    assert len(unet["params"]) + len(text["params"]) == len(model.trained_parameters())
+    assert unet["initial_lr"] == 1e-3 and text["initial_lr"] == 2e-5  # warmup scales both from there
+    assert text["lr"] == pytest.approx(2e-5 / 5)
+    # UNet-only adapters: one group; the default: one group at the learning rate
+    assert len(build_dreambooth(world["ckpt"], text_encoder_lr=2e-5).configure_optimizers()["optimizer"]
+               .param_groups) == 1
+    with pytest.raises(ValueError, match="text_encoder_lr must be a positive number"):
+        build_dreambooth(world["ckpt"], text_encoder_lr=0.0)
+
+
 def outputs_of(model, prompts=("photo of a sks cat", "a painting")):
     """(UNet output, text-encoder output) of a tiny LatentDiffusion on fixed inputs."""
     g = torch.Generator().manual_seed(1)

@@ -34,7 +34,8 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
     def __init__(self, *args: Any, reg_weight: float = 1.0, train_level: Sequence[str] = ("adapter",),
                  cache_latents: bool = True, gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_weight_decay: float = 1e-2,
-                 adam_epsilon: float = 1e-8, lr_warmup_steps: int = 0, **kwargs: Any):
+                 adam_epsilon: float = 1e-8, lr_warmup_steps: int = 0, text_encoder_lr: Optional[float] = None,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         unknown = sorted(set(train_level) - set(TRAIN_LEVELS))
         if unknown or not train_level:
@@ -42,7 +43,10 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         if not (math.isfinite(reg_weight) and reg_weight >= 0):
             raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")
         self.reg_weight, self.train_level, self.cache_latents = float(reg_weight), tuple(train_level), cache_latents
+        if text_encoder_lr is not None and not (math.isfinite(text_encoder_lr) and text_encoder_lr > 0):
+            raise ValueError(f"text_encoder_lr must be a positive number (or null: the UNet's rate), got {text_encoder_lr}")
         self.use_8bit_adam, self.lr_warmup_steps = use_8bit_adam, int(lr_warmup_steps)
+        self.text_encoder_lr = text_encoder_lr  # its own rate for the text encoder's adapters (as kohya's scripts)
         self.adam = dict(betas=tuple(adam_betas), weight_decay=adam_weight_decay, eps=adam_epsilon)
         self.learning_rate = 1e-4  # set by main_dream_booth.py from model.base_learning_rate (and --scale_lr)
         self.strict_loading = False  # a training checkpoint holds the trained parameters only
@@ -172,9 +176,19 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         return loss
 
     # ---- optimisation -------------------------------------------------------------------------------------------
-    def configure_optimizers(self) -> Dict[str, Any]:
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The optimiser's parameter groups: one at the learning rate, or, with `text_encoder_lr` set, the UNet's
+        parameters at the learning rate and the text encoder's at theirs (no empty group)."""
         params = self.trained_parameters()
-        optimizer = self._optimizer_class()(params, lr=self.learning_rate, **self.adam)
+        if self.text_encoder_lr is None:
+            return [{"params": params}]
+        in_text_encoder = {id(p) for p in self.cond_stage_model.parameters()}
+        unet = [p for p in params if id(p) not in in_text_encoder]
+        text = [p for p in params if id(p) in in_text_encoder]
+        return [g for g in ({"params": unet}, {"params": text, "lr": self.text_encoder_lr}) if g["params"]]
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        optimizer = self._optimizer_class()(self.param_groups(), lr=self.learning_rate, **self.adam)
         warmup = self.lr_warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
