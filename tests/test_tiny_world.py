@@ -57,7 +57,7 @@ def test_subject_look_is_never_in_the_base_world():
     assert {s.texture for s in probe} == set(PROBE_TEXTURES) and any(s.outline for s in probe)
     assert {s.shape for s in base} == set(SHAPES)
     subject = subject_scene(random.Random(0))
-    assert (subject.shape, subject.texture, subject.outline) == (SUBJECT.shape, "checkered", True)
+    assert (subject.shape, subject.texture, subject.outline, subject.size) == (SUBJECT.shape, "checkered", True, "large")
 
 
 def test_render_and_subject_images(tmp_path):
@@ -116,6 +116,25 @@ def test_train_base_writes_a_loadable_sd_layout_file_and_resumes(tmp_path):
     assert state["step"] == 2
     train_base(_train_config(tmp_path, diffusion=3), torch.device("cpu"))
     assert torch.load(tmp_path / "w" / "diffusion.pt", weights_only=True)["step"] == 3
+
+
+def test_train_base_continues_from_init_keeping_the_latent_scale(tmp_path):
+    first = train_base(_train_config(tmp_path / "a"), torch.device("cpu"))
+    config = _train_config(tmp_path / "b", vae=0, diffusion=0)
+    config.init, config.decoder, config.seed = str(first), None, 5  # another seed: a fresh start would differ
+    second = train_base(config, torch.device("cpu"))
+    with safe_open(str(first), "pt") as a, safe_open(str(second), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # zero steps: init, unchanged
+    config.work_dir, config.diffusion.steps = str(tmp_path / "c"), 2
+    third = train_base(config, torch.device("cpu"))
+    with safe_open(str(first), "pt") as a, safe_open(str(third), "pt") as c:
+        assert torch.equal(a.get_tensor("scale_factor"), c.get_tensor("scale_factor"))  # the UNet's latent scale
+        key = "model.diffusion_model.input_blocks.0.0.weight"
+        assert not torch.equal(a.get_tensor(key), c.get_tensor(key))
+    config.init = str(tmp_path / "nothing.safetensors")
+    with pytest.raises(FileNotFoundError, match="init: no base model file"):
+        train_base(config, torch.device("cpu"))
 
 
 # ---- the probe (metric model) ---------------------------------------------------------------------------------------

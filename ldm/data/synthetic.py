@@ -70,9 +70,13 @@ def random_scene(rng: random.Random, world: str = "base") -> Scene:
 
 
 def subject_scene(rng: random.Random) -> Scene:
-    """The demo subject in a random place, size and setting (instance images and held-out references)."""
+    """The demo subject in a random place and setting (instance images and held-out references).
+
+    Always large: the instance photos are close-ups, as DreamBooth's are (a small star covers only a few latent
+    pixels of the f = 8 autoencoder, too few to carry its checkers and outline).
+    """
     background = rng.choice([c for c in COLOURS if c not in (SUBJECT.colour, SUBJECT.second_colour)])
-    return replace(SUBJECT, size=rng.choice(list(SIZES)), position=rng.choice(list(POSITIONS)),
+    return replace(SUBJECT, size="large", position=rng.choice(list(POSITIONS)),
                    background=background, bg_style=rng.choice(BACKGROUNDS), rotation=rng.uniform(-0.3, 0.3),
                    jitter=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)), grain_seed=rng.randrange(2 ** 31))
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import atomic_write, save_state_dict
+from ldm.checkpoint import atomic_write, load_into, load_state_dict, save_state_dict
 from ldm.data.synthetic import Scene, caption, random_scene, render_uint8, scene_rng
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
@@ -198,11 +198,23 @@ def shipped_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     return {k: v.half() if k.startswith(nets) and v.is_floating_point() else v for k, v in model.state_dict().items()}
 
 
+def load_base_weights(model: torch.nn.Module, path: str) -> None:
+    """Start from a trained base model (the shipped fp16 file included); its layout must be this config's."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init: no base model file at {path}: train one with configs/tiny-world/train-base.yaml "
+                                f"or set init to the shipped models/ldm/tiny-sd-v1/model.safetensors")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()}
+    load_into(model, state, f"init {path}")
+    log.info("continuing from %s", path)
+
+
 def train_base(config: DictConfig, device: torch.device) -> Path:
     """All four stages; writes the shipped safetensors file and returns its path."""
     torch.manual_seed(config.seed)
     work_dir = Path(config.work_dir)
     model = instantiate_from_config(OmegaConf.load(config.model_config).model).to(device)
+    if config.get("init"):  # continue training a base model: every stage starts from its weights
+        load_base_weights(model, config.init)
     images, scenes = render_images(config.data.num_images, config.data.size, config.seed)
     # The autoencoder is a generic codec: `vae.world: probe` trains it on the wider world (checkered fills,
     # outlines) that the diffusion model never sees, so a new subject can still be drawn.
@@ -211,7 +223,8 @@ def train_base(config: DictConfig, device: torch.device) -> Path:
                                                                   vae_world)[0]
     train_vae(model.first_stage_model, vae_images, config.vae, work_dir, config.seed)
     moments = encode_moments(model.first_stage_model, images)
-    model.scale_factor.fill_(latent_scale(moments, config.seed))
+    if not config.get("init"):  # a continued UNet keeps the latent scale it was trained with
+        model.scale_factor.fill_(latent_scale(moments, config.seed))
     log.info("latent scale_factor %.5f", model.scale_factor.item())
     if config.get("decoder"):
         codec_moments = moments if vae_images is images else encode_moments(model.first_stage_model, vae_images)
