@@ -137,6 +137,20 @@ def test_train_base_continues_from_init_keeping_the_latent_scale(tmp_path):
         train_base(config, torch.device("cpu"))
 
 
+@pytest.mark.parametrize("recipe", ["train-base.yaml", "train-base-continue.yaml"])
+def test_training_recipes_run_as_written(recipe, tmp_path):
+    """The shipped recipes, shrunk to one step per stage (the continuation starts from the shipped model)."""
+    config = OmegaConf.load(REPO / "configs" / "tiny-world" / recipe)
+    shrink = {"data.num_images": 4, "vae.steps": 1, "vae.batch_size": 2, "diffusion.steps": 1,
+              "diffusion.batch_size": 2, "work_dir": str(tmp_path / "w"), "out": str(tmp_path / "m.safetensors")}
+    if config.decoder:
+        shrink.update({"decoder.steps": 1, "decoder.batch_size": 2})
+    for key, value in shrink.items():
+        OmegaConf.update(config, key, value)
+    out = train_base(config, torch.device("cpu"))
+    instantiate_from_config(OmegaConf.load(REPO / config.model_config).model).init_from_ckpt(str(out))
+
+
 # ---- the probe (metric model) ---------------------------------------------------------------------------------------
 def test_probe_reads_held_out_scenes():
     from ldm.tinyworld.probe import load_probe, probe_accuracy
