@@ -26,7 +26,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", help="the results CSV of scripts/evaluate.py")
     p.add_argument("--factors", nargs="+", help="factor columns (default: the sweep's factors except seed)")
-    p.add_argument("--metrics", nargs="+", help="metric columns (default: every <backend>_i, <backend>_t, fid)")
+    p.add_argument("--metrics", nargs="+", help="metric columns (default: every <backend>_i, <backend>_t, <backend>_prior, fid)")
     p.add_argument("--interactions", nargs="*", default=[], metavar="A:B", help="interaction terms, e.g. din:dout")
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     p.add_argument("--out", help="report folder (default: analysis/ beside the table)")

@@ -47,6 +47,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--step", type=int, help="evaluate checkpoints/<step>-adapters (default: the last)")
+    p.add_argument("--prior_prompt", default="photo of a {class_word}",
+                   help="prior preservation: this prompt sampled with and without the adapters from the same seeds, "
+                        "compared pairwise (<metric>_prior column); 'none' to skip (default: %(default)s)")
     p.add_argument("--fid", metavar="DIR", help="also FID against the images in DIR")
     p.add_argument("--fid_weights", metavar="FILE", help="Inception weights for --fid "
                                                          "(pt_inception-2015-12-05-6726825d.pth; needs torch-fidelity)")
@@ -73,7 +76,9 @@ def read_settings(opt: argparse.Namespace) -> EvalSettings:
         seeds = [int(s) for s in opt.seeds.split(",") if s.strip()]
     except ValueError:
         raise EvaluationError(f"--seeds takes comma-separated integers like 0,1,2,3, got '{opt.seeds}'") from None
-    return EvalSettings(prompts, seeds, opt.steps, opt.scale, opt.sampler, opt.batch_size, opt.step)
+    prior = None if opt.prior_prompt.strip().lower() in ("", "none") else opt.prior_prompt
+    return EvalSettings(prompts, seeds, opt.steps, opt.scale, opt.sampler, opt.batch_size, opt.step,
+                        prior_prompt=prior)
 
 
 def build_metrics(opt: argparse.Namespace, device) -> Metrics:

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ldm.evaluation.anova import AnalysisError, analyse, analyse_metric, anova_table, prepare
+from ldm.evaluation.anova import AnalysisError, analyse, analyse_metric, anova_table, default_metrics, prepare
 from ldm.modules.adapter_config import valid_pairs
 from scripts import anova as anova_script
 
@@ -120,3 +120,9 @@ def test_bad_tables(tmp_path):
     planted().to_csv(tmp_path / "r.csv", index=False)
     with pytest.raises(SystemExit, match="pass --factors"):
         anova_script.main([str(tmp_path / "r.csv")])
+
+
+def test_default_metrics_are_the_columns_evaluate_writes():
+    table = pd.DataFrame(columns=["run", "din", "dino_i", "clip_t", "tinyworld_prior", "fid", "train_seconds",
+                                  "trainable_parameters"])
+    assert default_metrics(table) == ["dino_i", "clip_t", "tinyworld_prior", "fid"]

@@ -15,7 +15,7 @@ from ldm.checkpoint import save_state_dict
 from ldm.evaluation import backends
 from ldm.evaluation.backends import (EvaluationError, MetricBackend, WeightsNotFoundError, backend_names,
                                      get_backend, register_backend)
-from ldm.evaluation.metrics import (cosine_matrix, fid_metric, frechet_distance, prompt_fidelity,
+from ldm.evaluation.metrics import (cosine_matrix, fid_metric, frechet_distance, prior_preservation, prompt_fidelity,
                                     subject_fidelity)
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.evaluation.table import read_rows, upsert_row
@@ -62,6 +62,13 @@ class MeanColour(MetricBackend):
         return cosine_matrix(self.image_features(images), torch.stack([colours[p] for p in prompts])).diagonal()
 
 
+class Pixels(MeanColour):
+    """Centred pixels as features: any change of the image shows."""
+
+    def image_features(self, images):
+        return images.flatten(1) - 0.5
+
+
 def solid(rgb, n=1, size=16):
     return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(n, 3, size, size).clone()
 
@@ -79,6 +86,10 @@ def test_metrics_on_known_inputs():
     with pytest.raises(EvaluationError, match="one prompt per image"):
         prompt_fidelity(b, half, ["red"])
     torch.testing.assert_close(cosine_matrix(torch.eye(2), torch.tensor([[1.0, 1.0]])), torch.full((2, 1), 0.5 ** 0.5))
+    assert prior_preservation(b, half, half) == pytest.approx(1.0)  # the base model's own samples
+    assert prior_preservation(b, half, half.flip(0)) == pytest.approx(0.0)  # pairwise, not set against set
+    with pytest.raises(EvaluationError, match="pairs samples"):
+        prior_preservation(b, half, red)
 
 
 def test_dino_and_clip_backends_from_local_folders(tiny_dino, tiny_clip):
@@ -215,9 +226,18 @@ def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
     assert int(row["adapter_bytes"]) == (logdir / "checkpoints/1-adapters/adapters.safetensors").stat().st_size
     assert float(row["train_seconds"]) > 0 and int(row["train_steps"]) == 2 and "peak_host_memory_bytes" in row
     assert row["adapter"].startswith("attn2o->ffni")
-    for key in ("dino_i", "clip_i", "clip_t"):
-        assert -1.0 <= float(row[key]) <= 1.0
+    for key in ("dino_i", "clip_i", "clip_t", "dino_prior", "clip_prior"):
+        assert -1.0 <= float(row[key]) <= 1.0 + 1e-6
     assert (logdir / "eval" / "samples-1-adapters.png").is_file()
+    # prior preservation compares the adapters on and off: off (scale 0) is the base itself, a strong one drifts
+    from ldm.evaluation.evaluate import EvalSettings, Metrics, adapter_dir, load_run_model, prior_metrics, run_config
+    from ldm.modules.adapters import set_adapter_scale
+    model = load_run_model(run_config(logdir), adapter_dir(logdir), torch.device("cpu"))
+    settings, metrics = EvalSettings(seeds=(0, 1), steps=2), Metrics({"pixels": Pixels()})
+    set_adapter_scale(model, 0.0)
+    assert prior_metrics(model, metrics, "photo of a cat", 32, settings)["pixels_prior"] == pytest.approx(1.0, abs=1e-6)
+    set_adapter_scale(model, 1e4)
+    assert prior_metrics(model, metrics, "photo of a cat", 32, settings)["pixels_prior"] < 0.99
     evaluate_script.main(args)  # already in the table: skipped
     assert len(read_rows(table)) == 1
     evaluate_script.main(args + ["--force"])  # fixed seeds: the same numbers again

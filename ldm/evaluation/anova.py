@@ -175,8 +175,8 @@ def analyse_metric(table: pd.DataFrame, metric: str, factors: Sequence[str],
 
 
 def default_metrics(table: pd.DataFrame) -> List[str]:
-    """The metric columns evaluate.py writes: <backend>_i, <backend>_t and fid."""
-    return [c for c in table.columns if c.endswith(("_i", "_t")) or c == "fid"]
+    """The metric columns evaluate.py writes: <backend>_i, <backend>_t, <backend>_prior and fid."""
+    return [c for c in table.columns if c.endswith(("_i", "_t", "_prior")) or c == "fid"]
 
 
 def analyse(table: pd.DataFrame, metrics: Optional[Sequence[str]], factors: Sequence[str],

@@ -17,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import CheckpointError
 from ldm.data.dreambooth import format_prompt, usable_images
 from ldm.evaluation.backends import EvaluationError, MetricBackend
-from ldm.evaluation.metrics import frechet_distance, load_images, prompt_fidelity, subject_fidelity
+from ldm.evaluation.metrics import frechet_distance, load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.evaluation.table import upsert_row
 from ldm.modules.adapter_io import WEIGHTS_FILE, load_adapter_from_dir
-from ldm.modules.adapters import adapter_groups, adapter_parameters, describe
+from ldm.modules.adapters import adapter_groups, adapter_parameters, adapters_enable, describe
 from ldm.util import image_grid, load_model_from_config, to_pil
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class EvalSettings:
     batch_size: int = 8
     step: Optional[int] = None  # which checkpoints/<step>-adapters; None: the last
     save_grid: bool = True
+    prior_prompt: Optional[str] = "photo of a {class_word}"  # prior preservation on it; None: not measured
 
 
 @dataclass
@@ -136,6 +137,21 @@ def compute_metrics(metrics: Metrics, images: torch.Tensor, texts: Sequence[str]
     return out
 
 
+def prior_metrics(model: torch.nn.Module, metrics: Metrics, prompt: str, size: int, settings: EvalSettings
+                  ) -> Dict[str, float]:
+    """{<backend>_prior}: the class prompt sampled with the adapters on and off from the same seeds, compared pairwise
+    (DreamBooth's prior preservation; a drifting class word scores low)."""
+    pairs = prompt_seed_pairs([prompt], settings.seeds)
+    run = (model, pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
+    tuned = sample_images(*run)
+    adapters_enable(model, False)
+    try:
+        base = sample_images(*run)
+    finally:
+        adapters_enable(model, True)
+    return {f"{name}_prior": prior_preservation(backend, tuned, base) for name, backend in metrics.backends.items()}
+
+
 def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device: torch.device) -> Dict[str, Any]:
     """Sample, measure and describe one run: its results-table row."""
     run_dir = Path(run_dir)
@@ -152,6 +168,9 @@ def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device
     plain = [t for t in texts for _ in settings.seeds]
     row = {"run": run_dir.name, **run_levels(run_dir)}
     row.update(compute_metrics(metrics, images, plain, instance_images(config, size)))
+    if settings.prior_prompt:
+        row.update(prior_metrics(model, metrics, format_prompt(settings.prior_prompt, subject_fields(config)), size,
+                                 settings))
     row.update(adapter_size(adapters, model), adapter_step=int(adapters.name.split("-")[0]), n_samples=len(images))
     row.update(train_stats(run_dir))
     return row

@@ -30,6 +30,15 @@ def prompt_fidelity(backend: MetricBackend, images: torch.Tensor, prompts: Seque
     return backend.text_image_score(images, prompts).float().mean().item()
 
 
+def prior_preservation(backend: MetricBackend, images: torch.Tensor, base_images: torch.Tensor) -> float:
+    """Mean cosine similarity of sample i to the base model's sample i from the same noise and prompt (1.0: the
+    fine-tuned model draws the class exactly as the base did; lower: language drift)."""
+    if len(images) != len(base_images) or len(images) == 0:
+        raise EvaluationError(f"prior preservation pairs samples: got {len(images)} and {len(base_images)}")
+    a, b = backend.image_features(images), backend.image_features(base_images)
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
+
+
 class _Features(torch.nn.Module):
     """A backend's image_features as the feature module torchmetrics' FID takes."""
 

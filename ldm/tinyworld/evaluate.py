@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 from ldm.data.dreambooth import list_images
 from ldm.data.synthetic import SUBJECT_CLASS, caption, random_scene, scene_rng
-from ldm.evaluation.metrics import load_images, prompt_fidelity, subject_fidelity
+from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import sample_images
 from ldm.modules.adapter_io import load_adapter_from_dir
-from ldm.tinyworld.metrics import TinyWorldMetric, paired_similarity, prompt_attributes
+from ldm.tinyworld.metrics import TinyWorldMetric, prompt_attributes
 from ldm.util import load_model_from_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def dreambooth_metrics(metric: TinyWorldMetric, before: Dict[str, torch.Tensor],
         "subject_rate": metric.subject_rate(after["subject"]),
         "prompt_fidelity_base": prompt_fidelity(metric, before["context"], context_prompts),
         "prompt_fidelity": prompt_fidelity(metric, after["context"], context_prompts),
-        "class_similarity_to_base": paired_similarity(metric, after["class"], before["class"]),
+        "class_similarity_to_base": prior_preservation(metric, after["class"], before["class"]),
         "class_subject_rate_base": metric.subject_rate(before["class"]),
         "class_subject_rate": metric.subject_rate(after["class"]),
     }

@@ -90,7 +90,3 @@ def tinyworld_backend(weights: Optional[str] = None, device: Optional[torch.devi
     """`scripts/evaluate.py --metric tinyworld`: the shipped probe unless `weights` names another file."""
     return TinyWorldMetric(weights or DEFAULT_PROBE, device)
 
-
-def paired_similarity(metric: TinyWorldMetric, images: torch.Tensor, others: torch.Tensor) -> float:
-    """Mean cosine similarity of image i with other image i (samples from the same noise)."""
-    return float((metric.image_features(images) * metric.image_features(others)).sum(-1).mean())
