@@ -24,7 +24,7 @@ from ldm.modules.adapter_io import load_adapter_from_dir
 from ldm.modules.adapters import AdapterConfigError, set_adapter_scale
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
-from ldm.util import ConfigError, image_grid, load_model_from_config, pick_device, to_pil
+from ldm.util import ConfigError, image_grid, load_model_from_config, pick_device, setup_logging, to_pil
 
 log = logging.getLogger("sample")
 
@@ -313,5 +313,5 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(timestamps=False)
     main()

@@ -1,10 +1,17 @@
 """Small helpers shared across the package: config instantiation and a few one-liners."""
 import importlib
+import logging
 from inspect import isfunction
 from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+
+def setup_logging(timestamps: bool = True) -> None:
+    """The scripts' log format: `12:03:04 INFO ldm.sweep.runs: ...` (INFO and above, on stderr)."""
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s " + fmt if timestamps else fmt, datefmt="%H:%M:%S")
 
 
 class ConfigError(ValueError):

@@ -10,7 +10,6 @@ model.safetensors) of facebook/dino-vits16 or that weights file; clip a transfor
 added to the table (default: <sweep folder>/results.csv) as each run finishes, atomically.
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -28,7 +27,7 @@ from ldm.evaluation.metrics import fid_metric  # noqa: E402
 from ldm.evaluation.sampling import SAMPLERS  # noqa: E402
 from ldm.evaluation.table import done_runs  # noqa: E402
 from ldm.sweep.spec import SweepError  # noqa: E402
-from ldm.util import pick_device  # noqa: E402
+from ldm.util import pick_device, setup_logging  # noqa: E402
 
 USER_ERRORS = (EvaluationError, SweepError, CheckpointError)
 
@@ -98,8 +97,7 @@ def build_metrics(opt: argparse.Namespace, device) -> Metrics:
 
 def main(argv: Optional[List[str]] = None) -> Path:
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     table = Path(opt.table or Path(opt.paths[0]) / "results.csv")
     try:
         settings = read_settings(opt)

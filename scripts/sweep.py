@@ -10,7 +10,6 @@ Re-running skips finished runs and retries failed ones (from their last checkpoi
 ldm/sweep/spec.py.
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,7 +22,7 @@ from ldm.sweep.launch import job_lines, run_all, run_index  # noqa: E402
 from ldm.sweep.runs import STATES, load_runs, prepare, summary  # noqa: E402
 from ldm.sweep.spec import SweepError  # noqa: E402
 from ldm.modules.adapter_config import AdapterConfigError  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.util import ConfigError, setup_logging  # noqa: E402
 
 USER_ERRORS = (SweepError, ConfigError, AdapterConfigError)
 
@@ -86,8 +85,7 @@ def run(opt: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     try:
         if opt.command == "status":
             print_status(opt.sweep_dir, opt.verbose)

@@ -5,7 +5,6 @@
 A killed run resumes from its stage checkpoints in work_dir. Uses the first CUDA device when there is one.
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,6 +17,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from ldm.tinyworld.base import train_base  # noqa: E402
+from ldm.util import setup_logging  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -30,7 +30,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> None:
     opt = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = OmegaConf.merge(OmegaConf.load(opt.config), OmegaConf.from_dotlist(opt.overrides))
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = train_base(config, device)
