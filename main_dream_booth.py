@@ -32,7 +32,9 @@ def str2bool(value: str) -> bool:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="Any KEY=VALUE argument overrides the "
-                                "merged config, e.g. model.params.reg_weight=0.5 data.params.batch_size=2")
+                                "merged config, e.g. model.params.reg_weight=0.5 data.params.batch_size=2; the "
+                                "aliases din, dout, method, mid_dim, scale set that field of every UNet block "
+                                "adapter, lr and steps the learning rate and training steps")
     p.add_argument("-b", "--base", nargs="*", default=[], metavar="YAML", help="configs, merged left to right")
     p.add_argument("-t", "--train", action="store_true", help="train (without it: set up, check and stop)")
     p.add_argument("--no-test", action="store_true", help="accepted for CompVis compatibility; there is no test stage")

@@ -15,7 +15,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
-import yaml
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +24,7 @@ from ldm.data.class_images import ensure_class_images
 from ldm.data.dreambooth import DataError, format_prompt, usable_images
 from ldm.models.diffusion.dreambooth import scaled_learning_rate
 from ldm.modules.adapters import adapters_enable
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config, parse_yaml_value
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +64,25 @@ def load_config(opt: argparse.Namespace, resume_logdir: Optional[Path]) -> DictC
     return config
 
 
+CONFIG_ROOTS = ("model", "data", "lightning")
+
+
 def apply_override(config: DictConfig, item: str) -> None:
-    """KEY=VALUE with a dotted key (list items by index: a.0.b) and a YAML value."""
+    """KEY=VALUE with a dotted key (list items by index: a.0.b) and a YAML value, or an alias as sweep files take
+    them: `din`, `dout`, `method`, `mid_dim`, `scale` (that field of every block adapter of the UNet), `lr`, `steps`.
+    A key outside the config's sections is an error (it would be silently unused)."""
+    from ldm.sweep.spec import ADAPTER_FIELDS, KEY_ALIASES, set_adapter_field  # (it imports ldm.train)
     key, _, text = item.partition("=")
+    key = KEY_ALIASES.get(key.strip(), key.strip())
     try:
-        OmegaConf.update(config, key.strip(), yaml.safe_load(text) if text.strip() else None, force_add=True)
+        value = parse_yaml_value(text)
+        if key in ADAPTER_FIELDS:
+            set_adapter_field(config, key, value)
+            return
+        if key.split(".")[0] not in (*CONFIG_ROOTS, *config.keys()):
+            raise ConfigError(f"'{key.split('.')[0]}' is not a section of the config: write a dotted key such as "
+                              f"model.params.reg_weight=0.5, or an alias ({', '.join(ADAPTER_FIELDS + tuple(KEY_ALIASES))})")
+        OmegaConf.update(config, key, value, force_add=True)
     except Exception as e:  # OmegaConf and YAML raise many kinds; all mean the same thing to the user
         raise ConfigError(f"cannot apply the override '{item}': {e}") from None
 

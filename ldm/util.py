@@ -1,11 +1,26 @@
 """Small helpers shared across the package: config instantiation and a few one-liners."""
 import importlib
 import logging
+import re
 from inspect import isfunction
 from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
+import yaml
 from PIL import Image, ImageDraw, ImageFont
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def yaml_number(value: Any) -> Any:
+    """`value`, with a string in exponent notation (1e-4, which YAML 1.1 reads as text) as the float it means."""
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
+
+
+def parse_yaml_value(text: str) -> Any:
+    """A command-line VALUE as YAML (1e-4 included as a float; empty text is None)."""
+    return yaml_number(yaml.safe_load(text)) if text.strip() else None
 
 
 def setup_logging(timestamps: bool = True) -> None:

@@ -71,7 +71,7 @@ def test_aliases_keys_flags_mapping_levels_and_rules(tmp_path):
                     "reg": {"key": "model.params.reg_weight", "levels": [0.5]},
                     "subject": {"levels": {"cat": {"data_root": "cat", "class_word": "cat"},
                                            "dog": {"data_root": str(tmp_path / "dog"), "class_word": "dog"}}}},
-                   overrides=["data_root=default", "scale_lr=False", "mid_dim=4",
+                   overrides=["data_root=default", "scale_lr=False", "mid_dim=4", "model.params.text_encoder_lr=5e-5",
                               "lightning.callbacks.image_logger.params.disabled=true"],
                    rules=[{"when": {"method": "silu", "subject": "dog"}, "set": {"scale": 0.5}}])
     grid = expand(spec, root=tmp_path)
@@ -79,6 +79,7 @@ def test_aliases_keys_flags_mapping_levels_and_rules(tmp_path):
     run = {r.name: r for r in grid.runs}["method-silu_lr-0.0001_steps-7_reg-0.5_subject-dog"]
     c = run.config
     assert c.model.base_learning_rate == 1e-4 and c.lightning.trainer.max_steps == 7
+    assert c.model.params.text_encoder_lr == 5e-5  # 5e-5 is a float, though YAML 1.1 reads it as text
     assert c.model.params.reg_weight == 0.5 and c.lightning.callbacks.image_logger.params.disabled is True
     assert c.data.params.train.params.data_root == str(tmp_path / "dog")
     assert c.data.params.train.params.class_word == c.data.params.reg.params.class_word == "dog"

@@ -135,6 +135,23 @@ def test_overrides_and_scale_lr(world, caplog):
     assert float(row["train/loss"]) == pytest.approx(total, rel=1e-5)
 
 
+def test_override_aliases_and_unknown_keys():
+    from ldm.train import apply_override
+    from ldm.util import ConfigError
+    config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES])
+    apply_override(config, "mid_dim=64")  # the sweep files' aliases work on the command line too
+    apply_override(config, "lr=3e-4")
+    entries = config.model.params.unet_config.params.adapter_config.transformer_adp_config
+    assert [e.mid_dim for e in entries] == [64] * len(entries) and config.model.base_learning_rate == 3e-4
+    apply_override(config, "din=resi")  # moves the entries to the ResBlock section
+    assert config.model.params.unet_config.params.adapter_config.resblock_adp_config.din == "resi"
+    for bad, message in (("mid_dm=64", "'mid_dm' is not a section of the config"),
+                         ("modle.params.reg_weight=0.5", "'modle' is not a section"),
+                         ("model.params.reg_weight=[1", "cannot apply the override")):
+        with pytest.raises(ConfigError, match=message):
+            apply_override(config, bad)
+
+
 def test_bf16_mixed_keeps_adapters_fp32(world):
     logdir = main_dream_booth.main(argv(world, "--max_steps", "2", "--precision", "bf16-mixed"))
     state = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)

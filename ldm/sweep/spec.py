@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.modules.adapter_config import POSITIONS, AdapterConfigError, parse_adapter_config
 from ldm.train import apply_flags
+from ldm.util import parse_yaml_value, yaml_number
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def override_items(overrides: Any) -> List[Tuple[str, Any]]:
     for item in overrides:
         key, _, text = item.partition("=")
         try:
-            items.append((key.strip(), yaml.safe_load(text) if text.strip() else None))  # as main_dream_booth.py
+            items.append((key.strip(), parse_yaml_value(text)))  # as main_dream_booth.py
         except yaml.YAMLError as e:
             raise SweepError(f"override '{item}': the value is not valid YAML ({e})") from None
     return items
@@ -223,6 +224,7 @@ def resolve(root: Path, path: str) -> str:
 # ---- one setting ------------------------------------------------------------------------------------------------
 def apply_setting(config: DictConfig, flags: Dict[str, Any], key: str, value: Any, root: Path) -> None:
     """Set `key` (an alias, a main_dream_booth.py flag, or a dotted config key) to `value` for one run."""
+    value = yaml_number(value)  # a level written 1e-4 in the sweep file
     if key in ADAPTER_FIELDS:
         set_adapter_field(config, key, value)
     elif key in KEY_ALIASES:
