@@ -4,13 +4,18 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-import torch
+import random
 
+import torch
+from PIL import Image
+
+from ldm.data.synthetic import caption, random_scene, scene_rng
 from ldm.tinyworld.demo import latest_adapters, train
 from ldm.tinyworld.evaluate import (base_quality, dreambooth_metrics, load_references, load_tiny_model,
-                                    model_samples)
+                                    model_samples, sample)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.tinyworld.probe import probe_accuracy
+from ldm.util import image_grid, to_pil
 
 COLUMNS = ("subject_fidelity", "subject_rate", "prompt_fidelity", "class_similarity_to_base", "class_subject_rate")
 
@@ -39,6 +44,28 @@ def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir
     return runs
 
 
+def _big(images: torch.Tensor, scale: int = 2) -> List[Image.Image]:
+    return [im.resize((im.width * scale, im.height * scale), Image.Resampling.BICUBIC) for im in to_pil(images * 2 - 1)]
+
+
+def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242) -> Image.Image:
+    """n fully described random prompts, one sample each, captioned."""
+    rng = random.Random(seed)
+    prompts = [caption(random_scene(scene_rng(seed, i)), rng, full=True) for i in range(n)]
+    images = sample(model, prompts, range(n))
+    labels = [p.replace(" on a ", "\non a ").replace(" at the ", "\nat the ") for p in prompts]
+    return image_grid(_big(images), 6, labels=labels)
+
+
+@torch.no_grad()
+def reconstruction_figure(model: torch.nn.Module) -> Image.Image:
+    """The instance images (top row) and the autoencoder's reconstructions of them (bottom row)."""
+    references = load_references()
+    vae = model.first_stage_model
+    rec = (vae.decode(vae.encode(references * 2 - 1).mode()).clamp(-1, 1) + 1) / 2
+    return image_grid(_big(torch.cat([references, rec])), len(references), row_labels=["instance", "autoencoder"])
+
+
 def mean(rows: List[Dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
@@ -48,6 +75,8 @@ def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n:
     """Run everything and write outdir/tiny-world-report.md (+ .json); returns the Markdown path."""
     outdir.mkdir(parents=True, exist_ok=True)
     metric, base_model = TinyWorldMetric(), load_tiny_model()
+    base_samples_figure(base_model).save(outdir / "base-samples.png")
+    reconstruction_figure(base_model).save(outdir / "vae-subject-reconstruction.png")
     probe = probe_accuracy(metric.probe)
     quality = base_quality(base_model, metric, n=quality_n)
     runs = dreambooth_rows(metric, base_model, outdir, steps, list(seeds), n)
