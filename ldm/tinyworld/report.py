@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import random
+import textwrap
 
 import torch
 from PIL import Image
@@ -53,7 +54,7 @@ def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242) -
     rng = random.Random(seed)
     prompts = [caption(random_scene(scene_rng(seed, i)), rng, full=True) for i in range(n)]
     images = sample(model, prompts, range(n))
-    labels = [p.replace(" on a ", "\non a ").replace(" at the ", "\nat the ") for p in prompts]
+    labels = ["\n".join(textwrap.wrap(p, 21)) for p in prompts]
     return image_grid(_big(images), 6, labels=labels)
 
 
