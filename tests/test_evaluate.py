@@ -246,6 +246,21 @@ def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
         assert float(again[key]) == pytest.approx(float(row[key]), abs=1e-5)
 
 
+def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt):
+    from ldm.evaluation.evaluate import EvaluationError, adapter_dir, load_run_model, run_config
+    logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt, "model.params.train_level=[unet]",
+                                              "lightning.modelcheckpoint.params.every_n_train_steps=1"))
+    trained = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    model = load_run_model(run_config(logdir), adapter_dir(logdir), torch.device("cpu"))
+    own = model.state_dict()
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert key in trained and torch.equal(own[key], trained[key])  # the fine-tuned UNet, not the base's
+    from safetensors.torch import load_file
+    assert not torch.equal(load_file(str(base_ckpt))[key], own[key])
+    with pytest.raises(EvaluationError, match="only be evaluated at its last step"):
+        load_run_model(run_config(logdir), adapter_dir(logdir, 0), torch.device("cpu"))
+
+
 def test_evaluate_a_sweep_and_bad_runs(tmp_path, base_ckpt, tiny_dino):
     import yaml
     from ldm.sweep.runs import load_runs, prepare

@@ -76,10 +76,29 @@ def run_config(run_dir: Path) -> DictConfig:
 
 
 def load_run_model(config: DictConfig, adapters: Path, device: torch.device) -> torch.nn.Module:
-    """The run's model (base weights from its config's ckpt_path) with the trained adapters of `adapters`."""
+    """The run's model (base weights from its config's ckpt_path) with the trained adapters of `adapters`; a run that
+    trained the whole UNet (`train_level: [unet]`, the DreamBooth baseline) also gets its UNet from the run's
+    checkpoints/last.ckpt, which must then be the checkpoint of the same step."""
     model = load_model_from_config(config)
     load_adapter_from_dir(model, str(adapters))
+    if "unet" in (OmegaConf.select(config, "model.params.train_level") or ()):
+        load_trained_unet(model, adapters.parent / "last.ckpt", int(adapters.name.split("-")[0]) + 1)
     return model.to(device).eval()
+
+
+def load_trained_unet(model: torch.nn.Module, path: Path, step: int) -> None:
+    """The trained parameters of a training checkpoint (main_dream_booth.py's last.ckpt) into `model`."""
+    if not path.is_file():
+        raise EvaluationError(f"'{path}' is missing: a run that trains the whole UNet is evaluated from its last.ckpt")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint.get("global_step") != step:
+        raise EvaluationError(f"'{path}' is from step {checkpoint.get('global_step')}, not {step}: a run that trains "
+                              f"the whole UNet can only be evaluated at its last step (leave --step out)")
+    trained, own = checkpoint["state_dict"], model.state_dict()
+    unknown = sorted(k for k in trained if k not in own or own[k].shape != trained[k].shape)
+    if unknown:
+        raise EvaluationError(f"'{path}' does not fit the run's model: {len(unknown)} keys, e.g. {unknown[:3]}")
+    model.load_state_dict(trained, strict=False)
 
 
 def subject_fields(config: DictConfig) -> Dict[str, str]:

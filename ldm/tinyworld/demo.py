@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -25,14 +25,15 @@ DEMO_CONFIGS = (BASE_CONFIG, REPO / "configs" / "stable-diffusion" / "v1-finetun
                 REPO / "configs" / "tiny-world" / "dreambooth-demo.yaml")
 
 
-def train_argv(outdir: Path, steps: Optional[int], seed: int, prior: bool = True) -> List[str]:
-    """The main_dream_booth.py command line of the demo run."""
+def train_argv(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = ()
+               ) -> List[str]:
+    """The main_dream_booth.py command line of the demo run (KEY=VALUE `overrides` at the end)."""
     argv = ["--base", *map(str, DEMO_CONFIGS), "-t", "--actual_resume", str(BASE_CKPT),
             "--data_root", str(SUBJECT_IMAGES), "--class_word", "star", "-n", "sks-star",
             "--logdir", str(outdir / "logs"), "--seed", str(seed), "--accelerator", "cpu"]
     if prior:
         argv += ["--reg_data_root", str(outdir / "class-images")]
-    return argv + (["--max_steps", str(steps)] if steps else [])
+    return argv + (["--max_steps", str(steps)] if steps else []) + list(overrides)
 
 
 def latest_adapters(logdir: Path) -> Path:
@@ -43,9 +44,9 @@ def latest_adapters(logdir: Path) -> Path:
     return max(dirs, key=lambda p: int(p.name.split("-")[0]))
 
 
-def train(outdir: Path, steps: Optional[int], seed: int, prior: bool = True) -> Path:
+def train(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = ()) -> Path:
     """Run main_dream_booth.py in a child process (exactly the user's command); returns the run's log dir."""
-    cmd = [sys.executable, str(REPO / "main_dream_booth.py"), *train_argv(outdir, steps, seed, prior)]
+    cmd = [sys.executable, str(REPO / "main_dream_booth.py"), *train_argv(outdir, steps, seed, prior, overrides)]
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
     runs = sorted((outdir / "logs").glob("*sks-star"), key=lambda p: p.stat().st_mtime)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ldm.data.synthetic import caption, random_scene, scene_rng
+from ldm.evaluation.evaluate import load_run_model, run_config
 from ldm.tinyworld.demo import latest_adapters, train
 from ldm.tinyworld.evaluate import (base_quality, dreambooth_metrics, load_references, load_tiny_model,
                                     model_samples, sample)
@@ -18,6 +19,8 @@ from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.tinyworld.probe import probe_accuracy
 from ldm.util import image_grid, to_pil
 
+# The full fine-tuning baseline: every UNet parameter trains (at a lower rate than the adapter's).
+WHOLE_UNET = ("model.params.train_level=[unet]", "model.base_learning_rate=2.0e-4")
 COLUMNS = ("subject_fidelity", "subject_rate", "prompt_fidelity", "class_similarity_to_base", "class_subject_rate")
 
 
@@ -33,12 +36,14 @@ def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir
     references = load_references()
     base = model_samples(base_model, n)
     runs: Dict[str, List[Dict[str, float]]] = {"base model": [dreambooth_metrics(metric, base, base, references)]}
-    for prior in (True, False):
-        label = "adapter, with prior preservation" if prior else "adapter, no prior preservation"
+    variants = [("adapter, with prior preservation", "prior", True, ()),
+                ("adapter, no prior preservation", "noprior", False, ()),
+                ("whole UNet (DreamBooth baseline), with prior", "unet", True, WHOLE_UNET)]
+    for label, name, prior, overrides in variants:
         for seed in seeds:
             start = time.time()
-            logdir = train(outdir / f"{'prior' if prior else 'noprior'}-{seed}", steps, seed, prior)
-            tuned = model_samples(load_tiny_model(latest_adapters(logdir)), n)
+            logdir = train(outdir / f"{name}-{seed}", steps, seed, prior, overrides)
+            tuned = model_samples(load_run_model(run_config(logdir), latest_adapters(logdir), torch.device("cpu")), n)
             row = dreambooth_metrics(metric, base, tuned, references)
             row["seconds"] = time.time() - start
             runs.setdefault(label, []).append(row)
