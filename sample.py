@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, load_trained_parameters
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
@@ -64,6 +64,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="a trained adapter directory or a kohya / diffusers LoRA .safetensors file, for the UNet "
                         "and/or the text encoder (repeatable: each is its own adapter group); its own config "
                         "builds the adapters, --config only the base (and an original-format directory's adapters)")
+    p.add_argument("--trained_ckpt", metavar="FILE",
+                   help="a run's checkpoints/last.ckpt from training the whole UNet (train_level [unet], the "
+                        "DreamBooth baseline): its fine-tuned weights replace --ckpt's (with --adapter_path for "
+                        "the run's adapters, if it had any)")
     p.add_argument("--adapter_scale", action="append", type=float, default=[], metavar="S",
                    help="strength of the matching --adapter_path (repeatable, one per path; default 1.0)")
     p.add_argument("--adapter_scale_sweep", type=str, metavar="S,S,...",
@@ -179,6 +183,9 @@ def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module
         config_adapters = pop_adapter_config(config) if opt.adapter_path else None
         model = load_model_from_config(config, None if opt.random_init else opt.ckpt).to(device)
         attach_adapters(model, opt, config_adapters)
+        if opt.trained_ckpt:
+            step = load_trained_parameters(model, opt.trained_ckpt, skip_adapters=True)
+            log.info("fine-tuned weights of step %s from %s", step, opt.trained_ckpt)
     except (ConfigError, CheckpointError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     return model

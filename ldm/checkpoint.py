@@ -155,3 +155,28 @@ def select(sd: Dict[str, torch.Tensor], prefixes: Iterable[str]) -> Dict[str, to
     """The entries of `sd` whose key starts with one of `prefixes`."""
     prefixes = tuple(prefixes)
     return {k: v for k, v in sd.items() if k.startswith(prefixes)}
+
+
+def load_trained_parameters(model: torch.nn.Module, path: str, skip_adapters: bool = False) -> Optional[int]:
+    """Copy the trained parameters of a main_dream_booth.py training checkpoint (`last.ckpt`: the state_dict of what
+    trained) into `model`; with `skip_adapters`, only the network's own weights (the adapters come from their
+    directory). Returns the checkpoint's step."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"training checkpoint not found: '{path}'")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    trained = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
+    if not isinstance(trained, dict):
+        raise CheckpointError(f"'{path}' is not a main_dream_booth.py training checkpoint (it has no state_dict)")
+    if skip_adapters:
+        trained = {k: v for k, v in trained.items() if ".adapters." not in k}
+        if not trained:
+            raise CheckpointError(f"'{path}' holds adapters only (the base was frozen): load its <step>-adapters "
+                                  "directory instead")
+    own = model.state_dict()
+    wrong = sorted(k for k in trained if k not in own or own[k].shape != trained[k].shape)
+    if wrong:
+        raise CheckpointError(f"'{path}' does not fit the model: {len(wrong)} of its keys are missing or "
+                              f"mis-shaped, e.g. {wrong[:3]}")
+    model.load_state_dict(trained, strict=False)
+    return checkpoint.get("global_step")
+

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,7 +248,7 @@ def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
 
 
 def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt):
-    from ldm.evaluation.evaluate import EvaluationError, adapter_dir, load_run_model, run_config
+    from ldm.evaluation.evaluate import adapter_dir, load_run_model, run_config
     logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt, "model.params.train_level=[unet]",
                                               "lightning.modelcheckpoint.params.every_n_train_steps=1"))
     trained = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
@@ -259,6 +260,20 @@ def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt
     assert not torch.equal(load_file(str(base_ckpt))[key], own[key])
     with pytest.raises(EvaluationError, match="only be evaluated at its last step"):
         load_run_model(run_config(logdir), adapter_dir(logdir, 0), torch.device("cpu"))
+    # sample.py draws such a run: base --ckpt, the run's adapters, then its fine-tuned UNet from last.ckpt
+    import sample
+    args = ["--config", str(REPO / "configs/tests/tiny-inference.yaml"), "--ckpt", str(base_ckpt), "--H", "32",
+            "--W", "32", "--ddim_steps", "2", "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--seed", "3",
+            "--adapter_path", str(adapter_dir(logdir)), "--prompt", "photo of a sks cat"]
+    (plain,) = sample.main(args + ["--outdir", str(tmp_path / "plain")])
+    (tuned,) = sample.main(args + ["--trained_ckpt", str(logdir / "checkpoints" / "last.ckpt"),
+                                   "--outdir", str(tmp_path / "tuned")])
+    from PIL import Image
+    assert not np.array_equal(np.asarray(Image.open(plain)), np.asarray(Image.open(tuned)))
+    with pytest.raises(SystemExit, match="holds adapters only"):
+        adapter_run = main_dream_booth.main(train_args(tmp_path / "a", base_ckpt))
+        sample.main(args + ["--trained_ckpt", str(adapter_run / "checkpoints" / "last.ckpt"), "--outdir",
+                            str(tmp_path / "x")])
 
 
 def test_evaluate_a_sweep_and_bad_runs(tmp_path, base_ckpt, tiny_dino):

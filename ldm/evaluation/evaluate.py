@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, load_trained_parameters
 from ldm.data.dreambooth import format_prompt, usable_images
 from ldm.evaluation.backends import EvaluationError, MetricBackend
 from ldm.evaluation.metrics import frechet_distance, load_images, prior_preservation, prompt_fidelity, subject_fidelity
@@ -87,18 +87,13 @@ def load_run_model(config: DictConfig, adapters: Path, device: torch.device) -> 
 
 
 def load_trained_unet(model: torch.nn.Module, path: Path, step: int) -> None:
-    """The trained parameters of a training checkpoint (main_dream_booth.py's last.ckpt) into `model`."""
+    """The trained parameters of the run's training checkpoint (main_dream_booth.py's last.ckpt) into `model`."""
     if not path.is_file():
         raise EvaluationError(f"'{path}' is missing: a run that trains the whole UNet is evaluated from its last.ckpt")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("global_step") != step:
-        raise EvaluationError(f"'{path}' is from step {checkpoint.get('global_step')}, not {step}: a run that trains "
-                              f"the whole UNet can only be evaluated at its last step (leave --step out)")
-    trained, own = checkpoint["state_dict"], model.state_dict()
-    unknown = sorted(k for k in trained if k not in own or own[k].shape != trained[k].shape)
-    if unknown:
-        raise EvaluationError(f"'{path}' does not fit the run's model: {len(unknown)} keys, e.g. {unknown[:3]}")
-    model.load_state_dict(trained, strict=False)
+    saved = load_trained_parameters(model, str(path))
+    if saved != step:
+        raise EvaluationError(f"'{path}' is from step {saved}, not {step}: a run that trains the whole UNet can only "
+                              f"be evaluated at its last step (leave --step out)")
 
 
 def subject_fields(config: DictConfig) -> Dict[str, str]:
