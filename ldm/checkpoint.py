@@ -63,19 +63,21 @@ def _torch_load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
 
 
-def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Read a `.ckpt`/`.pt` (a `state_dict` inside or at top level) or `.safetensors` file safely, on the CPU."""
+def _read(path: str, what: str = "checkpoint") -> object:
+    """The object in a `.ckpt`/`.pt` or `.safetensors` file, read safely on the CPU; unreadable files are named."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint not found: '{path}' (pass the path of an SD v1 .ckpt or .safetensors)")
+        raise CheckpointError(f"{what} not found: '{path}' (pass the path of an SD v1 .ckpt or .safetensors)")
     try:
-        if p.suffix == ".safetensors":
-            sd = load_file(str(p))
-        else:
-            sd = _torch_load(p)
+        return load_file(str(p)) if p.suffix == ".safetensors" else _torch_load(p)
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
-        raise CheckpointError(f"cannot read checkpoint '{path}': the file is truncated, corrupt or not a checkpoint "
+        raise CheckpointError(f"cannot read {what} '{path}': the file is truncated, corrupt or not a checkpoint "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Read a `.ckpt`/`.pt` (a `state_dict` inside or at top level) or `.safetensors` file safely, on the CPU."""
+    sd = _read(path)
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
@@ -161,9 +163,7 @@ def load_trained_parameters(model: torch.nn.Module, path: str, skip_adapters: bo
     """Copy the trained parameters of a main_dream_booth.py training checkpoint (`last.ckpt`: the state_dict of what
     trained) into `model`; with `skip_adapters`, only the network's own weights (the adapters come from their
     directory). Returns the checkpoint's step."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"training checkpoint not found: '{path}'")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _read(path, "training checkpoint")
     trained = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(trained, dict):
         raise CheckpointError(f"'{path}' is not a main_dream_booth.py training checkpoint (it has no state_dict)")
@@ -172,11 +172,5 @@ def load_trained_parameters(model: torch.nn.Module, path: str, skip_adapters: bo
         if not trained:
             raise CheckpointError(f"'{path}' holds adapters only (the base was frozen): load its <step>-adapters "
                                   "directory instead")
-    own = model.state_dict()
-    wrong = sorted(k for k in trained if k not in own or own[k].shape != trained[k].shape)
-    if wrong:
-        raise CheckpointError(f"'{path}' does not fit the model: {len(wrong)} of its keys are missing or "
-                              f"mis-shaped, e.g. {wrong[:3]}")
-    model.load_state_dict(trained, strict=False)
+    load_into(model, trained, f"training checkpoint '{path}'", optional=lambda k: True)  # a part of the model
     return checkpoint.get("global_step")
-

@@ -88,8 +88,6 @@ def load_run_model(config: DictConfig, adapters: Path, device: torch.device) -> 
 
 def load_trained_unet(model: torch.nn.Module, path: Path, step: int) -> None:
     """The trained parameters of the run's training checkpoint (main_dream_booth.py's last.ckpt) into `model`."""
-    if not path.is_file():
-        raise EvaluationError(f"'{path}' is missing: a run that trains the whole UNet is evaluated from its last.ckpt")
     saved = load_trained_parameters(model, str(path))
     if saved != step:
         raise EvaluationError(f"'{path}' is from step {saved}, not {step}: a run that trains the whole UNet can only "
