@@ -65,6 +65,7 @@ class MeanColour(MetricBackend):
 
 class Pixels(MeanColour):
     """Centred pixels as features: any change of the image shows."""
+    has_text = False
 
     def image_features(self, images):
         return images.flatten(1) - 0.5
@@ -260,6 +261,19 @@ def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt
     assert not torch.equal(load_file(str(base_ckpt))[key], own[key])
     with pytest.raises(EvaluationError, match="only be evaluated at its last step"):
         load_run_model(run_config(logdir), adapter_dir(logdir, 0), torch.device("cpu"))
+    # its prior preservation compares it with the base weights (the adapters off would still be the tuned UNet)
+    from ldm.evaluation.evaluate import EvalSettings, Metrics, evaluate_run, prior_metrics
+    from ldm.util import load_model_from_config
+    settings = EvalSettings(prompts=("photo of a {token} {class_word}",), seeds=(0, 1), steps=2, save_grid=False)
+    metrics = Metrics({"pixels": Pixels()})
+    row = evaluate_run(logdir, metrics, settings, torch.device("cpu"))
+    base = load_model_from_config(run_config(logdir)).eval()
+    from ldm.data.dreambooth import format_prompt
+    from ldm.evaluation.evaluate import subject_fields
+    prompt = format_prompt(settings.prior_prompt, subject_fields(run_config(logdir)))
+    expected = prior_metrics(model, metrics, prompt, 32, settings, base)["pixels_prior"]
+    assert row["pixels_prior"] == pytest.approx(expected, abs=1e-6)
+    assert expected != pytest.approx(prior_metrics(model, metrics, prompt, 32, settings)["pixels_prior"], abs=1e-6)
     # sample.py draws such a run: base --ckpt, the run's adapters, then its fine-tuned UNet from last.ckpt
     import sample
     args = ["--config", str(REPO / "configs/tests/tiny-inference.yaml"), "--ckpt", str(base_ckpt), "--H", "32",

@@ -81,9 +81,14 @@ def load_run_model(config: DictConfig, adapters: Path, device: torch.device) -> 
     checkpoints/last.ckpt, which must then be the checkpoint of the same step."""
     model = load_model_from_config(config)
     load_adapter_from_dir(model, str(adapters))
-    if "unet" in (OmegaConf.select(config, "model.params.train_level") or ()):
+    if trains_unet(config):
         load_trained_unet(model, adapters.parent / "last.ckpt", int(adapters.name.split("-")[0]) + 1)
     return model.to(device).eval()
+
+
+def trains_unet(config: DictConfig) -> bool:
+    """Whether the run fine-tuned the whole UNet (`train_level: [unet]`), not only adapters."""
+    return "unet" in (OmegaConf.select(config, "model.params.train_level") or ())
 
 
 def load_trained_unet(model: torch.nn.Module, path: Path, step: int) -> None:
@@ -149,18 +154,22 @@ def compute_metrics(metrics: Metrics, images: torch.Tensor, texts: Sequence[str]
     return out
 
 
-def prior_metrics(model: torch.nn.Module, metrics: Metrics, prompt: str, size: int, settings: EvalSettings
-                  ) -> Dict[str, float]:
-    """{<backend>_prior}: the class prompt sampled with the adapters on and off from the same seeds, compared pairwise
-    (DreamBooth's prior preservation; a drifting class word scores low)."""
+def prior_metrics(model: torch.nn.Module, metrics: Metrics, prompt: str, size: int, settings: EvalSettings,
+                  base_model: Optional[torch.nn.Module] = None) -> Dict[str, float]:
+    """{<backend>_prior}: the class prompt sampled by the fine-tuned model and by the base model from the same seeds,
+    compared pairwise (DreamBooth's prior preservation; a drifting class word scores low). Without `base_model` the
+    base is `model` with its adapters off (right when only adapters trained)."""
     pairs = prompt_seed_pairs([prompt], settings.seeds)
-    run = (model, pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
-    tuned = sample_images(*run)
-    adapters_enable(model, False)
-    try:
-        base = sample_images(*run)
-    finally:
-        adapters_enable(model, True)
+    options = (pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
+    tuned = sample_images(model, *options)
+    if base_model is not None:
+        base = sample_images(base_model, *options)
+    else:
+        adapters_enable(model, False)
+        try:
+            base = sample_images(model, *options)
+        finally:
+            adapters_enable(model, True)
     return {f"{name}_prior": prior_preservation(backend, tuned, base) for name, backend in metrics.backends.items()}
 
 
@@ -180,9 +189,10 @@ def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device
     plain = [t for t in texts for _ in settings.seeds]
     row = {"run": run_dir.name, **run_levels(run_dir)}
     row.update(compute_metrics(metrics, images, plain, instance_images(config, size)))
-    if settings.prior_prompt:
+    if settings.prior_prompt:  # a fine-tuned UNet is compared with the base weights, not just with adapters off
+        base_model = load_model_from_config(config).to(device).eval() if trains_unet(config) else None
         row.update(prior_metrics(model, metrics, format_prompt(settings.prior_prompt, subject_fields(config)), size,
-                                 settings))
+                                 settings, base_model))
     row.update(adapter_size(adapters, model), adapter_step=int(adapters.name.split("-")[0]), n_samples=len(images))
     row.update(train_stats(run_dir))
     return row
