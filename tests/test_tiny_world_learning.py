@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from conftest import KEYS_TSV, REPO
 from ldm.data.synthetic import SUBJECT_CLASS
-from ldm.tinyworld.demo import latest_adapters, train_argv
+from ldm.evaluation.evaluate import adapter_dir
+from ldm.tinyworld.demo import train_argv
 from ldm.evaluation.metrics import prior_preservation, subject_fidelity
 from ldm.tinyworld.evaluate import CLASS_PROMPT, SUBJECT_PROMPT, load_references, load_tiny_model, sample
 from ldm.tinyworld.metrics import TinyWorldMetric
@@ -49,7 +50,7 @@ def run_training(tmp_path, prior: bool):
     argv = train_argv(tmp_path, STEPS, seed=23, prior=prior) + [
         "data.params.num_class_images=8", "data.params.class_image_sampler.steps=10",
         "lightning.callbacks.image_logger.params.batch_frequency=1000", "model.base_learning_rate=3e-3"]
-    return latest_adapters(main_dream_booth.main(argv))
+    return adapter_dir(main_dream_booth.main(argv))
 
 
 @torch.no_grad()

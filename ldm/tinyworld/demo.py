@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from PIL import Image
 
+from ldm.evaluation.evaluate import adapter_dir
 from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, REPO, SUBJECT_IMAGES, SUBJECT_PROMPT,
                                     dreambooth_metrics, load_references, load_tiny_model, model_samples)
 from ldm.tinyworld.metrics import TinyWorldMetric
@@ -36,14 +37,6 @@ def train_argv(outdir: Path, steps: Optional[int], seed: int, prior: bool = True
     return argv + (["--max_steps", str(steps)] if steps else []) + list(overrides)
 
 
-def latest_adapters(logdir: Path) -> Path:
-    """The `<step>-adapters` directory with the highest step in a run's checkpoints."""
-    dirs = [p for p in (logdir / "checkpoints").glob("*-adapters") if p.name.split("-")[0].isdigit()]
-    if not dirs:
-        raise FileNotFoundError(f"no <step>-adapters directory in {logdir / 'checkpoints'}: did the training finish?")
-    return max(dirs, key=lambda p: int(p.name.split("-")[0]))
-
-
 def train(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = ()) -> Path:
     """Run main_dream_booth.py in a child process (exactly the user's command); returns the run's log dir."""
     cmd = [sys.executable, str(REPO / "main_dream_booth.py"), *train_argv(outdir, steps, seed, prior, overrides)]
@@ -53,15 +46,18 @@ def train(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, ove
     return runs[-1]
 
 
-def before_after_grid(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], n: int,
-                      upscale: int = 2) -> Image.Image:
+def upscaled(images: torch.Tensor, scale: int = 2) -> List[Image.Image]:
+    """(n, 3, h, w) images in [0, 1] as PIL images `scale` times larger (64 px is small on a screen)."""
+    return [im.resize((im.width * scale, im.height * scale), Image.Resampling.BICUBIC) for im in to_pil(images * 2 - 1)]
+
+
+def before_after_grid(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor], n: int) -> Image.Image:
     """Rows: subject prompt before/after, class prompt before/after; n samples (same noise) per row."""
     rows, labels = [], []
     for key, prompt in (("subject", SUBJECT_PROMPT), ("class", CLASS_PROMPT)):
         for when, images in (("before", before), ("after", after)):
-            rows += to_pil(images[key][:n] * 2 - 1)
+            rows += upscaled(images[key][:n])
             labels.append(f"{when}: {prompt}")
-    rows = [im.resize((im.width * upscale, im.height * upscale), Image.Resampling.BICUBIC) for im in rows]
     return image_grid(rows, n_rows=n, row_labels=labels)
 
 
@@ -71,7 +67,7 @@ def run_demo(outdir: Path, steps: Optional[int] = None, seed: int = 23, n: int =
     start = time.time()
     logdir = train(outdir, steps, seed)
     train_seconds = time.time() - start
-    adapters = latest_adapters(logdir)
+    adapters = adapter_dir(logdir)
     base, tuned = load_tiny_model(), load_tiny_model(adapters)
     before, after = model_samples(base, n), model_samples(tuned, n)
     grid = outdir / "before_after.png"

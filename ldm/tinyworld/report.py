@@ -1,23 +1,23 @@
-"""The tiny world's full report: probe accuracy, base-model quality, and DreamBooth with and without the prior."""
+"""The tiny world's full report: probe accuracy, base-model quality, DreamBooth with and without the prior, and the
+whole-UNet baseline."""
 import json
+import random
+import textwrap
 import time
 from pathlib import Path
 from typing import Dict, List
-
-import random
-import textwrap
 
 import torch
 from PIL import Image
 
 from ldm.data.synthetic import caption, random_scene, scene_rng
-from ldm.evaluation.evaluate import load_run_model, run_config
-from ldm.tinyworld.demo import latest_adapters, train
+from ldm.evaluation.evaluate import adapter_dir, load_run_model, run_config
+from ldm.tinyworld.demo import train, upscaled
 from ldm.tinyworld.evaluate import (base_quality, dreambooth_metrics, load_references, load_tiny_model,
                                     model_samples, sample)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.tinyworld.probe import probe_accuracy
-from ldm.util import image_grid, to_pil
+from ldm.util import image_grid
 
 # The full fine-tuning baseline: every UNet parameter trains (at a lower rate than the adapter's).
 WHOLE_UNET = ("model.params.train_level=[unet]", "model.base_learning_rate=2.0e-4")
@@ -32,7 +32,8 @@ def table(header: List[str], rows: List[List[str]]) -> str:
 
 def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir: Path, steps: int, seeds: List[int],
                     n: int) -> Dict[str, List[Dict[str, float]]]:
-    """Train with and without prior preservation for each seed; metrics of each run against the base model."""
+    """Train the adapter with and without prior preservation, and the whole UNet, for each seed; metrics of each run
+    against the base model."""
     references = load_references()
     base = model_samples(base_model, n)
     runs: Dict[str, List[Dict[str, float]]] = {"base model": [dreambooth_metrics(metric, base, base, references)]}
@@ -43,15 +44,11 @@ def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir
         for seed in seeds:
             start = time.time()
             logdir = train(outdir / f"{name}-{seed}", steps, seed, prior, overrides)
-            tuned = model_samples(load_run_model(run_config(logdir), latest_adapters(logdir), torch.device("cpu")), n)
+            tuned = model_samples(load_run_model(run_config(logdir), adapter_dir(logdir), torch.device("cpu")), n)
             row = dreambooth_metrics(metric, base, tuned, references)
             row["seconds"] = time.time() - start
             runs.setdefault(label, []).append(row)
     return runs
-
-
-def _big(images: torch.Tensor, scale: int = 2) -> List[Image.Image]:
-    return [im.resize((im.width * scale, im.height * scale), Image.Resampling.BICUBIC) for im in to_pil(images * 2 - 1)]
 
 
 def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242) -> Image.Image:
@@ -60,7 +57,7 @@ def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242) -
     prompts = [caption(random_scene(scene_rng(seed, i)), rng, full=True) for i in range(n)]
     images = sample(model, prompts, range(n))
     labels = ["\n".join(textwrap.wrap(p, 21)) for p in prompts]
-    return image_grid(_big(images), 6, labels=labels)
+    return image_grid(upscaled(images), 6, labels=labels)
 
 
 @torch.no_grad()
@@ -69,7 +66,7 @@ def reconstruction_figure(model: torch.nn.Module) -> Image.Image:
     references = load_references()
     vae = model.first_stage_model
     rec = (vae.decode(vae.encode(references * 2 - 1).mode()).clamp(-1, 1) + 1) / 2
-    return image_grid(_big(torch.cat([references, rec])), len(references), row_labels=["instance", "autoencoder"])
+    return image_grid(upscaled(torch.cat([references, rec])), len(references), row_labels=["instance", "autoencoder"])
 
 
 def mean(rows: List[Dict[str, float]], key: str) -> float:
