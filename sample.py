@@ -13,15 +13,14 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_trained_parameters
+from ldm.config import load_configs, pop_adapter_configs
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.modules.adapter_io import load_adapter_from_dir
-from ldm.modules.adapters import AdapterConfigError, set_adapter_scale
+from ldm.modules.adapters import AdapterConfigError, is_added_key, load_adapter_from_dir, set_adapter_scale
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
 from ldm.util import ConfigError, image_grid, load_model_from_config, pick_device, setup_logging, to_pil
@@ -49,7 +48,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--C", type=int, default=4, help="latent channels")
     p.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 turns it off)")
-    p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml")
+    p.add_argument("--config", nargs="+", default=["configs/stable-diffusion/v1-inference.yaml"], metavar="YAML",
+                   help="model config(s), merged left to right as main_dream_booth.py's --base")
     p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
                    help="base weights: an SD v1 .ckpt or .safetensors")
     p.add_argument("--random_init", action="store_true",
@@ -142,16 +142,6 @@ def sweep_scales(opt: argparse.Namespace) -> List[Optional[float]]:
     return scales
 
 
-def pop_adapter_config(config) -> Optional[dict]:
-    """Take the adapter_configs (UNet and text encoder) out of --config: with --adapter_path, the adapters come from
-    the directories. Returns the UNet's, which builds an original-format directory's adapters."""
-    popped = {}
-    for part in ("unet_config", "cond_stage_config"):
-        params = OmegaConf.select(config, f"model.params.{part}.params")
-        popped[part] = params.pop("adapter_config", None) if params is not None else None
-    return popped["unet_config"]
-
-
 def adapter_paths(opt: argparse.Namespace) -> List[Tuple[str, str, float]]:
     """(group name, directory, --adapter_scale) for each --adapter_path."""
     scales = opt.adapter_scale or [1.0] * len(opt.adapter_path)
@@ -179,12 +169,13 @@ def set_sweep_scale(model: torch.nn.Module, opt: argparse.Namespace, sweep: Opti
 def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The base model from --config/--ckpt with every --adapter_path attached, on `device`."""
     try:
-        config = OmegaConf.load(opt.config)
-        config_adapters = pop_adapter_config(config) if opt.adapter_path else None
+        config = load_configs(opt.config)
+        # with --adapter_path the adapters come from the directories; the config's build an original-format one
+        config_adapters = pop_adapter_configs(config)["unet"] if opt.adapter_path else None
         model = load_model_from_config(config, None if opt.random_init else opt.ckpt).to(device)
         attach_adapters(model, opt, config_adapters)
         if opt.trained_ckpt:
-            step = load_trained_parameters(model, opt.trained_ckpt, skip_adapters=True)
+            step = load_trained_parameters(model, opt.trained_ckpt, skip=is_added_key)
             log.info("fine-tuned weights of step %s from %s", step, opt.trained_ckpt)
     except (ConfigError, CheckpointError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -13,8 +13,7 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ldm.checkpoint import atomic_write
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules.adapter_io import save_adapter_to_dir
-from ldm.modules.adapters import adapter_groups
+from ldm.modules.adapters import adapter_groups, save_adapter_to_dir
 from ldm.util import image_grid, to_pil
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ class AdapterCheckpoint(pl.Callback):
     """Writes the trained adapters to checkpoints/<step>-adapters every N steps and at the end (as the paper's code).
 
     <step> is the index of the last step taken, counted from 0: after 1000 steps the folder is 999-adapters. A group
-    on the UNet and the text encoder goes into one directory (`ldm.modules.adapter_io`); other groups than "default"
+    on the UNet and the text encoder goes into one directory (`ldm.modules.adapters.io`); other groups than "default"
     into <step>-adapters-<group>.
     """
 

@@ -12,14 +12,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from ldm.evaluation.anova import AnalysisError, analyse, parse_interactions  # noqa: E402
-from ldm.evaluation.report import write_report  # noqa: E402
+from ldm.evaluation.anova import AnalysisError, analyse, parse_interactions
+from ldm.evaluation.report import write_report
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

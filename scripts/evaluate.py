@@ -14,20 +14,16 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.evaluation.backends import EvaluationError, backend_names, get_backend  # noqa: E402
-from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, evaluate_runs, find_runs  # noqa: E402
-from ldm.evaluation.metrics import fid_metric  # noqa: E402
-from ldm.evaluation.sampling import SAMPLERS  # noqa: E402
-from ldm.evaluation.table import done_runs  # noqa: E402
-from ldm.sweep.spec import SweepError  # noqa: E402
-from ldm.util import pick_device, setup_logging  # noqa: E402
+from ldm.checkpoint import CheckpointError
+from ldm.evaluation.backends import EvaluationError, backend_names, get_backend
+from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, evaluate_runs, find_runs
+from ldm.evaluation.metrics import fid_metric
+from ldm.evaluation.sampling import SAMPLERS
+from ldm.evaluation.table import done_runs
+from ldm.sweep.spec import SweepError
+from ldm.util import pick_device, setup_logging
 
 USER_ERRORS = (EvaluationError, SweepError, CheckpointError)
 

@@ -14,15 +14,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from ldm.sweep.launch import job_lines, run_all, run_index  # noqa: E402
-from ldm.sweep.runs import STATES, load_runs, prepare, summary  # noqa: E402
-from ldm.sweep.spec import SweepError  # noqa: E402
-from ldm.modules.adapter_config import AdapterConfigError  # noqa: E402
-from ldm.util import ConfigError, setup_logging  # noqa: E402
+from ldm.sweep.launch import job_lines, run_all, run_index
+from ldm.sweep.runs import STATES, load_runs, prepare, summary
+from ldm.sweep.spec import SweepError
+from ldm.modules.adapters import AdapterConfigError
+from ldm.util import ConfigError, setup_logging
 
 USER_ERRORS = (SweepError, ConfigError, AdapterConfigError)
 

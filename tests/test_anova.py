@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from ldm.evaluation.anova import AnalysisError, analyse, analyse_metric, anova_table, default_metrics, prepare
-from ldm.modules.adapter_config import valid_pairs
+from ldm.modules.adapters import valid_pairs
 from scripts import anova as anova_script
 
 

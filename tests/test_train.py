@@ -18,8 +18,7 @@ import main_dream_booth
 import sample
 from conftest import REPO, TINY_CONFIG, build_tiny
 from ldm.checkpoint import load_state_dict, save_state_dict
-from ldm.modules.adapter_io import load_adapter_from_dir
-from ldm.modules.adapters import adapter_groups, adapter_state_dict
+from ldm.modules.adapters import adapter_groups, adapter_state_dict, load_adapter_from_dir
 from ldm.util import instantiate_from_config
 from scripts import convert_lora
 
@@ -136,7 +135,7 @@ def test_overrides_and_scale_lr(world, caplog):
 
 
 def test_override_aliases_and_unknown_keys():
-    from ldm.train import apply_override
+    from ldm.config import apply_override
     from ldm.util import ConfigError
     config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES])
     apply_override(config, "mid_dim=64")  # the sweep files' aliases work on the command line too

@@ -20,8 +20,9 @@ from ldm.evaluation.backends import EvaluationError, MetricBackend
 from ldm.evaluation.metrics import frechet_distance, load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.evaluation.table import upsert_row
-from ldm.modules.adapter_io import WEIGHTS_FILE, load_adapter_from_dir
-from ldm.modules.adapters import adapter_groups, adapter_parameters, adapters_enable, describe
+from ldm.modules.adapters import (WEIGHTS_FILE, adapter_groups, adapter_parameters, adapters_enable, describe,
+                                  load_adapter_from_dir)
+from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
 from ldm.util import image_grid, load_model_from_config, to_pil
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,6 @@ def run_levels(run_dir: Path) -> Dict[str, Any]:
 # ---- many runs --------------------------------------------------------------------------------------------------
 def find_runs(paths: Sequence[str]) -> List[Path]:
     """Run folders to evaluate: a sweep folder's finished runs (in grid order), or run folders as given."""
-    from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
     found = []
     for p in map(Path, paths):
         if (p / "sweep.json").is_file():

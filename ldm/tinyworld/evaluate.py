@@ -13,7 +13,7 @@ from ldm.data.dreambooth import list_images
 from ldm.data.synthetic import SUBJECT_CLASS, caption, random_scene, scene_rng
 from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import sample_images
-from ldm.modules.adapter_io import load_adapter_from_dir
+from ldm.modules.adapters import load_adapter_from_dir
 from ldm.tinyworld.metrics import TinyWorldMetric, prompt_attributes
 from ldm.util import load_model_from_config
 

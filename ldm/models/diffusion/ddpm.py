@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ldm.checkpoint import load_into, load_state_dict
+from ldm.modules.adapters import is_added_key
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.util import default, instantiate_from_config
 
@@ -159,8 +160,3 @@ class LatentDiffusion(pl.LightningModule):
         """Training loss on scaled latents z with uniformly drawn timesteps."""
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device, generator=generator)
         return self.p_losses(z, cond, t)
-
-
-def is_added_key(key: str) -> bool:
-    """Keys of modules this project adds to the base model (adapters, LoRA, (IA)^3), absent from SD checkpoints."""
-    return ".adapters." in key

@@ -1,75 +1,39 @@
-"""Attaching the adapter design space to a model: the block forms of Xiang et al. 2023 ("A Closer Look at
-Parameter-Efficient Tuning in Diffusion Models", arXiv 2303.18181), injection, freezing and run-time switches.
+"""Attaching adapters to a network, and the run-time switches: injection, freezing, enable, scale, removal.
 
 Block adapters read the tensor at an input position `din` of a block, compute a = f(t) and add scale * a to the tensor
-at an output position `dout`, so everything downstream of `dout` sees it. The UNet blocks only call `taps(name, t)` at
-their named points (`BasicTransformerBlock._forward`, `ResBlock._forward`); the adapters live in `block.adapters`, an
-`AdapterSet` of named groups (one group per adapter config, e.g. one per loaded directory), so their keys are
+at an output position `dout`, so everything downstream of `dout` sees it. A block that takes adapters says so by its
+class attribute `ADAPTER_KIND` ("transformer", "resblock"), reports the width at each of its named points in
+`adapter_widths()`, and calls `taps(name, t)` at those points in its forward; the adapters live in `block.adapters`,
+an `AdapterSet` of named groups (one group per adapter config, e.g. one per loaded directory), so their keys are
 `<block>.adapters.<group>.<i>.<param>`.
 
-Projection adapters (LoRA in `ldm.modules.lora`, (IA)^3 in `ldm.modules.ia3`) sit on the Linear and 1x1 Conv2d modules
-their `target` names. Such a module keeps its weights and keys and carries `module.adapters` the same way; a forward
-hook returns y + sum(scale * a(x, y, module)), every form seeing the base x and y. Every added key contains
-".adapters." (`ldm.models.diffusion.ddpm.is_added_key`), so base checkpoints load unchanged.
-
-The config schema is in `ldm.modules.adapter_config` (its names are re-exported here); directory save/load in
-`ldm.modules.adapter_io`, merging into the base in `ldm.modules.adapter_merge`, kohya and diffusers LoRA files in
-`ldm.modules.lora_export`.
+Projection forms (LoRA, (IA)^3) sit on the Linear and 1x1 Conv2d modules their `target` names. Such a module keeps its
+weights and keys and carries `module.adapters` the same way; a forward hook returns y + sum(scale * a(x, y, module)),
+every form seeing the base x and y. Every added key contains ".adapters." (`is_added_key`), so base checkpoints load
+unchanged. A network that takes adapters (the UNet, the text encoder) names its role by `ADAPTER_ROLE`. Nothing here
+imports a network class: blocks and networks are found by what they expose.
 """
 import logging
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from ldm.modules import ia3, lora  # noqa: F401  (registers the projection forms)
-# the config names used here, and those that code elsewhere imports from this module (INITS, valid_pairs, ...)
-from ldm.modules.adapter_config import (ADAPTER_TYPES, DEFAULT_GROUP, INITS, METHODS, PROJECTION, STREAM,  # noqa: F401
-                                        AdapterConfigError, AdapterSpec, BottleneckOptions, config_from_specs,
-                                        describe, parse_adapter_config, register, valid_pairs)
-from ldm.modules.attention import BasicTransformerBlock
-from ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
-from ldm.modules.diffusionmodules.util import normalization
-from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.modules.adapters.positions import PROJECTION
+from ldm.modules.adapters.schema import form_of, parse_adapter_config
+from ldm.modules.adapters.spec import (DEFAULT_GROUP, AdapterConfigError, AdapterDirError, AdapterSpec, check_number,
+                                      describe)
 
 log = logging.getLogger(__name__)
-NETWORK_NAMES = {"UNetModel": "UNet", "FrozenCLIPEmbedder": "text encoder"}  # for logs
+ROLE_NAMES = {"unet": "UNet", "cond_stage_model": "text encoder"}  # for logs and errors
+ADDED_KEY = ".adapters."
 
 
-@register("transformer", "inout")
-class InOutAdapter(BottleneckOptions, nn.Module):
-    """Token-wise bottleneck MLP Linear(dim->mid)-act-Linear(mid->dim), the paper's `AdapterForward` (keys adp.*)."""
-
-    def __init__(self, spec: AdapterSpec, dim_in: int, dim_out: int):
-        super().__init__()
-        o = dict(spec.options)
-        self.adp = nn.Sequential(nn.Linear(dim_in, o["mid_dim"]), METHODS[o["method"]](),
-                                 nn.Linear(o["mid_dim"], dim_out))
-
-    def zero_init_(self) -> None:
-        nn.init.zeros_(self.adp[-1].weight)
-        nn.init.zeros_(self.adp[-1].bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adp(x)                                   # (b, n, c_in) -> (b, n, c_out)
-
-
-@register("resblock", "inout")
-class ResInOutAdapter(BottleneckOptions, nn.Sequential):
-    """GroupNorm32-SiLU-conv3x3(in->mid)-act-conv3x3(mid->out), the paper's ResBlock adapter (keys 0.*, 2.*, 4.*).
-
-    (b, c_in, h, w) -> (b, c_out, h, w); c_in, c_out are the channel counts at din and dout.
-    """
-
-    def __init__(self, spec: AdapterSpec, dim_in: int, dim_out: int):
-        o = dict(spec.options)
-        super().__init__(normalization(dim_in), nn.SiLU(), nn.Conv2d(dim_in, o["mid_dim"], 3, padding=1),
-                         METHODS[o["method"]](), nn.Conv2d(o["mid_dim"], dim_out, 3, padding=1))
-
-    def zero_init_(self) -> None:
-        nn.init.zeros_(self[-1].weight)
-        nn.init.zeros_(self[-1].bias)
+def is_added_key(key: str) -> bool:
+    """Keys of modules this package adds to a network (adapters, LoRA, (IA)^3), absent from base checkpoints."""
+    return ADDED_KEY in key
 
 
 def is_projection(m: nn.Module) -> bool:
@@ -149,16 +113,10 @@ def _projection_hook(host: nn.Module, args: Tuple[torch.Tensor, ...], y: torch.T
     return y + sum(s * a(x, y, host) for a, s in active)
 
 
-def adapter_blocks(unet: nn.Module) -> List[Tuple[str, nn.Module, str, Dict[str, int]]]:
-    """(path, block, kind, width at each position) for every block of `unet` that can carry block adapters."""
-    blocks = []
-    for path, m in unet.named_modules():
-        if isinstance(m, BasicTransformerBlock):
-            dim, context_dim = m.norm1.normalized_shape[0], m.attn2.to_k.in_features
-            blocks.append((path, m, "transformer", {**{p: dim for p in STREAM}, "attn2c": context_dim}))
-        elif isinstance(m, ResBlock):
-            blocks.append((path, m, "resblock", {"resi": m.channels, "reso": m.out_channels}))
-    return blocks
+def adapter_blocks(net: nn.Module) -> List[Tuple[str, nn.Module, str, Dict[str, int]]]:
+    """(path, block, kind, width at each position) for every block of `net` that can carry block adapters."""
+    return [(path, m, m.ADAPTER_KIND, m.adapter_widths()) for path, m in net.named_modules()
+            if getattr(m, "ADAPTER_KIND", None)]
 
 
 def adapter_carriers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
@@ -171,10 +129,20 @@ def adapter_networks(model: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
     path in `model` ("" when `model` is the network itself)."""
     found: Dict[str, Tuple[str, nn.Module]] = {}
     for path, m in model.named_modules():
-        role = "unet" if isinstance(m, UNetModel) else "cond_stage_model" if isinstance(m, FrozenCLIPEmbedder) else None
+        role = getattr(m, "ADAPTER_ROLE", None)
         if role is not None and role not in found:
             found[role] = (path, m)
     return found
+
+
+def network(model: nn.Module, role: str, source: str) -> nn.Module:
+    """The `role` network of `model`, or an error saying the source needs the whole model."""
+    nets = adapter_networks(model)
+    if role not in nets:
+        raise AdapterDirError(f"{source} adapts the {ROLE_NAMES[role]}, which this {type(model).__name__} does not "
+                              f"contain: load it into the whole model (LatentDiffusion), e.g. "
+                              f"load_adapter_from_dir(model, path)")
+    return nets[role][1]
 
 
 def adapter_groups(model: nn.Module) -> Dict[str, List[AdapterSpec]]:
@@ -189,7 +157,7 @@ def adapter_groups(model: nn.Module) -> Dict[str, List[AdapterSpec]]:
 def build_adapter(spec: AdapterSpec, dims: Optional[Dict[str, int]] = None, host: Optional[nn.Module] = None
                   ) -> nn.Module:
     """The module of `spec`: a block form for a block with the given position widths, a projection form for `host`."""
-    form = ADAPTER_TYPES[spec.kind][spec.type]
+    form = form_of(spec)
     adapter = form(spec, host) if spec.kind == PROJECTION else form(spec, dims[spec.din], dims[spec.dout])
     if spec.init == "zero":
         adapter.zero_init_()
@@ -250,7 +218,7 @@ def inject_adapters(model: nn.Module, adapter_config: Any, name: str = DEFAULT_G
         _attach(host, name, group)
         added += sum(p.numel() for p in group.parameters())
     model.adapter_specs = {**getattr(model, "adapter_specs", {}), name: specs}
-    what = NETWORK_NAMES.get(type(model).__name__, type(model).__name__)
+    what = ROLE_NAMES.get(getattr(model, "ADAPTER_ROLE", None), type(model).__name__)
     log.info("adapter group '%s' (%s) on %d modules: %s parameters, %.3f%% of the %s's %s", name, describe(specs),
              len(plan), f"{added:,}", 100.0 * added / max(base, 1), what, f"{base:,}")
     return added
@@ -290,8 +258,9 @@ def adapters_enable(model: nn.Module, enabled: bool = True, name: Optional[str] 
 
 def set_adapter_scale(model: nn.Module, scale: float, name: str = DEFAULT_GROUP) -> None:
     """Set group `name`'s strength, a factor on its adapters' config scales (0 gives the output without it)."""
+    scale = check_number(scale, f"the scale of adapter group {name!r}")
     for g in _groups(model, name):
-        g.scale = float(scale)
+        g.scale = scale
 
 
 def group_adapters(model: nn.Module, name: str = DEFAULT_GROUP) -> List[Tuple[str, nn.Module, AdapterGroup]]:
@@ -316,3 +285,25 @@ def remove_adapters(model: nn.Module, name: str = DEFAULT_GROUP) -> None:
     for m in model.modules():
         if name in getattr(m, "adapter_specs", {}):
             m.adapter_specs = {k: v for k, v in m.adapter_specs.items() if k != name}
+
+
+@contextmanager
+def restored_on_error(model: nn.Module, name: str) -> Iterator[None]:
+    """Remove group `name` again if the block fails after injecting it: a failed load leaves the model as it was."""
+    injected = name not in adapter_groups(model)
+    try:
+        yield
+    except AdapterConfigError:
+        if injected and name in adapter_groups(model):
+            remove_adapters(model, name)
+        raise
+
+
+def planned_parameter_count(model: nn.Module, adapter_config: Any) -> int:
+    """The parameters `adapter_config` would add to `model`, computed by the forms without building anything."""
+    total = 0
+    for host, specs, dims in _placement(model, parse_adapter_config(adapter_config)):
+        for s in specs:
+            d_in, d_out = (host.weight.shape[1], host.weight.shape[0]) if dims is None else (dims[s.din], dims[s.dout])
+            total += form_of(s).parameter_count(s, d_in, d_out)
+    return total

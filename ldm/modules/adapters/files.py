@@ -14,21 +14,19 @@ names inside a transformer are the same in both. Text-encoder modules are named 
              names; alpha / rank is folded into lora_B, since the file carries no alpha). LoRA only.
 """
 from collections import defaultdict
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 
 from ldm.checkpoint import load_into, load_state_dict, save_state_dict
-from ldm.modules.adapter_config import DEFAULT_GROUP, AdapterConfigError
-from ldm.modules.adapter_io import AdapterDirError, network, restored_on_error
-from ldm.modules.adapters import adapter_groups, adapter_networks, group_adapters, inject_adapters, is_projection
-from ldm.modules.attention import SpatialTransformer
-from ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, UNetModel, Upsample
-from ldm.modules.ia3 import IA3, IA3Vector
-from ldm.modules.lora import LoRA, LoRAFactors, stack_factors
+from ldm.modules.adapters.attach import (adapter_groups, adapter_networks, group_adapters, inject_adapters,
+                                         is_projection, network, restored_on_error)
+from ldm.modules.adapters.base import Update
+from ldm.modules.adapters.schema import FORMS
+from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError, AdapterDirError
 
-Update = Union[LoRAFactors, IA3Vector]
+UPDATES: Tuple[Type[Update], ...] = tuple(f.UPDATE for f in FORMS if getattr(f, "UPDATE", None))  # what files hold
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
 DIFFUSERS_PREFIX = {"unet": "unet", "cond_stage_model": "text_encoder"}
@@ -39,30 +37,27 @@ CLIP_ROOT = "transformer."  # FrozenCLIPEmbedder.transformer holds transformers'
 
 
 # ---- names ------------------------------------------------------------------------------------------------------
-def unet_block_map(unet: UNetModel) -> Dict[str, str]:
-    """LDM path -> diffusers path of every ResBlock and SpatialTransformer of the UNet."""
+def unet_block_map(unet: nn.Module) -> Dict[str, str]:
+    """LDM path -> diffusers path of every ResBlock and SpatialTransformer of the UNet, from its structure numbers
+    (`channel_mult`, `num_res_blocks`, `attention_levels`): the block numbering of diffusers' LDM conversion."""
+    levels, per_level, attn = len(unet.channel_mult), unet.num_res_blocks, set(unet.attention_levels)
     blocks: Dict[str, str] = {}
-
-    def name(ldm: str, seq: nn.Module, diffusers: str, j: int) -> None:
-        for idx, layer in enumerate(seq):
-            kind = "resnets" if isinstance(layer, ResBlock) else "attentions" if isinstance(layer, SpatialTransformer) \
-                else None
-            if kind:
-                blocks[f"{ldm}.{idx}"] = f"{diffusers}.{kind}.{j}"
-
-    level, j = 0, 0
-    for k, block in enumerate(unet.input_blocks):
-        if k and isinstance(block[0], Downsample):
-            level, j = level + 1, 0
-        elif k:
-            name(f"input_blocks.{k}", block, f"down_blocks.{level}", j)
-            j += 1
+    k = 1                                            # input_blocks.0 is the first conv
+    for level in range(levels):
+        for j in range(per_level):
+            blocks[f"input_blocks.{k}.0"] = f"down_blocks.{level}.resnets.{j}"
+            if level in attn:
+                blocks[f"input_blocks.{k}.1"] = f"down_blocks.{level}.attentions.{j}"
+            k += 1
+        k += level < levels - 1                      # the level's Downsample
     blocks.update({"middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
                    "middle_block.2": "mid_block.resnets.1"})
-    level, j = 0, 0
-    for k, block in enumerate(unet.output_blocks):
-        name(f"output_blocks.{k}", block, f"up_blocks.{level}", j)
-        level, j = (level + 1, 0) if any(isinstance(m, Upsample) for m in block) else (level, j + 1)
+    for i, level in enumerate(reversed(range(levels))):
+        for j in range(per_level + 1):
+            k = i * (per_level + 1) + j
+            blocks[f"output_blocks.{k}.0"] = f"up_blocks.{i}.resnets.{j}"
+            if level in attn:
+                blocks[f"output_blocks.{k}.1"] = f"up_blocks.{i}.attentions.{j}"
     return blocks
 
 
@@ -104,21 +99,17 @@ def kohya_name(external: str) -> str:
 
 # ---- a group as plain tensors, and back -------------------------------------------------------------------------
 def projection_updates(model: nn.Module, name: str = DEFAULT_GROUP) -> Dict[str, Update]:
-    """Group `name` per module path of `model` as plain tensors, each at its config `scale` (the run-time
-    set_adapter_scale strength is left out, as in adapter directories): LoRAFactors (several LoRAs on one module
-    stacked exactly) or an IA3Vector. Block adapters, and LoRA with (IA)^3 on one module, have none."""
+    """Group `name` per module path of `model` as plain-tensor Updates, each at its config `scale` (the run-time
+    set_adapter_scale strength is left out, as in adapter directories); several updates of one kind on a module are
+    combined by their class (LoRAs stacked exactly). A form without a file form refuses with its reason."""
     updates: Dict[str, Update] = {}
     for path, host, group in group_adapters(model, name):
-        if not is_projection(host):
-            raise AdapterConfigError(f"group {name!r} has block adapters ({group[0].spec.describe()}) on {path}: "
-                                     "nonlinear bottlenecks have no LoRA equivalent, so they cannot be merged into the "
-                                     "weights or written to kohya / diffusers files; keep them as an adapter directory")
-        loras = [a.factors().scaled(a.spec.scale) for a in group if isinstance(a, LoRA)]
-        ia3s = [a.vector(a.spec.scale) for a in group if isinstance(a, IA3)]
-        if len(ia3s) > 1 or (ia3s and loras):
-            raise AdapterConfigError(f"group {name!r} puts {len(loras)} LoRA and {len(ia3s)} (IA)^3 on {path}: a file "
-                                     "holds one update per module; keep it as an adapter directory")
-        updates[path] = ia3s[0] if ia3s else stack_factors(loras) if len(loras) > 1 else loras[0]
+        parts = [a.update(a.spec.scale) for a in group]
+        kinds = {type(u) for u in parts}
+        if len(kinds) > 1:
+            raise AdapterConfigError(f"group {name!r} puts {' and '.join(sorted(k.__name__ for k in kinds))} updates "
+                                     f"on {path}: a file holds one update per module; keep it as an adapter directory")
+        updates[path] = type(parts[0]).combine(parts, f"group {name!r} on {path}")
     return updates
 
 
@@ -131,19 +122,17 @@ def install_updates(model: nn.Module, updates: Dict[str, Update], name: str, sou
             continue
         inject_adapters(net, {"projection_adp_config": _entries(mine)}, name)
         for path, u in mine.items():
-            tensors = ({"down.weight": u.down, "up.weight": u.up} if isinstance(u, LoRAFactors)
-                       else {"weight": u.weight})
-            load_into(net.get_submodule(path).adapters[name][0], tensors, source=f"{source}, {path}")
+            load_into(net.get_submodule(path).adapters[name][0], u.adapter_tensors(), source=f"{source}, {path}")
 
 
 def _entries(updates: Dict[str, Update]) -> List[dict]:
-    """projection_adp_config entries for `updates`: one per (form, rank, alpha) or on_input, targets by full path."""
+    """projection_adp_config entries for `updates`: one per update layout (form and its sizes), targets by path."""
     groups: Dict[tuple, List[str]] = defaultdict(list)
+    first: Dict[tuple, Update] = {}
     for path, u in updates.items():
-        key = ("lora", u.rank, u.alpha) if isinstance(u, LoRAFactors) else ("ia3", u.on_input)
-        groups[key].append(path)
-    return [{"type": "lora", "target": paths, "rank": k[1], "alpha": k[2]} if k[0] == "lora"
-            else {"type": "ia3", "target": paths, "on_input": k[1]} for k, paths in groups.items()]
+        groups[u.layout()].append(path)
+        first.setdefault(u.layout(), u)
+    return [first[layout].config_entry(paths) for layout, paths in groups.items()]
 
 
 # ---- files ------------------------------------------------------------------------------------------------------
@@ -156,19 +145,7 @@ def lora_state_dict(model: nn.Module, name: str = DEFAULT_GROUP, fmt: str = "koh
         if path not in names:
             raise AdapterConfigError(f"{path} has no diffusers name (the export maps the modules of SD v1's UNet and "
                                      f"CLIP text encoder); keep this group as an adapter directory")
-        if fmt == "diffusers":
-            if not isinstance(u, LoRAFactors):
-                raise AdapterConfigError("diffusers' loaders take LoRA only: write (IA)^3 as a kohya file (A1111, "
-                                         "ComfyUI, LyCORIS read it) or keep it as an adapter directory")
-            u = u.folded()
-            sd.update({f"{names[path]}.lora_A.weight": u.down, f"{names[path]}.lora_B.weight": u.up})
-        elif isinstance(u, LoRAFactors):
-            key = kohya_name(names[path])
-            sd.update({f"{key}.lora_down.weight": u.down, f"{key}.lora_up.weight": u.up,
-                       f"{key}.alpha": torch.tensor(u.alpha)})
-        else:
-            key = kohya_name(names[path])
-            sd.update({f"{key}.weight": u.weight, f"{key}.on_input": torch.tensor(u.on_input)})
+        sd.update(u.diffusers_tensors(names[path]) if fmt == "diffusers" else u.kohya_tensors(kohya_name(names[path])))
     return sd
 
 
@@ -215,10 +192,7 @@ def _reverse_names(model: nn.Module) -> Dict[str, str]:
     return names
 
 
-DIFFUSERS_SUFFIXES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
-                      ".lora.down.weight": "lora_down.weight", ".lora.up.weight": "lora_up.weight",
-                      ".lora_linear_layer.down.weight": "lora_down.weight",
-                      ".lora_linear_layer.up.weight": "lora_up.weight", ".alpha": "alpha"}
+DIFFUSERS_SUFFIXES = {k: v for u in UPDATES for k, v in u.DIFFUSERS_SUFFIXES.items()}  # diffusers / peft -> kohya
 
 
 def _split_modules(sd: Dict[str, torch.Tensor], source: str) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -238,29 +212,14 @@ def _split_modules(sd: Dict[str, torch.Tensor], source: str) -> Dict[str, Dict[s
 
 
 def _update(tensors: Dict[str, torch.Tensor], host: nn.Module, where: str) -> Update:
-    """One module's LoRAFactors or IA3Vector, checked against the module it goes on."""
-    conv = isinstance(host, nn.Conv2d)
-    n_in, n_out = host.weight.shape[1], host.weight.shape[0]
-    if set(tensors) == {"weight", "on_input"}:
-        on_input = bool(tensors["on_input"].item())
-        if tuple(tensors["weight"].shape) != ((n_in,) if on_input else (n_out,)):
-            raise AdapterDirError(f"{where}: (IA)^3 vector of shape {tuple(tensors['weight'].shape)} does not fit a "
-                                  f"module with {n_in} inputs and {n_out} outputs: the file was made for another model")
-        return IA3Vector(tensors["weight"], on_input)
-    if set(tensors) - {"alpha"} != {"lora_down.weight", "lora_up.weight"}:
-        raise AdapterDirError(f"{where}: tensors {', '.join(sorted(tensors))} are neither LoRA (lora_down.weight, "
-                              "lora_up.weight, alpha) nor (IA)^3 (weight, on_input); LyCORIS LoHa / LoKr / DoRA / "
-                              "full-diff modules are not supported here")
-    down, up = tensors["lora_down.weight"], tensors["lora_up.weight"]
-    if conv and down.dim() == 2 and up.dim() == 2:  # a Linear-shaped LoRA of a 1x1 conv: the same map
-        down, up = down[..., None, None], up[..., None, None]
-    rank, tail = down.shape[0], (1, 1) if conv else ()
-    if tuple(down.shape) != (rank, n_in, *tail) or tuple(up.shape) != (n_out, rank, *tail):
-        raise AdapterDirError(f"{where}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} do not fit a "
-                              f"{type(host).__name__} with {n_in} inputs and {n_out} outputs: the file was made for "
-                              "another model")
-    alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)  # kohya: no alpha means alpha = rank
-    return LoRAFactors(down, up, alpha)
+    """One module's Update, read by the update class whose tensor names these are, checked against the module."""
+    names = frozenset(tensors)
+    for cls in UPDATES:
+        if cls.claims(names):
+            return cls.from_tensors(tensors, host, where)
+    known = "; ".join(f"{cls.__name__} ({', '.join(sorted(cls.KOHYA_TENSORS | cls.KOHYA_OPTIONAL))})" for cls in UPDATES)
+    raise AdapterDirError(f"{where}: tensors {', '.join(sorted(names))} are none of the updates read here: {known}; "
+                          "LyCORIS LoHa / LoKr / DoRA / full-diff modules are not supported here")
 
 
 def _unknown_error(model: nn.Module, unknown: List[str], total: int, source: str) -> None:

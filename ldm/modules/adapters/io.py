@@ -1,6 +1,6 @@
 """Adapter directories: one adapter group as safetensors plus the config that built it, written atomically; the paper
 code's directories (one `<module path>.pt` state dict per adapter module), read safely; and, through the same
-`load_adapter_from_dir`, kohya / A1111 / diffusers LoRA and (IA)^3 `.safetensors` files (`ldm.modules.lora_export`).
+`load_adapter_from_dir`, kohya / A1111 / diffusers LoRA and (IA)^3 `.safetensors` files (`ldm.modules.adapters.files`).
 
 A group may span the UNet and the text encoder: `adapter_config.yaml` then holds `adapter_config` (the UNet's) and
 `cond_stage_adapter_config` (the text encoder's), and the text encoder's keys in `adapters.safetensors` start with
@@ -11,33 +11,30 @@ import os
 import shutil
 import tempfile
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 import yaml
 
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict, save_state_dict
-from ldm.modules.adapters import (DEFAULT_GROUP, AdapterConfigError, AdapterSpec, adapter_blocks, adapter_groups,
-                                  adapter_networks, adapter_state_dict, config_from_specs, describe, inject_adapters,
-                                  parse_adapter_config, remove_adapters)
+from ldm.modules.adapters.attach import (adapter_blocks, adapter_groups, adapter_networks, adapter_state_dict,
+                                         inject_adapters, network, restored_on_error)
+from ldm.modules.adapters.files import load_lora_file
+from ldm.modules.adapters.schema import config_from_specs, form_of, parse_adapter_config
+from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError, AdapterDirError, AdapterSpec, describe
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.yaml"
 WEIGHTS_FILE = "adapters.safetensors"
-# The original code's file names (Xiang-cd/unet-finetune, `UNetModel_inject.save_adapter_to_dir`)
-ORIGINAL_SUFFIX = {"transformer": ".adapter_inout.pt", "resblock": ".adapter.pt"}
-ORIGINAL_DUPLICATE = ".adapter_inout.adp.pt"  # the same tensors again under another prefix; ignored
+# The original code (Xiang-cd/unet-finetune, `UNetModel_inject.save_adapter_to_dir`) writes one file per block adapter,
+# named by the form's PAPER_SUFFIX, and the same tensors again under this suffix, which is ignored.
+ORIGINAL_DUPLICATE = ".adapter_inout.adp.pt"
 # per network role: its section of adapter_config.yaml and the prefix of its keys in adapters.safetensors
 SECTION = {"unet": "adapter_config", "cond_stage_model": "cond_stage_adapter_config"}
 KEY_PREFIX = {"unet": "", "cond_stage_model": "cond_stage_model."}
-
-
-class AdapterDirError(AdapterConfigError):
-    """An adapter directory that is missing, damaged, or made for another model or adapter config."""
 
 
 def save_adapter_to_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP) -> Path:
@@ -65,7 +62,7 @@ def save_adapter_to_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP) 
     try:
         save_state_dict(weights, str(tmp / WEIGHTS_FILE))
         text = yaml.safe_dump(config, sort_keys=False)
-        (tmp / CONFIG_FILE).write_text(f"# adapter group '{name}', written by ldm.modules.adapter_io\n{text}")
+        (tmp / CONFIG_FILE).write_text(f"# adapter group '{name}', written by ldm.modules.adapters\n{text}")
         _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +90,6 @@ def load_adapter_from_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        from ldm.modules.lora_export import load_lora_file  # it builds on this module
         return load_lora_file(model, str(path), name)
     if not path.is_dir():
         raise AdapterDirError(f"adapter directory not found: '{path}' (--adapter_path takes an adapter directory or a "
@@ -107,28 +103,6 @@ def load_adapter_from_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP
         else:
             _load_original(model, path, name, adapter_config)
     log.info("loaded adapter group '%s' (%s) from %s", name, describe(adapter_groups(model)[name]), path)
-
-
-@contextmanager
-def restored_on_error(model: nn.Module, name: str) -> Iterator[None]:
-    """Remove group `name` again if the block fails after injecting it: a failed load leaves the model as it was."""
-    injected = name not in adapter_groups(model)
-    try:
-        yield
-    except AdapterConfigError:
-        if injected and name in adapter_groups(model):
-            remove_adapters(model, name)
-        raise
-
-
-def network(model: nn.Module, role: str, source: str) -> nn.Module:
-    """The `role` network of `model`, or an error saying the source needs the whole model."""
-    nets = adapter_networks(model)
-    if role not in nets:
-        what = {"unet": "the UNet", "cond_stage_model": "the text encoder"}[role]
-        raise AdapterDirError(f"{source} adapts {what}, which this {type(model).__name__} does not contain: load it "
-                              f"into the whole model (LatentDiffusion), e.g. load_adapter_from_dir(model, path)")
-    return nets[role][1]
 
 
 def _read_config(path: Path) -> Dict[str, List[AdapterSpec]]:
@@ -186,14 +160,14 @@ def _load_original(model: nn.Module, path: Path, name: str, adapter_config: Any)
     unet = network(model, "unet", source)
     _ensure_group(unet, name, None if adapter_config is None else parse_adapter_config(adapter_config), source)
     sd, used, missing = {}, set(), []
-    for block_path, block, kind, _ in adapter_blocks(unet):
+    for block_path, block, _, _ in adapter_blocks(unet):
         group = block.adapters[name] if block.adapters is not None and name in block.adapters else None
         if group is None:
             continue
         if len(group) != 1:
             raise AdapterDirError(f"{source}: the original format holds one adapter per block, but group '{name}' has "
                                   f"{len(group)} on {block_path}")
-        file = block_path + ORIGINAL_SUFFIX[kind]
+        file = block_path + form_of(group[0].spec).PAPER_SUFFIX
         if not (path / file).is_file():
             missing.append(file)
             continue

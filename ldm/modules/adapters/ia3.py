@@ -7,14 +7,15 @@ vector is 1 + w). `learn_biases` adds a learned bias b after the rescaling (sd-i
 For SD v1 on the keys and values of attn1 and attn2 (sd-ia3's placement) this is 49,920 parameters. Keys:
 `<module>.adapters.<group>.<i>.weight` (and `.bias`).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.adapter_config import PROJECTION, AdapterConfigError, AdapterSpec, ProjectionOptions, register
+from ldm.modules.adapters.base import KEEP_AS_DIRECTORY, ProjectionForm, Update
+from ldm.modules.adapters.spec import AdapterConfigError, AdapterDirError, AdapterSpec, check_bool
 
 
 def _channels(v: torch.Tensor, host: nn.Module) -> torch.Tensor:
@@ -23,26 +24,60 @@ def _channels(v: torch.Tensor, host: nn.Module) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class IA3Vector:
-    """One module's (IA)^3 update as a plain tensor: W' = W * (1 + weight), on its input channels if `on_input`."""
+class IA3Vector(Update):
+    """One module's (IA)^3 update as a plain tensor: W' = W * (1 + weight), on its input channels if `on_input`.
+
+    In kohya / A1111 / LyCORIS files: `<module>.weight` and `<module>.on_input`."""
     weight: torch.Tensor
     on_input: bool
 
+    KOHYA_TENSORS = frozenset({"weight", "on_input"})
 
-@register(PROJECTION, "ia3")
-class IA3(ProjectionOptions, nn.Module):
+    @classmethod
+    def from_tensors(cls, tensors: Dict[str, torch.Tensor], host: nn.Module, where: str) -> "IA3Vector":
+        n_in, n_out = host.weight.shape[1], host.weight.shape[0]
+        on_input = bool(tensors["on_input"].item())
+        if tuple(tensors["weight"].shape) != ((n_in,) if on_input else (n_out,)):
+            raise AdapterDirError(f"{where}: (IA)^3 vector of shape {tuple(tensors['weight'].shape)} does not fit a "
+                                  f"module with {n_in} inputs and {n_out} outputs: the file was made for another model")
+        return cls(tensors["weight"], on_input)
+
+    def kohya_tensors(self, key: str) -> Dict[str, torch.Tensor]:
+        return {f"{key}.weight": self.weight, f"{key}.on_input": torch.tensor(self.on_input)}
+
+    def layout(self) -> tuple:
+        return "ia3", self.on_input
+
+    def config_entry(self, targets: list) -> Dict[str, Any]:
+        return {"type": "ia3", "target": targets, "on_input": self.on_input}
+
+    def adapter_tensors(self) -> Dict[str, torch.Tensor]:
+        return {"weight": self.weight}
+
+    def scaled(self, s: float) -> "IA3Vector":
+        return replace(self, weight=self.weight * s)
+
+
+class IA3(ProjectionForm):
     """Rescales a Linear's or 1x1 Conv2d's output channels by 1 + w (input channels with `on_input: true`)."""
-    OPTIONS = {**ProjectionOptions.OPTIONS, "on_input": False, "learn_biases": False}
+    NAME = "ia3"
+    TITLE = "(IA)^3"
+    OPTIONS = {**ProjectionForm.OPTIONS, "on_input": False, "learn_biases": False}
     INITS = ("zero",)  # the method's init: w = 0 is the identity
-    READS_BASE = True  # its addend depends on the host's weight, so merging another group under it changes it
+    READS_BASE = "rescales that module's base output"
+    UPDATE = IA3Vector
 
     @classmethod
     def check(cls, options: Dict[str, Any], where: str) -> Dict[str, Any]:
         options = super().check(options, where)
         for flag in ("on_input", "learn_biases"):
-            if not isinstance(options[flag], bool):
-                raise AdapterConfigError(f"{where}.{flag} must be true or false, got {options[flag]!r}")
+            check_bool(options[flag], f"{where}.{flag}")
         return options
+
+    @classmethod
+    def parameter_count(cls, spec: AdapterSpec, dim_in: int, dim_out: int) -> int:
+        width = dim_in if spec.option("on_input") else dim_out
+        return width * (2 if spec.option("learn_biases") else 1)
 
     def __init__(self, spec: AdapterSpec, host: nn.Module):
         super().__init__()
@@ -66,16 +101,16 @@ class IA3(ProjectionOptions, nn.Module):
         out = wx * _channels(self.weight, host)            # w * (W x), the bias of the host left alone
         return out if self.bias is None else out + _channels(self.bias, host)
 
-    def vector(self, strength: float = 1.0) -> IA3Vector:
-        """The update at `strength` as a plain tensor; (IA)^3 with learned biases has none."""
+    def update(self, scale: float = 1.0) -> IA3Vector:
+        """The update at `scale` as a plain tensor; (IA)^3 with learned biases has none."""
         if self.bias is not None:
             raise AdapterConfigError("(IA)^3 with learn_biases: true adds a bias the module does not have, so it can "
                                      "neither be merged into the weights nor written as a kohya/A1111 (IA)^3 file; "
-                                     "keep it as an adapter directory")
-        return IA3Vector(self.weight * strength, self.on_input)
+                                     f"{KEEP_AS_DIRECTORY}")
+        return IA3Vector(self.weight * scale, self.on_input)
 
     def delta_weight(self, host: nn.Module) -> torch.Tensor:
         """ΔW (fp32, host.weight's shape) with host(x) + self(x, host(x), host) = (W + ΔW) x."""
-        w = self.vector().weight.float()
+        w = self.update().weight.float()
         shape = [1, -1] if self.on_input else [-1, 1]
         return host.weight.float() * w.view(shape + [1] * (host.weight.dim() - 2))
