@@ -2,10 +2,12 @@
 the claim of docs/architecture.md that a new form is one class plus one registry line: a toy form added in this file
 alone works through injection, switches, training, directories and merging, with nothing else changed."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 
 from ldm.modules.adapters import (FORMS, POSITIONS, AdapterConfigError, ProjectionForm, adapter_blocks,
                                   adapter_parameters, adapters_enable, freeze_except_adapters, inject_adapters,
@@ -134,3 +136,16 @@ def test_a_new_form_works_everywhere_with_nothing_else_changed(with_gain, tiny_m
 def test_a_new_forms_bad_field_is_refused_with_its_name(with_gain, tiny_model):
     with pytest.raises(AdapterConfigError, match=r"projection_adp_config\[0\]\.bound must be a positive number"):
         inject_adapters(tiny_model.unet, {"projection_adp_config": [{"type": "gain", "target": ["to_q"], "bound": -1}]})
+
+
+def test_an_adapter_directory_written_before_the_package_moved_still_loads(tiny_model):
+    """tests/data/adapters-2923570: every form on the tiny model's UNet and text encoder, saved by the code at commit
+    2923570 (before ldm/modules/adapters/ existed), with the outputs that code computed."""
+    data = Path(__file__).parent / "data"
+    expected = load_file(str(data / "adapters-2923570-expected.safetensors"))
+    load_adapter_from_dir(tiny_model, str(data / "adapters-2923570"))
+    with torch.no_grad():  # equal up to float reordering (thread counts and CPUs differ); a wrong load is O(0.1) off
+        unet_out = tiny_model.unet(expected["x"], expected["t"], context=expected["c"])
+        text_out = tiny_model.cond_stage_model(["a photo of sks dog", "a painting"])
+    assert (unet_out - expected["unet_out"]).abs().max() < 1e-5
+    assert (text_out - expected["text_out"]).abs().max() < 1e-5
