@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 from omegaconf import OmegaConf
 
-from ldm.checkpoint import load_into, load_state_dict, save_state_dict
+from ldm.checkpoint import load_into, save_state_dict
 from ldm.models.diffusion.ddpm import is_added_key
 from ldm.modules.adapter_config import DEFAULT_GROUP, AdapterConfigError
 from ldm.modules.adapter_io import load_adapter_from_dir, save_adapter_to_dir
+from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.adapters import group_adapters, is_projection, remove_adapters, set_adapter_scale
 from ldm.modules.lora import LoRAFactors, mix_factors, stack_factors
 from ldm.modules.lora_export import FORMATS, install_updates, projection_updates, save_lora_file
@@ -77,7 +78,7 @@ def base_model(config: str, ckpt: Optional[str] = None) -> nn.Module:
     with torch.device("meta"):
         model = instantiate_from_config(cfg.model)
     if ckpt:
-        load_into(model, load_state_dict(ckpt), source=f"checkpoint '{ckpt}'", optional=is_added_key)
+        load_into(model, read_base_weights(ckpt), source=f"checkpoint '{ckpt}'", optional=is_added_key)
     return model
 
 
