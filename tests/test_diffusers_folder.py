@@ -17,6 +17,7 @@ from conftest import REPO, TINY_CONFIG, build_tiny
 from ldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from ldm.modules.adapter_io import save_adapter_to_dir
 from ldm.modules.adapters import adapters_enable, adapter_parameters, inject_adapters
+from ldm.modules import diffusers_folder
 from ldm.modules.diffusers_folder import DiffusersFolderError, read_base_weights, write_tokenizer
 from ldm.modules.diffusers_layout import (UNET_PREFIX, LayoutError, UNetStructure, from_diffusers, to_diffusers,
                                           text_path_from_diffusers, text_path_to_diffusers, unet_block_map,
@@ -191,10 +192,20 @@ def test_export_refuses_an_existing_folder(exported, tmp_path, capsys):
     with pytest.raises(SystemExit, match="already exists and is not empty"):
         export_diffusers.main(["--config", str(CONFIG), "--ckpt", str(CKPT), "--outdir", str(tmp_path / "full")])
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not list(tmp_path.glob(".tmp-*"))
-    with pytest.raises(SystemExit, match="error: checkpoint not found"):
+    with pytest.raises(SystemExit, match=r"error: checkpoint not found: .*nothing' \(pass an SD v1 .ckpt / "
+                                         r"\.safetensors file or a diffusers model folder\)"):
         export_diffusers.main(["--config", str(CONFIG), "--ckpt", str(tmp_path / "nothing"), "--outdir",
                                str(tmp_path / "new")])
     assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_export_leaves_nothing(ours, tmp_path, monkeypatch):
+    def fail(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(diffusers_folder, "write_tokenizer", fail)
+    with pytest.raises(OSError, match="disk full"):
+        diffusers_folder.write_diffusers_folder(ours.state_dict(), OmegaConf.load(CONFIG).model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- refusals -------------------------------------------------------------------------------------------------------

@@ -50,6 +50,9 @@ class DiffusersFolderError(CheckpointError):
 
 def read_base_weights(path: str) -> Dict[str, torch.Tensor]:
     """Base weights in the original SD v1 layout, from a `.ckpt`/`.safetensors` file or a diffusers model folder."""
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint not found: '{path}' (pass an SD v1 .ckpt / .safetensors file or a "
+                              "diffusers model folder)")
     return read_diffusers_folder(path) if Path(path).is_dir() else load_state_dict(path)
 
 
