@@ -38,7 +38,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("-t", "--train", action="store_true", help="train (without it: set up, check and stop)")
     p.add_argument("--no-test", action="store_true", help="accepted for CompVis compatibility; there is no test stage")
     p.add_argument("-r", "--resume", type=str, help="continue a run: its log dir or a checkpoint in it")
-    p.add_argument("--actual_resume", type=str, help="base weights: an SD v1 .ckpt or .safetensors")
+    p.add_argument("--actual_resume", type=str, help="base weights: an SD v1 .ckpt or .safetensors, or a diffusers model folder")
     p.add_argument("-n", "--name", type=str, default="", help="run name, the log dir's suffix")
     p.add_argument("-s", "--seed", type=int, default=23, help="global seed (the paper's default)")
     p.add_argument("-l", "--logdir", type=str, default="logs", help="parent folder of run log dirs")

@@ -21,9 +21,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ldm.checkpoint import load_into, load_state_dict
+from ldm.checkpoint import load_into
 from ldm.modules.adapters import (KIND_FIELDS, SECTIONS, AdapterConfigError, block_kind, form_fields, forms,
                                   is_added_key, section_value)
+from ldm.modules.diffusers_folder import read_base_weights
 from ldm.util import ConfigError, instantiate_from_config, parse_yaml_value
 
 CONFIG_ROOTS = ("model", "data", "lightning")
@@ -198,7 +199,8 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
 # ---- models from configs ----------------------------------------------------------------------------------------
 def build_base_model(config: DictConfig, ckpt: Optional[str] = None, meta: bool = True) -> torch.nn.Module:
     """The model of `config` without its adapter configs (the config is not changed), on the meta device by default
-    (no memory, no init: names and shapes for file work), with the weights of `ckpt` assigned when given."""
+    (no memory, no init: names and shapes for file work), with the weights of `ckpt` (a checkpoint file or a diffusers
+    folder) assigned when given."""
     config = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
     pop_adapter_configs(config)
     if "ckpt_path" in config.model.get("params", {}):
@@ -206,5 +208,5 @@ def build_base_model(config: DictConfig, ckpt: Optional[str] = None, meta: bool 
     with torch.device("meta") if meta else nullcontext():
         model = instantiate_from_config(config.model)
     if ckpt:
-        load_into(model, load_state_dict(ckpt), source=f"checkpoint '{ckpt}'", optional=is_added_key)
+        load_into(model, read_base_weights(ckpt), source=f"checkpoint '{ckpt}'", optional=is_added_key)
     return model

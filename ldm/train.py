@@ -80,7 +80,7 @@ def check_data_config(config: DictConfig) -> None:
             raise ConfigError("--reg_data_root is set but no class word: pass --class_word (e.g. dog), the class "
                               "the subject belongs to, so class images and prompts can be made")
     if not OmegaConf.select(config, "model.params.ckpt_path"):
-        raise ConfigError("no base weights: pass --actual_resume SD.ckpt (an SD v1 .ckpt or .safetensors)")
+        raise ConfigError("no base weights: pass --actual_resume SD.ckpt (an SD v1 .ckpt or .safetensors, or a diffusers folder)")
 
 
 # ---- log dir ----------------------------------------------------------------------------------------------------

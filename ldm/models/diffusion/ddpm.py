@@ -5,15 +5,15 @@ Only what SD v1 uses (Rombach et al. 2022): no pixel-space parent class, no VQ, 
 import logging
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.checkpoint import load_into, load_state_dict
+from ldm.checkpoint import load_into
 from ldm.modules.adapters import is_added_key
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.diffusers_folder import read_base_weights
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, schedule_buffers
 from ldm.util import default, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -81,28 +81,13 @@ class LatentDiffusion(pl.LightningModule):
     def register_schedule(self, beta_schedule: str, timesteps: int, linear_start: float, linear_end: float) -> None:
         """Buffers of the forward process and its posterior, in fp32 as in the original checkpoints."""
         betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end)
-        alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         self.num_timesteps = int(timesteps)
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-        }
-        for name, value in buffers.items():
+        for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
 
     def init_from_ckpt(self, path: str) -> None:
-        """Load an original SD v1 checkpoint; keys of added modules (adapters) may be absent from it."""
-        load_into(self, load_state_dict(path), source=f"checkpoint '{path}'", optional=is_added_key)
+        """Load an original SD v1 checkpoint or a diffusers folder; keys of added modules (adapters) may be absent."""
+        load_into(self, read_base_weights(path), source=f"checkpoint '{path}'", optional=is_added_key)
         log.info("loaded base weights from %s", path)
 
     @property

@@ -1,11 +1,9 @@
 """LoRA and (IA)^3 files other tools read: kohya / AUTOMATIC1111 / ComfyUI safetensors and diffusers'
 `pytorch_lora_weights.safetensors`, written from an adapter group and read back into one.
 
-Names. A module of our UNet is named by its diffusers path: the blocks map as in diffusers' LDM conversion
-(input_blocks.{k}.{0,1} -> down_blocks.{i}.{resnets,attentions}.{j}, middle_block.{0,1,2} -> mid_block.{resnets.0,
-attentions.0,resnets.1}, output_blocks.{k} -> up_blocks.{i}...), derived here from the UNet's own block structure, and
-names inside a transformer are the same in both. Text-encoder modules are named by transformers' CLIPTextModel paths
-(`text_model.encoder.layers.N.self_attn.q_proj`).
+Names. A module of our UNet is named by its diffusers path and a text-encoder module by transformers' CLIPTextModel
+path (`text_model.encoder.layers.N.self_attn.q_proj`), both from `ldm.modules.diffusers_layout`, which derives the
+UNet's block numbering from its structure numbers.
   kohya      `lora_unet_<diffusers path, . -> _>` / `lora_te_<CLIP path, . -> _>` + `.lora_down.weight`,
              `.lora_up.weight`, `.alpha` (ΔW = alpha / rank * up @ down); (IA)^3 as `.weight` + `.on_input`
              (LyCORIS / A1111: W' = W * (1 + weight)). Read back also: LDM-path names (`lora_unet_input_blocks_1_1_...`)
@@ -25,52 +23,19 @@ from ldm.modules.adapters.attach import (adapter_groups, adapter_networks, group
 from ldm.modules.adapters.base import Update
 from ldm.modules.adapters.schema import FORMS
 from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError, AdapterDirError
+from ldm.modules.diffusers_layout import UNetStructure, text_path_to_diffusers, unet_block_map, unet_path_to_diffusers
 
 UPDATES: Tuple[Type[Update], ...] = tuple(f.UPDATE for f in FORMS if getattr(f, "UPDATE", None))  # what files hold
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
 DIFFUSERS_PREFIX = {"unet": "unet", "cond_stage_model": "text_encoder"}
-RESNET_NAMES = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
-                "skip_connection": "conv_shortcut"}
-TOP_NAMES = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
-CLIP_ROOT = "transformer."  # FrozenCLIPEmbedder.transformer holds transformers' `text_model`
 
 
 # ---- names ------------------------------------------------------------------------------------------------------
-def unet_block_map(unet: nn.Module) -> Dict[str, str]:
-    """LDM path -> diffusers path of every ResBlock and SpatialTransformer of the UNet, from its structure numbers
-    (`channel_mult`, `num_res_blocks`, `attention_levels`): the block numbering of diffusers' LDM conversion."""
-    levels, per_level, attn = len(unet.channel_mult), unet.num_res_blocks, set(unet.attention_levels)
-    blocks: Dict[str, str] = {}
-    k = 1                                            # input_blocks.0 is the first conv
-    for level in range(levels):
-        for j in range(per_level):
-            blocks[f"input_blocks.{k}.0"] = f"down_blocks.{level}.resnets.{j}"
-            if level in attn:
-                blocks[f"input_blocks.{k}.1"] = f"down_blocks.{level}.attentions.{j}"
-            k += 1
-        k += level < levels - 1                      # the level's Downsample
-    blocks.update({"middle_block.0": "mid_block.resnets.0", "middle_block.1": "mid_block.attentions.0",
-                   "middle_block.2": "mid_block.resnets.1"})
-    for i, level in enumerate(reversed(range(levels))):
-        for j in range(per_level + 1):
-            k = i * (per_level + 1) + j
-            blocks[f"output_blocks.{k}.0"] = f"up_blocks.{i}.resnets.{j}"
-            if level in attn:
-                blocks[f"output_blocks.{k}.1"] = f"up_blocks.{i}.attentions.{j}"
-    return blocks
-
-
-def _diffusers_unet_path(path: str, blocks: Dict[str, str]) -> Optional[str]:
-    if path in TOP_NAMES:
-        return TOP_NAMES[path]
-    parts = path.split(".")
-    for n in (2, 3):
-        block, inner = ".".join(parts[:n]), ".".join(parts[n:])
-        if block in blocks and inner:
-            inner = RESNET_NAMES.get(inner) if ".resnets." in blocks[block] else inner
-            return f"{blocks[block]}.{inner}" if inner else None
-    return None
+def unet_blocks(unet: nn.Module) -> Dict[str, str]:
+    """LDM path -> diffusers path of every block of the UNet, from its structure numbers (`channel_mult`,
+    `num_res_blocks`, `attention_levels`): the block numbering of diffusers' LDM conversion."""
+    return unet_block_map(UNetStructure(len(unet.channel_mult), unet.num_res_blocks, frozenset(unet.attention_levels)))
 
 
 def external_names(model: nn.Module) -> Dict[str, str]:
@@ -78,14 +43,11 @@ def external_names(model: nn.Module) -> Dict[str, str]:
     names = {}
     for role, (prefix, net) in adapter_networks(model).items():
         root = f"{prefix}." if prefix else ""
-        blocks = unet_block_map(net) if role == "unet" else {}
+        blocks = unet_blocks(net) if role == "unet" else {}
         for path, m in net.named_modules():
             if not is_projection(m) or "adapters" in path.split("."):
                 continue
-            if role == "unet":
-                ext = _diffusers_unet_path(path, blocks)
-            else:
-                ext = path[len(CLIP_ROOT):] if path.startswith(CLIP_ROOT) else None
+            ext = unet_path_to_diffusers(path, blocks) if role == "unet" else text_path_to_diffusers(path)
             if ext is not None:
                 names[root + path] = f"{DIFFUSERS_PREFIX[role]}.{ext}"
     return names
