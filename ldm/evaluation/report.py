@@ -3,14 +3,12 @@ report.md that links them all with relative paths."""
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display is needed or used
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ldm.evaluation.anova import CONSTANT_NOTE, MetricAnalysis  # noqa: E402
+from ldm.evaluation.anova import CONSTANT_NOTE, MetricAnalysis
 
 PARAMETERS = "trainable_parameters"
 
@@ -57,7 +55,7 @@ def plot_levels(table: pd.DataFrame, metric: str, factor: str, path: Path) -> Pa
     data = table.dropna(subset=[metric])
     levels = level_order(data[factor])
     groups = [data.loc[data[factor].astype(str) == lv, metric].astype(float).to_numpy() for lv in levels]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(levels) + 2), 3.6))
+    fig, ax = _figure(figsize=(max(4.0, 0.7 * len(levels) + 2), 3.6))
     ax.boxplot(groups, widths=0.5, showfliers=False)
     jitter = np.random.default_rng(0)
     for i, g in enumerate(groups, start=1):
@@ -74,7 +72,7 @@ def plot_interaction(table: pd.DataFrame, metric: str, f1: str, f2: str, path: P
     data = table.dropna(subset=[metric]).astype({f1: str, f2: str})
     x_levels = level_order(data[f1])
     means = data.groupby([f2, f1])[metric].mean()
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(x_levels) + 2.5), 3.6))
+    fig, ax = _figure(figsize=(max(4.5, 0.7 * len(x_levels) + 2.5), 3.6))
     for lv in level_order(data[f2]):
         ys = [means.get((lv, x), np.nan) for x in x_levels]
         ax.plot(range(len(x_levels)), ys, marker="o", label=f"{f2}={lv}")
@@ -87,7 +85,7 @@ def plot_interaction(table: pd.DataFrame, metric: str, f1: str, f2: str, path: P
 def plot_parameters(table: pd.DataFrame, metric: str, color_by: Optional[str], path: Path) -> Path:
     """The metric against trainable parameters, one dot per run, coloured by a factor's levels."""
     data = table.dropna(subset=[metric, PARAMETERS])
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = _figure(figsize=(5.5, 3.8))
     groups = [(str(lv), data[data[color_by].astype(str) == lv]) for lv in level_order(data[color_by])] \
         if color_by else [("runs", data)]
     for label, g in groups:
@@ -101,10 +99,15 @@ def plot_parameters(table: pd.DataFrame, metric: str, color_by: Optional[str], p
     return save(fig, path)
 
 
-def save(fig, path: Path) -> Path:
+def _figure(figsize: Tuple[float, float]) -> Tuple[Figure, Axes]:
+    """A figure and its axes, drawn straight to a file by Agg (no pyplot, no display, no global backend switch)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
+def save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
