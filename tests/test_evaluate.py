@@ -342,27 +342,30 @@ def study_table(metric_of):
 def test_anova_of_a_constant_metric_reports_no_variance(tmp_path):
     """A metric equal in every run (e.g. adapters that could not learn) gave round-off as sums of squares and a
     partial eta² of -2.2 with an empty summary line; now every statistic is empty and the report says why."""
-    from ldm.evaluation.anova import CONSTANT_NOTE, analyse_metric
+    from ldm.evaluation.anova import CONSTANT_NOTE
+    from ldm.evaluation.study import analyse_metric
     from scripts import anova as anova_script
     table = study_table(lambda din, seed: 0.47455400228500366)
     result = analyse_metric(table, "tinyworld_i", ["din", "dout"])
-    assert CONSTANT_NOTE in result.notes and not result.tukey
+    assert CONSTANT_NOTE in result.notes and not result.levels and not result.pairs
     assert (result.anova.sum_sq == 0).all()
-    assert result.anova[["F", "p", "eta_sq", "partial_eta_sq"]].isna().all().all()
+    assert result.anova[["F", "p", "eta_sq", "partial_eta_sq", "partial_eta_sq_low"]].isna().all().all()
     table.to_csv(tmp_path / "results.csv", index=False)
     report = anova_script.main([str(tmp_path / "results.csv"), "--factors", "din", "dout"]).read_text()
-    assert f"- **tinyworld_i**: {CONSTANT_NOTE}" in report and "eta² ," not in report
+    findings = report.split("## Findings")[1].split("## tinyworld_i")[0]
+    assert f"- {CONSTANT_NOTE}." in findings and "drives" not in findings and "Top" not in findings
 
 
 def test_anova_credits_nothing_to_a_term_confounded_with_the_others():
     """din and dout that always change together: neither has a degree of freedom of its own, so each explains 0
     (not the round-off of two equal fits, which came out negative)."""
-    from ldm.evaluation.anova import analyse_metric
-    from ldm.evaluation.report import summary_lines
+    from ldm.evaluation.findings import metric_findings
+    from ldm.evaluation.study import analyse_metric
     result = analyse_metric(study_table(lambda din, seed: 0.4 + 0.1 * (din == "resi") + 0.01 * seed),
                             "tinyworld_i", ["din", "dout"])
     anova = result.anova.set_index("term")
     assert list(anova.loc[["din", "dout"], "df"]) == [0, 0] and (anova.loc[["din", "dout"], "sum_sq"] == 0).all()
     assert (anova.loc[["din", "dout"], ["eta_sq", "partial_eta_sq"]] == 0).all().all()
     assert anova.loc[["din", "dout"], "p"].isna().all() and "rank-deficient" in result.notes[0]
-    assert "din (eta² 0, p n/a: no df of its own)" in summary_lines([result], ["din", "dout"])[0]
+    assert "- din: no degree of freedom of its own (confounded with the other terms), so not tested." in \
+        metric_findings(result)

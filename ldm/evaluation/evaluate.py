@@ -19,7 +19,7 @@ from ldm.data.dreambooth import format_prompt, usable_images
 from ldm.evaluation.backends import EvaluationError, MetricBackend
 from ldm.evaluation.metrics import frechet_distance, load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
-from ldm.evaluation.table import upsert_row
+from ldm.evaluation.table import FID, PRIOR, PROMPT, SUBJECT, metric_column, upsert_row
 from ldm.modules.adapter_io import WEIGHTS_FILE, load_adapter_from_dir
 from ldm.modules.adapters import adapter_groups, adapter_parameters, adapters_enable, describe
 from ldm.util import image_grid, load_model_from_config, to_pil
@@ -145,12 +145,12 @@ def compute_metrics(metrics: Metrics, images: torch.Tensor, texts: Sequence[str]
     """{<backend>_i: subject fidelity, <backend>_t: prompt fidelity (text backends), fid} of one run's samples."""
     out = {}
     for name, backend in metrics.backends.items():
-        out[f"{name}_i"] = subject_fidelity(backend, images, references)
+        out[metric_column(name, SUBJECT)] = subject_fidelity(backend, images, references)
         if backend.has_text:
-            out[f"{name}_t"] = prompt_fidelity(backend, images, texts)
+            out[metric_column(name, PROMPT)] = prompt_fidelity(backend, images, texts)
     if metrics.fid is not None:
         reference = load_images(usable_images(metrics.fid_reference), images.shape[-1])
-        out["fid"] = frechet_distance(metrics.fid, images, reference)
+        out[FID] = frechet_distance(metrics.fid, images, reference)
     return out
 
 
@@ -170,7 +170,8 @@ def prior_metrics(model: torch.nn.Module, metrics: Metrics, prompt: str, size: i
             base = sample_images(model, *options)
         finally:
             adapters_enable(model, True)
-    return {f"{name}_prior": prior_preservation(backend, tuned, base) for name, backend in metrics.backends.items()}
+    return {metric_column(name, PRIOR): prior_preservation(backend, tuned, base)
+            for name, backend in metrics.backends.items()}
 
 
 def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device: torch.device) -> Dict[str, Any]:
