@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import CheckpointError, load_trained_parameters
 from ldm.data.dreambooth import format_prompt, usable_images
 from ldm.evaluation.backends import EvaluationError, MetricBackend
-from ldm.evaluation.metrics import frechet_distance, load_images, prior_preservation, prompt_fidelity, subject_fidelity
+from ldm.evaluation.fid import FrechetDistance
+from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.evaluation.table import FID, PRIOR, PROMPT, SUBJECT, metric_column, upsert_row
 from ldm.modules.adapter_io import WEIGHTS_FILE, load_adapter_from_dir
@@ -52,7 +53,7 @@ class EvalSettings:
 class Metrics:
     """The metric backends (by name) and, optionally, FID against reference images."""
     backends: Dict[str, MetricBackend] = field(default_factory=dict)
-    fid: Any = None  # a metric from ldm.evaluation.metrics.fid_metric
+    fid: Optional[FrechetDistance] = None  # one for all runs: it keeps the reference statistics
     fid_reference: Optional[str] = None
 
 
@@ -149,8 +150,7 @@ def compute_metrics(metrics: Metrics, images: torch.Tensor, texts: Sequence[str]
         if backend.has_text:
             out[metric_column(name, PROMPT)] = prompt_fidelity(backend, images, texts)
     if metrics.fid is not None:
-        reference = load_images(usable_images(metrics.fid_reference), images.shape[-1])
-        out[FID] = frechet_distance(metrics.fid, images, reference)
+        out[FID] = metrics.fid(images, metrics.fid_reference)
     return out
 
 
