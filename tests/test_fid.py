@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError
+from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, to_uint8
 from ldm.evaluation.evaluate import Metrics, compute_metrics
 from ldm.evaluation.fid import (FID_LAYER, FID_WEIGHTS, FrechetDistance, InceptionFeatures, fid_metric,
-                                frechet_distance, statistics, to_uint8)
+                                frechet_distance, statistics)
 from ldm.evaluation.metrics import load_images
 from scripts import evaluate as evaluate_script
 

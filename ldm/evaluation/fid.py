@@ -24,7 +24,7 @@ import torch
 
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.data.dreambooth import DataError, list_images, usable_images
-from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, require_path
+from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, require_path, to_uint8
 from ldm.evaluation.metrics import load_images
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,6 @@ FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inc
 FID_LAYER = "2048"  # the pool3 features of FID; torch-fidelity also offers "64", "192", "768" (not FID)
 BATCH = 32  # images per feature batch: fixed, so features never depend on how many images there are
 Statistics = Tuple[np.ndarray, np.ndarray]
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> uint8, rounded as ldm.util.to_pil rounds an image saved as PNG."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class InceptionFeatures:
