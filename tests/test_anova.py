@@ -164,11 +164,21 @@ def test_partial_eta_sq_interval_covers_the_truth():
         low, high = noncentrality_interval(din.F, 7, df2, 0.95)
         covered += partial_eta_sq(low, 7, df2) <= truth <= partial_eta_sq(high, 7, df2)
     assert 0.9 <= covered / 200 <= 0.99
-    # the report's columns are those ends
+    # the report's columns are those ends at 1 - 2 alpha: above 0 exactly when the F test is significant at alpha
     model.data["tinyworld_i"] = 0.54 + effect + rng.normal(0, sd, len(data))
     din = row(anova_table(model, alpha=0.05)[0], "din")
-    ends = noncentrality_interval(din.F, 7, df2, 0.95)
+    ends = noncentrality_interval(din.F, 7, df2, 0.90)
     assert (din.partial_eta_sq_low, din.partial_eta_sq_high) == tuple(partial_eta_sq(e, 7, df2) for e in ends)
+
+
+def test_partial_eta_sq_interval_excludes_zero_exactly_when_significant():
+    for seed in range(12):
+        table = pairs_design(seed, din_effect={"attn2o": 0.004}, seed_shift=0.0)
+        anova = analyse_metric(table, "tinyworld_i", ["din", "dout"], blocks=["seed"]).anova
+        for term in ("din", "dout", "seed"):
+            t = row(anova, term)
+            assert (t.partial_eta_sq_low > 1e-9) == (t.p < 0.05), (seed, term, t.p, t.partial_eta_sq_low)
+            assert t.partial_eta_sq_low <= t.partial_eta_sq_high
 
 
 def test_detectable_effect_has_the_stated_power():

@@ -10,7 +10,8 @@ freedom and credit confounded variance to no single term; for full-rank designs 
 Effect sizes: eta² = SS_T / SS_total, partial eta² = SS_T / (SS_T + SS_residual). The confidence interval of partial
 eta² inverts the noncentral F distribution of the term's F statistic (Steiger 2004): the noncentralities lambda at the
 interval's ends map to lambda / (lambda + df_T + df_residual + 1), the convention of R's effectsize; the interval for
-lambda is exact under the model's normal errors. (A bootstrap over runs is not used: with two runs per design point,
+lambda is exact under the model's normal errors. Its level is 1 - 2 alpha (90 % at alpha 0.05), the two-sided
+interval whose lower end is above 0 exactly when the F test is significant at alpha (Steiger 2004). (A bootstrap over runs is not used: with two runs per design point,
 resampling duplicates runs, shrinks the residual and inflates eta².) The power column gives the smallest partial eta²
 (same mapping) that the F test detects with 80 % power at alpha.
 """
@@ -247,7 +248,7 @@ def partial_eta_sq(noncentrality: float, df1: int, df2: int) -> float:
 
 
 def effect_sizes(table: pd.DataFrame, total: float, alpha: float) -> pd.DataFrame:
-    """eta², partial eta² with its (1 - alpha) interval, and the partial eta² the F test detects with POWER."""
+    """eta², partial eta² with its (1 - 2 alpha) interval, and the partial eta² the F test detects with POWER."""
     table = table.copy()
     residual = table.loc[table.term == "Residual"].iloc[0]
     table["eta_sq"] = table["sum_sq"] / total
@@ -255,7 +256,8 @@ def effect_sizes(table: pd.DataFrame, total: float, alpha: float) -> pd.DataFram
     low, high, detectable = [], [], []
     for row in table.itertuples():
         tested = row.kind != "residual" and row.df > 0 and residual.df > 0 and np.isfinite(row.F)
-        nc = noncentrality_interval(row.F, row.df, residual.df, 1 - alpha) if tested else (np.nan, np.nan)
+        nc = noncentrality_interval(row.F, row.df, residual.df, 1 - 2 * alpha) if tested and alpha < 0.5 \
+            else (np.nan, np.nan)
         low.append(partial_eta_sq(nc[0], row.df, residual.df))
         high.append(partial_eta_sq(nc[1], row.df, residual.df))
         d = detectable_noncentrality(row.df, residual.df, alpha) if tested else np.nan

@@ -55,7 +55,7 @@ def term_sentence(r: MetricAnalysis, row: pd.Series) -> str:
     test = f"F({int(row.df)}, {int(r.term('Residual').df)}) = {num(row.F)}, {p_text(row.p)}"
     if row.p < r.alpha:
         return (f"- **{name} drives {r.metric}**: {test}; eta² {share(row.eta_sq)}, partial eta² "
-                f"{share(row.partial_eta_sq)} ({confidence(r.alpha)} CI {share(row.partial_eta_sq_low)} to "
+                f"{share(row.partial_eta_sq)} ({confidence(2 * r.alpha)} CI {share(row.partial_eta_sq_low)} to "
                 f"{share(row.partial_eta_sq_high)}).")
     return (f"- {name}: not significant ({test}; eta² {share(row.eta_sq)}); with these runs the F test detects "
             f"(80% power) effects of partial eta² {share(row.detectable_partial_eta_sq)} or more.")
@@ -107,6 +107,20 @@ def lead_text(rank: dict, pairs: pd.DataFrame) -> str:
     return text + "."
 
 
+def separated_sentence(what: str, pairs: pd.DataFrame, alpha: float, limit: int = 12) -> str:
+    """How many pairs of levels the adjusted comparisons separate, and (up to `limit`) which, larger first."""
+    tested = pairs[pairs.estimable]
+    hits = tested[tested.separated].sort_values("p_holm", kind="stable")
+    scope = f"the {len(tested)} estimable pairs" + \
+        (f" ({len(pairs) - len(tested)} more are not estimable)" if len(tested) < len(pairs) else "")
+    if hits.empty:
+        return f"- {what}: none of {scope} is separated (Holm-adjusted p < {alpha})."
+    shown = [f"{a} > {b} by {num(d, 2)}" if d > 0 else f"{b} > {a} by {num(-d, 2)}"
+             for a, b, d in zip(hits.level_a, hits.level_b, hits["diff"])][:limit]
+    listed = f": {'; '.join(shown)}" + (f"; and {len(hits) - len(shown)} more" if len(hits) > len(shown) else "")
+    return f"- {what}: {len(hits)} of {scope} separated (Holm-adjusted p < {alpha}){listed if shown else ''}."
+
+
 def metric_findings(r: MetricAnalysis) -> List[str]:
     """The sentences about one metric."""
     lines = [f"**{r.metric}** ({describe_metric(r.metric)}; {r.n} runs):", ""]
@@ -118,6 +132,7 @@ def metric_findings(r: MetricAnalysis) -> List[str]:
     for f in r.model.factors:
         if r.term(f).p < r.alpha:
             lines.append(ranking_sentence(r, f, r.levels[f], r.pairs[f]))
+            lines.append(separated_sentence(f"Pairs of {f}", r.pairs[f], r.alpha))
     if r.points is not None:
         test = r.point_test
         verdict = "differ" if test.p < r.alpha else "do not differ significantly"
@@ -125,6 +140,8 @@ def metric_findings(r: MetricAnalysis) -> List[str]:
         lines.append(f"- The {len(r.points)} design points ({what}) {verdict} (one-way F({int(test.df)}, "
                      f"{int(test.df_resid)}) = {num(test.F)}, {p_text(test.p)}).")
         lines.append(ranking_sentence(r, f"{POINT} ({what})", r.points, r.point_pairs))
+        if test.p < r.alpha:
+            lines.append(separated_sentence("Pairs of design points", r.point_pairs, r.alpha, limit=0))
     return lines + [""]
 
 
@@ -136,7 +153,7 @@ def correlation_sentences(table: pd.DataFrame, alpha: float) -> List[str]:
             lines.append(f"- {row.metric_a} and {row.metric_b}: no correlation computable ({row.n} runs with both, "
                          "or a constant metric).")
             continue
-        numbers = (f"r = {num(row.r, 2)} ({confidence(alpha)} CI {num(row.low, 2)} to {num(row.high, 2)}), "
+        numbers = (f"r = {num(row.r, 2)}, {confidence(alpha)} CI {num(row.low, 2)} to {num(row.high, 2)}, "
                    f"{p_text(row.p)}, Holm-adjusted {num(row.p_holm, 2)}, {row.n} runs")
         if row.significant:
             sign = "positively" if row.r > 0 else "negatively"

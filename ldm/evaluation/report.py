@@ -58,9 +58,9 @@ def file_stem(name: str) -> str:
 
 # ---- plots ------------------------------------------------------------------------------------------------------
 def plot_levels(table: pd.DataFrame, metric: str, factor: str, path: Path,
-                levels: Optional[pd.DataFrame] = None) -> Path:
+                levels: Optional[pd.DataFrame] = None, interval: str = "95%") -> Path:
     """The metric by level of one factor: a box per level, every run as a dot, the mean as a diamond with its
-    confidence interval (from the level table)."""
+    confidence interval (from the level table) beside it."""
     data = table.dropna(subset=[metric])
     order = levels_of(data[factor])
     groups = [data.loc[data[factor].astype(str) == lv, metric].astype(float).to_numpy() for lv in order]
@@ -76,7 +76,8 @@ def plot_levels(table: pd.DataFrame, metric: str, factor: str, path: Path,
                     ci["high"] - ci["mean"]], fmt="none", ecolor="tab:red", capsize=3, zorder=4)
     rotate = len(order) > 4
     ax.set_xticks(range(1, len(order) + 1), order, rotation=45 if rotate else 0, ha="right" if rotate else "center")
-    ax.set(xlabel=factor, ylabel=metric, title=f"{metric} by {factor}")
+    title = f"{metric} by {factor}" + (f" (red: mean, {interval} interval)" if levels is not None else "")
+    ax.set(xlabel=factor, ylabel=metric, title=title)
     return save(fig, path)
 
 
@@ -132,8 +133,9 @@ def comparison_lines(r: MetricAnalysis, name: str, levels: pd.DataFrame, pairs: 
         shown = shown[(shown.level_a == top) | (shown.level_b == top)]
     lines = [f"Levels of {name}, mean of the runs and EMM with {confidence(r.alpha)} intervals "
              f"(`levels-{stem}.csv`):", "", markdown_table(order), "",
-             f"Pairwise comparisons of {name} (diff = a - b of the EMMs, adjusted for the other terms; Holm p; "
-             f"Bonferroni interval; mdd = difference detected with 80% power) (`pairs-{stem}.csv`"
+             f"Pairwise comparisons of {name} (diff = a - b of the EMMs, adjusted for the other terms; p_holm "
+             f"decides `separated`; low/high: the simultaneous Bonferroni interval, which can be wider than Holm's "
+             f"decisions; mdd: the difference detected with 80% power) (`pairs-{stem}.csv`"
              f"{', all pairs' if name == POINT else ''}):", "", markdown_table(shown), ""]
     hidden = int((~pairs.estimable).sum())
     if hidden:
@@ -155,7 +157,8 @@ def metric_section(table: pd.DataFrame, r: MetricAnalysis, pairs: Sequence[Tuple
         lines += comparison_lines(r, f, r.levels[f], r.pairs[f], outdir)
     if r.points is not None:
         lines += comparison_lines(r, POINT, r.points, r.point_pairs, outdir)
-    plots = [plot_levels(table, m, f, outdir / "plots" / f"{m}-by-{f}.png", r.levels.get(f)) for f in factors]
+    plots = [plot_levels(table, m, f, outdir / "plots" / f"{m}-by-{f}.png", r.levels.get(f), confidence(r.alpha))
+             for f in factors]
     plots += [plot_interaction(table, m, a, b, outdir / "plots" / f"{m}-{a}-x-{b}.png") for a, b in pairs]
     if PARAMETERS in table.columns:
         plots.append(plot_parameters(table, m, factors[0], outdir / "plots" / f"{m}-vs-parameters.png"))
@@ -165,7 +168,8 @@ def metric_section(table: pd.DataFrame, r: MetricAnalysis, pairs: Sequence[Tuple
 
 METHOD = """How to read it: each metric is fitted by least squares on the factors as categories{blocks}. A factor
 *drives* a metric only when its Type II F test is significant at alpha; eta² is its share of the metric's variance,
-partial eta² its share after the other terms, with an interval from the noncentral F distribution. A level is called
+partial eta² its share after the other terms, with a 1 - 2 alpha interval from the noncentral F distribution (above 0
+exactly when the test is significant). A level is called
 *best* only when its comparisons (differences of estimated marginal means, adjusted for the other terms,
 Holm-adjusted over the factor's pairs) separate it from every other level; otherwise it is the *top* one, not
 separated from the others. Pairs the design cannot estimate (levels that only occur together with one level of
