@@ -69,7 +69,7 @@ def print_status(sweep_dir: str, verbose: bool) -> Dict[str, List[str]]:
     return by_state
 
 
-def job_lines(opt: argparse.Namespace) -> list:
+def job_lines(opt: argparse.Namespace) -> List[str]:
     """One shell command per run that is not done: this script with --run_index, run from this folder (the sweep
     file's relative paths are taken from it); each job prepares the sweep folder itself. Nothing is written here."""
     _, _, grid = plan(opt.spec, opt.sweep_dir)
