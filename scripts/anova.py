@@ -30,7 +30,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", help="the results CSV of scripts/evaluate.py")
     p.add_argument("--factors", nargs="+", help="factor columns (default: the sweep's factors except seed)")
-    p.add_argument("--metrics", nargs="+", help="metric columns (default: every <backend>_i, <backend>_t, <backend>_prior, fid)")
+    p.add_argument("--metrics", nargs="+",
+                   help="metric columns (default: every <backend>_i, <backend>_t, <backend>_prior, fid)")
     p.add_argument("--interactions", nargs="*", default=[], metavar="A:B", help="interaction terms, e.g. din:dout")
     p.add_argument("--blocks", nargs="*", help="replicate columns modelled as additive blocks (default: seed, when "
                                                 "the table has it with 2 or more levels; --blocks alone for none)")

@@ -73,8 +73,8 @@ def test_fid_equals_torch_fidelity_on_the_same_files(tmp_path, inception_weights
     expected = theirs["frechet_inception_distance"]
     assert expected > 1e-3  # the sets differ: a real distance, not round-off
     assert value == pytest.approx(expected, rel=1e-6)
-    if layer == FID_LAYER:  # fid_metric builds exactly this
-        assert fid_metric(str(inception_weights))(samples, str(reference)) == value
+    assert ours.features.model.features_list == [layer]
+    assert fid_metric(str(inception_weights)).features.model.features_list == [FID_LAYER]  # what FID uses
 
 
 class Counting:

@@ -5,17 +5,21 @@ The model of a metric: OLS on the design's factors as categories, plus blocks (r
 factor), plus chosen interactions. Type II sums of squares: SS(T | every term that does not contain T), computed by
 comparing nested least-squares fits with degrees of freedom from their ranks, so designs where some levels of
 different factors only occur together (the 20 position pairs: `attn2c` only with `attn2c`) get the right degrees of
-freedom and credit confounded variance to no single term; for full-rank designs this equals statsmodels' `anova_lm(typ=2)`.
+freedom and credit confounded variance to no single term; for full-rank designs this equals statsmodels'
+`anova_lm(typ=2)`.
 
 Effect sizes: eta² = SS_T / SS_total, partial eta² = SS_T / (SS_T + SS_residual). The confidence interval of partial
 eta² inverts the noncentral F distribution of the term's F statistic (Steiger 2004): the noncentralities lambda at the
 interval's ends map to lambda / (lambda + df_T + df_residual + 1), the convention of R's effectsize; the interval for
 lambda is exact under the model's normal errors. Its level is 1 - 2 alpha (90 % at alpha 0.05), the two-sided
-interval whose lower end is above 0 exactly when the F test is significant at alpha (Steiger 2004). (A bootstrap over runs is not used: with two runs per design point,
-resampling duplicates runs, shrinks the residual and inflates eta².) The power column gives the smallest partial eta²
-(same mapping) that the F test detects with 80 % power at alpha.
+interval whose lower end is above 0 exactly when the F test is significant at alpha (Steiger 2004). A bootstrap over
+runs is not used: with two runs per design point, resampling duplicates runs and shrinks the residual (on the
+tiny-world study's results from 0.31 of the variance to a median 0.19 over 300 resamples), which inflates partial
+eta². The power column gives the smallest partial eta² (same mapping) that the F test detects with 80 % power at
+alpha.
 """
 import itertools
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -41,7 +45,7 @@ class AnalysisError(ValueError):
 
 def check_alpha(alpha: float) -> float:
     """alpha in (0, 1), or an error that says so."""
-    if not isinstance(alpha, (int, float)) or not 0 < alpha < 1:  # NaN fails both comparisons
+    if not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:  # NaN fails both comparisons
         raise AnalysisError(f"the significance level alpha must be between 0 and 1 (exclusive), got {alpha}: "
                             "e.g. --alpha 0.05")
     return float(alpha)

@@ -10,13 +10,14 @@ Subject fidelity (DINO, CLIP-I of DreamBooth, Ruiz et al. 2023) is the mean cosi
 `image_features` to the instance images'; prompt fidelity (CLIP-T) is the mean `text_image_score`
 (`ldm.evaluation.metrics`).
 
-Preprocessing follows the metric models' own image processors in transformers (its torchvision backend), so scores
-are comparable with numbers computed that way (`Preprocess`): samples in [0, 1] are first rounded to uint8, as a PNG
-of them would be.
+Preprocessing follows the metric models' own image processors in transformers (the torchvision backend, transformers
+5's default), so scores are comparable with numbers computed that way (`Preprocess`): samples in [0, 1] are first
+rounded to uint8, as a PNG of them would be. (transformers' PIL backend, the default before version 5, resizes with
+PIL: on the test images up to one 8-bit level per pixel apart.)
 - dino (DreamBooth's DINO score, Ruiz et al. 2023: the CLS token of DINO ViT-S/16): the preprocessor_config.json of
   facebook/dino-vits16 (ViTImageProcessor): resize to 224x224 (bilinear, antialiased; no crop, the aspect ratio is
   not kept), ImageNet mean/std. The DreamBooth paper does not publish its preprocessing; the DINO repository's own
-  evaluation resizes the shorter side to 256 (bicubic) and centre-crops 224, which gives slightly different numbers.
+  evaluation is another protocol (shorter side to 256, bicubic, centre crop 224).
 - clip (CLIP-I, CLIP-T): CLIPImageProcessor's: resize the shorter side to 224 (bicubic, antialiased), centre crop
   224x224, CLIP's mean/std. 224 is the model's `image_size` (336 for the -336 CLIPs) in both.
 
@@ -141,6 +142,8 @@ class MetricBackend:
 
     def prepare(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> preprocessed for the model, on `device`."""
+        if self.preprocess is None:
+            raise EvaluationError(f"the {type(self).__name__} backend sets no `preprocess` (a Preprocess)")
         return self.preprocess(images).to(device)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

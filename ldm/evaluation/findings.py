@@ -13,9 +13,10 @@ from typing import List, Sequence
 import numpy as np
 import pandas as pd
 
+from ldm.evaluation.anova import CONSTANT_NOTE
 from ldm.evaluation.comparisons import ranking
 from ldm.evaluation.study import POINT, MetricAnalysis
-from ldm.evaluation.table import METRIC_SUFFIXES, FID
+from ldm.evaluation.table import FID, METRIC_SUFFIXES, higher_is_better
 
 FACTOR_KINDS = ("factor", "interaction")
 
@@ -43,7 +44,7 @@ def confidence(alpha: float) -> str:
 def describe_metric(metric: str) -> str:
     """'tinyworld_i' -> 'subject fidelity, higher is better'."""
     kind = next((k for s, k in METRIC_SUFFIXES.items() if metric.endswith(s)), "FID" if metric == FID else "")
-    direction = "lower is better" if metric == FID else "higher is better"
+    direction = "higher is better" if higher_is_better(metric) else "lower is better"
     return f"{kind}, {direction}" if kind else direction
 
 
@@ -54,9 +55,10 @@ def term_sentence(r: MetricAnalysis, row: pd.Series) -> str:
         return f"- {name}: no degree of freedom of its own (confounded with the other terms), so not tested."
     test = f"F({int(row.df)}, {int(r.term('Residual').df)}) = {num(row.F)}, {p_text(row.p)}"
     if row.p < r.alpha:
+        interval = (f" ({confidence(2 * r.alpha)} CI {share(row.partial_eta_sq_low)} to "
+                    f"{share(row.partial_eta_sq_high)})") if r.alpha < 0.5 else ""
         return (f"- **{name} drives {r.metric}**: {test}; eta² {share(row.eta_sq)}, partial eta² "
-                f"{share(row.partial_eta_sq)} ({confidence(2 * r.alpha)} CI {share(row.partial_eta_sq_low)} to "
-                f"{share(row.partial_eta_sq_high)}).")
+                f"{share(row.partial_eta_sq)}{interval}.")
     return (f"- {name}: not significant ({test}; eta² {share(row.eta_sq)}); with these runs the F test detects "
             f"(80% power) effects of partial eta² {share(row.detectable_partial_eta_sq)} or more.")
 
@@ -125,7 +127,7 @@ def metric_findings(r: MetricAnalysis) -> List[str]:
     """The sentences about one metric."""
     lines = [f"**{r.metric}** ({describe_metric(r.metric)}; {r.n} runs):", ""]
     if r.constant:
-        return lines + [f"- {r.notes[-1]}.", ""]
+        return lines + [f"- {CONSTANT_NOTE}.", ""]
     terms = r.anova[r.anova.kind.isin(FACTOR_KINDS)].sort_values("eta_sq", ascending=False, kind="stable")
     lines += [term_sentence(r, row) for _, row in terms.iterrows()]
     lines += [block_sentence(r, row) for _, row in r.anova[r.anova.kind == "block"].iterrows()]
