@@ -15,7 +15,7 @@ from conftest import REPO, build_tiny
 from ldm.checkpoint import save_state_dict
 from ldm.evaluation import backends
 from ldm.evaluation.backends import (EvaluationError, MetricBackend, WeightsNotFoundError, backend_names,
-                                     get_backend, register_backend)
+                                     get_backend)
 from ldm.evaluation.fid import fid_metric
 from ldm.evaluation.metrics import cosine_matrix, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
@@ -134,26 +134,23 @@ def test_missing_weights_are_named(tmp_path, tiny_dino):
         evaluate_script.main([str(tmp_path), "--metric", f"dino={tmp_path / 'nowhere'}"])
 
 
-def test_registration_hook_imports_lazy_backends_by_name(tmp_path, monkeypatch):
-    """The tiny world's backend plugs in as 'tinyworld' this way; here a stand-in module registers 'fakeworld'."""
-    assert "tinyworld" in backend_names()
+def test_backends_are_listed_by_path_and_imported_when_asked_for(tmp_path, monkeypatch):
+    """A backend is one line of BACKENDS (name -> dotted path); its module is imported only when it is asked for."""
+    assert {"dino", "clip", "tinyworld"} <= set(backend_names())
     (tmp_path / "fakeworld_metrics.py").write_text(
-        "from ldm.evaluation.backends import MetricBackend, register_backend\n"
-        "@register_backend('fakeworld')\n"
+        "from ldm.evaluation.backends import MetricBackend\n"
         "class Fake(MetricBackend):\n"
         "    def __init__(self, weights=None, device=None):\n"
         "        self.weights = weights\n"
         "    def image_features(self, images):\n"
         "        return images.flatten(1)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(backends.LAZY_BACKENDS, "fakeworld", "fakeworld_metrics")
-    monkeypatch.setitem(backends.LAZY_BACKENDS, "elsewhere", "no_such_module_anywhere")
-    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    monkeypatch.setitem(backends.BACKENDS, "fakeworld", "fakeworld_metrics.Fake")
+    monkeypatch.setitem(backends.BACKENDS, "elsewhere", "no_such_module_anywhere.Backend")
+    assert "fakeworld_metrics" not in sys.modules
     assert get_backend("fakeworld", "w").weights == "w"
-    with pytest.raises(EvaluationError, match="lives in no_such_module_anywhere, which cannot be imported"):
+    with pytest.raises(EvaluationError, match="cannot be loaded from no_such_module_anywhere.Backend"):
         get_backend("elsewhere")
-    register_backend("direct")(MeanColour)
-    assert isinstance(get_backend("direct"), MeanColour)
     sys.modules.pop("fakeworld_metrics", None)
 
 

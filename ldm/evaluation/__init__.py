@@ -7,5 +7,4 @@ prior preservation), `fid` (FID as torch-fidelity computes it), `sampling`, `eva
 `comparisons` (levels, adjusted pairs, correlations), `study` (per metric), `findings` (sentences from the numbers)
 and `report` (files). The command lines are scripts/evaluate.py and scripts/anova.py.
 """
-from ldm.evaluation.backends import (EvaluationError, MetricBackend, WeightsNotFoundError, get_backend,  # noqa: F401
-                                     register_backend)
+from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, get_backend  # noqa: F401

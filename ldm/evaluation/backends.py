@@ -21,13 +21,10 @@ PIL: on the test images up to one 8-bit level per pixel apart.)
 - clip (CLIP-I, CLIP-T): CLIPImageProcessor's: resize the shorter side to 224 (bicubic, antialiased), centre crop
   224x224, CLIP's mean/std. 224 is the model's `image_size` (336 for the -336 CLIPs) in both.
 
-Registering a backend: decorate its class (or a factory function) with `@register_backend("name")`. A backend whose
-module should only be imported when it is asked for is listed in LAZY_BACKENDS (name -> module); `get_backend`
-imports that module, and the module registers the name on import. The tiny world's offline metric models (issue 5)
-plug in this way: `ldm/tinyworld/metrics.py` defines its backend class with `@register_backend("tinyworld")` and the
-interface above (`weights` may be None when it ships its own).
+A new backend is one line in BACKENDS: its name and the dotted path of its class or factory, imported only when the
+backend is asked for (so the tiny world's probe, `ldm.tinyworld.metrics`, and transformers load on demand); its
+`weights` may be None when it ships its own.
 """
-import importlib
 import json
 import logging
 import os
@@ -42,6 +39,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
+from ldm.util import ConfigError, get_obj_from_str
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +52,12 @@ class WeightsNotFoundError(EvaluationError):
     """A metric model's local weight file or folder is missing."""
 
 
-BACKENDS: Dict[str, Callable[..., "MetricBackend"]] = {}
-LAZY_BACKENDS = {"tinyworld": "ldm.tinyworld.metrics"}  # name -> module that registers it on import
+# The backends by name: the dotted path of each factory, imported when the backend is asked for.
+BACKENDS: Dict[str, str] = {
+    "dino": "ldm.evaluation.backends.DinoBackend",
+    "clip": "ldm.evaluation.backends.ClipBackend",
+    "tinyworld": "ldm.tinyworld.metrics.tinyworld_backend",
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # facebook/dino-vits16 (Caron et al. 2021): the architecture of a bare weights file without its config.json
@@ -64,29 +66,19 @@ DINO_VITS16 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                    patch_size=16, image_size=224, qkv_bias=True, layer_norm_eps=1e-6)
 
 
-def register_backend(name: str) -> Callable:
-    """Decorator: make a backend class or factory available as `name` (see the module docstring)."""
-    def wrap(factory: Callable) -> Callable:
-        BACKENDS[name] = factory
-        return factory
-    return wrap
-
-
 def backend_names() -> List[str]:
-    return sorted(set(BACKENDS) | set(LAZY_BACKENDS))
+    return sorted(BACKENDS)
 
 
 def get_backend(name: str, weights: Optional[str] = None, device: Optional[torch.device] = None) -> "MetricBackend":
-    """Build the backend registered as `name` from local `weights`."""
-    if name not in BACKENDS and name in LAZY_BACKENDS:
-        try:
-            importlib.import_module(LAZY_BACKENDS[name])
-        except ModuleNotFoundError as e:
-            raise EvaluationError(f"metric backend '{name}' lives in {LAZY_BACKENDS[name]}, which cannot be imported "
-                                  f"({e})") from None
+    """Build the backend `name` of BACKENDS from local `weights`."""
     if name not in BACKENDS:
         raise EvaluationError(f"unknown metric backend '{name}'; known: {', '.join(backend_names())}")
-    return BACKENDS[name](weights=weights, device=torch.device(device or "cpu"))
+    try:
+        factory = get_obj_from_str(BACKENDS[name])
+    except ConfigError as e:
+        raise EvaluationError(f"metric backend '{name}' cannot be loaded from {BACKENDS[name]}: {e}") from None
+    return factory(weights=weights, device=torch.device(device or "cpu"))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -209,7 +201,6 @@ def _load_transformers(cls_name: str, path: Path, backend: str, default_config: 
     return model.eval()
 
 
-@register_backend("dino")
 class DinoBackend(MetricBackend):
     """DINO ViT-S/16 (Caron et al. 2021) CLS features, as DreamBooth's DINO score, via transformers' ViTModel."""
 
@@ -227,7 +218,6 @@ class DinoBackend(MetricBackend):
         return self.model(pixel_values=x).last_hidden_state[:, 0].float()  # (B, D): the CLS token
 
 
-@register_backend("clip")
 class ClipBackend(MetricBackend):
     """CLIP (Radford et al. 2021) image and text embeddings via transformers' CLIPModel: CLIP-I and CLIP-T."""
     has_text = True
