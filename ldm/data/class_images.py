@@ -23,7 +23,7 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _noise(seed: int, number: int, shape: Sequence[int]) -> torch.Tensor:
+def class_image_noise(seed: int, number: int, shape: Sequence[int]) -> torch.Tensor:
     """x_T of image `number`: drawn on the CPU from (seed, number), so it does not depend on batching or device."""
     # torch's CPU generator keeps only the low 32 bits of a seed, so mix (seed, number) within them.
     return seed_noise((seed * 1_000_003 + number) % 2 ** 32, shape)
@@ -50,7 +50,8 @@ def ensure_class_images(model: torch.nn.Module, folder: Union[str, Path], class_
     size = size or model.pixel_size
     first = _next_number(folder)
     numbers = range(first, first + missing)
-    noise = torch.stack([_noise(seed, k, model.latent_shape(size, size)) for k in numbers])  # (missing, c, h, w)
+    shape = model.latent_shape(size, size)
+    noise = torch.stack([class_image_noise(seed, k, shape) for k in numbers])  # (missing, c, h, w)
     batches = text_to_image_batches(model, [class_prompt] * missing, noise, sampler=sampler, steps=steps,
                                     scale=scale, batch_size=batch_size)
     new: List[Path] = []
