@@ -21,8 +21,8 @@ from ldm.data.dreambooth import DataError, list_images
 from ldm.evaluation.backends import EvaluationError, backend_names, get_backend
 from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, evaluate_runs, find_runs
 from ldm.evaluation.fid import FID_WEIGHTS, fid_metric
-from ldm.evaluation.sampling import SAMPLERS
 from ldm.evaluation.table import done_runs
+from ldm.models.diffusion.sampling import SAMPLER_NAMES
 from ldm.sweep.spec import SweepError
 from ldm.util import pick_device, setup_logging
 
@@ -40,7 +40,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2,3", help="seeds, one sample per prompt and seed (default 0,1,2,3)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--step", type=int, help="evaluate checkpoints/<step>-adapters (default: the last)")
     p.add_argument("--prior_prompt", default="photo of a {class_word}",

@@ -538,3 +538,19 @@ def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
     images = ImageLogger(max_images=2, prompts=["a red star"], ddim_steps=2, scale=5.0).sample(trainer, tiny_model)
     assert images.shape == (2, 3, 32, 32)
     assert seen["unconditional_guidance_scale"] == 5.0 and seen["unconditional_conditioning"] is not None
+
+
+def test_samplers_of_the_image_logger_and_class_images_come_from_the_config(world, monkeypatch):
+    """lightning.callbacks.image_logger.params.sampler and data.params.class_image_sampler.sampler pick the samplers."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    used = []
+    real = DDIMSampler.sample
+
+    def spy(self, *args, **kwargs):
+        used.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMSampler, "sample", spy)
+    main_dream_booth.main(argv(world, "--max_steps", "1", "lightning.callbacks.image_logger.params.sampler=plms",
+                               "data.params.class_image_sampler.sampler=dpm++2m"))
+    assert used == ["DPMSolverSampler"] * 2 + ["PLMSSampler"]  # 4 class images in batches of 2, the step-0 grid

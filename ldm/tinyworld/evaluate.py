@@ -38,7 +38,7 @@ def load_tiny_model(adapter: Optional[Union[str, Path]] = None, ckpt: Union[str,
 def sample(model: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25,
            scale: float = 5.0) -> torch.Tensor:
     """DDIM + classifier-free guidance, prompt i from seed i's noise; (n, 3, H, W) images in [0, 1]."""
-    return sample_images(model, list(zip(prompts, seeds)), model.image_size * 8, steps, scale, batch_size=32)
+    return sample_images(model, list(zip(prompts, seeds)), model.pixel_size, steps, scale, batch_size=32)
 
 
 def load_references(folder: Union[str, Path] = SUBJECT_IMAGES, size: int = 64) -> torch.Tensor:

@@ -94,6 +94,25 @@ class LatentDiffusion(pl.LightningModule):
     def unet(self) -> nn.Module:
         return self.model.diffusion_model
 
+    # ---- the latent space ---------------------------------------------------------------------------------------
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixels per latent cell along each side: the autoencoder's f (8 for SD v1)."""
+        return self.first_stage_model.downsampling_factor
+
+    @property
+    def pixel_size(self) -> int:
+        """Side in pixels of the images that the config's latent `image_size` decodes to (512 for SD v1)."""
+        return self.image_size * self.downsampling_factor
+
+    def latent_shape(self, height: int, width: int) -> Tuple[int, int, int]:
+        """(channels, height / f, width / f): the latent of a height x width image (both multiples of f)."""
+        f = self.downsampling_factor
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(f"image height and width must be positive multiples of the autoencoder's "
+                             f"downsampling factor {f}, got {height}x{width}")
+        return self.channels, height // f, width // f
+
     # ---- the three networks -------------------------------------------------------------------------------------
     @torch.no_grad()
     def get_learned_conditioning(self, c: Union[str, List[str]]) -> torch.Tensor:
@@ -107,7 +126,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def get_first_stage_encoding(self, posterior, sample: bool = True,
                                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Posterior -> scaled latent z (b, 4, H/8, W/8) that the UNet works on."""
+        """Posterior -> scaled latent z (b, 4, H/f, W/f) that the UNet works on."""
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.scale_factor * z
 
