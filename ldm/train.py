@@ -337,18 +337,18 @@ def _run(opt: argparse.Namespace) -> Path:
     check_data_config(config)
     checkpoint = read_training_checkpoint(str(ckpt)) if ckpt else None
     done = finished_step(checkpoint, config)
-    if done is not None:
-        log.info("'%s' already finished at step %d (lightning.trainer.max_steps %d): nothing to do; pass --max_steps "
-                 "N to train it further", resume_logdir, done, config.lightning.trainer.max_steps)
-        return resume_logdir
     first_rank = rank_zero_only.rank == 0
     logdir, created = (resume_logdir, []) if resume_logdir else make_logdir(opt)
     try:
         with run_lock(logdir) if first_rank else nullcontext():
             if resume_logdir and first_rank:
-                clean_temporaries(logdir)
-                if ckpt is None:
-                    log.warning("'%s' has no checkpoint yet: training it from step 0", logdir)
+                clean_temporaries(logdir)  # what killed writes left; nothing else is touched
+            if done is not None:
+                log.info("'%s' already finished at step %d (lightning.trainer.max_steps %d): nothing to do; pass "
+                         "--max_steps N to train it further", logdir, done, config.lightning.trainer.max_steps)
+                return logdir
+            if resume_logdir and ckpt is None:
+                log.warning("'%s' has no checkpoint yet: training it from step 0", logdir)
             trainer, model, datamodule = setup(config, opt, logdir, checkpoint)
             created = []  # config.yaml is written: the run dir is a run from here on, kept whatever happens
             if not opt.train:

@@ -310,3 +310,15 @@ def test_train_stats_of_sessions_feed_evaluate(tmp_path):
         {"start_step": 235, "end_step": 240, "steps": 5, "seconds": 2.0}]}
     (tmp_path / "train_stats.json").write_text(json.dumps(stats))
     assert train_stats(tmp_path) == {"train_seconds": 100.0, "train_steps": 240, "train_steps_per_second": 2.4}
+
+
+def test_a_sweep_file_cannot_allow_any_target(tmp_path):
+    """Only the person running scripts/sweep.py can pass --allow_any_target on; a sweep file is refused trying."""
+    from ldm.sweep.runs import plan
+    from ldm.sweep.spec import SweepError
+    from test_sweep import spec_of, write_spec
+    for setting in ("allow_any_target=true", "--allow_any_target=true"):
+        spec = write_spec(tmp_path / "s.yaml", spec_of({"seed": {"key": "seed", "levels": [0]}}, [setting]))
+        with pytest.raises(SweepError, match="allow_any_target"):
+            plan(str(spec), str(tmp_path / "sw"))
+    assert not (tmp_path / "sw").exists()

@@ -96,10 +96,11 @@ def test_a_finished_run_is_left_alone_and_progress_counts_steps(world, capsys, c
     out = capsys.readouterr().out
     assert "steps: 100%" in out and "3/3" in out and "Epoch" not in out and "v_num" not in out
     before = tree(logdir)
+    (logdir / ".tmp-abcd1234train_stats.json").write_text("{")  # as a kill in the final stats write leaves it
     caplog.set_level("INFO", logger="ldm")
     assert main_dream_booth.main(["-r", str(logdir), "-t"]) == logdir
     assert f"'{logdir}' already finished at step 3" in caplog.text
-    assert tree(logdir) == before  # no new event file, CSV session, config or checkpoint
+    assert tree(logdir) == before  # the leftover went; no new event file, CSV session, config or checkpoint
     # a longer run continues it: the bar counts on from the checkpoint's step
     main_dream_booth.main(["-r", str(logdir), "-t", "--max_steps", "5"])
     out = capsys.readouterr().out
