@@ -203,7 +203,7 @@ def check_keys(obj: Any, keys: Sequence[str], where: str) -> None:
 
 def _where(config: Mapping) -> str:
     """The dotted key of a config node (model.params) when it knows it, else 'params'."""
-    try:
+    try:  # OmegaConf nodes know their place in the tree; plain dicts do not
         return config._get_full_key("params") or "params"
     except AttributeError:
         return "params"
