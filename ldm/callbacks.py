@@ -77,7 +77,8 @@ class RunCheckpoint(pl.callbacks.ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
-        if trainer.global_step == trainer.max_steps and getattr(self, "_last_global_step_saved", -1) != trainer.global_step:
+        saved = getattr(self, "_last_global_step_saved", -1)  # Lightning's own record of the step it saved
+        if trainer.global_step == trainer.max_steps and saved != trainer.global_step:
             trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
             self._last_global_step_saved = trainer.global_step
 

@@ -1,8 +1,10 @@
-"""A training run of main_dream_booth.py: configs and command line -> log dir, model, data, Lightning Trainer, fit.
+"""A training run of main_dream_booth.py: configs and command line -> checks -> log dir, model, data, Lightning
+Trainer, fit.
 
-Log dir layout: <logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/ holding config.yaml (the merged config, enough to resume),
-checkpoints/ (<step>-adapters/ and last.ckpt with the trained state only), images/, tensorboard/, csv/ and
-train_stats.json.
+Everything that can be checked is checked before any work (targets allowed, keys known, numbers in range, files
+readable). Log dir layout: <logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/ (created exclusively, `ldm.rundir`) holding
+config.yaml (the merged config, enough to resume), checkpoints/ (<step>-adapters/ and last.ckpt with the trained state
+only), images/, tensorboard/, csv/<session>/, train_stats.json (all sessions) and .lock.
 """
 import argparse
 import logging
@@ -288,6 +290,16 @@ def finished_step(checkpoint: Optional[Dict[str, Any]], config: DictConfig) -> O
     if checkpoint is None or max_steps is None or max_steps < 1:
         return None
     return checkpoint["global_step"] if checkpoint["global_step"] >= max_steps else None
+
+
+def finished_at(logdir: Path) -> Optional[int]:
+    """The step of a run dir's last.ckpt when it has reached the run's max_steps, else None (unfinished, or no
+    readable checkpoint or config)."""
+    ckpt = logdir / "checkpoints" / LAST_CKPT
+    try:
+        return finished_step(read_training_checkpoint(str(ckpt)), load_configs([logdir / CONFIG_FILE]))
+    except (CheckpointError, ConfigError):
+        return None
 
 
 def setup(config: DictConfig, opt: argparse.Namespace, logdir: Path, checkpoint: Optional[Dict[str, Any]]

@@ -49,7 +49,8 @@ def check_number(name: str, value: Any, low: Optional[float] = None, high: Optio
     kind = "an integer" if integer else "a finite number"
     limits = [f"{'>' if above else '>='} {low}" if low is not None else "",
               f"{'<' if below else '<='} {high}" if high is not None else ""]
-    wanted = f"{name} must be {kind} {' and '.join(x for x in limits if x)}".rstrip() + (" (or null)" if optional else "")
+    wanted = f"{name} must be {kind} {' and '.join(x for x in limits if x)}".rstrip()
+    wanted += " (or null)" if optional else ""
     number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
     if not number or not math.isfinite(value):
         raise ConfigError(f"{wanted}, got {value!r}")

@@ -17,7 +17,7 @@ import main_dream_booth
 from conftest import REPO
 from ldm.models.diffusion import ddpm
 from ldm.util import ConfigError, instantiate_from_config, resolve_target
-from test_train import BASES, argv, base_ckpt, world, write_images  # noqa: F401 - fixtures
+from test_train import BASES, argv, base_ckpt, world  # noqa: F401 - fixtures
 
 SUBPROCESS = "lightning.callbacks.evil={target: subprocess.call, params: {args: [touch, PWNED]}}"
 
@@ -139,7 +139,8 @@ CLI_ROWS = [
     (["-s", "-1"], r"--seed must be an integer >= 0 and <= 4294967295, got -1"),
     (["-s", str(2 ** 32)], r"--seed must be an integer >= 0"),
     # settings that are not numbers
-    (["model.params.train_level=[adaptor]"], r"train_level .*'adaptor'.* is not valid: a list of \['adapter', 'unet'\]"),
+    (["model.params.train_level=[adaptor]"],
+     r"train_level .*'adaptor'.* is not valid: a list of \['adapter', 'unet'\]"),
     (["model.params.adam_betas=[0.9, 1.5]"], r"each of adam_betas must be a finite number >= 0 and < 1, got 1\.5"),
     (["data.params.class_image_sampler.steps=0"], r"class_image_sampler\.steps must be an integer >= 1, got 0"),
     # argparse: a typo is not a config override, a count is a number

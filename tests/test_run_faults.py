@@ -184,3 +184,18 @@ def test_only_our_own_temporary_names_are_cleaned(tmp_path):
     assert not (ckpts / ".old-1-adapters-89abcdef").exists() and (ckpts / "1-adapters").is_dir()
     assert sorted(p.name for p in (tmp_path / "csv").iterdir()) == ["2024-01-01T00-00-01"]
     assert "restored checkpoints/5-adapters/" in done
+
+
+def test_a_sweep_run_killed_after_its_final_checkpoint_counts_as_done(tmp_path):
+    """Killed between its final last.ckpt and done.json, a sweep run is done when relaunched (main_dream_booth.py says
+    "already finished" and exits 0), not failed over and over."""
+    from ldm.sweep import launch
+    from ldm.sweep.runs import SweepRun, mark_running, run_state
+    run = SweepRun(0, "seed-0", tmp_path / "seed-0", {"seed": 0}, {})
+    (run.dir / "checkpoints").mkdir(parents=True)
+    (run.dir / "config.yaml").write_text("lightning: {trainer: {max_steps: 2}}\n")
+    torch.save({"state_dict": {}, "global_step": 1}, run.dir / "checkpoints" / "last.ckpt")
+    mark_running(run.dir, 2 ** 22 + 12345)  # the killed process
+    assert not launch.launch(run, python="true") and run_state(run.dir) == "failed"  # step 1 of 2: not done
+    torch.save({"state_dict": {}, "global_step": 2}, run.dir / "checkpoints" / "last.ckpt")
+    assert launch.launch(run, python="true") and run_state(run.dir) == "done"

@@ -16,7 +16,8 @@ def check_class_image_sampler(sampler: Mapping) -> None:
     where = "data.params.class_image_sampler"
     bad = sorted(set(sampler) - set(SAMPLER_KEYS))
     if bad:
-        raise ConfigError(f"{where}.{bad[0]} is not a setting of the class-image sampler{nearest(bad[0], SAMPLER_KEYS)}")
+        raise ConfigError(f"{where}.{bad[0]} is not a setting of the class-image sampler"
+                          f"{nearest(bad[0], SAMPLER_KEYS)}")
     check_number(f"{where}.batch_size", sampler.get("batch_size", 1), 1, integer=True)
     check_number(f"{where}.steps", sampler.get("steps", 1), 1, integer=True)
     check_number(f"{where}.scale", sampler.get("scale", 1.0), 0)

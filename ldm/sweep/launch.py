@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ldm.sweep.runs import CONFIG, FAILED, SweepRun, mark_failed, mark_running, read_json, run_state
+from ldm.sweep.runs import CONFIG, FAILED, SweepRun, mark_done, mark_failed, mark_running, read_json, run_state
 from ldm.sweep.spec import SweepError
+from ldm.train import finished_at
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.execut
         code = proc.wait()
     if not train:
         return code == 0
+    if code == 0 and run_state(run.dir) != "done" and finished_at(run.dir) is not None:
+        # killed after its final checkpoint but before done.json: main_dream_booth.py said "already finished"
+        mark_done(run.dir, {"global_step": finished_at(run.dir)})
     if code == 0 and run_state(run.dir) == "done":
         return True
     reason = f"exit code {code}" if code else "the process ended without finishing training"
