@@ -63,14 +63,20 @@ def _torch_load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
 
 
-def _read(path: str, what: str = "checkpoint") -> object:
-    """The object in a `.ckpt`/`.pt` or `.safetensors` file, read safely on the CPU; unreadable files are named."""
+def check_file(path: str, what: str = "checkpoint") -> None:
+    """A CheckpointError unless `path` is a file with something in it (checked before any work starts)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{what} not found: '{path}' (pass the path of an SD v1 .ckpt or .safetensors)")
     if p.stat().st_size == 0:
         raise CheckpointError(f"cannot read {what} '{path}': the file is empty (0 bytes), e.g. from an interrupted "
                               "copy or a full disk")
+
+
+def _read(path: str, what: str = "checkpoint") -> object:
+    """The object in a `.ckpt`/`.pt` or `.safetensors` file, read safely on the CPU; unreadable files are named."""
+    check_file(path, what)
+    p = Path(path)
     try:
         return load_file(str(p)) if p.suffix == ".safetensors" else _torch_load(p)
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint

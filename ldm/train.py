@@ -22,7 +22,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint, StepProgressBar, TrainStats
-from ldm.checkpoint import CheckpointError, atomic_write, read_training_checkpoint
+from ldm.checkpoint import CheckpointError, atomic_write, check_file, read_training_checkpoint
 from ldm.config import apply_flags, apply_override, check_targets, load_configs
 from ldm.data.class_images import ensure_class_images
 from ldm.data.dreambooth import DataError, format_prompt, usable_images
@@ -87,9 +87,8 @@ def check_data_config(config: DictConfig) -> None:
     weights = OmegaConf.select(config, "model.params.ckpt_path")
     if not weights:
         raise ConfigError("no base weights: pass --actual_resume SD.ckpt (an SD v1 .ckpt or .safetensors, or a diffusers folder)")
-    if not Path(weights).exists():
-        raise CheckpointError(f"base weights not found: '{weights}' (--actual_resume: an SD v1 .ckpt or .safetensors, "
-                              "or a diffusers model folder)")
+    if not Path(weights).is_dir():  # a diffusers model folder is checked when it is read
+        check_file(weights, "base weights")
 
 
 # ---- log dir ----------------------------------------------------------------------------------------------------
