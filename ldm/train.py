@@ -188,7 +188,6 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, logdir: Path) -> 
 
 
 # ---- checks before any work -------------------------------------------------------------------------------------
-ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
 # numbers of the run that no class checks itself: (key, ldm.util.check_number options)
 RUN_NUMBERS = (("model.base_learning_rate", dict(low=0, above=True)),
@@ -202,6 +201,20 @@ def check_steps(name: str, value: Any) -> None:
     """max_steps / max_epochs: a count >= 1, or -1 for no limit."""
     if value is not None and value != -1 and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ConfigError(f"{name} must be an integer >= 1 (or -1: no limit), got {value!r}")
+
+
+def check_accelerator(name: str) -> None:
+    """A Lightning accelerator name ('gpu', 'auto' or one of its registry) that this machine has."""
+    registry = pl.accelerators.AcceleratorRegistry
+    names = sorted({"auto", "gpu", *registry.available_accelerators()})
+    if name not in names:
+        raise ConfigError(f"accelerator '{name}' is not one of {', '.join(names)}")
+    gpus = (pl.accelerators.CUDAAccelerator, pl.accelerators.MPSAccelerator)
+    available = (name == "auto" or (name == "gpu" and any(a.is_available() for a in gpus))
+                 or (name in registry and registry[name]["accelerator"].is_available()))
+    if not available:
+        raise ConfigError(f"accelerator '{name}' is not available on this machine: pass --accelerator cpu (or leave "
+                          "it out)")
 
 
 def check_run(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any]:
@@ -220,11 +233,7 @@ def check_run(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any]:
     check_steps("lightning.trainer.max_steps (--max_steps)", kw.get("max_steps"))
     check_steps("lightning.trainer.max_epochs", kw.get("max_epochs"))
     check_number("lightning.trainer.num_nodes (--num_nodes)", kw.get("num_nodes", 1), 1, integer=True)
-    accelerator = str(kw["accelerator"])
-    if accelerator not in ACCELERATORS:
-        raise ConfigError(f"accelerator '{accelerator}' is not supported here: choose one of {', '.join(ACCELERATORS)}")
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"accelerator '{accelerator}' but torch sees no CUDA device: pass --accelerator cpu")
+    check_accelerator(str(kw["accelerator"]))
     devices = kw["devices"]
     if not (devices == "auto" or isinstance(devices, (list, tuple)) or (isinstance(devices, str) and "," in devices)):
         check_number("devices (--devices: a count, a list like 0,1, or auto)", devices, -1, integer=True)

@@ -132,7 +132,8 @@ CLI_ROWS = [
     (["lightning.trainer.gradient_clip_val=-1"], r"gradient_clip_val must be a finite number >= 0"),
     (["lightning.callbacks.image_logger.params.ddim_steps=0"], r"image_logger\.params\.ddim_steps must be an integer"),
     (["lightning.callbacks.image_logger.params.max_images=0"], r"max_images must be an integer >= 1"),
-    (["--accelerator", "tpu"], r"accelerator 'tpu' is not supported here: choose one of cpu, gpu"),
+    (["--accelerator", "tpu"], r"accelerator 'tpu' is not available on this machine: pass --accelerator cpu"),
+    (["--accelerator", "tensor-core"], r"accelerator 'tensor-core' is not one of auto, cpu, .*gpu"),
     (["--precision", "8-bit"], r"precision '8-bit' is not one of 32-true"),
     (["--devices", "0"], r"devices \(--devices\) must be at least 1"),
     (["--num_nodes", "0"], r"num_nodes \(--num_nodes\) must be an integer >= 1, got 0"),
@@ -160,7 +161,8 @@ def test_bad_flags_and_configs(world, tmp_path, capsys, monkeypatch, extra, mess
 def test_accelerator_gpu_without_cuda(world, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    refused(argv(world, "--accelerator", "gpu"), r"accelerator 'gpu' but torch sees no CUDA device", capsys, tmp_path)
+    refused(argv(world, "--accelerator", "gpu"), r"accelerator 'gpu' is not available on this machine", capsys,
+            tmp_path)
 
 
 # ---- files: configs, checkpoints, base weights, images ----------------------------------------------------------
