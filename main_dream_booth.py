@@ -3,7 +3,7 @@
     python main_dream_booth.py --base configs/sd-inject-dreambooth/attn2o-ffni.yaml -t --actual_resume SD.ckpt \
         -n NAME --gpus 0, --data_root DIR --reg_data_root DIR --class_word dog --scale_lr False --logdir logs
 
-Configs are merged in order, then key=value overrides (OmegaConf dot-list), then the flags. Outputs go to
+Configs are merged in order, then key=value overrides (OmegaConf dot-list), then the flags. Outputs go to a new
 <logdir>/<timestamp>_<name>/; `-r` on that folder continues the run to the same final step.
 """
 import argparse
@@ -15,10 +15,11 @@ from ldm.checkpoint import CheckpointError
 from ldm.data.dreambooth import DataError
 from ldm.models.diffusion.dreambooth import NonFiniteLossError
 from ldm.modules.adapters import AdapterConfigError
+from ldm.modules.diffusers_layout import LayoutError
 from ldm.train import run
 from ldm.util import ConfigError, setup_logging
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterConfigError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterConfigError, LayoutError, NonFiniteLossError)
 
 
 def str2bool(value: str) -> bool:
@@ -49,6 +50,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=False,
                    help="lr = base_learning_rate x batch size x devices x nodes x accumulation (default False)")
     p.add_argument("--max_steps", type=int, help="training steps (overrides lightning.trainer.max_steps)")
+    p.add_argument("--allow_any_target", action="store_true",
+                   help="let the configs build classes and functions outside ldm, torch.nn, torch.optim and "
+                        "Lightning's callbacks (your own code); without it a config cannot run arbitrary code")
     p.add_argument("--gpus", type=str, help="GPU indices as in the paper: '0,' or '0,1' (DDP when several)")
     p.add_argument("--accelerator", type=str, help="Lightning accelerator: cpu, gpu, auto")
     p.add_argument("--devices", type=str, help="Lightning devices: a count, a list like 0,1, or auto")

@@ -10,8 +10,9 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import TQDMProgressBar
 
-from ldm.checkpoint import atomic_write
+from ldm.checkpoint import atomic_write, read_training_checkpoint
 from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image
 from ldm.modules.adapters import adapter_groups, save_adapter_to_dir
 from ldm.util import image_grid, to_pil
@@ -28,7 +29,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: str, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return read_training_checkpoint(path)  # on the CPU; Lightning moves the states where they belong
 
 
 def _every(step: int, frequency: int) -> bool:
@@ -60,11 +61,26 @@ class AdapterCheckpoint(pl.Callback):
             save_adapter_to_dir(pl_module, str(root / f"{step - 1}-{suffix}"), name)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if _every(trainer.global_step, self.every_n_train_steps):
+        # The last step's adapters are written here too, before Lightning's last.ckpt of that step (checkpoint
+        # callbacks run last): a last.ckpt at the final step means the final adapter directory is complete.
+        if _every(trainer.global_step, self.every_n_train_steps) or trainer.global_step == trainer.max_steps:
             self._save(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._save(trainer, pl_module)
+
+
+class RunCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's last.ckpt every N steps, and also at the run's final step, which Lightning skips when max_steps is
+    not a multiple of N (a finished run would look unfinished and train its last steps again when resumed). Written
+    after that step's adapter directory (checkpoint callbacks run last)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        saved = getattr(self, "_last_global_step_saved", -1)  # Lightning's own record of the step it saved
+        if trainer.global_step == trainer.max_steps and saved != trainer.global_step:
+            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+            self._last_global_step_saved = trainer.global_step
 
 
 class ImageLogger(pl.Callback):
@@ -74,6 +90,11 @@ class ImageLogger(pl.Callback):
     caption). Sampling uses its own generator (the training RNG is left alone) and `sampler` (a name of
     `ldm.models.diffusion.sampling.SAMPLERS`, DDIM by default). The grid has one row per prompt.
     """
+
+    # keys of the original CompVis ImageLogger, accepted and unused; the numbers checked before training starts
+    _IGNORED = ("clamp", "increase_log_steps", "rescale", "log_on_batch_idx", "log_first_step", "log_images_kwargs")
+    PARAM_RANGES = {"batch_frequency": dict(low=0, integer=True), "max_images": dict(low=1, integer=True),
+                    "ddim_steps": dict(low=1, integer=True), "scale": dict(low=0), "seed": dict(low=0, integer=True)}
 
     def __init__(self, batch_frequency: int = 500, max_images: int = 8, prompts: Optional[Sequence[str]] = None,
                  seed: int = 42, ddim_steps: int = 50, scale: float = 7.0, log_on_start: bool = True,
@@ -137,28 +158,102 @@ def _on_gpu(module: torch.nn.Module) -> bool:
 
 
 class TrainStats(pl.Callback):
-    """Steps per second and peak memory of the run, logged at the end and written to train_stats.json."""
+    """Steps, time and peak memory of the run over all its sessions, in train_stats.json.
+
+    The sessions so far travel in each checkpoint (this callback's state), so a resumed run adds its session to those
+    that reached the checkpoint it resumes from: a 240-step run killed after its checkpoint at step 235 and resumed
+    reports 240 steps, the time of both sessions (the steps a kill loses are redone, and counted once) and the steps
+    per second over all of them. train_stats.json is rewritten with every checkpoint and at the end.
+    """
 
     def __init__(self) -> None:
-        self.start, self.first_step, self.steps = 0.0, 0, 0
+        self.sessions: List[Dict[str, Any]] = []  # the earlier sessions, restored from the checkpoint
+        self.start, self.first_step, self.step, self.device = 0.0, 0, 0, "cpu"
+        self.gpu, self.trained = False, 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _on_gpu(pl_module):
+        self.gpu = _on_gpu(pl_module)
+        if self.gpu:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self.start, self.first_step = time.perf_counter(), trainer.global_step
+        self.step, self.device = trainer.global_step, str(pl_module.device)
+        self.trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.step = trainer.global_step
+
+    def session(self) -> Dict[str, Any]:
+        """This session so far."""
         seconds = time.perf_counter() - self.start
-        steps = trainer.global_step - self.first_step
-        stats = {"steps": steps, "seconds": round(seconds, 3), "steps_per_second": round(steps / max(seconds, 1e-9), 4),
-                 "trained_parameters": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
-                 "device": str(pl_module.device)}
-        if _on_gpu(pl_module):
-            stats["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(pl_module.device)
-        stats["peak_host_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        record = {"start_step": self.first_step, "end_step": self.step, "steps": self.step - self.first_step,
+                  "seconds": round(seconds, 3), "device": self.device,
+                  "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.gpu:
+            record["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        return record
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sessions": self.sessions + [self.session()]} if self.start else {"sessions": self.sessions}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.sessions = [s for s in state_dict.get("sessions", []) if s.get("steps", 0) > 0]
+
+    def stats(self) -> Dict[str, Any]:
+        """The run's totals (steps, seconds, steps_per_second, peaks) and its sessions."""
+        sessions = self.sessions + [self.session()]
+        steps, seconds = sum(s["steps"] for s in sessions), sum(s["seconds"] for s in sessions)
+        stats = {"steps": steps, "seconds": round(seconds, 3),
+                 "steps_per_second": round(steps / max(seconds, 1e-9), 4), "trained_parameters": self.trained,
+                 "device": self.device}
+        for key in ("peak_gpu_memory_bytes", "peak_host_memory_bytes"):
+            if any(key in s for s in sessions):
+                stats[key] = max(s.get(key, 0) for s in sessions)
+        return {**stats, "sessions": sessions}
+
+    def write(self, trainer: pl.Trainer) -> Dict[str, Any]:
+        stats = self.stats()
         if trainer.is_global_zero:
             path = Path(trainer.default_root_dir) / "train_stats.json"
             atomic_write(str(path), lambda tmp: Path(tmp).write_text(json.dumps(stats, indent=2) + "\n"))
-            log.info("trained %d steps in %.1f s (%.2f it/s)%s", steps, seconds, stats["steps_per_second"],
-                     f"; peak GPU memory {stats['peak_gpu_memory_bytes'] / 2**30:.2f} GiB"
-                     if "peak_gpu_memory_bytes" in stats else "")
+        return stats
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Dict[str, Any]
+                           ) -> None:
+        self.write(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        stats = self.write(trainer)
+        session = stats["sessions"][-1]
+        log.info("trained %d steps in %.1f s (%.2f it/s)%s; the run: %d steps in %d session(s), %.1f s",
+                 session["steps"], session["seconds"], session["steps"] / max(session["seconds"], 1e-9),
+                 f"; peak GPU memory {session['peak_gpu_memory_bytes'] / 2**30:.2f} GiB"
+                 if "peak_gpu_memory_bytes" in session else "", stats["steps"], len(stats["sessions"]),
+                 stats["seconds"])
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar counting optimiser steps of the whole run: '115/240' after a resume at step 100 (not
+    the batches of the current epoch, nor 'Epoch 3/-2' when training is bounded by steps)."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_start(trainer, *args)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = 0
+        bar.n = trainer.global_step  # a resumed run counts on from its checkpoint
+        bar.set_description("steps")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        pass  # one bar for the whole run, not one per epoch (Lightning skips this hook when resuming at an epoch's end)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the CSV session's name, not a number
+        return metrics
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        bar, n = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(n, bar.total) and not bar.disable:
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()

@@ -63,16 +63,26 @@ def _torch_load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle)
 
 
-def _read(path: str, what: str = "checkpoint") -> object:
-    """The object in a `.ckpt`/`.pt` or `.safetensors` file, read safely on the CPU; unreadable files are named."""
+def check_file(path: str, what: str = "checkpoint") -> None:
+    """A CheckpointError unless `path` is a file with something in it (checked before any work starts)."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{what} not found: '{path}' (pass the path of an SD v1 .ckpt or .safetensors)")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"cannot read {what} '{path}': the file is empty (0 bytes), e.g. from an interrupted "
+                              "copy or a full disk")
+
+
+def _read(path: str, what: str = "checkpoint") -> object:
+    """The object in a `.ckpt`/`.pt` or `.safetensors` file, read safely on the CPU; unreadable files are named."""
+    check_file(path, what)
+    p = Path(path)
     try:
         return load_file(str(p)) if p.suffix == ".safetensors" else _torch_load(p)
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
+        detail = (str(e).strip().splitlines() or ["no message"])[0][:200]
         raise CheckpointError(f"cannot read {what} '{path}': the file is truncated, corrupt or not a checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({type(e).__name__}: {detail})") from None
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -157,6 +167,22 @@ def select(sd: Dict[str, torch.Tensor], prefixes: Iterable[str]) -> Dict[str, to
     """The entries of `sd` whose key starts with one of `prefixes`."""
     prefixes = tuple(prefixes)
     return {k: v for k, v in sd.items() if k.startswith(prefixes)}
+
+
+def read_training_checkpoint(path: str) -> Dict:
+    """A main_dream_booth.py training checkpoint (`last.ckpt`: the trained state_dict, optimizer, step), read safely;
+    a file that is not one is named, with what to do about it."""
+    fix = ("move it away to train the run again from step 0 (its adapter directories are kept), or put back a copy "
+           "of the file")
+    try:
+        checkpoint = _read(path, "training checkpoint")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}: {fix}") from None
+    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict)
+            and isinstance(checkpoint.get("global_step"), int)):
+        raise CheckpointError(f"'{path}' is not a main_dream_booth.py training checkpoint (no state_dict and "
+                              f"global_step): {fix}")
+    return checkpoint
 
 
 def load_trained_parameters(model: torch.nn.Module, path: str, skip: Optional[Callable[[str], bool]] = None

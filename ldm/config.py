@@ -18,14 +18,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ldm.checkpoint import load_into
 from ldm.modules.adapters import (KIND_FIELDS, SECTIONS, AdapterConfigError, block_kind, form_fields, forms,
                                   is_added_key, section_value)
 from ldm.modules.diffusers_folder import read_base_weights
-from ldm.util import ConfigError, instantiate_from_config, parse_yaml_value
+from ldm.util import ConfigError, check_target_config, instantiate_from_config, parse_yaml_value
 
 CONFIG_ROOTS = ("model", "data", "lightning")
 KEY_ALIASES = {"lr": "model.base_learning_rate", "steps": "lightning.trainer.max_steps"}
@@ -194,6 +194,21 @@ def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
         OmegaConf.update(config, "model.params.ckpt_path", opt.actual_resume, force_add=True)
     if getattr(opt, "max_steps", None) is not None:
         OmegaConf.update(config, "lightning.trainer.max_steps", opt.max_steps, force_add=True)
+
+
+# ---- targets ----------------------------------------------------------------------------------------------------
+def check_targets(config: Any, skip: Sequence[str] = ("adapter_config",)) -> None:
+    """Check every `{target, params}` node of a config before anything is built (`ldm.util.check_target_config`:
+    target allowed, keys known, numbers in range). Adapter configs (whose entries have a `target` field of their
+    own) are the adapter package's to check."""
+    if isinstance(config, DictConfig):
+        if isinstance(config.get("target"), str):
+            check_target_config(config)
+        for key in set(config.keys()) - set(skip):
+            check_targets(config.get(key), skip)
+    elif isinstance(config, ListConfig):
+        for item in config:
+            check_targets(item, skip)
 
 
 # ---- models from configs ----------------------------------------------------------------------------------------

@@ -1,31 +1,36 @@
-"""A training run of main_dream_booth.py: configs and command line -> log dir, model, data, Lightning Trainer, fit.
+"""A training run of main_dream_booth.py: configs and command line -> checks -> log dir, model, data, Lightning
+Trainer, fit.
 
-Log dir layout: <logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/ holding config.yaml (the merged config, enough to resume),
-checkpoints/ (<step>-adapters/ and last.ckpt with the trained state only), images/, tensorboard/, csv/ and
-train_stats.json.
+Everything that can be checked is checked before any work (targets allowed, keys known, numbers in range, files
+readable). Log dir layout: <logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/ (created exclusively, `ldm.rundir`) holding
+config.yaml (the merged config, enough to resume), checkpoints/ (<step>-adapters/ and last.ckpt with the trained state
+only), images/, tensorboard/, csv/<session>/, train_stats.json (all sessions) and .lock.
 """
 import argparse
 import logging
 import os
 import time
 import warnings
-from datetime import datetime
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.callbacks import AdapterCheckpoint, AtomicCheckpointIO, TrainStats
-from ldm.checkpoint import atomic_write
-from ldm.config import apply_flags, apply_override, load_configs
+from ldm.callbacks import AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint, StepProgressBar, TrainStats
+from ldm.checkpoint import CheckpointError, atomic_write, check_file, read_training_checkpoint
+from ldm.config import apply_flags, apply_override, check_targets, load_configs
 from ldm.data.class_images import ensure_class_images
 from ldm.data.dreambooth import DataError, format_prompt, usable_images
 from ldm.models.diffusion.dreambooth import scaled_learning_rate
 from ldm.modules.adapters import adapters_enable
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.rundir import (check_run_name, clean_temporaries, create_run_dir, discard, prune_empty, run_lock, slug,
+                        timestamp)
+from ldm.util import ConfigError, any_target_allowed, check_keys, check_number, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -79,26 +84,21 @@ def check_data_config(config: DictConfig) -> None:
         elif not OmegaConf.select(data, "reg.params.class_word"):
             raise ConfigError("--reg_data_root is set but no class word: pass --class_word (e.g. dog), the class "
                               "the subject belongs to, so class images and prompts can be made")
-    if not OmegaConf.select(config, "model.params.ckpt_path"):
+    weights = OmegaConf.select(config, "model.params.ckpt_path")
+    if not weights:
         raise ConfigError("no base weights: pass --actual_resume SD.ckpt (an SD v1 .ckpt or .safetensors, or a diffusers folder)")
+    if not Path(weights).is_dir():  # a diffusers model folder is checked when it is read
+        check_file(weights, "base weights")
 
 
 # ---- log dir ----------------------------------------------------------------------------------------------------
-def make_logdir(opt: argparse.Namespace) -> Path:
-    """<logdir>/<timestamp>_<name>, shared with DDP worker processes through the environment; checked writable."""
+def make_logdir(opt: argparse.Namespace) -> Tuple[Path, List[Path]]:
+    """A new <logdir>/<timestamp>_<name>, created exclusively (`ldm.rundir.create_run_dir`) and shared with DDP worker
+    processes through the environment; returns it and the folders made for it."""
     if os.environ.get(LOGDIR_ENV) and rank_zero_only.rank != 0:
-        return Path(os.environ[LOGDIR_ENV])
-    name = opt.name or (Path(opt.base[-1]).stem if opt.base else "run")
-    logdir = Path(opt.logdir) / f"{datetime.now().strftime('%Y-%m-%dT%H-%M-%S')}_{name}"
-    try:
-        logdir.mkdir(parents=True, exist_ok=True)
-        probe = logdir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"cannot write to the log dir '{logdir}' ({e.strerror}): pass --logdir with a folder you "
-                          "can write to") from None
-    return logdir
+        return Path(os.environ[LOGDIR_ENV]), []
+    name = check_run_name(opt.name) if opt.name else slug(Path(opt.base[-1]).stem if opt.base else "run")
+    return create_run_dir(Path(opt.logdir), name)
 
 
 def save_config(config: DictConfig, logdir: Path) -> None:
@@ -149,13 +149,21 @@ def trainer_kwargs(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any
     return kw
 
 
-def callbacks(config: DictConfig, logdir: Path) -> List[pl.Callback]:
-    """The lightning.callbacks of the config plus checkpointing (adapters + last.ckpt) and run statistics."""
+def checkpoint_params(config: DictConfig) -> Dict[str, Any]:
+    """lightning.modelcheckpoint.params, with every_n_train_steps (default 500)."""
     params = OmegaConf.select(config, "lightning.modelcheckpoint.params", default=None) or {}
     params = dict(OmegaConf.to_container(OmegaConf.create(params), resolve=True))
     params.setdefault("every_n_train_steps", 500)
+    return params
+
+
+def callbacks(config: DictConfig, logdir: Path, progress_bar: bool = True) -> List[pl.Callback]:
+    """The lightning.callbacks of the config plus checkpointing (adapters + last.ckpt), run statistics and a progress
+    bar of steps."""
+    params = checkpoint_params(config)
     params.update(dirpath=str(logdir / "checkpoints"), save_top_k=0, save_last=True, enable_version_counter=False)
-    result = [AdapterCheckpoint(params["every_n_train_steps"]), TrainStats(), pl.callbacks.ModelCheckpoint(**params)]
+    result = [AdapterCheckpoint(params["every_n_train_steps"]), TrainStats(), RunCheckpoint(**params)]
+    result += [StepProgressBar()] if progress_bar else []
     extra = OmegaConf.select(config, "lightning.callbacks", default=None) or {}
     return result + [instantiate_from_config(cfg) for cfg in extra.values()]
 
@@ -163,19 +171,77 @@ def callbacks(config: DictConfig, logdir: Path) -> List[pl.Callback]:
 def build_trainer(config: DictConfig, opt: argparse.Namespace, logdir: Path) -> pl.Trainer:
     """A Trainer writing CSV and TensorBoard logs and atomic checkpoints under `logdir`."""
     # One CSV file per session (Lightning's CSVLogger empties an existing metrics.csv); TensorBoard appends.
-    stamp = session = datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    stamp = session = timestamp()
     for n in range(2, 1000):
         if not (logdir / "csv" / session).exists():
             break
         session = f"{stamp}-{n}"
-    loggers = [pl.loggers.CSVLogger(str(logdir), name="csv", version=session),
+    # rows are appended at every logging step, so a killed session keeps its metrics
+    loggers = [pl.loggers.CSVLogger(str(logdir), name="csv", version=session, flush_logs_every_n_steps=1),
                pl.loggers.TensorBoardLogger(str(logdir), name="tensorboard", version="")]
     kw = trainer_kwargs(config, opt)
     try:
-        return pl.Trainer(default_root_dir=str(logdir), logger=loggers, callbacks=callbacks(config, logdir),
-                          plugins=[AtomicCheckpointIO()], **kw)
-    except (TypeError, ValueError) as e:
+        return pl.Trainer(default_root_dir=str(logdir), logger=loggers, plugins=[AtomicCheckpointIO()],
+                          callbacks=callbacks(config, logdir, kw.get("enable_progress_bar", True)), **kw)
+    except (TypeError, ValueError, MisconfigurationException) as e:
         raise ConfigError(f"lightning.trainer or a Lightning flag was rejected: {e}") from None
+
+
+# ---- checks before any work -------------------------------------------------------------------------------------
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
+# numbers of the run that no class checks itself: (key, ldm.util.check_number options)
+RUN_NUMBERS = (("model.base_learning_rate", dict(low=0, above=True)),
+               ("lightning.modelcheckpoint.params.every_n_train_steps", dict(low=1, integer=True)),
+               ("lightning.trainer.accumulate_grad_batches", dict(low=1, integer=True)),
+               ("lightning.trainer.log_every_n_steps", dict(low=1, integer=True)),
+               ("lightning.trainer.gradient_clip_val", dict(low=0, optional=True)))
+
+
+def check_steps(name: str, value: Any) -> None:
+    """max_steps / max_epochs: a count >= 1, or -1 for no limit."""
+    if value is not None and value != -1 and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{name} must be an integer >= 1 (or -1: no limit), got {value!r}")
+
+
+def check_accelerator(name: str) -> None:
+    """A Lightning accelerator name ('gpu', 'auto' or one of its registry) that this machine has."""
+    registry = pl.accelerators.AcceleratorRegistry
+    names = sorted({"auto", "gpu", *registry.available_accelerators()})
+    if name not in names:
+        raise ConfigError(f"accelerator '{name}' is not one of {', '.join(names)}")
+    gpus = (pl.accelerators.CUDAAccelerator, pl.accelerators.MPSAccelerator)
+    available = (name == "auto" or (name == "gpu" and any(a.is_available() for a in gpus))
+                 or (name in registry and registry[name]["accelerator"].is_available()))
+    if not available:
+        raise ConfigError(f"accelerator '{name}' is not available on this machine: pass --accelerator cpu (or leave "
+                          "it out)")
+
+
+def check_run(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any]:
+    """Everything that can be checked before any work: every target of the config (allowed, keys known, numbers in
+    range), the run's own numbers, the Lightning settings and flags. Returns the Trainer arguments."""
+    if opt.seed is not None:
+        check_number("--seed", opt.seed, 0, 2 ** 32 - 1, integer=True)
+    check_targets(config)
+    for key, limits in RUN_NUMBERS:
+        value = OmegaConf.select(config, key, default=None)
+        if value is not None:
+            check_number(key, value, **limits)
+    check_keys(pl.callbacks.ModelCheckpoint, list(checkpoint_params(config)), "lightning.modelcheckpoint.params")
+    kw = trainer_kwargs(config, opt)
+    check_keys(pl.Trainer, list(kw), "lightning.trainer")
+    check_steps("lightning.trainer.max_steps (--max_steps)", kw.get("max_steps"))
+    check_steps("lightning.trainer.max_epochs", kw.get("max_epochs"))
+    check_number("lightning.trainer.num_nodes (--num_nodes)", kw.get("num_nodes", 1), 1, integer=True)
+    check_accelerator(str(kw["accelerator"]))
+    devices = kw["devices"]
+    if not (devices == "auto" or isinstance(devices, (list, tuple)) or (isinstance(devices, str) and "," in devices)):
+        check_number("devices (--devices: a count, a list like 0,1, or auto)", devices, -1, integer=True)
+        if devices == 0:
+            raise ConfigError("devices (--devices) must be at least 1, or -1 for all, a list like 0,1, or auto")
+    if str(kw["precision"]) not in PRECISIONS:
+        raise ConfigError(f"precision '{kw['precision']}' is not one of {', '.join(PRECISIONS)} (or auto)")
+    return kw
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -226,14 +292,27 @@ def prepare_class_images(model: pl.LightningModule, datamodule: pl.LightningData
         adapters_enable(model, True)
 
 
-def run(opt: argparse.Namespace) -> Path:
-    """Set up and (with opt.train) fit one DreamBooth run; returns its log dir."""
-    resume_logdir, ckpt = resolve_resume(opt.resume) if opt.resume else (None, None)
-    config = load_config(opt, resume_logdir)
-    check_data_config(config)
-    logdir = resume_logdir or make_logdir(opt)
-    if resume_logdir and ckpt is None:
-        log.warning("'%s' has no checkpoint yet: training it from step 0", logdir)
+def finished_step(checkpoint: Optional[Dict[str, Any]], config: DictConfig) -> Optional[int]:
+    """The checkpoint's step when it has reached lightning.trainer.max_steps (the run is done), else None."""
+    max_steps = OmegaConf.select(config, "lightning.trainer.max_steps", default=-1)
+    if checkpoint is None or max_steps is None or max_steps < 1:
+        return None
+    return checkpoint["global_step"] if checkpoint["global_step"] >= max_steps else None
+
+
+def finished_at(logdir: Path) -> Optional[int]:
+    """The step of a run dir's last.ckpt when it has reached the run's max_steps, else None (unfinished, or no
+    readable checkpoint or config)."""
+    ckpt = logdir / "checkpoints" / LAST_CKPT
+    try:
+        return finished_step(read_training_checkpoint(str(ckpt)), load_configs([logdir / CONFIG_FILE]))
+    except (CheckpointError, ConfigError):
+        return None
+
+
+def setup(config: DictConfig, opt: argparse.Namespace, logdir: Path, checkpoint: Optional[Dict[str, Any]]
+          ) -> Tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
+    """Data, trainer, model (checked against the checkpoint) and class images; then config.yaml is written."""
     pl.seed_everything(opt.seed, workers=True)
     # Intended here: the frozen base stays in eval mode, and data is reshuffled when a run resumes mid-epoch.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -243,17 +322,60 @@ def run(opt: argparse.Namespace) -> Path:
     trainer = build_trainer(config, opt, logdir)
     model = instantiate_from_config(config.model)
     model.learning_rate = learning_rate(config, opt, trainer)
-    if ckpt:  # refuse a checkpoint of other adapters before config.yaml is rewritten with their config
-        model.on_load_checkpoint(AtomicCheckpointIO().load_checkpoint(str(ckpt)))
+    if checkpoint:  # refuse a checkpoint of other adapters before config.yaml is rewritten with their config
+        model.on_load_checkpoint(checkpoint)
     prepare_class_images(model, datamodule, trainer)
     save_config(config, logdir)
     log.info("run dir %s: %s", logdir, model.describe_trained())
-    if not opt.train:
-        log.info("set up only (pass -t to train)")
-        return logdir
+    return trainer, model, datamodule
+
+
+def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, logdir: Path,
+        ckpt: Optional[Path]) -> None:
+    """trainer.fit, resuming from `ckpt`; a CSV session folder that got no rows is removed afterwards."""
     os.environ[LOGDIR_ENV] = str(logdir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     finally:
         os.environ.pop(LOGDIR_ENV, None)
+        csv = next((lg for lg in trainer.loggers if isinstance(lg, pl.loggers.CSVLogger)), None)
+        if csv is not None and rank_zero_only.rank == 0:
+            prune_empty(Path(csv.log_dir))
+
+
+def run(opt: argparse.Namespace) -> Path:
+    """Set up and (with opt.train) fit one DreamBooth run; returns its log dir. Configs may name targets outside the
+    allow-list of `ldm.util` only with opt.allow_any_target."""
+    with any_target_allowed(bool(getattr(opt, "allow_any_target", False))):
+        return _run(opt)
+
+
+def _run(opt: argparse.Namespace) -> Path:
+    resume_logdir, ckpt = resolve_resume(opt.resume) if opt.resume else (None, None)
+    config = load_config(opt, resume_logdir)
+    check_run(config, opt)
+    check_data_config(config)
+    checkpoint = read_training_checkpoint(str(ckpt)) if ckpt else None
+    done = finished_step(checkpoint, config)
+    first_rank = rank_zero_only.rank == 0
+    logdir, created = (resume_logdir, []) if resume_logdir else make_logdir(opt)
+    try:
+        with run_lock(logdir) if first_rank else nullcontext():
+            if resume_logdir and first_rank:
+                clean_temporaries(logdir)  # what killed writes left; nothing else is touched
+            if done is not None:
+                log.info("'%s' already finished at step %d (lightning.trainer.max_steps %d): nothing to do; pass "
+                         "--max_steps N to train it further", logdir, done, config.lightning.trainer.max_steps)
+                return logdir
+            if resume_logdir and ckpt is None:
+                log.warning("'%s' has no checkpoint yet: training it from step 0", logdir)
+            trainer, model, datamodule = setup(config, opt, logdir, checkpoint)
+            created = []  # config.yaml is written: the run dir is a run from here on, kept whatever happens
+            if not opt.train:
+                log.info("set up only (pass -t to train)")
+                return logdir
+            fit(trainer, model, datamodule, logdir, ckpt)
+    finally:
+        if created:
+            discard(created)
     return logdir

@@ -1,9 +1,15 @@
 """Small helpers shared across the package: config instantiation and a few one-liners."""
+import contextvars
+import difflib
 import importlib
+import inspect
 import logging
+import math
+import numbers
 import re
+from contextlib import contextmanager
 from inspect import isfunction
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Set
 
 import torch
 import yaml
@@ -31,6 +37,36 @@ def setup_logging(timestamps: bool = True) -> None:
 
 class ConfigError(ValueError):
     """A config names something that does not exist or is missing a required field."""
+
+
+def check_number(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
+                 integer: bool = False, above: bool = False, below: bool = False, optional: bool = False) -> Any:
+    """`value` when it is a finite number (an integer when `integer`) within [low, high] (`above`/`below`: the bounds
+    themselves excluded; None when `optional`), else a ConfigError that names `name`, the range and the value."""
+    if value is None and optional:
+        return None
+    value = yaml_number(value)
+    kind = "an integer" if integer else "a finite number"
+    limits = [f"{'>' if above else '>='} {low}" if low is not None else "",
+              f"{'<' if below else '<='} {high}" if high is not None else ""]
+    wanted = f"{name} must be {kind} {' and '.join(x for x in limits if x)}".rstrip()
+    wanted += " (or null)" if optional else ""
+    number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if not number or not math.isfinite(value):
+        raise ConfigError(f"{wanted}, got {value!r}")
+    if (low is not None and (value <= low if above else value < low)) or \
+            (high is not None and (value >= high if below else value > high)):
+        raise ConfigError(f"{wanted}, got {value!r}")
+    return value
+
+
+def check_ranges(cls: type, params: Mapping, where: str = "") -> None:
+    """Check the numbers among `params` against the `PARAM_RANGES` ({key: check_number options}) of `cls` and its base
+    classes; the error names `where` + key."""
+    for klass in getattr(cls, "__mro__", ()):
+        for key, limits in vars(klass).get("PARAM_RANGES", {}).items():
+            if key in params:
+                check_number(f"{where}{key}", params[key], **limits)
 
 
 def optional_import(name: str, needed_for: str, fix: str, error: type = ImportError) -> Any:
@@ -68,13 +104,139 @@ def get_obj_from_str(string: str, reload: bool = False) -> Any:
     return getattr(module, cls)
 
 
-def instantiate_from_config(config: Mapping) -> Any:
-    """Build `config.target(**config.params)`; the CompVis config convention."""
-    if "target" not in config:
-        if config in ("__is_first_stage__", "__is_unconditional__"):
+# ---- targets: a config is code --------------------------------------------------------------------------------
+# A run's config.yaml names what gets built, so a downloaded run dir could name any callable (subprocess.call).
+# Without --allow_any_target only classes from these modules are built. Not all of torch or Lightning: a class such
+# as torch.distributed.elastic's SubprocessHandler starts a program from its constructor's arguments.
+SAFE_TARGET_PREFIXES = ("ldm.", "torch.nn.", "torch.optim.", "pytorch_lightning.callbacks.",
+                        "lightning.pytorch.callbacks.")
+ALLOW_FLAG = "--allow_any_target"
+_allow_any_target = contextvars.ContextVar("allow_any_target", default=False)
+
+
+@contextmanager
+def any_target_allowed(allowed: bool = True) -> Iterator[None]:
+    """Within the block, configs may name any importable callable as `target` (the user's own code)."""
+    token = _allow_any_target.set(allowed)
+    try:
+        yield
+    finally:
+        _allow_any_target.reset(token)
+
+
+def _is_safe_module(name: str) -> bool:
+    return any(name.startswith(p) or name == p[:-1] for p in SAFE_TARGET_PREFIXES)
+
+
+def _refusal(target: str, what: str = "") -> str:
+    return (f"refused to build target '{target}'{what} named by a config: only classes from "
+            f"{', '.join(p + '*' for p in SAFE_TARGET_PREFIXES)} are built by default, as a config (a downloaded "
+            f"run's config.yaml) can run any program through its targets. If it is your own code, pass {ALLOW_FLAG}")
+
+
+def resolve_target(target: Any) -> Any:
+    """The callable a config's `target` names; outside the allow-list (`SAFE_TARGET_PREFIXES`, classes only) it is
+    refused before its module is imported, unless `any_target_allowed()`."""
+    if not isinstance(target, str):
+        raise ConfigError(f"target must be a dotted path string, got {target!r}")
+    if "." not in target.strip("."):
+        return get_obj_from_str(target)  # the "not a dotted path" error
+    allow_any = _allow_any_target.get()
+    if not allow_any and not _is_safe_module(target):
+        raise ConfigError(_refusal(target))
+    obj = get_obj_from_str(target)
+    if allow_any or (isinstance(obj, type) and _is_safe_module(f"{obj.__module__}.")):
+        return obj
+    what = f"{obj.__module__}.{obj.__qualname__}" if isinstance(obj, type) else f"a {type(obj).__name__}, not a class"
+    raise ConfigError(_refusal(target, f" ({what})"))
+
+
+def _init_chain(obj: Any) -> List[Any]:
+    """The constructors a class's keyword arguments may reach (its MRO's own __init__s), or [function]."""
+    if not isinstance(obj, type):
+        return [obj]
+    return [c for c in obj.__mro__ if "__init__" in vars(c)]
+
+
+def accepted_keys(obj: Any) -> Optional[Set[str]]:
+    """The keyword arguments `obj(**params)` accepts, or None when it takes any.
+
+    A class's __init__ that takes **kwargs is taken to pass them on to the next __init__ of its MRO, unless it names
+    the extra keys it accepts in `_IGNORED` (LatentDiffusion: keys of the original configs that it does not use).
+    """
+    names: Set[str] = set()
+    for step in _init_chain(obj):
+        fn = step.__init__ if isinstance(step, type) else step
+        try:
+            params = list(inspect.signature(fn).parameters.values())[1 if isinstance(step, type) else 0:]
+        except (TypeError, ValueError):  # a builtin without a signature: no check
             return None
-        raise ConfigError(f"expected a config with a 'target' key, got keys {list(config.keys())}")
-    return get_obj_from_str(config["target"])(**config.get("params", dict()))
+        names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names
+        if isinstance(step, type) and "_IGNORED" in vars(step):
+            return names | set(step._IGNORED)
+        if not isinstance(step, type):
+            return None
+    return names
+
+
+def nearest(key: str, choices: Sequence[str]) -> str:
+    """A hint for a misspelt `key`: ' (did you mean ...?)' with the closest of `choices`, else the choices."""
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f"; valid keys: {', '.join(sorted(choices))}" if choices else ""
+
+
+def check_keys(obj: Any, keys: Sequence[str], where: str) -> None:
+    """Refuse keyword arguments `obj` does not take, naming the nearest valid key (a misspelt key would be ignored or
+    fail deep inside); `where` names the config section."""
+    accepted = accepted_keys(obj)
+    if accepted is None:
+        return
+    unknown = [k for k in keys if k not in accepted]
+    if unknown:
+        name = getattr(obj, "__qualname__", str(obj))
+        raise ConfigError(f"{where}.{unknown[0]}: {getattr(obj, '__module__', '')}.{name} has no parameter "
+                          f"'{unknown[0]}'{nearest(str(unknown[0]), sorted(accepted))}")
+
+
+def _where(config: Mapping) -> str:
+    """The dotted key of a config node (model.params) when it knows it, else 'params'."""
+    try:  # OmegaConf nodes know their place in the tree; plain dicts do not
+        return config._get_full_key("params") or "params"
+    except AttributeError:
+        return "params"
+
+
+def check_target_config(config: Mapping) -> Any:
+    """Check a `{target, params}` config without building it: the target is allowed and importable, every key of
+    `params` is a parameter it takes, and its numbers are within the target's `PARAM_RANGES`. Returns the target."""
+    if not isinstance(config, Mapping) or "target" not in config:
+        got = f"keys {list(config.keys())}" if isinstance(config, Mapping) else repr(config)
+        raise ConfigError(f"expected a config with a 'target' key, got {got}")
+    obj = resolve_target(config["target"])
+    params = config.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"{_where(config)} of target '{config['target']}' must be a mapping of keyword arguments, "
+                          f"got {params!r}")
+    check_keys(obj, list(params.keys()), _where(config))
+    check_ranges(obj, params, _where(config) + ".")
+    return obj
+
+
+def instantiate_from_config(config: Mapping) -> Any:
+    """Build `config.target(**config.params)`; the CompVis config convention, checked by `check_target_config`."""
+    if isinstance(config, str) and config in ("__is_first_stage__", "__is_unconditional__"):
+        return None
+    obj = check_target_config(config)
+    try:
+        return obj(**(config.get("params") or dict()))
+    except ValueError as e:
+        if type(e) is not ValueError:  # the project's own errors (ConfigError, DataError...) already name the problem
+            raise
+        raise ConfigError(f"{config['target']} ({_where(config)}): {e}") from None
 
 
 def count_params(model: torch.nn.Module, trainable_only: bool = False) -> int:

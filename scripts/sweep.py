@@ -46,6 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--run_index", type=int, help="run only the run with this index (0-based, e.g. a SLURM array task)")
     p.add_argument("--prepare_only", action="store_true", help="write the run folders and stop")
     p.add_argument("--python", default=None, help="Python for the runs (default: this one; 'python' in --print_jobs)")
+    p.add_argument("--allow_any_target", action="store_true",
+                   help="pass --allow_any_target to every run: the configs may build your own classes")
     opt = p.parse_args(argv)
     opt.command = "run"
     opt.sweep_dir = opt.sweep_dir or str(Path("sweeps") / Path(opt.spec).stem)
@@ -71,8 +73,9 @@ def job_lines(opt: argparse.Namespace) -> List[str]:
     _, _, grid = plan(opt.spec, opt.sweep_dir)
     check_base_weights(grid)
     here, script = shlex.quote(os.getcwd()), str(Path(__file__).resolve())
+    flag = ["--allow_any_target"] if opt.allow_any_target else []
     return [f"cd {here} && " + shlex.join([opt.python or "python", script, opt.spec, "--sweep_dir", opt.sweep_dir,
-                                           "--run_index", str(run.index)])
+                                           "--run_index", str(run.index), *flag])
             for run in planned_runs(grid, opt.sweep_dir) if run.state != "done"]
 
 
@@ -88,8 +91,8 @@ def run(opt: argparse.Namespace) -> int:
     python = opt.python or sys.executable
     if opt.run_index is not None:
         device = opt.devices[0] if opt.devices else None
-        return 0 if run_index(runs, opt.run_index, device, python) else 1
-    results = run_all(runs, opt.parallel, opt.devices, python)
+        return 0 if run_index(runs, opt.run_index, device, python, opt.allow_any_target) else 1
+    results = run_all(runs, opt.parallel, opt.devices, python, opt.allow_any_target)
     print_status(opt.sweep_dir, verbose=False)
     return sum(not ok for ok in results.values())
 

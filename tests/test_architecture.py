@@ -14,8 +14,8 @@ LAYERS = [
     ("networks and the adapter package", ("ldm.modules",)),
     ("models, samplers and the config language", ("ldm.models", "ldm.config")),
     ("data", ("ldm.data",)),
-    ("training, evaluation, sweeps, the tiny world", ("ldm.train", "ldm.callbacks", "ldm.evaluation", "ldm.sweep",
-                                                      "ldm.tinyworld")),
+    ("training, evaluation, sweeps, the tiny world", ("ldm.train", "ldm.rundir", "ldm.callbacks", "ldm.evaluation",
+                                                      "ldm.sweep", "ldm.tinyworld")),
     ("scripts", ("sample", "main_dream_booth", "scripts")),
 ]
 

@@ -266,7 +266,7 @@ def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch):
                    str(tmp_path / "sw"))
     busy, seen = set(), []
 
-    def fake_launch(run, device=None, python=None, train=True):
+    def fake_launch(run, device=None, python=None, train=True, allow_any_target=False):
         assert device not in busy  # a device is never shared by two runs at once
         busy.add(device)
         seen.append(device)
@@ -283,6 +283,9 @@ def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch):
         launch.run_all(runs, parallel=3, devices=["0", "1"])
     assert launch.command(runs[0], "py", device="1")[-2:] == ["--gpus", "1,"]
     assert launch.command(runs[2], "py")[-2:] == ["-s", "2"]
+    assert "--allow_any_target" not in launch.command(runs[0], "py")  # only when the sweep's caller passes it
+    assert launch.command(runs[0], "py", device="1", allow_any_target=True)[-3:] == ["--allow_any_target", "--gpus",
+                                                                                      "1,"]
 
 
 def test_parallel_runs_share_class_images_made_first(tmp_path, monkeypatch):
@@ -291,7 +294,7 @@ def test_parallel_runs_share_class_images_made_first(tmp_path, monkeypatch):
     runs = prepare(str(write_spec(tmp_path / "s.yaml", spec)), str(tmp_path / "sw"))
     calls = []
 
-    def fake_launch(run, device=None, python=None, train=True):
+    def fake_launch(run, device=None, python=None, train=True, allow_any_target=False):
         calls.append((run.name, train))
         if train:
             (run.dir / DONE).write_text("{}")
@@ -336,7 +339,7 @@ def tiny_sweep(tmp_path, monkeypatch):
 def test_sweep_resumes_after_a_crashed_run(tiny_sweep, tmp_path, capsys):
     sweep_dir = tmp_path / "sw"
     with pytest.raises(SystemExit, match="1 run\\(s\\) failed; run the same command again"):
-        sweep_script.main([str(tiny_sweep), "--sweep_dir", str(sweep_dir)])
+        sweep_script.main([str(tiny_sweep), "--sweep_dir", str(sweep_dir), "--allow_any_target"])
     ok, crashed = [r.dir for r in load_runs(str(sweep_dir))]
     assert run_state(ok) == "done" and run_state(crashed) == "failed"
     assert "simulated crash" in json.loads((crashed / FAILED).read_text())["reason"]
@@ -346,7 +349,7 @@ def test_sweep_resumes_after_a_crashed_run(tiny_sweep, tmp_path, capsys):
     sweep_script.main(["status", str(sweep_dir)])
     assert "done 1 / running 0 / failed 1 / pending 0" in capsys.readouterr().out
     done_before = (ok / DONE).stat().st_mtime_ns
-    assert sweep_script.main([str(tiny_sweep), "--sweep_dir", str(sweep_dir)]) == 0
+    assert sweep_script.main([str(tiny_sweep), "--sweep_dir", str(sweep_dir), "--allow_any_target"]) == 0
     assert (ok / DONE).stat().st_mtime_ns == done_before  # the finished run was skipped
     assert (ok / "train.log").read_text().count("main_dream_booth.py -r") == 1
     assert run_state(crashed) == "done" and not (crashed / FAILED).exists()

@@ -7,9 +7,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldm.util import check_ranges
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+MIN_SIDE = 8  # pixels: smaller images carry no subject, and the VAE's downsampling factor is 8
+MAX_ASPECT, MAX_UPSCALE = 4, 4  # beyond these a training image is mostly cropped away or blurry: warned about
 PathLike = Union[str, Path]
 
 
@@ -106,6 +110,29 @@ def usable_images(folder: PathLike) -> List[Path]:
     return ok
 
 
+def check_image_sizes(paths: Sequence[Path], size: int, center_crop: bool = True) -> None:
+    """Refuse images with a side under MIN_SIDE pixels; warn, naming the files, about images whose centre crop keeps
+    less than a quarter of them (aspect ratio over 4) or that are upscaled more than 4x to `size`."""
+    narrow, small = [], []
+    for p in paths:
+        with Image.open(p) as img:
+            w, h = img.size
+        if min(w, h) < MIN_SIDE:
+            raise DataError(f"image '{p}' is {w}x{h} pixels: training images need at least {MIN_SIDE} px on each side "
+                            f"(they are resized to {size}x{size}); remove it from the folder")
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            narrow.append(f"{p.name} ({w}x{h})")
+        if size > MAX_UPSCALE * (min(w, h) if center_crop else max(w, h)):
+            small.append(f"{p.name} ({w}x{h})")
+    if narrow:
+        log.warning("%d image(s) in '%s' have an aspect ratio over %d:1, so %s: %s", len(narrow), paths[0].parent,
+                    MAX_ASPECT, "the centre crop keeps less than a quarter of each" if center_crop else
+                    "squashing them to a square distorts them", ", ".join(narrow))
+    if small:
+        log.warning("%d image(s) in '%s' are upscaled more than %dx to %d px (blurry training targets): %s",
+                    len(small), paths[0].parent, MAX_UPSCALE, size, ", ".join(small))
+
+
 def format_prompt(template: str, fields: Dict[str, str]) -> str:
     """Fill a prompt template from `fields`, positionally ({}) and by name ({class_word}); a clear error otherwise."""
     try:
@@ -127,17 +154,20 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     mixed with torch's per-worker, per-epoch seed). Decoded images are kept as uint8 when `cache_images`.
     """
 
+    PARAM_RANGES = {"size": dict(low=MIN_SIDE, integer=True), "repeats": dict(low=1, integer=True),
+                    "flip_p": dict(low=0, high=1)}
+
     def __init__(self, data_root: PathLike, size: int = 512, class_word: str = "dog", placeholder_token: str = "sks",
                  templates: Sequence[str] = ("photo of a {} {}",), reg: bool = False,
                  class_templates: Sequence[str] = ("photo of a {}",), repeats: int = 1, flip_p: float = 0.5,
                  center_crop: bool = True, seed: Optional[int] = None, cache_images: bool = True):
-        if repeats < 1 or not 0.0 <= flip_p <= 1.0 or size < 1:
-            raise ValueError(f"need repeats >= 1, 0 <= flip_p <= 1, size >= 1; got {repeats}, {flip_p}, {size}")
+        check_ranges(DreamBoothDataset, locals())
         self.data_root, self.size, self.reg = Path(data_root), size, reg
         self.repeats, self.flip_p, self.center_crop, self.cache_images = repeats, flip_p, center_crop, cache_images
         self.paths = usable_images(self.data_root)
         if not self.paths:
             raise DataError(f"image folder '{self.data_root}' holds no readable images: every file failed to decode")
+        check_image_sizes(self.paths, size, center_crop)
         if not (class_templates if reg else templates):
             raise ValueError("need at least one prompt template")
         fields = dict(class_word=class_word) if reg else dict(token=placeholder_token, class_word=class_word)

@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ldm.sweep.runs import CONFIG, FAILED, SweepRun, mark_failed, mark_running, read_json, run_state
+from ldm.sweep.runs import CONFIG, FAILED, SweepRun, mark_done, mark_failed, mark_running, read_json, run_state
 from ldm.sweep.spec import SweepError
+from ldm.train import finished_at
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,18 @@ def flag_args(flags: Dict[str, Any]) -> List[str]:
 
 
 def command(run: SweepRun, python: str = sys.executable, device: Optional[str] = None, train: bool = True,
-            main: Path = MAIN) -> List[str]:
-    """The run's main_dream_booth.py command: resume in its own folder (step 0 when it has no checkpoint yet)."""
+            main: Path = MAIN, allow_any_target: bool = False) -> List[str]:
+    """The run's main_dream_booth.py command: resume in its own folder (step 0 when it has no checkpoint yet).
+    `allow_any_target` passes --allow_any_target on (the user's own classes in the configs); a sweep file cannot."""
     args = [python, str(main), "-r", str(run.dir)] + (["-t"] if train else []) + flag_args(run.flags)
+    args += ["--allow_any_target"] if allow_any_target else []
     return args + (["--gpus", f"{device},"] if device is not None else [])
 
 
-def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.executable, train: bool = True) -> bool:
+def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.executable, train: bool = True,
+           allow_any_target: bool = False) -> bool:
     """Run one run's process to its end, output appended to its train.log; True when it finished training."""
-    cmd = command(run, python, device, train)
+    cmd = command(run, python, device, train, allow_any_target=allow_any_target)
     with open(run.dir / LOG_FILE, "a") as out:
         out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
         out.flush()
@@ -52,6 +56,9 @@ def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.execut
         code = proc.wait()
     if not train:
         return code == 0
+    if code == 0 and run_state(run.dir) != "done" and finished_at(run.dir) is not None:
+        # killed after its final checkpoint but before done.json: main_dream_booth.py said "already finished"
+        mark_done(run.dir, {"global_step": finished_at(run.dir)})
     if code == 0 and run_state(run.dir) == "done":
         return True
     reason = f"exit code {code}" if code else "the process ended without finishing training"
@@ -72,17 +79,17 @@ def to_run(runs: Sequence[SweepRun]) -> List[SweepRun]:
     return chosen
 
 
-def prepare_class_images(run: SweepRun, python: str) -> None:
+def prepare_class_images(run: SweepRun, python: str, allow_any_target: bool = False) -> None:
     """Fill the class image folder once (main_dream_booth.py without -t) before parallel runs share it."""
     config = OmegaConf.load(run.dir / CONFIG)
     if OmegaConf.select(config, "data.params.reg.params.data_root"):
         log.info("class images first, with %s", run.name)
-        if not launch(run, python=python, train=False):
+        if not launch(run, python=python, train=False, allow_any_target=allow_any_target):
             raise SweepError(f"setting up {run.name} (class images) failed: see {run.dir / LOG_FILE}")
 
 
 def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Sequence[str]] = None,
-            python: str = sys.executable) -> Dict[str, bool]:
+            python: str = sys.executable, allow_any_target: bool = False) -> Dict[str, bool]:
     """Launch every run that is not done, `parallel` at a time (each with one of `devices`, when given)."""
     if parallel < 1:
         raise SweepError(f"--parallel must be at least 1, got {parallel}")
@@ -92,7 +99,7 @@ def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Seque
     pending = to_run(runs)
     log.info("%d of %d runs to do", len(pending), len(runs))
     if parallel > 1 and pending:
-        prepare_class_images(pending[0], python)
+        prepare_class_images(pending[0], python, allow_any_target)
     pool: "queue.Queue[Optional[str]]" = queue.Queue()
     for device in (list(devices) if devices else [None] * parallel):
         pool.put(device)
@@ -102,7 +109,7 @@ def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Seque
         try:
             log.info("start %s%s", run.name, f" on device {device}" if device is not None else "")
             start = time.monotonic()
-            ok = launch(run, device, python)
+            ok = launch(run, device, python, allow_any_target=allow_any_target)
             log.info("%s %s after %.0f s%s", run.name, "done" if ok else "FAILED", time.monotonic() - start,
                      "" if ok else f" (see {run.dir / LOG_FILE})")
             return ok
@@ -114,7 +121,7 @@ def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Seque
 
 
 def run_index(runs: Sequence[SweepRun], index: int, device: Optional[str] = None,
-              python: str = sys.executable) -> bool:
+              python: str = sys.executable, allow_any_target: bool = False) -> bool:
     """Run the run at `index` (0-based, grid order) unless it is done: one task of a scheduler's array."""
     if not 0 <= index < len(runs):
         raise SweepError(f"--run_index {index} is out of range: the sweep has runs 0..{len(runs) - 1}")
@@ -122,4 +129,4 @@ def run_index(runs: Sequence[SweepRun], index: int, device: Optional[str] = None
     if run.state == "done":
         log.info("%s is already done", run.name)
         return True
-    return launch(run, device, python)
+    return launch(run, device, python, allow_any_target=allow_any_target)

@@ -2,6 +2,7 @@
 
 Only what SD v1 uses (Rombach et al. 2022): no pixel-space parent class, no VQ, inpainting or layout paths.
 """
+import inspect
 import logging
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -14,7 +15,7 @@ from ldm.checkpoint import load_into
 from ldm.modules.adapters import is_added_key
 from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, schedule_buffers
-from ldm.util import default, instantiate_from_config
+from ldm.util import ConfigError, check_ranges, default, instantiate_from_config, nearest
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,10 @@ class LatentDiffusion(pl.LightningModule):
     _IGNORED = ("num_timesteps_cond", "log_every_t", "monitor", "cond_stage_forward", "scheduler_config",
                 "embedding_reg_weight", "cosine_s", "given_betas", "original_elbo_weight", "l_simple_weight",
                 "learn_logvar", "logvar_init", "use_positional_encodings", "clip_denoised", "v_posterior")
+    # numbers checked before anything is built (ldm.util.check_ranges), from a config or the Python API
+    PARAM_RANGES = {"timesteps": dict(low=1, integer=True), "linear_start": dict(low=0, high=1, above=True, below=True),
+                    "linear_end": dict(low=0, high=1, above=True, below=True), "scale_factor": dict(low=0, above=True),
+                    "image_size": dict(low=1, integer=True), "channels": dict(low=1, integer=True)}
 
     def __init__(self, unet_config: Dict, first_stage_config: Dict, cond_stage_config: Dict,
                  timesteps: int = 1000, beta_schedule: str = "linear", linear_start: float = 0.00085,
@@ -49,8 +54,14 @@ class LatentDiffusion(pl.LightningModule):
                  scale_by_std: bool = False, ckpt_path: Optional[str] = None, **kwargs: Any):
         super().__init__()
         unknown = sorted(k for k in kwargs if k not in self._IGNORED)
-        if unknown:
-            log.warning("LatentDiffusion ignores unknown config keys: %s", ", ".join(unknown))
+        if unknown:  # a misspelt key would be silently unused
+            known = [*inspect.signature(type(self).__init__).parameters, *inspect.signature(LatentDiffusion.__init__)
+                     .parameters, *self._IGNORED]
+            raise ConfigError(f"{type(self).__name__} has no parameter '{unknown[0]}'"
+                              f"{nearest(unknown[0], [k for k in known if k not in ('self', 'args', 'kwargs')])}")
+        check_ranges(LatentDiffusion, locals())
+        if linear_end <= linear_start:
+            raise ConfigError(f"linear_end ({linear_end}) must be above linear_start ({linear_start})")
         if parameterization != "eps" or loss_type != "l2" or use_ema or scale_by_std:
             raise ValueError("this LatentDiffusion implements SD v1 training as published: parameterization 'eps', "
                              "loss_type 'l2', use_ema false, scale_by_std false")

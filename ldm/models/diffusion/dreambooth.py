@@ -15,7 +15,7 @@ import torch
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.adapters import (SECTION, AdapterConfigError, adapter_carriers, adapter_groups, adapter_networks,
                                   adapter_parameters, config_from_specs, is_added_key)
-from ldm.util import ConfigError
+from ldm.util import ConfigError, check_number, check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -30,20 +30,25 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
     """LatentDiffusion with a DreamBooth training step over adapters (train_level ["adapter"]: those of the UNet and
     of the text encoder) or the UNet."""
 
+    PARAM_RANGES = {"reg_weight": dict(low=0), "text_encoder_lr": dict(low=0, above=True, optional=True),
+                    "lr_warmup_steps": dict(low=0, integer=True), "adam_weight_decay": dict(low=0),
+                    "adam_epsilon": dict(low=0, above=True)}
+
     def __init__(self, *args: Any, reg_weight: float = 1.0, train_level: Sequence[str] = ("adapter",),
                  cache_latents: bool = True, gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_weight_decay: float = 1e-2,
                  adam_epsilon: float = 1e-8, lr_warmup_steps: int = 0, text_encoder_lr: Optional[float] = None,
                  **kwargs: Any):
+        # checked before LatentDiffusion builds the networks and loads the base weights
+        check_ranges(DreamBoothLatentDiffusion, locals())
+        if isinstance(train_level, str) or not train_level or sorted(set(train_level) - set(TRAIN_LEVELS)):
+            raise ConfigError(f"train_level {train_level!r} is not valid: a list of {list(TRAIN_LEVELS)}")
+        if isinstance(adam_betas, str) or len(adam_betas) != 2:
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
+        for beta in adam_betas:
+            check_number("each of adam_betas", beta, 0, 1, below=True)
         super().__init__(*args, **kwargs)
-        unknown = sorted(set(train_level) - set(TRAIN_LEVELS))
-        if unknown or not train_level:
-            raise ValueError(f"train_level {list(train_level)} is not valid: choose from {list(TRAIN_LEVELS)}")
-        if not (math.isfinite(reg_weight) and reg_weight >= 0):
-            raise ValueError(f"reg_weight must be a finite number >= 0, got {reg_weight}")
         self.reg_weight, self.train_level, self.cache_latents = float(reg_weight), tuple(train_level), cache_latents
-        if text_encoder_lr is not None and not (math.isfinite(text_encoder_lr) and text_encoder_lr > 0):
-            raise ValueError(f"text_encoder_lr must be a positive number (or null: the UNet's rate), got {text_encoder_lr}")
         self.use_8bit_adam, self.lr_warmup_steps = use_8bit_adam, int(lr_warmup_steps)
         self.text_encoder_lr = text_encoder_lr  # its own rate for the text encoder's adapters (as kohya's scripts)
         self.adam = dict(betas=tuple(adam_betas), weight_decay=adam_weight_decay, eps=adam_epsilon)
