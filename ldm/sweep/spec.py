@@ -78,8 +78,9 @@ def load_spec(path: str) -> Dict[str, Any]:
         raise SweepError(f"sweep file not found: '{path}'")
     try:
         spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file '{path}' is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = " ".join(str(e).strip().splitlines()[:3])
+        raise SweepError(f"sweep file '{path}' is not valid YAML: {first}") from None
     return check_spec(spec, str(path))
 
 
