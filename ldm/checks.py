@@ -10,6 +10,7 @@ it reads a weight.
 import argparse
 import fcntl
 import math
+import numbers
 import os
 import tempfile
 from contextlib import contextmanager
@@ -30,9 +31,9 @@ def check_number(value: Any, what: str, low: Optional[float] = None, high: Optio
                  integer: bool = False, low_open: bool = False, high_open: bool = False) -> Any:
     """`value` when it is a finite number (an int when `integer`) within [low, high] (open ends as asked); else a
     ValueError naming `what`, the value and the allowed range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer()
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok and not isinstance(value, numbers.Integral):  # (huge ints are fine; float() of them would overflow)
+        ok = math.isfinite(value) and (not integer or float(value).is_integer())
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:

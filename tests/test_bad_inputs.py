@@ -95,9 +95,12 @@ def sweep_spec(levels=("attn2o", "attn1i")) -> Dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def build_world(w: Path) -> Path:
     """Inputs every row may read: a tiny base checkpoint, LoRA / (IA)^3 / bottleneck adapter directories, a kohya
     file, a results table, a sweep file and its prepared folder, a finished run, subject images and a plain file."""
-    w = tmp_path_factory.mktemp("world")
     model = build_tiny()
     save_state_dict(model.state_dict(), str(w / "base.safetensors"))
     for name, config, seed in (("lora", LORA, 0), ("lora2", LORA, 1), ("ia3", IA3, 2), ("bottleneck", BOTTLENECK, 3)):
@@ -267,6 +270,8 @@ MERGE = [
       r"config file not found"),
     S("config-yaml", "file", "merge", ["--config", "{T}/c.yaml"] + UPL[2:] + ["--output_path", "{T}/m.ckpt"],
       r"config file '.*c.yaml' is not valid YAML", text("c.yaml", "model: [1, 2\n")),
+    S("config-not-a-model", "file", "merge", ["--config", "{W}/spec.yaml"] + EXACT[2:] + ["--output_path", "{T}/m"],
+      r"the config has no model section"),
     S("exact-ia3", "file", "merge", EXACT[:-1] + ["{W}/ia3", "--output_path", "{T}/m"],
       r"merge it into a checkpoint with --mode upl"),
 ]
@@ -328,6 +333,9 @@ EXPORTS = [
       r"checkpoint not found"),
     S("ckpt-empty-dir", "file", "export_diffusers", ["--config", CFG, "--ckpt", "{W}/empty", "--outdir", "{T}/o"],
       r"is a folder but not a diffusers model folder"),
+    S("config-not-a-model", "file", "export_diffusers", ["--config", "{T}/c.yaml", "--ckpt", "{W}/base.safetensors",
+                                                         "--outdir", "{T}/o"], r"the config has no model section",
+      text("c.yaml", "lightning: {trainer: {max_steps: 3}}\n")),
     S("adapter-corrupt", "file", "export_diffusers", EXPORT + ["--adapter_path", "{T}/bad", "--outdir", "{T}/o"],
       r"not a valid adapter config", copy_dir("lora", "bad", adapter_config__yaml="\x00\x01")),
     S("config-yaml", "file", "export_diffusers", ["--config", "{T}/c.yaml", "--ckpt", "{W}/base.safetensors",
@@ -343,6 +351,8 @@ EVALUATE = [
     S("steps-float", "number", "evaluate", EVAL + ["--steps", "2.5"], r"--steps: expected an integer >= 1, got '2.5'"),
     S("steps-too-many", "number", "evaluate", EVAL + ["--steps", "5000", "--table", "{T}/r.csv"],
       r"--steps 5000 is more than the 1000 diffusion steps .*run"),
+    S("steps-huge", "number", "evaluate", EVAL + ["--steps", "9" * 40, "--table", "{T}/r.csv"],
+      r"--steps 9{40} is more than the 1000 diffusion steps"),
     S("scale-nan", "number", "evaluate", EVAL + ["--scale", "nan"], r"--scale: expected a finite number, got 'nan'"),
     S("scale-inf", "number", "evaluate", EVAL + ["--scale", "inf"], r"--scale: expected a finite number"),
     S("seeds-empty", "number", "evaluate", EVAL + ["--seeds", ""], r"--seeds: expected comma-separated integers"),
@@ -441,6 +451,13 @@ SWEEP = [
       r"which is a file"),
     S("sweep-dir-other", "output", "sweep", ["{W}/other-spec.yaml", "--sweep_dir", "{W}/sweep"],
       r"holds another sweep"),
+    S("sweep-dir-foreign", "output", "sweep", ["{W}/spec.yaml", "--sweep_dir", "{W}/lora"],
+      r"is not a sweep folder but holds other files \(adapter_config.yaml, adapters.safetensors\)"),
+    S("level-nan", "number", "sweep", ["{T}/s.yaml", "--sweep_dir", "{T}/sw"], r"'lr' is set to nan: a number in a "
+      "sweep file must be finite", text("s.yaml", yaml.safe_dump({**sweep_spec(), "factors": {
+          "lr": {"key": "lr", "levels": [1e-4, float("nan")]}}}))),
+    S("override-inf", "number", "sweep", ["{T}/s.yaml", "--sweep_dir", "{T}/sw"], r"is set to inf",
+      text("s.yaml", yaml.safe_dump({**sweep_spec(), "overrides": ["lr=.inf"]}))),
     S("status-not-sweep", "file", "sweep", ["status", "{W}/empty"], r"is not a sweep folder"),
     S("status-missing", "file", "sweep", ["status", "{T}/nowhere"], r"is not a sweep folder"),
     S("status-corrupt", "file", "sweep", ["status", "{T}"], r"sweep.json.*is not a sweep manifest|unreadable",
@@ -812,3 +829,103 @@ def test_real_stderr_has_one_clear_line_and_no_traceback(world, tmp_path):
         assert "Traceback" not in err, err
         last = err.strip().splitlines()[-1]
         assert re.search(row.message, last), (row.id, err)
+
+
+# ---- nothing lost: fresh names, and two processes on one job ---------------------------------------------------------
+def test_fresh_dir_writes_next_to_what_exists_and_never_shares_a_folder(tmp_path):
+    from ldm.checks import fresh_dir
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    (tmp_path / "out-2").write_text("a file in the way")
+    assert fresh_dir(tmp_path / "new") == tmp_path / "new"
+    assert fresh_dir(tmp_path / "out") == tmp_path / "out-3"
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(fresh_dir(tmp_path / "out"))) for _ in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert len(set(got)) == 8 and tmp_path / "out" not in got
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_anova_twice_writes_a_second_report_beside_the_first(world, tmp_path):
+    from scripts import anova
+    (tmp_path / "results.csv").write_text(results_table())
+    first = anova.main([str(tmp_path / "results.csv"), "--factors", "din"])
+    before = snapshot(first.parent)
+    second = anova.main([str(tmp_path / "results.csv"), "--factors", "din"])
+    assert first.parent == tmp_path / "analysis" and second.parent == tmp_path / "analysis-2"
+    assert snapshot(first.parent) == before and second.read_text() == first.read_text()
+
+
+def test_make_adapter_configs_replaces_only_its_own_files(tmp_path):
+    from scripts import make_adapter_configs
+    paths = make_adapter_configs.main(["--outdir", str(tmp_path)])
+    assert len(paths) == 20 and all(p.read_text() == (REPO / "configs" / "sd-inject-dreambooth" / p.name).read_text()
+                                    for p in paths)
+    assert make_adapter_configs.main(["--outdir", str(tmp_path)]) == paths  # its own files: regenerated
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tmp_path):
+    """Run 0 is held by the test (as another evaluation would hold it), so both processes put it off and then wait
+    for it; runs 1 and 2 go to whichever claims them first. Each run is evaluated by exactly one process."""
+    from ldm.checks import file_lock
+    runs = [write_run(tmp_path / f"run{i}", world / "base.safetensors", world / "subject", seed=i) for i in range(3)]
+    (tmp_path / "p.txt").write_text("photo of a {token} {class_word}\n")
+    argv = [sys.executable, str(REPO / "scripts" / "evaluate.py"), *map(str, runs), "--metric", "tinyworld",
+            "--table", str(tmp_path / "results.csv"), "--seeds", "0", "--steps", "2", "--prior_prompt", "none",
+            "--prompts", str(tmp_path / "p.txt"), "--device", "cpu"]
+    logs = [tmp_path / f"eval{i}.log" for i in range(2)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with file_lock(runs[0] / "config.yaml") as held:
+        assert held
+        procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+                 for log in logs]
+        wait_for(lambda: all("run0: being evaluated by another process" in log.read_text() for log in logs),
+                 "both evaluations to put run 0 off")
+    assert [p.wait(timeout=600) for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    text = "".join(log.read_text() for log in logs)
+    assert [text.count(f"run{i}: tinyworld_i") for i in range(3)] == [1, 1, 1], text[-3000:]
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert sorted(r.split(",")[0] for r in rows[1:]) == ["run0", "run1", "run2"]
+
+
+FAKE_PYTHON = """#!/bin/sh
+# stands in for `python main_dream_booth.py -r RUN -t ...`: notes the run, takes a while, finishes it
+echo "$3" >> "{log}"
+sleep 2
+echo '{{}}' > "$3/done.json"
+"""
+
+
+def test_two_launchers_on_one_sweep_start_each_run_once(tmp_path):
+    """Two sweep.py processes on one folder, with a stand-in for the training process; run 0 is held by the test (a
+    third launcher), so both leave it alone. Each other run is started exactly once."""
+    from ldm.checks import file_lock
+    from ldm.sweep.runs import load_runs, prepare
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**sweep_spec(), "factors": {"seed": {"key": "seed", "levels": [0, 1, 2, 3]}}}))
+    runs = prepare(str(spec), str(tmp_path / "sw"))
+    fake = tmp_path / "fake-python"
+    fake.write_text(FAKE_PYTHON.format(log=tmp_path / "started.log"))
+    fake.chmod(0o755)
+    argv = [sys.executable, str(REPO / "scripts" / "sweep.py"), str(spec), "--sweep_dir", str(tmp_path / "sw"),
+            "--python", str(fake)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with file_lock(runs[0].dir / ".launch.lock") as held:
+        assert held
+        procs = [subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for _ in range(2)]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    started = (tmp_path / "started.log").read_text().split()
+    assert sorted(started) == sorted(str(r.dir) for r in runs[1:]), outputs
+    assert [r.state for r in load_runs(str(tmp_path / "sw"))] == ["pending", "done", "done", "done"]
+    assert all("left alone" in out for out in outputs)

@@ -253,6 +253,8 @@ def noncentrality_interval(f_value: float, df1: int, df2: int, confidence: float
         hi = max(10.0, 2 * f_value * df1)
         while cdf(hi) > target:
             hi *= 2
+        if not np.isfinite(cdf(hi)):  # F so large (a model that fits every run exactly) that scipy's noncentral F
+            return np.nan  # cannot be evaluated there: no interval rather than a crash
         return optimize.brentq(lambda nc: cdf(nc) - target, 0.0, hi, xtol=1e-10)
     return solve((1 + confidence) / 2), solve((1 - confidence) / 2)
 

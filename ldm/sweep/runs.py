@@ -118,7 +118,12 @@ def manifest(spec: Dict[str, Any], digest: str, grid: Grid) -> Dict[str, Any]:
 
 
 def check_owner(sweep_dir: Path, digest: str) -> None:
-    """Refuse a sweep folder that holds another sweep."""
+    """Refuse a sweep folder that holds another sweep, or other files and no sweep at all."""
+    if sweep_dir.is_dir() and not (sweep_dir / MANIFEST).exists():
+        foreign = sorted(p.name for p in sweep_dir.iterdir() if p.name != RUNS)
+        if foreign:
+            raise SweepError(f"'{sweep_dir}' is not a sweep folder but holds other files ({', '.join(foreign[:3])}): "
+                             "pass a new or empty --sweep_dir")
     found = read_json(sweep_dir / MANIFEST)
     if (sweep_dir / MANIFEST).exists() and not isinstance(found, dict):
         raise SweepError(f"'{sweep_dir / MANIFEST}' is unreadable: remove the sweep folder or choose another one")
