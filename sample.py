@@ -35,7 +35,7 @@ POSITIVE, COUNT, FINITE = number(int, low=1), number(int, low=0), number(float)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__)
+    p = ArgumentParser(prog="sample.py", description=__doc__)
     p.add_argument("--prompt", type=str, default="a painting of a virus monster playing guitar", help="the prompt")
     p.add_argument("--from-file", type=str, help="a file with one prompt per line (overrides --prompt)")
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="where samples and grids go")

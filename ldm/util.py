@@ -166,11 +166,13 @@ def image_grid(images: Sequence[Image.Image], n_rows: int, labels: Optional[Sequ
 
 # ---- command lines: numbers, output folders, one-line errors ---------------------------------------------------
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with help that shows defaults and errors as one line (`prog: error: ...`, exit status 1, no usage
-    dump), the way the scripts' own checks report."""
+    """argparse with help that shows defaults, errors as one line (`prog: error: ...`, exit status 1, no usage
+    dump) the way the scripts' own checks report, and no abbreviated options (a misspelt --n_sample is refused,
+    not taken for --n_samples)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:
@@ -238,7 +240,9 @@ def check_image_file(path: Any, what: str = "image") -> None:
         raise ValueError(f"{what} not found: '{path}'")
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.verify()  # the file's structure; load() below decodes the pixels (a truncated file fails there)
+        with Image.open(path) as im:
+            im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{what} '{path}' is not an image PIL can read ({type(e).__name__}): pass a PNG or "
                          "JPEG") from None
