@@ -37,7 +37,7 @@ ROWS = [
     (["--n_iter", "0"], "argument --n_iter: must be an integer >= 1, got '0'"),
     (["--H", "0"], "argument --H: must be an integer >= 1, got '0'"),
     (["--W", "-64"], "argument --W: must be an integer >= 1, got '-64'"),
-    (["--H", "30"], "--H and --W must be multiples of --f (8), got 30x32"),
+    (["--H", "30"], "--H and --W must be multiples of 16 (--f 8 x the UNet's downsampling 2), got 30x32"),
     (["--ddim_steps", "0"], "argument --ddim_steps: must be an integer >= 1, got '0'"),
     (["--ddim_steps", "-3"], "argument --ddim_steps: must be an integer >= 1, got '-3'"),
     (["--ddim_steps", "2000"], "--ddim_steps 2000 is more than the 1000 steps ddim can take on the model's 1000"),
@@ -82,6 +82,8 @@ NO_CONFIG_ROWS = [  # without --config / --random_init: the checkpoint and the c
     (["--ckpt", str(TINY_CKPT), "--config", str(TINY_CONFIG)], "Pass --config configs/tiny-world/tiny-sd-v1.yaml "
                                                                "(these weights fit it)"),
     (["--ckpt", str(TINY_CKPT), "--adapter_path", "{tmp}/notes.txt"], "is not a LoRA file"),
+    (["--ckpt", str(TINY_CKPT), "--H", "32"], "--H and --W must be multiples of 64 (--f 8 x the UNet's downsampling "
+                                              "8), got 32x64"),  # was a traceback deep in the UNet
 ]
 
 
