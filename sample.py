@@ -1,11 +1,14 @@
 """Text-to-image (and image-to-image) sampling with Stable Diffusion v1 and trained adapters.
 
-The CompVis `txt2img.py` interface: numbered samples under OUTDIR/samples and a grid per run, invisibly watermarked,
-optionally through the SD safety checker; adapter scale sweeps into one labelled grid (and a GIF).
+The CompVis `txt2img.py` interface: numbered samples under OUTDIR/samples and a grid per run (never overwriting a
+file), invisibly watermarked, optionally through the SD safety checker; adapter scale sweeps into one labelled grid
+(and a GIF). Without --config, the config comes with the checkpoint (see ldm.models.base_config); without --H/--W,
+images have the model's own size. The tiny model, in seconds on a CPU:
+
+    python sample.py --ckpt models/ldm/tiny-sd-v1/model.safetensors --prompt "a photo of a red star"
 """
 import argparse
 import logging
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,59 +19,75 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_trained_parameters
-from ldm.config import load_configs, pop_adapter_configs
+from ldm.config import build_base_model, load_configs, pop_adapter_configs
+from ldm.models.base_config import adapter_config_from_file, config_fix, find_config, sampling_size
 from ldm.models.diffusion.sampling import ETA_SAMPLERS, IMG2IMG_SAMPLERS, SAMPLERS, text_to_image
 from ldm.modules.adapters import AdapterConfigError, is_added_key, load_adapter_from_dir, set_adapter_scale
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
-from ldm.util import ConfigError, image_grid, load_model_from_config, pick_device, setup_logging, to_pil
+from ldm.util import (ArgumentParser, ConfigError, check_image_file, check_output_dir, image_grid, load_model_from_config,
+                      number, pick_device, save_numbered, setup_logging, to_pil)
 
 log = logging.getLogger("sample")
+DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"  # CompVis' place for SD v1 weights
+TINY_CKPT = "models/ldm/tiny-sd-v1/model.safetensors"
+POSITIVE, COUNT, FINITE = number(int, low=1), number(int, low=0), number(float)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt", type=str, default="a painting of a virus monster playing guitar")
+    p = ArgumentParser(prog="sample.py", description=__doc__)
+    p.add_argument("--prompt", type=str, default="a painting of a virus monster playing guitar", help="the prompt")
     p.add_argument("--from-file", type=str, help="a file with one prompt per line (overrides --prompt)")
-    p.add_argument("--outdir", type=str, default="outputs/txt2img-samples")
+    p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="where samples and grids go")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
-    p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
+    p.add_argument("--ddim_steps", type=POSITIVE, default=50, help="number of sampling steps (at most the model's "
+                                                                   "training timesteps)")
     p.add_argument("--sampler", choices=list(SAMPLERS), help="the sampler (default: ddim)")
     p.add_argument("--plms", action="store_true", help="CompVis shorthand for --sampler plms")
     p.add_argument("--dpm_solver", action="store_true", help="shorthand for --sampler dpm++2m (DPM-Solver++(2M))")
-    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 is deterministic)")
+    p.add_argument("--ddim_eta", type=number(float, low=0), default=0.0, help="DDIM eta (0.0 is deterministic)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
-    p.add_argument("--n_iter", type=int, default=2, help="batches per prompt")
-    p.add_argument("--n_samples", type=int, default=3, help="batch size: samples per prompt per batch")
-    p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
-    p.add_argument("--H", type=int, default=512, help="image height in pixels")
-    p.add_argument("--W", type=int, default=512, help="image width in pixels")
-    p.add_argument("--C", type=int, help="latent channels (default and only allowed value: the model's)")
-    p.add_argument("--f", type=int, help="downsampling factor of the autoencoder (default and only allowed value: "
-                                         "the model's)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 turns it off)")
-    p.add_argument("--config", nargs="+", default=["configs/stable-diffusion/v1-inference.yaml"], metavar="YAML",
-                   help="model config(s), merged left to right as main_dream_booth.py's --base")
-    p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
-                   help="base weights: an SD v1 .ckpt or .safetensors")
+    p.add_argument("--n_iter", type=POSITIVE, default=2, help="batches per prompt")
+    p.add_argument("--n_samples", type=POSITIVE, default=3, help="batch size: samples per prompt per batch")
+    p.add_argument("--n_rows", type=COUNT, default=0, help="images per grid row (0: n_samples)")
+    p.add_argument("--H", type=POSITIVE, help="image height in pixels (default: the model's, from its config: 512 "
+                                              "for SD v1, 64 for the tiny model)")
+    p.add_argument("--W", type=POSITIVE, help="image width in pixels (default: the model's)")
+    p.add_argument("--C", type=POSITIVE, help="latent channels (default and only allowed value: the model's)")
+    p.add_argument("--f", type=POSITIVE, help="downsampling factor of the autoencoder (default and only allowed "
+                                              "value: the model's)")
+    p.add_argument("--scale", type=number(float, low=0), default=7.5,
+                   help="classifier-free guidance scale (1 turns it off)")
+    p.add_argument("--config", nargs="+", metavar="YAML",
+                   help="model config(s), merged left to right as main_dream_booth.py's --base (default: the "
+                        "checkpoint's: <ckpt>.yaml or config.yaml beside it, the config its metadata names, a "
+                        "diffusers folder's own configs; else configs/stable-diffusion/v1-inference.yaml)")
+    p.add_argument("--ckpt", type=str, default=DEFAULT_CKPT,
+                   help=f"base weights: an SD v1 .ckpt or .safetensors, or a diffusers model folder (the tiny model: "
+                        f"{TINY_CKPT})")
     p.add_argument("--random_init", action="store_true",
                    help="skip --ckpt and sample from the config's freshly initialised weights (smoke tests)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=number(int, low=0, high=2 ** 63 - 1), default=42, help="the random seed")
     p.add_argument("--precision", choices=["full", "autocast"], default=None,
-                   help="autocast (fp16 on a GPU, bf16 on the CPU) or full fp32; default: autocast on a GPU, full on the CPU")
+                   help="autocast (fp16 on a GPU, bf16 on the CPU) or full fp32 (default: autocast on a GPU, full on "
+                        "the CPU)")
     p.add_argument("--init-img", type=str, help="img2img: the starting image")
-    p.add_argument("--strength", type=float, default=0.75,
+    p.add_argument("--strength", type=number(float, low=0, high=1, low_open=True), default=0.75,
                    help="img2img: how much to change the init image (1.0 destroys it entirely)")
-    p.add_argument("--adapter_path", action="append", default=[], metavar="DIR",
-                   help="a trained adapter directory or a kohya / diffusers LoRA .safetensors file, for the UNet "
-                        "and/or the text encoder (repeatable: each is its own adapter group); its own config "
-                        "builds the adapters, --config only the base (and an original-format directory's adapters)")
+    p.add_argument("--adapter_path", action="append", default=[], metavar="PATH",
+                   help="a trained adapter directory, a kohya / diffusers / peft LoRA file (.safetensors, .pt, .bin, "
+                        ".ckpt) or a peft / diffusers LoRA folder, for the UNet and/or the text encoder (repeatable: "
+                        "each is its own adapter group); its own config builds the adapters")
+    p.add_argument("--adapter_config", metavar="YAML",
+                   help="the adapter config of an original-format (paper code, <module>.pt) adapter directory, which "
+                        "carries none: a model config with one (configs/sd-inject-dreambooth/attn2o-ffni.yaml) or an "
+                        "adapter_config.yaml (default: the one in --config)")
     p.add_argument("--trained_ckpt", metavar="FILE",
                    help="a run's checkpoints/last.ckpt from training the whole UNet (train_level [unet], the "
                         "DreamBooth baseline): its fine-tuned weights replace --ckpt's (with --adapter_path for "
                         "the run's adapters, if it had any)")
-    p.add_argument("--adapter_scale", action="append", type=float, default=[], metavar="S",
+    p.add_argument("--adapter_scale", action="append", type=FINITE, default=[], metavar="S",
                    help="strength of the matching --adapter_path (repeatable, one per path; default 1.0)")
     p.add_argument("--adapter_scale_sweep", type=str, metavar="S,S,...",
                    help="render the same seeds at each of these adapter scales, one grid row per scale (each "
@@ -81,7 +100,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="do not put the invisible watermark (\"StableDiffusionV1\") into saved images")
     p.add_argument("--safety_checker", type=str, metavar="PATH",
                    help="run the SD safety checker from these local weights (its model.safetensors or "
-                        "pytorch_model.bin, or their folder); flagged images are saved black. Default: none runs")
+                        "pytorch_model.bin, or their folder); flagged images are saved black (default: none runs)")
     return p.parse_args(argv)
 
 
@@ -100,11 +119,28 @@ def read_prompts(opt: argparse.Namespace) -> List[str]:
 
 def load_init_latent(model, opt: argparse.Namespace, device: torch.device) -> torch.Tensor:
     """Encode --init-img, resized to --W x --H, into the scaled latent (1, C, H/f, W/f)."""
-    if not os.path.isfile(opt.init_img):
-        sys.exit(f"error: init image not found: {opt.init_img}")
     image = Image.open(opt.init_img).convert("RGB").resize((opt.W, opt.H), resample=Image.LANCZOS)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].to(device)
     return model.get_first_stage_encoding(model.encode_first_stage(x), sample=False)
+
+
+def check_paths(opt: argparse.Namespace) -> None:
+    """Exit with one clear message for a missing input or an output folder that cannot be written."""
+    if not opt.random_init and not Path(opt.ckpt).exists():
+        hint = f"; to try the project's tiny model: --ckpt {TINY_CKPT}" if opt.ckpt == DEFAULT_CKPT else ""
+        sys.exit(f"error: checkpoint not found: '{opt.ckpt}' (--ckpt takes an SD v1 .ckpt / .safetensors file or a "
+                 f"diffusers model folder{hint})")
+    for flag, paths in (("--adapter_path", opt.adapter_path), ("--trained_ckpt", [opt.trained_ckpt]),
+                        ("--adapter_config", [opt.adapter_config]), ("--config", opt.config or [])):
+        for path in paths:
+            if path and not Path(path).exists():
+                sys.exit(f"error: {flag} not found: '{path}'")
+    try:
+        if opt.init_img:
+            check_image_file(opt.init_img, "--init-img")
+        check_output_dir(opt.outdir, "--outdir")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def chosen_sampler(opt: argparse.Namespace) -> Tuple[str, str]:
@@ -118,14 +154,11 @@ def chosen_sampler(opt: argparse.Namespace) -> Tuple[str, str]:
 
 
 def check_options(opt: argparse.Namespace) -> None:
-    """Exit with one clear message for options that cannot work together; settles opt.sampler."""
+    """Exit with one clear message for options that cannot work together or paths that cannot be used, before any
+    work; settles opt.sampler."""
     opt.sampler, flag = chosen_sampler(opt)
-    if opt.init_img and not 0.0 < opt.strength <= 1.0:
-        sys.exit(f"error: --strength must be in (0, 1], got {opt.strength}")
     if opt.init_img and opt.sampler not in IMG2IMG_SAMPLERS:
         sys.exit(f"error: img2img uses {' or '.join(map(str.upper, IMG2IMG_SAMPLERS))}; drop {flag}")
-    if not opt.ddim_eta >= 0.0:
-        sys.exit(f"error: --ddim_eta must be >= 0, got {opt.ddim_eta}")
     if opt.ddim_eta and opt.sampler not in ETA_SAMPLERS:
         sys.exit(f"error: {opt.sampler} is deterministic; drop --ddim_eta (it is DDIM's)")
     if opt.adapter_scale and len(opt.adapter_scale) != len(opt.adapter_path):
@@ -133,6 +166,12 @@ def check_options(opt: argparse.Namespace) -> None:
                  f"{len(opt.adapter_scale)} for {len(opt.adapter_path)}")
     if opt.gif and opt.adapter_scale_sweep is None:
         sys.exit("error: --gif animates an adapter scale sweep: add --adapter_scale_sweep (or drop --gif)")
+    if opt.adapter_config and not opt.adapter_path:
+        sys.exit("error: --adapter_config builds the adapters of an original-format --adapter_path: add one (or "
+                 "drop --adapter_config)")
+    if opt.skip_save and opt.skip_grid and not opt.gif:
+        sys.exit("error: --skip_save and --skip_grid together would save nothing: drop one")
+    check_paths(opt)
 
 
 def sweep_scales(opt: argparse.Namespace) -> List[Optional[float]]:
@@ -161,7 +200,8 @@ def attach_adapters(model: torch.nn.Module, opt: argparse.Namespace, config_adap
     """Load each --adapter_path into the whole model (UNet and text encoder) as its own adapter group `adapterN`,
     scaled by its --adapter_scale.
 
-    A directory of ours brings its own adapter config; an original-format one is built from --config's.
+    A directory of ours or a LoRA file brings its own adapter config; an original-format one is built from
+    --adapter_config's (else --config's).
     """
     for name, path, scale in adapter_paths(opt):
         load_adapter_from_dir(model, path, name=name, adapter_config=config_adapters)
@@ -176,31 +216,29 @@ def set_sweep_scale(model: torch.nn.Module, opt: argparse.Namespace, sweep: Opti
 
 
 def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """The base model from --config/--ckpt with every --adapter_path attached, on `device`."""
+    """The base model from --config/--ckpt with every --adapter_path attached, on `device`; --C, --f, --H, --W and
+    --ddim_steps checked against (and defaulted from) the model first, built on the meta device."""
+    ckpt = None if opt.random_init else opt.ckpt
     try:
-        config = load_configs(opt.config)
-        # with --adapter_path the adapters come from the directories; the config's build an original-format one
+        config, where = (load_configs(opt.config), "--config") if opt.config else find_config(ckpt)
+        log.info("model config: %s", where)
+        # the adapters come from --adapter_path; the config's (or --adapter_config's) build an original-format one
         config_adapters = pop_adapter_configs(config)["unet"] if opt.adapter_path else None
-        model = load_model_from_config(config, None if opt.random_init else opt.ckpt).to(device)
+        if opt.adapter_config:
+            config_adapters = adapter_config_from_file(opt.adapter_config)
+        opt.C, opt.f, opt.H, opt.W = sampling_size(build_base_model(config), opt.C, opt.f, opt.H, opt.W,
+                                                   opt.ddim_steps, opt.sampler or "ddim")
+        torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
+        model = load_model_from_config(config, ckpt).to(device)
         attach_adapters(model, opt, config_adapters)
         if opt.trained_ckpt:
             step = load_trained_parameters(model, opt.trained_ckpt, skip=is_added_key)
             log.info("fine-tuned weights of step %s from %s", step, opt.trained_ckpt)
-    except (ConfigError, CheckpointError, AdapterConfigError, FileNotFoundError) as e:
+    except CheckpointError as e:
+        sys.exit(f"error: {e}{'' if opt.random_init else config_fix(opt.ckpt, str(e))}")
+    except (ConfigError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     return model
-
-
-def check_latent(opt: argparse.Namespace, model: torch.nn.Module) -> None:
-    """--C and --f default to the model's values (any other value exits); --H and --W must be multiples of f."""
-    for flag, given, own, what in (("--C", opt.C, model.channels, "latent channels"),
-                                   ("--f", opt.f, model.downsampling_factor, "autoencoder downsampling factor")):
-        if given is not None and given != own:
-            sys.exit(f"error: {flag} {given} differs from the model's {what} {own}: drop {flag} (it defaults to "
-                     f"the model's)")
-    opt.C, opt.f = model.channels, model.downsampling_factor
-    if opt.H % opt.f or opt.W % opt.f:
-        sys.exit(f"error: --H and --W must be multiples of --f ({opt.f}), got {opt.H}x{opt.W}")
 
 
 def make_watermarker(opt: argparse.Namespace) -> Callable[[Image.Image], Image.Image]:
@@ -236,33 +274,32 @@ def render_batch(model, opt: argparse.Namespace, prompt: str, init_latent: Optio
 
 def save_grids(rows: List[List[Image.Image]], scales: List[Optional[float]], captions: List[str],
                opt: argparse.Namespace, outdir: Path, mark: Callable[[Image.Image], Image.Image]) -> List[Path]:
-    """The run's grid (one row per sweep scale) and, with --gif, the sweep's animation; returns their paths."""
-    number = len(list(outdir.glob("grid-*.png")))
+    """The run's grid (one row per sweep scale) and, with --gif, the sweep's animation, under the next free number;
+    returns their paths."""
     sweep = scales[0] is not None
     labels = captions if opt.label else None
     row_labels = [f"scale {s:g}" for s in scales] if sweep and opt.label else None
-    written = []
+    names, writers = [], []
     if not opt.skip_grid:
         n_cols = len(rows[0]) if sweep else opt.n_rows or opt.n_samples
-        grid = image_grid([im for row in rows for im in row], n_cols, labels and labels * len(rows), row_labels)
-        written.append(outdir / f"grid-{number:04}.png")
-        mark(grid).save(written[-1])
+        grid = mark(image_grid([im for row in rows for im in row], n_cols, labels and labels * len(rows), row_labels))
+        names.append("grid-{:04}.png")
+        writers.append(lambda tmp: grid.save(tmp, format="PNG"))
     if opt.gif:  # GIF's 256-colour palette would not keep the watermark: the frames go unmarked
         texts = row_labels or [None] * len(rows)
         frames = [image_grid(row, len(row), labels, text and [text]) for row, text in zip(rows, texts)]
-        written.append(outdir / f"sweep-{number:04}.gif")
-        frames[0].save(written[-1], save_all=True, append_images=frames[1:], duration=700, loop=0)
-    return written
+        names.append("sweep-{:04}.gif")
+        writers.append(lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                  duration=700, loop=0))
+    return save_numbered(outdir, names, writers) if names else []
 
 
 def save_samples(images: List[Image.Image], sample_dir: Path, mark: Callable[[Image.Image], Image.Image]
                  ) -> List[Path]:
-    """Save `images` watermarked as the next numbered PNGs of `sample_dir` (numbering continues across runs)."""
-    start = len(list(sample_dir.glob("*.png")))
-    paths = [sample_dir / f"{start + i:05}.png" for i in range(len(images))]
-    for im, path in zip(images, paths):
-        mark(im).save(path)
-    return paths
+    """Save `images` watermarked as new numbered PNGs of `sample_dir`, each under the next free number (never over
+    an existing file, also with other runs writing into the same folder)."""
+    return [save_numbered(sample_dir, ["{:05}.png"], [lambda tmp, im=mark(im): im.save(tmp, format="PNG")])[0]
+            for im in images]
 
 
 def render_all(model, opt: argparse.Namespace, prompts: List[str], scales: List[Optional[float]],
@@ -299,12 +336,9 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     scales = sweep_scales(opt)
     prompts = read_prompts(opt)
     device = pick_device()
-    torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
     model = load_model(opt, device)
-    check_latent(opt, model)
     mark, checker = make_watermarker(opt), make_safety_checker(opt, device)
     outdir = Path(opt.outdir)
-    (outdir / "samples").mkdir(parents=True, exist_ok=True)
     rows, captions, written = render_all(model, opt, prompts, scales, checker, mark)
     if checker is not None:
         log.info("safety checker: %d of %d images flagged and saved black", checker.flagged, checker.checked)

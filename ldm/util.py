@@ -1,19 +1,26 @@
-"""Small helpers shared across the package: config instantiation and a few one-liners."""
+"""Small helpers shared across the package: config instantiation, image grids, files written without ever replacing
+one, and a few one-liners."""
+import argparse
 import contextvars
 import difflib
+import errno
 import importlib
 import inspect
 import logging
 import math
 import numbers
+import os
 import re
+import sys
+import tempfile
 from contextlib import contextmanager
 from inspect import isfunction
-from typing import Any, Iterator, List, Mapping, Optional, Sequence, Set
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Set
 
 import torch
 import yaml
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -263,36 +270,193 @@ def to_pil(images: torch.Tensor) -> List[Image.Image]:
     return [Image.fromarray(a) for a in x.permute(0, 2, 3, 1).cpu().numpy()]
 
 
-def _fit(text: str, font: ImageFont.FreeTypeFont, width: float) -> str:
-    """`text` cut (with an ellipsis) to fit `width` pixels."""
-    if font.getlength(text) <= width:
-        return text
-    while text and font.getlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
+def wrap_label(text: str, font: ImageFont.FreeTypeFont, width: float, max_lines: int = 6) -> List[str]:
+    """`text` broken into lines of at most `width` pixels, at spaces where it can (inside a word where one is
+    wider); lines beyond `max_lines` are dropped and the last kept line ends with an ellipsis."""
+    lines: List[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if font.getlength(candidate) <= width or not line and len(word) <= 1:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while len(word) > 1 and font.getlength(word) > width:  # a word wider than the room: break it
+                cut = max(1, next(i for i in range(len(word), 0, -1) if font.getlength(word[:i]) <= width
+                                  or i == 1))
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    if len(lines) > max_lines:
+        last = lines[max_lines - 1]
+        while last and font.getlength(last + "...") > width:
+            last = last[:-1]
+        lines = lines[:max_lines - 1] + [last + "..."]
+    return lines
 
 
 def image_grid(images: Sequence[Image.Image], n_rows: int, labels: Optional[Sequence[str]] = None,
                row_labels: Optional[Sequence[str]] = None) -> Image.Image:
     """Tile equally sized images row by row, `n_rows` images per row (as CompVis' --n_rows), 2 px apart.
 
-    `labels` (one per image, lines split on newlines) are written under the images, `row_labels` (one per row) in a
-    margin on the left, with PIL's default font; text wider than its room is cut with an ellipsis.
+    `labels` (one per image, lines split on newlines) are written under the images, wrapped to the image width, and
+    `row_labels` (one per row) in a margin on the left, with PIL's default font.
     """
     n_cols = max(1, min(n_rows, len(images)))
     rows = (len(images) + n_cols - 1) // n_cols
     w, h = images[0].size
-    font = ImageFont.load_default(size=max(12, w // 32))
+    font = ImageFont.load_default(size=max(10, w // 32))
     line_h = font.getbbox("Ag")[3] + 2
-    label_h = max(len(t.split("\n")) for t in labels) * line_h + 2 if labels else 0
+    wrapped = [wrap_label(t, font, w) for t in labels] if labels else []
+    label_h = max(len(t) for t in wrapped) * line_h + 2 if labels else 0
     margin = int(max(font.getlength(t) for t in row_labels)) + 8 if row_labels else 0
     grid = Image.new("RGB", (margin + n_cols * (w + 2) + 2, rows * (h + 2 + label_h) + 2))
     draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
         x, y = margin + 2 + (i % n_cols) * (w + 2), 2 + (i // n_cols) * (h + 2 + label_h)
         grid.paste(im, (x, y))
-        for j, line in enumerate(labels[i].split("\n") if labels else []):
-            draw.text((x, y + h + 1 + j * line_h), _fit(line, font, w), fill="white", font=font)
+        for j, line in enumerate(wrapped[i] if labels else []):
+            draw.text((x, y + h + 1 + j * line_h), line, fill="white", font=font)
     for r, text in enumerate(row_labels or []):
         draw.text((4, 2 + r * (h + 2 + label_h) + (h - line_h) // 2), text, fill="white", font=font)
     return grid
+
+
+# ---- command lines: numbers, output folders, one-line errors ---------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with help that shows defaults, errors as one line (`prog: error: ...`, exit status 1, no usage
+    dump) the way the scripts' own checks report, and no abbreviated options (a misspelt --n_sample is refused,
+    not taken for --n_samples)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:
+        sys.exit(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default (none shown for flags and options without one), descriptions kept as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def number(kind: type = float, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse `type`: text parsed as `kind` (int or float), refused when NaN, infinite or out of range, with a
+    message that states the range."""
+    what = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        rule = f"{what} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        rule = f"{what} {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        rule = f"{what} {'<' if high_open else '<='} {high:g}"
+    else:
+        rule = f"a finite {what[2:] if kind is int else 'number'}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
+        if not math.isfinite(value) or (low is not None and (value < low or low_open and value == low)) or \
+                (high is not None and (value > high or high_open and value == high)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+        return value
+    parse.__name__ = rule
+    return parse
+
+
+def check_output_dir(path: Any, what: str = "output folder") -> Path:
+    """`path` as a folder that exists or can be made and written, checked before any work and without creating
+    anything; a ValueError names what is in the way."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} '{p}' is a file, not a folder: pass another path")
+    existing = p.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} '{p}' cannot be created: '{existing}' is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()  # the only sure test (access() says yes to root)
+    except OSError as e:
+        raise ValueError(f"{what} '{p}' cannot be written: '{existing}' is not writable ({e.strerror})") from None
+    return p
+
+
+def check_image_file(path: Any, what: str = "image") -> None:
+    """A ValueError unless `path` is an image file PIL can read."""
+    if not Path(path).is_file():
+        raise ValueError(f"{what} not found: '{path}'")
+    try:
+        with Image.open(path) as im:
+            im.verify()  # the file's structure; load() below decodes the pixels (a truncated file fails there)
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{what} '{path}' is not an image PIL can read ({type(e).__name__}): pass a PNG or "
+                         "JPEG") from None
+
+
+# ---- files that are never replaced -----------------------------------------------------------------------------
+def write_new(path: Any, write: Callable[[str], None]) -> None:
+    """Write `path` via `write(tmp_path)` and link it into place only when nothing is there: a crash never leaves
+    half a file and an existing file is never replaced (FileExistsError)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                               suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file ordinary permissions
+        try:
+            os.link(tmp, path)  # atomic, and fails when the name exists
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+                raise
+            with open(tmp, "rb") as src, open(path, "xb") as dst:  # no hard links here: exclusive, not atomic
+                dst.write(src.read())
+    finally:
+        os.remove(tmp)
+
+
+def next_number(directory: Path, names: Sequence[str]) -> int:
+    """1 + the largest number in the files of `directory` named like one of `names` ("grid-{:04}.png"), else 0."""
+    used = [-1]
+    for name in names:
+        head, rest = name.split("{", 1)
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(rest.split("}", 1)[1]))
+        used += [int(m.group(1)) for f in directory.iterdir() if (m := pattern.fullmatch(f.name))]
+    return max(used) + 1
+
+
+def save_numbered(directory: Path, names: Sequence[str], writers: Sequence[Callable[[str], None]]) -> List[Path]:
+    """Write one file per name (`names[i].format(n)` by `writers[i](tmp_path)`) under the next number n that none
+    of them uses in `directory`; files are created exclusively, so writers running at once never overwrite each
+    other (a number taken meanwhile moves all of them on to the next)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    n = next_number(directory, names)
+    while True:
+        done: List[Path] = []
+        try:
+            for name, write in zip(names, writers):
+                write_new(directory / name.format(n), write)
+                done.append(directory / name.format(n))
+            return done
+        except FileExistsError:
+            for path in done:  # ours, written a moment ago: the set moves on together
+                path.unlink()
+            n += 1

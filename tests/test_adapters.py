@@ -302,7 +302,7 @@ def _load_error(unet, path, message, **kw):
 
 
 def test_directory_errors(base, saved, tmp_path):
-    _load_error(copy.deepcopy(base), tmp_path / "absent", "adapter directory not found")
+    _load_error(copy.deepcopy(base), tmp_path / "absent", "adapter path not found")
     (tmp_path / "empty").mkdir()
     _load_error(copy.deepcopy(base), tmp_path / "empty", "not an adapter directory")
     _load_error(with_adapters(base, adapter_cfg("attn1i", "attn2i")), saved,
@@ -418,5 +418,5 @@ def test_sample_random_init_and_original_format(sample_setup, base, tmp_path):
     assert len(sample.main(args + ["--adapter_path", str(tmp_path / "orig"), "--outdir", str(tmp_path / "o")])) == 1
     with pytest.raises(SystemExit, match="one --adapter_scale per --adapter_path"):
         sample.main(args + ["--adapter_path", str(tmp / "a1"), "--adapter_scale", "1", "--adapter_scale", "2"])
-    with pytest.raises(SystemExit, match="adapter directory not found"):
+    with pytest.raises(SystemExit, match="--adapter_path not found"):
         sample.main(args + ["--adapter_path", str(tmp_path / "nowhere"), "--outdir", str(tmp_path / "o")])

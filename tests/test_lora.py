@@ -370,7 +370,8 @@ def test_file_errors(lora_model, tiny_model_session, tmp_path):
     sd = load_file(tmp_path / "k.safetensors")
     n = len({k.split(".")[0] for k in sd}) + 1
     cases = {"sdxl": ({**sd, "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.alpha": torch.tensor(1.0)},
-                      rf"1 of its {n} modules have no counterpart here, e.g. lora_unet_input_blocks_4_1_transformer_"),
+                      rf"1 of its {n} modules have no counterpart here \(UNet: 1, e.g. "
+                      r"lora_unet_input_blocks_4_1_transformer_"),
              "wide": ({k: torch.cat([v, v], dim=-1) if k.endswith("lora_down.weight") and v.dim() == 2 else v
                        for k, v in sd.items()},
                       r"lora_down \(\d, 64\) and lora_up \(\d+, \d\) do not fit a Linear with 32 inputs and \d+ "

@@ -47,8 +47,8 @@ def test_from_file_and_img2img(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--from-file", "{tmp}/empty.txt"], "is empty"),
     (["--from-file", "{tmp}/absent.txt"], "prompt file not found"),
-    (["--H", "30"], "multiples of --f"),
-    (["--init-img", "{tmp}/absent.png"], "init image not found"),
+    (["--H", "30"], "multiples of 16 \\(--f 8 x the UNet's downsampling 2\\)"),
+    (["--init-img", "{tmp}/absent.png"], "--init-img not found"),
     (["--init-img", "{tmp}/empty.txt", "--strength", "1.5"], "--strength"),
 ])
 def test_bad_input_gets_one_clear_message(tmp_path, args, message):

@@ -305,10 +305,21 @@ def test_labelled_grid_of_a_plain_run(tmp_path):
     assert np.array_equal(labelled[:34], plain[:34]) and labelled[34:].any()
 
 
-def test_image_grid_labels_fit_their_tile():
+def test_image_grid_labels_wrap_inside_their_tile():
+    """A label wider than its image is wrapped at spaces (nothing cut off, "photo of a..." was), each line within the
+    image's width, and drawn inside its own tile."""
+    from PIL import ImageFont
+    from ldm.util import wrap_label
+    text = "a photo of a small red star"
+    font = ImageFont.load_default(size=10)
+    lines = wrap_label(text, font, 40)
+    assert " ".join(lines) == text and len(lines) > 2 and all(font.getlength(line) <= 40 for line in lines)
+    assert wrap_label("abcdefghijklmnopqrstuvwxyz" * 2, font, 40)[0] != "abcdefghijklmnopqrstuvwxyz" * 2  # broken up
+    most = wrap_label(" ".join(["word"] * 40), font, 40, max_lines=3)  # beyond max_lines: the end is marked
+    assert len(most) == 3 and most[-1].endswith("...") and font.getlength(most[-1]) <= 40
     black = [Image.new("RGB", (40, 40))] * 2
-    long = np.asarray(image_grid(black, 2, labels=["a very long prompt that cannot fit\nseed 1", "b\nseed 2"]))
+    long = np.asarray(image_grid(black, 2, labels=[f"{text}\nseed 1", "b\nseed 2"]))
+    blank = np.asarray(image_grid(black, 2, labels=["\n" * len(lines), "b\nseed 2"]))  # as many empty lines
     short = np.asarray(image_grid(black, 2, labels=["a\nseed 1", "b\nseed 2"]))
-    assert long.shape == short.shape and long.shape[1] == 2 * 42 + 2 and long.shape[0] > 44 + 10  # 2 text lines
-    assert long[42:, :42].any() and long[42:, 44:].any()
-    assert np.array_equal(long[:, 43:], short[:, 43:])  # the long label is cut at its own tile's edge
+    assert long.shape == blank.shape and long.shape[1] == 2 * 42 + 2 and long.shape[0] > short.shape[0] + 20
+    assert long[42:, :42].any() and np.array_equal(long[:, 43:], blank[:, 43:])  # the text stays in its tile

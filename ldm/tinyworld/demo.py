@@ -63,6 +63,7 @@ def before_after_grid(before: Dict[str, torch.Tensor], after: Dict[str, torch.Te
 
 def run_demo(outdir: Path, steps: Optional[int] = None, seed: int = 23, n: int = 16, show: int = 6) -> Dict:
     """Train, sample before/after, measure; writes before_after.png and metrics.json into outdir."""
+    outdir = outdir.resolve()  # the training child runs in the repository: a relative outdir would land there
     outdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
     logdir = train(outdir, steps, seed)

@@ -1,34 +1,53 @@
-"""LoRA and (IA)^3 files other tools read: kohya / AUTOMATIC1111 / ComfyUI safetensors and diffusers'
-`pytorch_lora_weights.safetensors`, written from an adapter group and read back into one.
+"""LoRA and (IA)^3 files other tools read and write: kohya / AUTOMATIC1111 / ComfyUI safetensors, diffusers'
+`pytorch_lora_weights.safetensors` and peft's state dicts, written from an adapter group and read back into one.
 
 Names. A module of our UNet is named by its diffusers path and a text-encoder module by transformers' CLIPTextModel
 path (`text_model.encoder.layers.N.self_attn.q_proj`), both from `ldm.modules.diffusers_layout`, which derives the
 UNet's block numbering from its structure numbers.
   kohya      `lora_unet_<diffusers path, . -> _>` / `lora_te_<CLIP path, . -> _>` + `.lora_down.weight`,
              `.lora_up.weight`, `.alpha` (ΔW = alpha / rank * up @ down); (IA)^3 as `.weight` + `.on_input`
-             (LyCORIS / A1111: W' = W * (1 + weight)). Read back also: LDM-path names (`lora_unet_input_blocks_1_1_...`)
-             and `lora_te1_`.
+             (LyCORIS / A1111: W' = W * (1 + weight)).
   diffusers  `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<CLIP path>...` (peft's
              names; alpha / rank is folded into lora_B, since the file carries no alpha). LoRA only.
+Read back also: LDM-path kohya names (`lora_unet_input_blocks_1_1_...`), `lora_te1_` (diffusers'
+`convert_state_dict_to_kohya`), CLIP paths without `text_model.` (transformers 5.6+), diffusers' older suffixes
+(`.lora.down.weight`, `.lora_linear_layer.up.weight`), peft's names of one network (`down_blocks.0...lora_A.weight`,
+`base_model.model.` in front from PeftModel.save_pretrained). What the files say about strength (alpha tensors,
+diffusers' metadata, peft's adapter_config.json) and which file types are read: `ldm.modules.adapters.sources`.
 """
+import difflib
+import logging
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 
-from ldm.checkpoint import load_into, load_state_dict, save_state_dict
+from ldm.checkpoint import load_into, save_state_dict
 from ldm.modules.adapters.attach import (adapter_groups, adapter_networks, group_adapters, inject_adapters,
                                          is_projection, network, restored_on_error)
 from ldm.modules.adapters.base import Update
 from ldm.modules.adapters.schema import FORMS
+from ldm.modules.adapters.sources import fill_alphas, read_lora_source
 from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError, AdapterDirError
-from ldm.modules.diffusers_layout import UNetStructure, text_path_to_diffusers, unet_block_map, unet_path_to_diffusers
+from ldm.modules.diffusers_layout import (TEXT_MODEL, UNetStructure, text_path_from_diffusers, text_path_to_diffusers,
+                                          unet_block_map, unet_path_to_diffusers)
+
+log = logging.getLogger(__name__)
 
 UPDATES: Tuple[Type[Update], ...] = tuple(f.UPDATE for f in FORMS if getattr(f, "UPDATE", None))  # what files hold
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
+KOHYA_TEXT_PREFIXES = ("lora_te", "lora_te1")  # kohya sd-scripts for SD v1; diffusers' convert_state_dict_to_kohya
 DIFFUSERS_PREFIX = {"unet": "unet", "cond_stage_model": "text_encoder"}
+PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained's key prefix
+MODEL_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "model_ema.")
+UNET_FIRST = tuple(f"{b}." for b in ("down_blocks", "mid_block", "up_blocks", "conv_in", "time_embedding",
+                                     "input_blocks", "middle_block", "output_blocks"))
+NETWORK_STARTS = (("second text encoder", ("lora_te2_", "text_encoder_2.")),
+                  ("text encoder", ("lora_te_", "lora_te1_", "text_encoder.", "text_model.", "encoder.layers.")),
+                  ("UNet", ("lora_unet_", "unet.") + UNET_FIRST))
+NETWORK_ORDER = ["UNet", "text encoder", "second text encoder", "no SD v1 network"]
 
 
 # ---- names ------------------------------------------------------------------------------------------------------
@@ -38,14 +57,15 @@ def unet_blocks(unet: nn.Module) -> Dict[str, str]:
     return unet_block_map(UNetStructure(len(unet.channel_mult), unet.num_res_blocks, frozenset(unet.attention_levels)))
 
 
-def external_names(model: nn.Module) -> Dict[str, str]:
-    """Path in `model` -> "unet.<diffusers path>" / "text_encoder.<CLIP path>" for every projection others can name."""
+def external_names(model: nn.Module, every_module: bool = False) -> Dict[str, str]:
+    """Path in `model` -> "unet.<diffusers path>" / "text_encoder.<CLIP path>" for every projection others can name
+    (every module with such a name, if `every_module`)."""
     names = {}
     for role, (prefix, net) in adapter_networks(model).items():
         root = f"{prefix}." if prefix else ""
         blocks = unet_blocks(net) if role == "unet" else {}
         for path, m in net.named_modules():
-            if not is_projection(m) or "adapters" in path.split("."):
+            if not (every_module or is_projection(m)) or "adapters" in path.split("."):
                 continue
             ext = unet_path_to_diffusers(path, blocks) if role == "unet" else text_path_to_diffusers(path)
             if ext is not None:
@@ -119,39 +139,73 @@ def save_lora_file(model: nn.Module, path: str, name: str = DEFAULT_GROUP, fmt: 
 
 
 def load_lora_file(model: nn.Module, path: str, name: str = DEFAULT_GROUP) -> None:
-    """Load a kohya / A1111 / diffusers LoRA or (IA)^3 `.safetensors` file into a new group `name` of `model`."""
-    source = f"LoRA file '{path}'"
+    """Load a kohya / A1111 / diffusers / peft LoRA or (IA)^3 file (or peft / diffusers LoRA folder) into a new group
+    `name` of `model`."""
     if name in adapter_groups(model):
-        raise AdapterDirError(f"the model already has an adapter group {name!r}; load {source} into a new one")
-    updates = read_lora_state_dict(model, load_state_dict(path), source)
+        raise AdapterDirError(f"the model already has an adapter group {name!r}; load '{path}' into a new one")
+    lora = read_lora_source(path)
+    updates = read_lora_state_dict(model, lora.tensors, lora.source, lora.configs)
     with restored_on_error(model, name):
-        install_updates(model, updates, name, source)
+        install_updates(model, updates, name, lora.source)
+    log.info("loaded %s into adapter group '%s': %d modules", lora.source, name, len(updates))
 
 
-def read_lora_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], source: str) -> Dict[str, Update]:
-    """The updates of a kohya or diffusers LoRA state dict, keyed by path in `model`; errors name what does not fit."""
-    modules, names = dict(model.named_modules()), _reverse_names(model)
+def read_lora_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], source: str,
+                         configs: Optional[Dict[str, dict]] = None) -> Dict[str, Update]:
+    """The updates of a kohya, diffusers or peft LoRA state dict (with its peft LoraConfigs by network, see
+    ldm.modules.adapters.sources), keyed by path in `model`; errors name what does not fit."""
+    names = _accepted_names(model)
     grouped = _split_modules(sd, source)
-    unknown = [n for n in grouped if n not in names]
+    found = {n: _resolve(n, names) for n in grouped}
+    unknown = [n for n, ext in found.items() if ext is None]
     if unknown:
-        _unknown_error(model, unknown, len(grouped), source)
-    return {names[n]: _update(t, modules[names[n]], f"{source}: {n}") for n, t in grouped.items()}
+        _unknown_error(model, unknown, len(grouped), source, names)
+    modules, written_as = {}, {}
+    for n, ext in found.items():
+        if ext in modules:
+            raise AdapterDirError(f"{source} names one module twice: {written_as[ext]} and {n}")
+        modules[ext], written_as[ext] = dict(grouped[n]), n
+    fill_alphas(modules, configs or {}, source)
+    paths, named = {ext: path for path, ext in external_names(model).items()}, dict(model.named_modules())
+    return {paths[ext]: _update(t, named[paths[ext]], f"{source}: {written_as[ext]}") for ext, t in modules.items()}
 
 
-def _reverse_names(model: nn.Module) -> Dict[str, str]:
-    """Every name a file may give a projection of `model` (kohya, kohya with LDM paths, lora_te1_, diffusers) ->
-    its path."""
+def _text_spellings(clip_path: str) -> List[str]:
+    """A CLIP path with and without transformers' `text_model.` level (transformers 5.6+ drop it, and so do files
+    diffusers writes with them, kohya ones included); kept when diffusers_layout reads it back to the same module."""
+    short = clip_path[len(TEXT_MODEL):] if clip_path.startswith(TEXT_MODEL) else clip_path
+    ours = text_path_from_diffusers(clip_path)
+    return [s for s in dict.fromkeys((clip_path, short)) if text_path_from_diffusers(s) == ours]
+
+
+def _accepted_names(model: nn.Module, every_module: bool = False) -> Dict[str, str]:
+    """Every name a file may give a module of `model` -> its external name ("unet.<diffusers path>",
+    "text_encoder.<CLIP path>"): diffusers / peft names, kohya names of diffusers paths, kohya names of the UNet's LDM
+    paths (`lora_unet_input_blocks_1_1_...`), text-encoder names with and without `text_model`, `lora_te_` and
+    `lora_te1_`. Projections only, unless `every_module`."""
     nets = adapter_networks(model)
     unet_root = f"{nets['unet'][0]}." if nets.get("unet", ("",))[0] else ""
     names = {}
-    for path, ext in external_names(model).items():
-        key = kohya_name(ext)
-        names.update({ext: path, key: path})
-        if ext.startswith("unet."):
-            names[f"lora_unet_{path[len(unet_root):].replace('.', '_')}"] = path
-        else:
-            names[f"lora_te1_{key[len('lora_te_'):]}"] = path
+    for path, ext in external_names(model, every_module).items():
+        head, inner = ext.split(".", 1)
+        if head == DIFFUSERS_PREFIX["unet"]:
+            names.update({ext: ext, kohya_name(ext): ext,
+                          f"{KOHYA_PREFIX['unet']}_{path[len(unet_root):].replace('.', '_')}": ext})
+            continue
+        for spelling in _text_spellings(inner):
+            names[f"{head}.{spelling}"] = ext
+            names.update({f"{p}_{spelling.replace('.', '_')}": ext for p in KOHYA_TEXT_PREFIXES})
     return names
+
+
+def _resolve(name: str, names: Dict[str, str]) -> Optional[str]:
+    """The external name of a file's module name: as written, without peft's `base_model.model.`, or (peft's
+    get_peft_model_state_dict of one network) with the network's prefix added."""
+    name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    candidates = [name] + ([f"{head}.{name}" for head in DIFFUSERS_PREFIX.values()]
+                           if not name.startswith(("lora_",) + tuple(f"{h}." for h in DIFFUSERS_PREFIX.values()))
+                           else [])
+    return next((names[c] for c in candidates if c in names), None)
 
 
 DIFFUSERS_SUFFIXES = {k: v for u in UPDATES for k, v in u.DIFFUSERS_SUFFIXES.items()}  # diffusers / peft -> kohya
@@ -166,8 +220,10 @@ def _split_modules(sd: Dict[str, torch.Tensor], source: str) -> Dict[str, Dict[s
         else:
             suffix = next((s for s in DIFFUSERS_SUFFIXES if key.endswith(s)), None)
             if suffix is None:
+                whole = " (it is a model checkpoint: pass it as --ckpt)" if key.startswith(MODEL_PREFIXES) else ""
                 raise AdapterDirError(f"{source}: key {key!r} is neither kohya (lora_unet_..., lora_te_...) nor "
-                                      "diffusers (unet.<path>.lora_A.weight, text_encoder.<path>.lora_B.weight)")
+                                      "diffusers / peft (unet.<path>.lora_A.weight, text_encoder.<path>.lora_B.weight, "
+                                      f"<path>.lora_A.weight){whole}")
             module_name, tensor = key[:-len(suffix)], DIFFUSERS_SUFFIXES[suffix]
         grouped[module_name][tensor] = value
     return grouped
@@ -184,10 +240,50 @@ def _update(tensors: Dict[str, torch.Tensor], host: nn.Module, where: str) -> Up
                           "LyCORIS LoHa / LoKr / DoRA / full-diff modules are not supported here")
 
 
-def _unknown_error(model: nn.Module, unknown: List[str], total: int, source: str) -> None:
-    text = [n for n in unknown if n.startswith(("lora_te", "text_encoder."))]
-    if text and "cond_stage_model" not in adapter_networks(model):
+def _network_of(name: str) -> str:
+    """Which network a file's module name is written for, from its prefix or its first path component."""
+    name = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+    for network_name, starts in NETWORK_STARTS:
+        if name.startswith(starts):
+            return network_name
+    return "no SD v1 network"
+
+
+def _unknown_error(model: nn.Module, unknown: List[str], total: int, source: str, names: Dict[str, str]) -> None:
+    """Say which modules of a file match none of `model`, per network, with examples and the nearest name here."""
+    by_network: Dict[str, List[str]] = defaultdict(list)
+    for n in unknown:
+        by_network[_network_of(n)].append(n)
+    if by_network.get("text encoder") and "cond_stage_model" not in adapter_networks(model):
+        text = by_network["text encoder"]
         network(model, "cond_stage_model", f"{source} ({len(text)} text-encoder modules, e.g. {text[0]})")
+    parts = []
+    for net in sorted(by_network, key=NETWORK_ORDER.index):
+        found = by_network[net]
+        near = difflib.get_close_matches(found[0], list(names), n=1, cutoff=0.5)
+        first = found[0] + (f" (nearest name here: {near[0]})" if near else "")
+        parts.append(f"{net}: {len(found)}, e.g. {', '.join([first] + found[1:3])}")
     raise AdapterDirError(f"{source} does not fit this model: {len(unknown)} of its {total} modules have no "
-                          f"counterpart here, e.g. {', '.join(unknown[:3])}. It was made for another architecture "
-                          "(SD 2.x and SDXL differ), or adapts modules LoRA does not take here (3x3 convs)")
+                          f"counterpart here ({'; '.join(parts)}). {_unknown_cause(model, unknown, by_network)}")
+
+
+def _unknown_cause(model: nn.Module, unknown: List[str], by_network: Dict[str, List[str]]) -> str:
+    """What the unmatched names say about the file: SDXL's second text encoder, LoRA on 3x3 convs, foreign names, or
+    a model of another size."""
+    if by_network.get("second text encoder"):
+        return ("It adapts a second text encoder (lora_te2_ / text_encoder_2), which SDXL has and SD v1 does not: "
+                "it is an SDXL file")
+    every, paths = _accepted_names(model, every_module=True), {e: p for p, e in external_names(model, True).items()}
+    named = dict(model.named_modules())
+    other = [(n, named[paths[every[_resolve(n, every)]]]) for n in unknown if _resolve(n, every)]
+    if other:
+        n, m = other[0]
+        kind = f"a {'x'.join(map(str, m.kernel_size))} {type(m).__name__}" if hasattr(m, "kernel_size") \
+            else f"a {type(m).__name__}"
+        return (f"{len(other)} of them are modules LoRA does not take here, e.g. {n} ({kind}): LoRA on convolutions "
+                "(LoCon / LyCORIS) is not supported; files with LoRA on Linear and 1x1 conv modules load")
+    if by_network.get("no SD v1 network"):
+        return ("Names of no SD v1 network read as neither kohya (lora_unet_..., lora_te_...), diffusers (unet.<path>, "
+                "text_encoder.<path>) nor peft (<path>.lora_A.weight) names of this model's modules")
+    return ("This model has no modules of those names: the file was made for a model of another size or layout "
+            "(e.g. full-size SD v1 and this config differ in levels, blocks or text-encoder layers)")

@@ -1,6 +1,7 @@
 """Adapter directories: one adapter group as safetensors plus the config that built it, written atomically; the paper
 code's directories (one `<module path>.pt` state dict per adapter module), read safely; and, through the same
-`load_adapter_from_dir`, kohya / A1111 / diffusers LoRA and (IA)^3 `.safetensors` files (`ldm.modules.adapters.files`).
+`load_adapter_from_dir`, kohya / A1111 / diffusers / peft LoRA and (IA)^3 files (`.safetensors`, or `.pt` / `.bin` /
+`.ckpt` read safely) and peft / diffusers LoRA folders (`ldm.modules.adapters.files`, `.sources`).
 
 A group may span the UNet and the text encoder: `adapter_config.yaml` then holds `adapter_config` (the UNet's) and
 `cond_stage_adapter_config` (the text encoder's), and the text encoder's keys in `adapters.safetensors` start with
@@ -23,6 +24,7 @@ from ldm.modules.adapters.attach import (adapter_blocks, adapter_groups, adapter
                                          inject_adapters, network, restored_on_error)
 from ldm.modules.adapters.files import load_lora_file
 from ldm.modules.adapters.schema import config_from_specs, form_of, parse_adapter_config
+from ldm.modules.adapters.sources import FILE_SUFFIXES, folder_kind
 from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError, AdapterDirError, AdapterSpec, describe
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,8 @@ ORIGINAL_DUPLICATE = ".adapter_inout.adp.pt"
 # per network role: its section of adapter_config.yaml and the prefix of its keys in adapters.safetensors
 SECTION = {"unet": "adapter_config", "cond_stage_model": "cond_stage_adapter_config"}
 KEY_PREFIX = {"unet": "", "cond_stage_model": "cond_stage_model."}
+ACCEPTED = (f"an adapter path is an adapter directory, a LoRA / (IA)^3 file ({', '.join(FILE_SUFFIXES)}) or a peft / "
+            "diffusers LoRA folder")
 
 
 def save_adapter_to_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP) -> Path:
@@ -81,22 +85,22 @@ def _replace_dir(new: Path, path: Path) -> None:
 
 
 def load_adapter_from_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP, adapter_config: Any = None) -> None:
-    """Load an adapter directory, ours (safetensors + config) or the paper code's, or a kohya / A1111 / diffusers LoRA
-    or (IA)^3 `.safetensors` file, into group `name` of `model` (a UNet, or a LatentDiffusion for text-encoder parts).
+    """Load an adapter directory, ours (safetensors + config) or the paper code's, a kohya / A1111 / diffusers / peft
+    LoRA or (IA)^3 file, or a peft / diffusers LoRA folder, into group `name` of `model` (a UNet, or a LatentDiffusion
+    for text-encoder parts).
 
     When `model` has no group `name`, it is injected first from the directory's own config, from the file's tensors,
     or, for an original-format directory (which carries no config), from `adapter_config`. An existing group must have
     the directory's layout.
     """
     path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
+    if path.is_file() or (folder_kind(path) and not (path / CONFIG_FILE).is_file()):
         return load_lora_file(model, str(path), name)
     if not path.is_dir():
-        raise AdapterDirError(f"adapter directory not found: '{path}' (--adapter_path takes an adapter directory or a "
-                              "kohya / diffusers LoRA .safetensors file)")
+        raise AdapterDirError(f"adapter path not found: '{path}' ({ACCEPTED})")
     if not (path / CONFIG_FILE).is_file() and not any(path.glob("*.pt")):
         raise AdapterDirError(f"'{path}' is not an adapter directory: it holds neither {CONFIG_FILE} and "
-                              f"{WEIGHTS_FILE} nor the original code's <module path>.pt files")
+                              f"{WEIGHTS_FILE} nor the original code's <module path>.pt files ({ACCEPTED})")
     with restored_on_error(model, name):
         if (path / CONFIG_FILE).is_file():
             _load_ours(model, path, name)

@@ -1,0 +1,195 @@
+"""LoRA files as other tools write them: which file types are read (safely), and what a file says about each
+module's strength besides its tensors.
+
+File types (`read_lora_source`):
+  `.safetensors`                    tensors, and diffusers' `lora_adapter_metadata` (see below)
+  `.pt` / `.pth` / `.bin` / `.ckpt`  a dict of named tensors (torch.save), read by ldm.checkpoint's safe reader: no
+                                    pickled code ever runs
+  a peft folder                     `adapter_config.json` + `adapter_model.safetensors` (or `.bin`):
+                                    `PeftModel.save_pretrained` of one network
+  a diffusers folder                `pytorch_lora_weights.safetensors` (or `.bin`): `save_lora_weights`
+
+Strength. ΔW = alpha / rank * up @ down (peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`).
+A module's alpha is its own `.alpha` tensor (kohya, A1111) or comes from its network's peft `LoraConfig`: diffusers'
+`save_lora_weights` stores those in the safetensors metadata `lora_adapter_metadata` (JSON, fields prefixed `unet.` /
+`text_encoder.`: `lora_alpha`, `alpha_pattern`, `rank_pattern`, `r`, `use_rslora`, ...), a peft folder in
+`adapter_config.json`. A pattern key matches a module name as peft matches it (the name ends with it, after a dot).
+A file that gives neither is read with alpha = rank (scale 1), the default of kohya, diffusers and peft files, and the
+loader says so.
+"""
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+
+from ldm.checkpoint import CheckpointError, load_state_dict
+from ldm.modules.adapters.spec import AdapterDirError
+
+log = logging.getLogger(__name__)
+
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+FILE_SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
+PEFT_CONFIG = "adapter_config.json"
+FOLDER_WEIGHTS = {"peft": ("adapter_model.safetensors", "adapter_model.bin"),
+                  "diffusers": ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")}
+LORA_DOWN = "lora_down.weight"  # LoRAFactors' (kohya's) name of the down factor: the modules a LoraConfig scales
+PEFT_DEFAULT_ALPHA = 8  # peft LoraConfig's lora_alpha when a config leaves it out
+REFUSED_FLAGS = {"use_dora": "DoRA (a learned magnitude vector)", "lora_bias": "a LoRA bias on lora_B",
+                 "use_qalora": "QA-LoRA", "layer_replication": "layer replication"}
+EXPECTED = ("a LoRA file is .safetensors or a torch file (.pt, .pth, .bin, .ckpt) holding a dict of named tensors "
+            "(kohya lora_unet_... / lora_te_..., diffusers unet.<path>.lora_A.weight, peft <path>.lora_A.weight)")
+
+
+@dataclass
+class LoraSource:
+    """A LoRA file's tensors, its peft LoraConfig per network ("unet", "text_encoder"; "" for the one network of a
+    peft folder), and its description for messages."""
+    tensors: Dict[str, torch.Tensor]
+    source: str
+    configs: Dict[str, dict] = field(default_factory=dict)
+
+
+def folder_kind(path: Path) -> Optional[str]:
+    """"peft" or "diffusers" for a folder those tools write a LoRA into, else None."""
+    if not path.is_dir():
+        return None
+    if (path / PEFT_CONFIG).is_file():
+        return "peft"
+    return "diffusers" if any((path / f).is_file() for f in FOLDER_WEIGHTS["diffusers"]) else None
+
+
+def read_lora_source(path: str) -> LoraSource:
+    """The tensors and LoRA configs of a LoRA file or a peft / diffusers LoRA folder, read safely."""
+    path = Path(path)
+    kind = folder_kind(path)
+    if kind is not None:
+        file = next((path / f for f in FOLDER_WEIGHTS[kind] if (path / f).is_file()), None)
+        if file is None:
+            raise AdapterDirError(f"peft folder '{path}' has {PEFT_CONFIG} but no weights: expected "
+                                  f"{' or '.join(FOLDER_WEIGHTS['peft'])} beside it")
+        source = read_lora_source(str(file))
+        if kind == "peft":
+            source.configs = {"": _read_peft_config(path / PEFT_CONFIG)}
+            source.source = f"peft folder '{path}'"
+        return source
+    if path.suffix not in FILE_SUFFIXES:
+        raise AdapterDirError(f"'{path}' is not a LoRA file: {EXPECTED}")
+    source = f"LoRA file '{path}'"
+    try:
+        tensors = load_state_dict(str(path))
+    except CheckpointError as e:
+        raise AdapterDirError(f"{e}. Expected: {EXPECTED}; a list of tensors without names (cloneofsimo's "
+                              "lora_diffusion .pt) cannot be mapped to modules") from None
+    configs = _read_metadata(path, source) if path.suffix == ".safetensors" else {}
+    for head, config in configs.items():
+        check_lora_config(config, f"{source} ({head} in its {METADATA_KEY})")
+    return LoraSource(tensors, source, configs)
+
+
+def _read_metadata(path: Path, source: str) -> Dict[str, dict]:
+    """diffusers' per-network LoraConfig fields from the safetensors metadata: {"unet": {...}, "text_encoder": ...}."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise AdapterDirError(f"{source}: its {METADATA_KEY} is not valid JSON ({e})") from None
+    if not isinstance(flat, dict):
+        raise AdapterDirError(f"{source}: its {METADATA_KEY} is not a JSON object")
+    configs: Dict[str, dict] = {}
+    for key, value in flat.items():
+        head, _, name = key.partition(".")
+        configs.setdefault(head, {})[name] = value
+    return configs
+
+
+def _read_peft_config(file: Path) -> dict:
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterDirError(f"'{file}' is not a valid peft adapter config: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterDirError(f"'{file}' is not a valid peft adapter config: not a JSON object")
+    check_lora_config(config, f"'{file}'")
+    return config
+
+
+def check_lora_config(config: Mapping[str, Any], where: str) -> None:
+    """Refuse a peft config this loader would read wrong: another peft type, DoRA, LoRA biases, bad numbers."""
+    peft_type = str(config.get("peft_type") or "LORA")
+    if peft_type.upper() != "LORA":
+        raise AdapterDirError(f"{where} is a peft {peft_type} adapter; peft adapters read here are LoRA (kohya / A1111 "
+                              "(IA)^3 files are read too)")
+    refused = [what for flag, what in REFUSED_FLAGS.items() if config.get(flag)]
+    if refused:
+        raise AdapterDirError(f"{where} uses {', '.join(refused)}, which this loader does not implement: the file "
+                              "would load with the wrong weights")
+    for name in ("lora_alpha", "r"):
+        if name in config and not _positive(config[name]):
+            raise AdapterDirError(f"{where}: {name} must be a positive number, got {config[name]!r}")
+    for name in ("alpha_pattern", "rank_pattern"):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict) or not all(_positive(v) for v in patterns.values()):
+            raise AdapterDirError(f"{where}: {name} must map module names to positive numbers, got {patterns!r}")
+        for key in patterns:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise AdapterDirError(f"{where}: {name} key {key!r} is not a valid regular expression ({e})") from None
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str) -> Optional[Any]:
+    """The value of the first pattern key that `name` ends with (after a dot, or whole), as peft's get_pattern_key."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)), None)
+
+
+def config_alpha(config: Mapping[str, Any], name: str, rank: int, where: str) -> float:
+    """alpha (in alpha / rank) of module `name` of rank `rank` under a peft LoraConfig; its rank is checked against
+    r / rank_pattern."""
+    expected = pattern_value(config.get("rank_pattern") or {}, name)
+    expected = config.get("r") if expected is None else expected
+    if expected is not None and int(expected) != rank:
+        raise AdapterDirError(f"{where}: its tensors have rank {rank}, its LoRA config (r, rank_pattern) says "
+                              f"{int(expected)}: the file is inconsistent")
+    alpha = pattern_value(config.get("alpha_pattern") or {}, name)
+    alpha = float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA) if alpha is None else alpha)
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha  # rsLoRA: alpha / sqrt(r) = (alpha√r) / r
+
+
+def fill_alphas(modules: Dict[str, Dict[str, torch.Tensor]], configs: Mapping[str, dict], source: str) -> None:
+    """Give each LoRA module of `modules` ({"unet.<path>" / "text_encoder.<path>": kohya-named tensors}) its alpha:
+    its own `alpha` tensor, else its network's LoraConfig, else alpha = rank, said in the log."""
+    assumed: List[str] = []
+    for name, tensors in modules.items():
+        if LORA_DOWN not in tensors:
+            continue
+        head, local = name.split(".", 1)
+        config = configs.get(head, configs.get(""))
+        if "alpha" in tensors and not math.isfinite(float(tensors["alpha"])):
+            raise AdapterDirError(f"{source}: {name} has alpha {float(tensors['alpha'])}: the file is damaged")
+        if config is None:
+            assumed += [] if "alpha" in tensors else [name]
+            continue
+        alpha = config_alpha(config, local, tensors[LORA_DOWN].shape[0], f"{source}: {name}")
+        if "alpha" in tensors and not math.isclose(float(tensors["alpha"]), alpha, rel_tol=1e-6):
+            raise AdapterDirError(f"{source}: {name} has alpha {float(tensors['alpha']):g} as a tensor and "
+                                  f"{alpha:g} from its LoRA config: the file contradicts itself")
+        tensors["alpha"] = torch.tensor(alpha)
+    if assumed:
+        log.info("%s gives no alpha for %d of its LoRA modules (no .alpha tensors, no %s or %s): assuming alpha = "
+                 "rank (scale 1), the kohya / diffusers / peft default; if it was trained with another lora_alpha, "
+                 "its strength is off by lora_alpha / rank (set it with --adapter_scale)", source, len(assumed),
+                 METADATA_KEY, PEFT_CONFIG)
