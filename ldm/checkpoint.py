@@ -82,11 +82,7 @@ def _read(path: str, what: str = "checkpoint") -> object:
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
         detail = (str(e).strip().splitlines() or ["no message"])[0][:200]
         raise CheckpointError(f"cannot read {what} '{path}': the file is truncated, corrupt or not a checkpoint "
-<<<<<<< HEAD
                               f"({type(e).__name__}: {detail})") from None
-=======
-                              f"({type(e).__name__}: {(str(e).splitlines() or ['empty'])[0][:200]})") from None
->>>>>>> scripts15
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
