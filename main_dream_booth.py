@@ -17,7 +17,8 @@ from ldm.models.diffusion.dreambooth import NonFiniteLossError
 from ldm.modules.adapters import AdapterConfigError
 from ldm.modules.diffusers_layout import LayoutError
 from ldm.train import run
-from ldm.util import ConfigError, setup_logging
+from ldm.checks import ConfigError
+from ldm.util import setup_logging
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterConfigError, LayoutError, NonFiniteLossError)
 

@@ -25,13 +25,14 @@ from ldm.models.diffusion.sampling import ETA_SAMPLERS, IMG2IMG_SAMPLERS, SAMPLE
 from ldm.modules.adapters import AdapterConfigError, is_added_key, load_adapter_from_dir, set_adapter_scale
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
-from ldm.util import (ArgumentParser, ConfigError, check_image_file, check_output_dir, image_grid, load_model_from_config,
-                      number, pick_device, save_numbered, setup_logging, to_pil)
+from ldm.checks import (ArgumentParser, ConfigError, check_output_dir, finite_float, float_in, int_in,
+                        non_negative_int, positive_int)
+from ldm.data.dreambooth import check_image_file
+from ldm.util import image_grid, load_model_from_config, pick_device, save_numbered, setup_logging, to_pil
 
 log = logging.getLogger("sample")
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"  # CompVis' place for SD v1 weights
 TINY_CKPT = "models/ldm/tiny-sd-v1/model.safetensors"
-POSITIVE, COUNT, FINITE = number(int, low=1), number(int, low=0), number(float)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -41,23 +42,23 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--outdir", type=str, default="outputs/txt2img-samples", help="where samples and grids go")
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
-    p.add_argument("--ddim_steps", type=POSITIVE, default=50, help="number of sampling steps (at most the model's "
+    p.add_argument("--ddim_steps", type=positive_int, default=50, help="number of sampling steps (at most the model's "
                                                                    "training timesteps)")
     p.add_argument("--sampler", choices=list(SAMPLERS), help="the sampler (default: ddim)")
     p.add_argument("--plms", action="store_true", help="CompVis shorthand for --sampler plms")
     p.add_argument("--dpm_solver", action="store_true", help="shorthand for --sampler dpm++2m (DPM-Solver++(2M))")
-    p.add_argument("--ddim_eta", type=number(float, low=0), default=0.0, help="DDIM eta (0.0 is deterministic)")
+    p.add_argument("--ddim_eta", type=float_in(0), default=0.0, help="DDIM eta (0.0 is deterministic)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
-    p.add_argument("--n_iter", type=POSITIVE, default=2, help="batches per prompt")
-    p.add_argument("--n_samples", type=POSITIVE, default=3, help="batch size: samples per prompt per batch")
-    p.add_argument("--n_rows", type=COUNT, default=0, help="images per grid row (0: n_samples)")
-    p.add_argument("--H", type=POSITIVE, help="image height in pixels (default: the model's, from its config: 512 "
+    p.add_argument("--n_iter", type=positive_int, default=2, help="batches per prompt")
+    p.add_argument("--n_samples", type=positive_int, default=3, help="batch size: samples per prompt per batch")
+    p.add_argument("--n_rows", type=non_negative_int, default=0, help="images per grid row (0: n_samples)")
+    p.add_argument("--H", type=positive_int, help="image height in pixels (default: the model's, from its config: 512 "
                                               "for SD v1, 64 for the tiny model)")
-    p.add_argument("--W", type=POSITIVE, help="image width in pixels (default: the model's)")
-    p.add_argument("--C", type=POSITIVE, help="latent channels (default and only allowed value: the model's)")
-    p.add_argument("--f", type=POSITIVE, help="downsampling factor of the autoencoder (default and only allowed "
+    p.add_argument("--W", type=positive_int, help="image width in pixels (default: the model's)")
+    p.add_argument("--C", type=positive_int, help="latent channels (default and only allowed value: the model's)")
+    p.add_argument("--f", type=positive_int, help="downsampling factor of the autoencoder (default and only allowed "
                                               "value: the model's)")
-    p.add_argument("--scale", type=number(float, low=0), default=7.5,
+    p.add_argument("--scale", type=float_in(0), default=7.5,
                    help="classifier-free guidance scale (1 turns it off)")
     p.add_argument("--config", nargs="+", metavar="YAML",
                    help="model config(s), merged left to right as main_dream_booth.py's --base (default: the "
@@ -68,12 +69,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         f"{TINY_CKPT})")
     p.add_argument("--random_init", action="store_true",
                    help="skip --ckpt and sample from the config's freshly initialised weights (smoke tests)")
-    p.add_argument("--seed", type=number(int, low=0, high=2 ** 63 - 1), default=42, help="the random seed")
+    p.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), default=42, help="the random seed")
     p.add_argument("--precision", choices=["full", "autocast"], default=None,
                    help="autocast (fp16 on a GPU, bf16 on the CPU) or full fp32 (default: autocast on a GPU, full on "
                         "the CPU)")
     p.add_argument("--init-img", type=str, help="img2img: the starting image")
-    p.add_argument("--strength", type=number(float, low=0, high=1, low_open=True), default=0.75,
+    p.add_argument("--strength", type=float_in(0, 1, low_open=True), default=0.75,
                    help="img2img: how much to change the init image (1.0 destroys it entirely)")
     p.add_argument("--adapter_path", action="append", default=[], metavar="PATH",
                    help="a trained adapter directory, a kohya / diffusers / peft LoRA file (.safetensors, .pt, .bin, "
@@ -87,7 +88,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="a run's checkpoints/last.ckpt from training the whole UNet (train_level [unet], the "
                         "DreamBooth baseline): its fine-tuned weights replace --ckpt's (with --adapter_path for "
                         "the run's adapters, if it had any)")
-    p.add_argument("--adapter_scale", action="append", type=FINITE, default=[], metavar="S",
+    p.add_argument("--adapter_scale", action="append", type=finite_float, default=[], metavar="S",
                    help="strength of the matching --adapter_path (repeatable, one per path; default 1.0)")
     p.add_argument("--adapter_scale_sweep", type=str, metavar="S,S,...",
                    help="render the same seeds at each of these adapter scales, one grid row per scale (each "

@@ -1,4 +1,5 @@
 """Safe, atomic checkpoint I/O in the original SD v1 layout, with errors that name the problem."""
+import errno
 import logging
 import os
 import pickle
@@ -136,8 +137,10 @@ def _on_meta(model: torch.nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Write a file via `write(tmp_path)` then rename it into place, so a crash never leaves half a file."""
+def atomic_write(path: str, write: Callable[[str], None], replace: bool = True) -> None:
+    """Write a file via `write(tmp_path)` then move it into place, so a crash never leaves half a file. With
+    `replace=False` an existing file is never replaced (FileExistsError; the name is taken atomically, so two writers
+    at once never overwrite each other)."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -148,10 +151,24 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file ordinary permissions
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _link_new(tmp: str, path: str) -> None:
+    """Give `tmp`'s content the name `path` unless that name exists (FileExistsError)."""
+    try:
+        os.link(tmp, path)  # atomic, and fails when the name exists
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
+            raise
+        with open(tmp, "rb") as src, open(path, "xb") as dst:  # no hard links here: exclusive, not atomic
+            dst.write(src.read())
 
 
 def save_state_dict(sd: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:

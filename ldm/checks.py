@@ -2,16 +2,18 @@
 refused), devices, and output paths that can be written without losing anything, with errors that name the problem
 and the fix; and the file lock two processes use not to do one job twice.
 
-Scripts use the argparse `type=` functions (`int_in`, `float_in`, `finite_float`, `positive_int`, `seed_int`,
+Scripts parse with `ArgumentParser` (defaults in --help, one-line errors, no abbreviations) and the argparse `type=`
+functions (`int_in`, `float_in`, `finite_float`, `positive_int`, `seed_int`,
 `int_list`, `device_arg`) so that a bad number stops `parse_args` before any work; the library and config checks call
 `check_number`; every script checks its outputs with `check_output` (or claims a fresh folder with `fresh_dir`) before
 it reads a weight.
 """
 import argparse
-import fcntl
 import math
 import numbers
 import os
+import re
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,16 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): file locks are not taken
+    fcntl = None
+
 PathLike = Union[str, os.PathLike]
+
+
+class ConfigError(ValueError):
+    """A config names something that does not exist, is missing a required field, or holds a number out of range."""
 
 
 class OutputPathError(ValueError):
@@ -27,10 +38,23 @@ class OutputPathError(ValueError):
 
 
 # ---- numbers ----------------------------------------------------------------------------------------------------
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def yaml_number(value: Any) -> Any:
+    """`value`, with a string in exponent notation (1e-4, which YAML 1.1 reads as text) as the float it means."""
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
+
+
 def check_number(value: Any, what: str, low: Optional[float] = None, high: Optional[float] = None,
-                 integer: bool = False, low_open: bool = False, high_open: bool = False) -> Any:
-    """`value` when it is a finite number (an int when `integer`) within [low, high] (open ends as asked); else a
-    ValueError naming `what`, the value and the allowed range."""
+                 integer: bool = False, low_open: bool = False, high_open: bool = False, optional: bool = False,
+                 hint: str = "", error: type = ConfigError) -> Any:
+    """`value` when it is a finite number (an int when `integer`; 1e-4 written as YAML 1.1 text included) within
+    [low, high] (open ends as asked; None too when `optional`); else `error` naming `what`, the value, the allowed
+    range and the `hint`."""
+    if value is None and optional:
+        return None
+    value = yaml_number(value)
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if ok and not isinstance(value, numbers.Integral):  # (huge ints are fine; float() of them would overflow)
         ok = math.isfinite(value) and (not integer or float(value).is_integer())
@@ -39,7 +63,8 @@ def check_number(value: Any, what: str, low: Optional[float] = None, high: Optio
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        raise ValueError(f"{what} must be {describe_range(low, high, integer, low_open, high_open)}, got {value!r}")
+        rule = describe_range(low, high, integer, low_open, high_open) + (" (or null)" if optional else "")
+        raise error(f"{what} must be {rule}{f' ({hint})' if hint else ''}, got {value!r}")
     return int(value) if integer else value
 
 
@@ -62,7 +87,7 @@ def _argtype(parse: Callable[[str], Any], name: str, **bounds: Any) -> Callable[
         try:
             return check_number(parse(text), "the value", **bounds)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {describe_range(**bounds)}, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"must be {describe_range(**bounds)}, got {text!r}") from None
     convert.__name__ = name
     return convert
 
@@ -92,7 +117,7 @@ def int_list(low: Optional[int] = None, high: Optional[int] = None, unique: bool
     def convert(text: str) -> list:
         items = [s.strip() for s in text.split(",") if s.strip()]
         if not items:
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2,3, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be comma-separated integers like 0,1,2,3, got {text!r}")
         values = [one(s) for s in items]
         if unique and len(set(values)) != len(values):
             raise argparse.ArgumentTypeError(f"lists a value twice ({text!r}): each would give the same result again")
@@ -114,6 +139,31 @@ def device_arg(text: str) -> str:
             raise argparse.ArgumentTypeError(f"'{text}': this machine has {count} CUDA device(s)"
                                              + (f" (cuda:0 to cuda:{count - 1})" if count else "; use cpu"))
     return text
+
+
+# ---- command lines -----------------------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with help that shows defaults, errors as one line (`prog: error: ...`, exit status 1, no usage
+    dump) the way the scripts' own checks report, and no abbreviated options (a misspelt --n_sample is refused,
+    not taken for --n_samples)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:
+        sys.exit(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Help with each option's default (none shown for flags and options without one), descriptions kept as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 # ---- output paths -----------------------------------------------------------------------------------------------
@@ -144,6 +194,16 @@ def check_writable_place(path: PathLike, what: str = "output") -> Path:
         raise OutputPathError(f"{what} '{path}' cannot be written: '{ancestor}' is not writable ({e.strerror}); "
                               "choose a folder you can write to") from None
     return path
+
+
+def check_output_dir(path: PathLike, what: str = "output folder") -> Path:
+    """`path` as a folder that exists and can be written, or can be made, checked before any work and without
+    creating anything (files are added to it, none replaced)."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputPathError(f"{what} '{p}' is a file, not a folder: pass another path")
+    check_writable_place(p / "x" if p.is_dir() else p, what)
+    return p
 
 
 def check_output(path: PathLike, what: str = "output", kind: str = "file", inputs: Iterable[Optional[PathLike]] = (),
@@ -198,6 +258,9 @@ def file_lock(path: PathLike, blocking: bool = True) -> Iterator[bool]:
     with the process, so a killed holder never leaves it taken; child processes do not inherit it."""
     if not Path(path).exists():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield True
+        return
     with open(path, "r" if Path(path).exists() else "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))

@@ -25,7 +25,8 @@ from ldm.checkpoint import load_into
 from ldm.modules.adapters import (KIND_FIELDS, SECTIONS, AdapterConfigError, block_kind, form_fields, forms,
                                   is_added_key, section_value)
 from ldm.modules.diffusers_folder import read_base_weights
-from ldm.util import ConfigError, check_target_config, instantiate_from_config, parse_yaml_value
+from ldm.checks import ConfigError
+from ldm.util import check_target_config, instantiate_from_config, parse_yaml_value
 
 CONFIG_ROOTS = ("model", "data", "lightning")
 KEY_ALIASES = {"lr": "model.base_learning_rate", "steps": "lightning.trainer.max_steps"}

@@ -17,12 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
-from ldm.util import ConfigError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): runs are not locked
-    fcntl = None
+from ldm.checks import ConfigError, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +88,11 @@ def discard(created: List[Path]) -> None:
 def run_lock(logdir: Path) -> Iterator[None]:
     """Hold the log dir's lock while training it: a second process that resumes the same dir is refused. The lock
     file stays (empty); the lock itself goes with the process, however it ends."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(logdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with file_lock(logdir / LOCK_FILE, blocking=False) as mine:
+        if not mine:
             raise ConfigError(f"'{logdir}' is being trained by another process right now: wait for it to end (or stop "
-                              "it) before resuming this run") from None
+                              "it) before resuming this run")
         yield
-    finally:
-        os.close(fd)
 
 
 def clean_temporaries(logdir: Path) -> List[str]:

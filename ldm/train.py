@@ -30,7 +30,8 @@ from ldm.models.diffusion.dreambooth import scaled_learning_rate
 from ldm.modules.adapters import adapters_enable
 from ldm.rundir import (check_run_name, clean_temporaries, create_run_dir, discard, prune_empty, run_lock, slug,
                         timestamp)
-from ldm.util import ConfigError, any_target_allowed, check_keys, check_number, instantiate_from_config
+from ldm.checks import ConfigError, check_number
+from ldm.util import any_target_allowed, check_keys, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, logdir: Path) -> 
 # ---- checks before any work -------------------------------------------------------------------------------------
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
 # numbers of the run that no class checks itself: (key, ldm.util.check_number options)
-RUN_NUMBERS = (("model.base_learning_rate", dict(low=0, above=True)),
+RUN_NUMBERS = (("model.base_learning_rate", dict(low=0, low_open=True)),
                ("lightning.modelcheckpoint.params.every_n_train_steps", dict(low=1, integer=True)),
                ("lightning.trainer.accumulate_grad_batches", dict(low=1, integer=True)),
                ("lightning.trainer.log_every_n_steps", dict(low=1, integer=True)),
@@ -221,22 +222,22 @@ def check_run(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any]:
     """Everything that can be checked before any work: every target of the config (allowed, keys known, numbers in
     range), the run's own numbers, the Lightning settings and flags. Returns the Trainer arguments."""
     if opt.seed is not None:
-        check_number("--seed", opt.seed, 0, 2 ** 32 - 1, integer=True)
+        check_number(opt.seed, "--seed", 0, 2 ** 32 - 1, integer=True)
     check_targets(config)
     for key, limits in RUN_NUMBERS:
         value = OmegaConf.select(config, key, default=None)
         if value is not None:
-            check_number(key, value, **limits)
+            check_number(value, key, **limits)
     check_keys(pl.callbacks.ModelCheckpoint, list(checkpoint_params(config)), "lightning.modelcheckpoint.params")
     kw = trainer_kwargs(config, opt)
     check_keys(pl.Trainer, list(kw), "lightning.trainer")
     check_steps("lightning.trainer.max_steps (--max_steps)", kw.get("max_steps"))
     check_steps("lightning.trainer.max_epochs", kw.get("max_epochs"))
-    check_number("lightning.trainer.num_nodes (--num_nodes)", kw.get("num_nodes", 1), 1, integer=True)
+    check_number(kw.get("num_nodes", 1), "lightning.trainer.num_nodes (--num_nodes)", 1, integer=True)
     check_accelerator(str(kw["accelerator"]))
     devices = kw["devices"]
     if not (devices == "auto" or isinstance(devices, (list, tuple)) or (isinstance(devices, str) and "," in devices)):
-        check_number("devices (--devices: a count, a list like 0,1, or auto)", devices, -1, integer=True)
+        check_number(devices, "devices (--devices: a count, a list like 0,1, or auto)", -1, integer=True)
         if devices == 0:
             raise ConfigError("devices (--devices) must be at least 1, or -1 for all, a list like 0,1, or auto")
     if str(kw["precision"]) not in PRECISIONS:

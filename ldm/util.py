@@ -1,18 +1,11 @@
-"""Small helpers shared across the package: config instantiation, image grids, files written without ever replacing
+"""Small helpers shared across the package: config instantiation, image grids, numbered files that never replace
 one, and a few one-liners."""
-import argparse
 import contextvars
 import difflib
-import errno
 import importlib
 import inspect
 import logging
-import math
-import numbers
-import os
 import re
-import sys
-import tempfile
 from contextlib import contextmanager
 from inspect import isfunction
 from pathlib import Path
@@ -20,15 +13,10 @@ from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, S
 
 import torch
 import yaml
-from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def yaml_number(value: Any) -> Any:
-    """`value`, with a string in exponent notation (1e-4, which YAML 1.1 reads as text) as the float it means."""
-    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
+from ldm.checkpoint import atomic_write
+from ldm.checks import ConfigError, check_number, yaml_number
 
 
 def parse_yaml_value(text: str) -> Any:
@@ -42,38 +30,13 @@ def setup_logging(timestamps: bool = True) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s " + fmt if timestamps else fmt, datefmt="%H:%M:%S")
 
 
-class ConfigError(ValueError):
-    """A config names something that does not exist or is missing a required field."""
-
-
-def check_number(name: str, value: Any, low: Optional[float] = None, high: Optional[float] = None,
-                 integer: bool = False, above: bool = False, below: bool = False, optional: bool = False) -> Any:
-    """`value` when it is a finite number (an integer when `integer`) within [low, high] (`above`/`below`: the bounds
-    themselves excluded; None when `optional`), else a ConfigError that names `name`, the range and the value."""
-    if value is None and optional:
-        return None
-    value = yaml_number(value)
-    kind = "an integer" if integer else "a finite number"
-    limits = [f"{'>' if above else '>='} {low}" if low is not None else "",
-              f"{'<' if below else '<='} {high}" if high is not None else ""]
-    wanted = f"{name} must be {kind} {' and '.join(x for x in limits if x)}".rstrip()
-    wanted += " (or null)" if optional else ""
-    number = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
-    if not number or not math.isfinite(value):
-        raise ConfigError(f"{wanted}, got {value!r}")
-    if (low is not None and (value <= low if above else value < low)) or \
-            (high is not None and (value >= high if below else value > high)):
-        raise ConfigError(f"{wanted}, got {value!r}")
-    return value
-
-
 def check_ranges(cls: type, params: Mapping, where: str = "") -> None:
     """Check the numbers among `params` against the `PARAM_RANGES` ({key: check_number options}) of `cls` and its base
     classes; the error names `where` + key."""
     for klass in getattr(cls, "__mro__", ()):
         for key, limits in vars(klass).get("PARAM_RANGES", {}).items():
             if key in params:
-                check_number(f"{where}{key}", params[key], **limits)
+                check_number(params[key], f"{where}{key}", **limits)
 
 
 def optional_import(name: str, needed_for: str, fix: str, error: type = ImportError) -> Any:
@@ -325,114 +288,7 @@ def image_grid(images: Sequence[Image.Image], n_rows: int, labels: Optional[Sequ
     return grid
 
 
-# ---- command lines: numbers, output folders, one-line errors ---------------------------------------------------
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with help that shows defaults, errors as one line (`prog: error: ...`, exit status 1, no usage
-    dump) the way the scripts' own checks report, and no abbreviated options (a misspelt --n_sample is refused,
-    not taken for --n_samples)."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> None:
-        sys.exit(f"{self.prog}: error: {message} (see {self.prog} --help)")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Help with each option's default (none shown for flags and options without one), descriptions kept as
-    written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
-def number(kind: type = float, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False,
-           high_open: bool = False) -> Callable[[str], Any]:
-    """An argparse `type`: text parsed as `kind` (int or float), refused when NaN, infinite or out of range, with a
-    message that states the range."""
-    what = "an integer" if kind is int else "a number"
-    if low is not None and high is not None:
-        rule = f"{what} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        rule = f"{what} {'>' if low_open else '>='} {low:g}"
-    elif high is not None:
-        rule = f"{what} {'<' if high_open else '<='} {high:g}"
-    else:
-        rule = f"a finite {what[2:] if kind is int else 'number'}"
-
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}") from None
-        if not math.isfinite(value) or (low is not None and (value < low or low_open and value == low)) or \
-                (high is not None and (value > high or high_open and value == high)):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
-        return value
-    parse.__name__ = rule
-    return parse
-
-
-def check_output_dir(path: Any, what: str = "output folder") -> Path:
-    """`path` as a folder that exists or can be made and written, checked before any work and without creating
-    anything; a ValueError names what is in the way."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise ValueError(f"{what} '{p}' is a file, not a folder: pass another path")
-    existing = p.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ValueError(f"{what} '{p}' cannot be created: '{existing}' is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=existing).close()  # the only sure test (access() says yes to root)
-    except OSError as e:
-        raise ValueError(f"{what} '{p}' cannot be written: '{existing}' is not writable ({e.strerror})") from None
-    return p
-
-
-def check_image_file(path: Any, what: str = "image") -> None:
-    """A ValueError unless `path` is an image file PIL can read."""
-    if not Path(path).is_file():
-        raise ValueError(f"{what} not found: '{path}'")
-    try:
-        with Image.open(path) as im:
-            im.verify()  # the file's structure; load() below decodes the pixels (a truncated file fails there)
-        with Image.open(path) as im:
-            im.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{what} '{path}' is not an image PIL can read ({type(e).__name__}): pass a PNG or "
-                         "JPEG") from None
-
-
-# ---- files that are never replaced -----------------------------------------------------------------------------
-def write_new(path: Any, write: Callable[[str], None]) -> None:
-    """Write `path` via `write(tmp_path)` and link it into place only when nothing is there: a crash never leaves
-    half a file and an existing file is never replaced (FileExistsError)."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the final file ordinary permissions
-        try:
-            os.link(tmp, path)  # atomic, and fails when the name exists
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS):
-                raise
-            with open(tmp, "rb") as src, open(path, "xb") as dst:  # no hard links here: exclusive, not atomic
-                dst.write(src.read())
-    finally:
-        os.remove(tmp)
-
-
+# ---- numbered files, never replaced -------------------------------------------------------------------------
 def next_number(directory: Path, names: Sequence[str]) -> int:
     """1 + the largest number in the files of `directory` named like one of `names` ("grid-{:04}.png"), else 0."""
     used = [-1]
@@ -453,7 +309,7 @@ def save_numbered(directory: Path, names: Sequence[str], writers: Sequence[Calla
         done: List[Path] = []
         try:
             for name, write in zip(names, writers):
-                write_new(directory / name.format(n), write)
+                atomic_write(directory / name.format(n), write, replace=False)
                 done.append(directory / name.format(n))
             return done
         except FileExistsError:

@@ -15,14 +15,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ldm.checks import OutputPathError, check_writable_place, fresh_dir
+from ldm.checks import ArgumentParser, OutputPathError, check_writable_place, fresh_dir
 from ldm.evaluation.anova import AnalysisError, parse_interactions
 from ldm.evaluation.report import write_report
 from ldm.evaluation.study import analyse, read_table, sweep_factors
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", help="the results CSV of scripts/evaluate.py")
     p.add_argument("--factors", nargs="+", help="factor columns (default: the sweep's factors except seed)")
     p.add_argument("--metrics", nargs="+",

@@ -16,16 +16,16 @@ from typing import List, Optional
 REPO = Path(__file__).resolve().parents[1]
 
 from ldm.checkpoint import CheckpointError
-from ldm.checks import OutputPathError, check_output
+from ldm.checks import ArgumentParser, ConfigError, OutputPathError, check_output
 from ldm.config import build_base_model, load_configs
 from ldm.modules.adapters import FORMATS, AdapterConfigError, load_adapter_from_dir, save_adapter_to_dir, save_lora_file
-from ldm.util import ConfigError
+
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a directory
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help="an adapter directory, or a kohya / diffusers .safetensors file")
     p.add_argument("--output", required=True, help=f"a directory (dir; diffusers: {DIFFUSERS_FILE} inside it) or "
                                                    "a .safetensors file (kohya, diffusers); must not exist")

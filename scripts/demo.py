@@ -8,16 +8,15 @@ demo goes to a fresh folder beside it (OUTDIR-2, OUTDIR-3, ...), and its path is
 """
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from ldm.checks import OutputPathError, fresh_dir, positive_int, seed_int
+from ldm.checks import ArgumentParser, OutputPathError, fresh_dir, positive_int, seed_int
 from ldm.tinyworld.demo import run_demo
 from ldm.util import setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--outdir", default="outputs/demo", help="where the run, the grid and the metrics go (a "
                                                                  "fresh folder beside it when it exists)")
     parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the demo config's)")

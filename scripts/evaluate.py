@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from ldm.checkpoint import CheckpointError
-from ldm.checks import SEED_MAX, device_arg, finite_float, int_list, non_negative_int, positive_int
+from ldm.checks import ArgumentParser, ConfigError, SEED_MAX, device_arg, finite_float, int_list, non_negative_int, positive_int
 from ldm.data.dreambooth import DataError, list_images
 from ldm.evaluation.backends import EvaluationError, backend_names, get_backend
 from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, check_steps, evaluate_runs, find_runs
@@ -28,13 +28,13 @@ from ldm.evaluation.fid import FID_WEIGHTS, fid_metric
 from ldm.evaluation.table import check_table, done_runs
 from ldm.models.diffusion.sampling import SAMPLER_NAMES
 from ldm.sweep.spec import SweepError
-from ldm.util import ConfigError, pick_device, setup_logging
+from ldm.util import pick_device, setup_logging
 
 USER_ERRORS = (EvaluationError, SweepError, CheckpointError, ConfigError)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("paths", nargs="+", help="sweep folders (their finished runs) or run folders")
     p.add_argument("--metric", action="append", default=[], metavar="NAME[=WEIGHTS]",
                    help=f"a metric backend and its local weights, repeatable; known: {', '.join(backend_names())}")

@@ -17,19 +17,18 @@ from pathlib import Path
 from typing import List, Optional
 
 from ldm.checkpoint import CheckpointError
-from ldm.checks import OutputPathError, finite_float
+from ldm.checks import ArgumentParser, ConfigError, OutputPathError, finite_float
 from ldm.config import build_base_model, load_configs
 from ldm.modules.adapters import (AdapterConfigError, is_added_key, load_adapter_from_dir, merge_adapters,
                                   set_adapter_scale)
 from ldm.modules.diffusers_folder import check_outdir, write_diffusers_folder
-from ldm.util import ConfigError, setup_logging
+from ldm.util import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(REPO / "configs/stable-diffusion/v1-inference.yaml"),
                    help="the model config (its adapter configs are ignored)")
     p.add_argument("--ckpt", required=True, help="base weights: an SD v1 .ckpt or .safetensors, or a diffusers folder")

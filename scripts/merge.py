@@ -19,15 +19,14 @@ from typing import List, Optional
 REPO = Path(__file__).resolve().parents[1]
 
 from ldm.checkpoint import CheckpointError
-from ldm.checks import OutputPathError, finite_float
+from ldm.checks import ArgumentParser, ConfigError, OutputPathError, finite_float
 from ldm.config import build_base_model, load_configs
 from ldm.modules.adapters import (FORMATS, MODES, AdapterConfigError, check_merge_output, combine_loras,
                                   merge_into_checkpoint)
-from ldm.util import ConfigError
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--path_1", required=True, help="upl: the base SD v1 checkpoint; lpl/exact: the first LoRA "
                                                    "(adapter directory or kohya / diffusers .safetensors)")
     p.add_argument("--path_2", required=True, help="upl: the adapter to merge in; lpl/exact: the second LoRA")

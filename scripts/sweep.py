@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from ldm.checks import OutputPathError, int_list, non_negative_int, positive_int
+from ldm.checks import ArgumentParser, ConfigError, OutputPathError, int_list, non_negative_int, positive_int
 from ldm.modules.adapters import AdapterConfigError
 from ldm.sweep.launch import run_all, run_index
 from ldm.sweep.runs import STATES, check_base_weights, load_runs, plan, planned_runs, prepare, summary
 from ldm.sweep.spec import SweepError
-from ldm.util import ConfigError, setup_logging
+from ldm.util import setup_logging
 
 USER_ERRORS = (SweepError, ConfigError, AdapterConfigError, OutputPathError)
 
@@ -31,13 +31,13 @@ USER_ERRORS = (SweepError, ConfigError, AdapterConfigError, OutputPathError)
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["status"]:
-        p = argparse.ArgumentParser(prog="sweep.py status", description="done / running / failed / pending runs")
+        p = ArgumentParser(prog="sweep.py status", description="done / running / failed / pending runs")
         p.add_argument("sweep_dir", help="a sweep folder made by scripts/sweep.py")
         p.add_argument("-v", "--verbose", action="store_true", help="list every run with its state")
         opt = p.parse_args(argv[1:])
         opt.command = "status"
         return opt
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog="'scripts/sweep.py status SWEEP_DIR' shows the progress of a sweep")
     p.add_argument("spec", help="the sweep file (YAML): base, overrides, factors, rules")
     p.add_argument("--sweep_dir", help="where the runs go (default: sweeps/<sweep file name>)")

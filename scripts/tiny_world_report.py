@@ -8,15 +8,14 @@ folder beside it (OUTDIR-2, OUTDIR-3, ...), and its path is printed.
 """
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
-from ldm.checks import SEED_MAX, OutputPathError, fresh_dir, int_list, positive_int
+from ldm.checks import ArgumentParser, OutputPathError, SEED_MAX, fresh_dir, int_list, positive_int
 from ldm.tinyworld.report import write_report
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--outdir", default="outputs/tiny-world-report",
                         help="where the report goes (a fresh folder beside it when it exists)")
     parser.add_argument("--steps", type=positive_int, default=400, help="training steps per DreamBooth run")

@@ -12,15 +12,15 @@ from typing import List, Optional
 
 import torch
 
-from ldm.checks import OutputPathError, device_arg
+from ldm.checks import ArgumentParser, ConfigError, OutputPathError, device_arg
 from ldm.config import load_yaml_config
 from ldm.tinyworld.base import train_base
 from ldm.tinyworld.base_config import apply_overrides
-from ldm.util import ConfigError, pick_device, setup_logging
+from ldm.util import pick_device, setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/tiny-world/train-base.yaml", help="training config")
     parser.add_argument("--device", type=device_arg, default=None,
                         help="torch device (default: cuda if available, else cpu)")

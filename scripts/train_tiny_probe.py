@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ldm.checks import OutputPathError, check_output, positive_int, seed_int
+from ldm.checks import ArgumentParser, OutputPathError, check_output, positive_int, seed_int
 from ldm.tinyworld.probe import DEFAULT_PROBE, probe_accuracy, save_probe, train_probe
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--num_images", type=positive_int, default=8000)
     parser.add_argument("--steps", type=positive_int, default=1500)
     parser.add_argument("--batch_size", type=positive_int, default=64)

@@ -268,7 +268,7 @@ def test_base_checkpoint_loads_into_model_with_adapters(tiny_model, tmp_path):
     ({"resblock_adp_config": {"din": "attn2o", "dout": "reso", "mid_dim": 4}}, r"unknown position 'attn2o' for resb"),
     (adapter_cfg("attn2o", "ffni", method="gelu"), r"method: unknown method 'gelu'; allowed: relu, sig, silu, ident"),
     (adapter_cfg("attn2o", "ffni", init="xavier"), r"init: unknown init 'xavier'; allowed: zero, default"),
-    (adapter_cfg("attn2o", "ffni", scale="big"), r"scale must be a number"),
+    (adapter_cfg("attn2o", "ffni", scale="big"), r"scale must be a finite number"),
     ({"transformer_adp_config": [{"type": "lora", "din": "attn2o", "dout": "ffni"}]},
      r"type: unknown adapter type 'lora' for transformer blocks; allowed: inout"),
     ({"transformer_adp_config": [{"din": "attn2o", "dout": "ffni", "mid": 3}]}, r"unknown field\(s\) mid; allowed"),

@@ -19,9 +19,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -221,11 +221,11 @@ EXACT = ["--config", CFG, "--mode", "exact", "--path_1", "{W}/lora", "--path_2",
 OUT_ERR = "already exists .*nothing is overwritten"
 MERGE = [
     S("alpha-nan", "number", "merge", UPL + ["--alpha", "nan", "--output_path", "{T}/m.ckpt"],
-      r"argument --alpha: expected a finite number, got 'nan'"),
+      r"argument --alpha: must be a finite number, got 'nan'"),
     S("alpha-inf", "number", "merge", EXACT + ["--alpha", "inf", "--output_path", "{T}/m"], r"--alpha: .*got 'inf'"),
     S("alpha-minus-inf", "number", "merge", EXACT + ["--alpha=-inf", "--output_path", "{T}/m"], r"--alpha: .*-inf"),
     S("alpha-text", "number", "merge", UPL + ["--alpha", "strong", "--output_path", "{T}/m.ckpt"],
-      r"--alpha: expected a finite number, got 'strong'"),
+      r"--alpha: must be a finite number, got 'strong'"),
     S("out-is-base", "output", "merge", UPL + ["--output_path", "{W}/base.safetensors"],
       r"output_path '.*base.safetensors' is the input .*choose another path"),
     S("out-is-lora", "output", "merge", EXACT + ["--output_path", "{W}/lora2"], r"is the input '.*lora2'"),
@@ -250,10 +250,10 @@ MERGE = [
     S("lora-truncated", "file", "merge", UPL[:-1] + ["{T}/bad", "--output_path", "{T}/m.ckpt"],
       r"truncated, corrupt", copy_dir("lora", "bad", adapters__safetensors=b"\x10\x00\x00")),
     S("lora-zero-byte", "file", "merge", EXACT[:-1] + ["{T}/bad", "--output_path", "{T}/m"],
-      r"truncated, corrupt", copy_dir("lora", "bad", adapters__safetensors=b"")),
+      r"the file is empty \(0 bytes\)", copy_dir("lora", "bad", adapters__safetensors=b"")),
     S("base-zero-byte", "file", "merge", ["--config", CFG, "--mode", "upl", "--path_1", "{T}/b.ckpt", "--path_2",
                                           "{W}/lora", "--output_path", "{T}/m.ckpt"],
-      r"cannot read checkpoint '.*b.ckpt': the file is truncated", text("b.ckpt", b"")),
+      r"cannot read checkpoint '.*b.ckpt': the file is empty \(0 bytes\)", text("b.ckpt", b"")),
     S("base-text", "file", "merge", ["--config", CFG, "--mode", "upl", "--path_1", "{T}/b.safetensors", "--path_2",
                                      "{W}/lora", "--output_path", "{T}/m.ckpt"],
       r"cannot read checkpoint", text("b.safetensors", "not weights")),
@@ -263,7 +263,7 @@ MERGE = [
                                           "{W}/lora", "--output_path", "{T}/m.ckpt"], r"is a folder but not a diffusers model folder"),
     S("base-other-model", "file", "merge", UPL[2:] + ["--output_path", "{T}/m.ckpt"], r"does not match the model"),
     S("lora-missing", "file", "merge", EXACT[:-1] + ["{T}/none", "--output_path", "{T}/m"],
-      r"adapter directory not found"),
+      r"adapter path not found"),
     S("lora-not-adapters", "file", "merge", EXACT[:-1] + ["{W}/empty", "--output_path", "{T}/m"],
       r"is not an adapter directory"),
     S("config-missing", "file", "merge", ["--config", "{T}/none.yaml"] + UPL[2:] + ["--output_path", "{T}/m.ckpt"],
@@ -295,7 +295,7 @@ CONVERT = [
     S("out-under-file", "output", "convert_lora", DIR_IN + ["--output", "{W}/file.txt/k.safetensors", "--to",
                                                             "kohya"], r"which is a file"),
     S("in-missing", "file", "convert_lora", ["--config", CFG, "--input", "{T}/none", "--output", "{T}/o", "--to",
-                                             "dir"], r"adapter directory not found"),
+                                             "dir"], r"adapter path not found"),
     S("in-garbage", "file", "convert_lora", ["--config", CFG, "--input", "{T}/g.safetensors", "--output", "{T}/o",
                                              "--to", "dir"], r"truncated, corrupt", text("g.safetensors", PNG)),
     S("in-bad-config", "file", "convert_lora", ["--config", CFG, "--input", "{T}/bad", "--output", "{T}/o.safetensors",
@@ -303,7 +303,7 @@ CONVERT = [
       r"not a valid adapter config", copy_dir("lora", "bad", adapter_config__yaml="adapter_config: 3\n")),
     S("in-zero-weights", "file", "convert_lora", ["--config", CFG, "--input", "{T}/bad", "--output", "{T}/o.safetensors",
                                                   "--to", "kohya"],
-      r"truncated, corrupt", copy_dir("lora", "bad", adapters__safetensors=b"")),
+      r"the file is empty \(0 bytes\)", copy_dir("lora", "bad", adapters__safetensors=b"")),
     S("in-unknown-keys", "file", "convert_lora", ["--config", CFG, "--input", "{T}/u.safetensors", "--output",
                                                   "{T}/o", "--to", "dir"], r"is neither kohya",
       lambda w, t: save_state_dict({"model.weight": torch.zeros(2)}, str(t / "u.safetensors"))),
@@ -318,7 +318,7 @@ CONVERT = [
 EXPORT = ["--config", CFG, "--ckpt", "{W}/base.safetensors"]
 EXPORTS = [
     S("alpha-nan", "number", "export_diffusers", EXPORT + ["--alpha", "nan", "--outdir", "{T}/o"],
-      r"--alpha: expected a finite number, got 'nan'"),
+      r"--alpha: must be a finite number, got 'nan'"),
     S("alpha-inf", "number", "export_diffusers", EXPORT + ["--alpha", "inf", "--outdir", "{T}/o"], r"--alpha: .*inf"),
     S("out-not-empty", "output", "export_diffusers", EXPORT + ["--outdir", "{W}/lora2"], OUT_ERR),
     S("out-is-file", "output", "export_diffusers", EXPORT + ["--outdir", "{W}/file.txt"], OUT_ERR),
@@ -344,22 +344,22 @@ EXPORTS = [
 
 EVAL = ["{W}/run", "--metric", "tinyworld"]
 EVALUATE = [
-    S("batch-0", "number", "evaluate", EVAL + ["--batch_size", "0"], r"--batch_size: expected an integer >= 1, got '0'"),
-    S("batch-neg", "number", "evaluate", EVAL + ["--batch_size", "-1"], r"--batch_size: expected an integer >= 1"),
-    S("steps-0", "number", "evaluate", EVAL + ["--steps", "0"], r"--steps: expected an integer >= 1"),
-    S("steps-neg", "number", "evaluate", EVAL + ["--steps", "-3"], r"--steps: expected an integer >= 1"),
-    S("steps-float", "number", "evaluate", EVAL + ["--steps", "2.5"], r"--steps: expected an integer >= 1, got '2.5'"),
+    S("batch-0", "number", "evaluate", EVAL + ["--batch_size", "0"], r"--batch_size: must be an integer >= 1, got '0'"),
+    S("batch-neg", "number", "evaluate", EVAL + ["--batch_size", "-1"], r"--batch_size: must be an integer >= 1"),
+    S("steps-0", "number", "evaluate", EVAL + ["--steps", "0"], r"--steps: must be an integer >= 1"),
+    S("steps-neg", "number", "evaluate", EVAL + ["--steps", "-3"], r"--steps: must be an integer >= 1"),
+    S("steps-float", "number", "evaluate", EVAL + ["--steps", "2.5"], r"--steps: must be an integer >= 1, got '2.5'"),
     S("steps-too-many", "number", "evaluate", EVAL + ["--steps", "5000", "--table", "{T}/r.csv"],
       r"--steps 5000 is more than the 1000 diffusion steps .*run"),
     S("steps-huge", "number", "evaluate", EVAL + ["--steps", "9" * 40, "--table", "{T}/r.csv"],
       r"--steps 9{40} is more than the 1000 diffusion steps"),
-    S("scale-nan", "number", "evaluate", EVAL + ["--scale", "nan"], r"--scale: expected a finite number, got 'nan'"),
-    S("scale-inf", "number", "evaluate", EVAL + ["--scale", "inf"], r"--scale: expected a finite number"),
-    S("seeds-empty", "number", "evaluate", EVAL + ["--seeds", ""], r"--seeds: expected comma-separated integers"),
-    S("seeds-text", "number", "evaluate", EVAL + ["--seeds", "a,b"], r"--seeds: expected an integer in \[0, "),
+    S("scale-nan", "number", "evaluate", EVAL + ["--scale", "nan"], r"--scale: must be a finite number, got 'nan'"),
+    S("scale-inf", "number", "evaluate", EVAL + ["--scale", "inf"], r"--scale: must be a finite number"),
+    S("seeds-empty", "number", "evaluate", EVAL + ["--seeds", ""], r"--seeds: must be comma-separated integers"),
+    S("seeds-text", "number", "evaluate", EVAL + ["--seeds", "a,b"], r"--seeds: must be an integer in \[0, "),
     S("seeds-twice", "number", "evaluate", EVAL + ["--seeds", "0,0"], r"--seeds: lists a value twice"),
-    S("seeds-negative", "number", "evaluate", EVAL + ["--seeds", "-1"], r"--seeds: expected an integer in \[0, "),
-    S("step-negative", "number", "evaluate", EVAL + ["--step", "-1"], r"--step: expected an integer >= 0"),
+    S("seeds-negative", "number", "evaluate", EVAL + ["--seeds", "-1"], r"--seeds: must be an integer in \[0, "),
+    S("step-negative", "number", "evaluate", EVAL + ["--step", "-1"], r"--step: must be an integer >= 0"),
     S("table-under-file", "output", "evaluate", EVAL + ["--table", "{W}/file.txt/r.csv"], r"which is a file"),
     S("table-is-dir", "output", "evaluate", EVAL + ["--table", "{W}/empty"], r"is a folder, not a results table"),
     S("table-not-results", "output", "evaluate", EVAL + ["--table", "{W}/run/config.yaml"],
@@ -415,14 +415,14 @@ ANOVA = [
 
 SPEC = ["{W}/spec.yaml", "--sweep_dir", "{T}/sw"]
 SWEEP = [
-    S("parallel-0", "number", "sweep", SPEC + ["--parallel", "0"], r"--parallel: expected an integer >= 1, got '0'"),
-    S("parallel-neg", "number", "sweep", SPEC + ["--parallel", "-2"], r"--parallel: expected an integer >= 1"),
-    S("run-index-neg", "number", "sweep", SPEC + ["--run_index", "-1"], r"--run_index: expected an integer >= 0"),
+    S("parallel-0", "number", "sweep", SPEC + ["--parallel", "0"], r"--parallel: must be an integer >= 1, got '0'"),
+    S("parallel-neg", "number", "sweep", SPEC + ["--parallel", "-2"], r"--parallel: must be an integer >= 1"),
+    S("run-index-neg", "number", "sweep", SPEC + ["--run_index", "-1"], r"--run_index: must be an integer >= 0"),
     S("run-index-beyond", "number", "sweep", SPEC + ["--run_index", "2"],
       r"--run_index 2 is out of range: the sweep has runs 0..1"),
     S("run-index-beyond-jobs", "number", "sweep", ["{W}/spec.yaml", "--sweep_dir", "{W}/sweep", "--run_index", "7"],
       r"--run_index 7 is out of range"),
-    S("devices-empty", "flags", "sweep", SPEC + ["--devices", ","], r"--devices: expected comma-separated integers"),
+    S("devices-empty", "flags", "sweep", SPEC + ["--devices", ","], r"--devices: must be comma-separated integers"),
     S("devices-too-few", "flags", "sweep", SPEC + ["--devices", "0", "--parallel", "2"],
       r"--parallel 2 needs at least 2 --devices"),
     S("jobs-and-index", "flags", "sweep", SPEC + ["--print_jobs", "--run_index", "0"],
@@ -477,22 +477,22 @@ MAKE = [
 ]
 
 DEMO = [
-    S("steps-0", "number", "demo", ["--outdir", "{T}/d", "--steps", "0"], r"--steps: expected an integer >= 1"),
-    S("steps-neg", "number", "demo", ["--outdir", "{T}/d", "--steps", "-5"], r"--steps: expected an integer >= 1"),
-    S("steps-text", "number", "demo", ["--outdir", "{T}/d", "--steps", "many"], r"--steps: expected an integer"),
-    S("n-0", "number", "demo", ["--outdir", "{T}/d", "--n", "0"], r"--n: expected an integer >= 1"),
-    S("seed-neg", "number", "demo", ["--outdir", "{T}/d", "--seed", "-1"], r"--seed: expected an integer in \[0, "),
+    S("steps-0", "number", "demo", ["--outdir", "{T}/d", "--steps", "0"], r"--steps: must be an integer >= 1"),
+    S("steps-neg", "number", "demo", ["--outdir", "{T}/d", "--steps", "-5"], r"--steps: must be an integer >= 1"),
+    S("steps-text", "number", "demo", ["--outdir", "{T}/d", "--steps", "many"], r"--steps: must be an integer"),
+    S("n-0", "number", "demo", ["--outdir", "{T}/d", "--n", "0"], r"--n: must be an integer >= 1"),
+    S("seed-neg", "number", "demo", ["--outdir", "{T}/d", "--seed", "-1"], r"--seed: must be an integer in \[0, "),
     S("outdir-under-file", "output", "demo", ["--outdir", "{W}/file.txt/d"], r"which is a file"),
 ]
 
 REPORT = [
     S("seeds-text", "number", "tiny_world_report", ["--outdir", "{T}/r", "--seeds", "a"],
-      r"--seeds: expected an integer in \[0, "),
+      r"--seeds: must be an integer in \[0, "),
     S("seeds-empty", "number", "tiny_world_report", ["--outdir", "{T}/r", "--seeds", ""],
-      r"--seeds: expected comma-separated integers"),
+      r"--seeds: must be comma-separated integers"),
     S("seeds-twice", "number", "tiny_world_report", ["--outdir", "{T}/r", "--seeds", "1,1"], r"lists a value twice"),
-    S("steps-0", "number", "tiny_world_report", ["--outdir", "{T}/r", "--steps", "0"], r"--steps: expected an integer"),
-    S("n-0", "number", "tiny_world_report", ["--outdir", "{T}/r", "--n", "0"], r"--n: expected an integer >= 1"),
+    S("steps-0", "number", "tiny_world_report", ["--outdir", "{T}/r", "--steps", "0"], r"--steps: must be an integer"),
+    S("n-0", "number", "tiny_world_report", ["--outdir", "{T}/r", "--n", "0"], r"--n: must be an integer >= 1"),
     S("quality-neg", "number", "tiny_world_report", ["--outdir", "{T}/r", "--quality_n", "-1"], r"--quality_n: "),
     S("outdir-under-file", "output", "tiny_world_report", ["--outdir", "{W}/file.txt/r"], r"which is a file"),
 ]
@@ -539,10 +539,10 @@ BASE = [
 
 PROBE = [
     S("num-images-0", "number", "train_tiny_probe", ["--num_images", "0", "--out", "{T}/p.safetensors"],
-      r"--num_images: expected an integer >= 1"),
-    S("steps-neg", "number", "train_tiny_probe", ["--steps", "-1", "--out", "{T}/p.safetensors"], r"--steps: expected"),
+      r"--num_images: must be an integer >= 1"),
+    S("steps-neg", "number", "train_tiny_probe", ["--steps", "-1", "--out", "{T}/p.safetensors"], r"--steps: must be an integer >= 1"),
     S("batch-0", "number", "train_tiny_probe", ["--batch_size", "0", "--out", "{T}/p.safetensors"], r"--batch_size: "),
-    S("seed-neg", "number", "train_tiny_probe", ["--seed", "-1", "--out", "{T}/p.safetensors"], r"--seed: expected"),
+    S("seed-neg", "number", "train_tiny_probe", ["--seed", "-1", "--out", "{T}/p.safetensors"], r"--seed: must be an integer in \[0, "),
     S("out-exists-shipped", "output", "train_tiny_probe", [], r"probe.safetensors' already exists"),
     S("out-under-file", "output", "train_tiny_probe", ["--out", "{W}/file.txt/p.safetensors"], r"which is a file"),
     S("out-suffix", "output", "train_tiny_probe", ["--out", "{T}/p.txt"], r"suffix '.txt'; it must have .safetensors"),

@@ -1,5 +1,4 @@
 """Checkpoint I/O: original layouts load safely, our files round-trip, bad files get clear errors."""
-import pickle
 from pathlib import Path
 
 import pytest

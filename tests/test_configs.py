@@ -4,7 +4,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO
-from ldm.util import ConfigError, count_params, instantiate_from_config
+from ldm.checks import ConfigError
+from ldm.util import count_params, instantiate_from_config
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 # Fragments (no UNet of their own) are tested merged after these, as --base would merge them.

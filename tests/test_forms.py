@@ -134,7 +134,7 @@ def test_a_new_form_works_everywhere_with_nothing_else_changed(with_gain, tiny_m
 
 
 def test_a_new_forms_bad_field_is_refused_with_its_name(with_gain, tiny_model):
-    with pytest.raises(AdapterConfigError, match=r"projection_adp_config\[0\]\.bound must be a positive number"):
+    with pytest.raises(AdapterConfigError, match=r"projection_adp_config\[0\]\.bound must be a finite number > 0"):
         inject_adapters(tiny_model.unet, {"projection_adp_config": [{"type": "gain", "target": ["to_q"], "bound": -1}]})
 
 

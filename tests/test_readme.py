@@ -3,7 +3,6 @@ a fresh folder that holds the repository's entry points, configs, models and ass
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import List
 
 import numpy as np

@@ -18,7 +18,7 @@ import main_dream_booth
 from conftest import REPO
 from ldm import rundir
 from ldm.checkpoint import load_state_dict
-from ldm.util import ConfigError
+from ldm.checks import ConfigError
 from test_bad_training_inputs import tree
 from test_train import argv, base_ckpt, metrics, world  # noqa: F401 - fixtures
 

@@ -23,15 +23,15 @@ READ_ONLY = "/sys/sample-outdir" if os.geteuid() == 0 else "{tmp}/read-only/out"
 
 # (arguments, what the one line must say); {tmp} is the test's folder, {out} the existing output folder
 ROWS = [
-    (["--scale", "nan"], "argument --scale: must be a number >= 0, got 'nan'"),
-    (["--scale", "inf"], "argument --scale: must be a number >= 0, got 'inf'"),
-    (["--scale", "-1"], "argument --scale: must be a number >= 0, got '-1'"),
-    (["--scale", "high"], "argument --scale: must be a number >= 0, got 'high'"),
+    (["--scale", "nan"], "argument --scale: must be a finite number >= 0, got 'nan'"),
+    (["--scale", "inf"], "argument --scale: must be a finite number >= 0, got 'inf'"),
+    (["--scale", "-1"], "argument --scale: must be a finite number >= 0, got '-1'"),
+    (["--scale", "high"], "argument --scale: must be a finite number >= 0, got 'high'"),
     (["--adapter_scale", "nan", "--adapter_path", "{tmp}/a"], "argument --adapter_scale: must be a finite number"),
     (["--adapter_scale=-inf", "--adapter_path", "{tmp}/a"], "argument --adapter_scale: must be a finite number"),
     (["--n_rows", "-2"], "argument --n_rows: must be an integer >= 0, got '-2'"),
-    (["--ddim_eta", "-1"], "argument --ddim_eta: must be a number >= 0, got '-1'"),
-    (["--ddim_eta", "nan"], "argument --ddim_eta: must be a number >= 0, got 'nan'"),
+    (["--ddim_eta", "-1"], "argument --ddim_eta: must be a finite number >= 0, got '-1'"),
+    (["--ddim_eta", "nan"], "argument --ddim_eta: must be a finite number >= 0, got 'nan'"),
     (["--n_samples", "0"], "argument --n_samples: must be an integer >= 1, got '0'"),
     (["--n_samples", "1.5"], "argument --n_samples: must be an integer >= 1, got '1.5'"),
     (["--n_iter", "0"], "argument --n_iter: must be an integer >= 1, got '0'"),
@@ -42,16 +42,16 @@ ROWS = [
     (["--ddim_steps", "-3"], "argument --ddim_steps: must be an integer >= 1, got '-3'"),
     (["--ddim_steps", "2000"], "--ddim_steps 2000 is more than the 1000 steps ddim can take on the model's 1000"),
     (["--ddim_steps", "1000", "--sampler", "dpm++2m"], "--ddim_steps 1000 is more than the 999 steps dpm++2m"),
-    (["--strength", "0", "--init-img", "{tmp}/init.png"], "argument --strength: must be a number in (0, 1], got '0'"),
-    (["--strength", "1.5", "--init-img", "{tmp}/init.png"], "argument --strength: must be a number in (0, 1]"),
-    (["--strength", "nan", "--init-img", "{tmp}/init.png"], "argument --strength: must be a number in (0, 1]"),
+    (["--strength", "0", "--init-img", "{tmp}/init.png"], "argument --strength: must be a finite number in (0, 1], got '0'"),
+    (["--strength", "1.5", "--init-img", "{tmp}/init.png"], "argument --strength: must be a finite number in (0, 1]"),
+    (["--strength", "nan", "--init-img", "{tmp}/init.png"], "argument --strength: must be a finite number in (0, 1]"),
     (["--seed", "-1"], "argument --seed: must be an integer in [0, "),
     (["--C", "3"], "--C 3 differs from the model's latent channels 4: drop --C"),
     (["--f", "4"], "--f 4 differs from the model's autoencoder downsampling factor 8: drop --f"),
     (["--init-img", "{tmp}/notes.txt"], "--init-img '{tmp}/notes.txt' is not an image PIL can read"),
     (["--init-img", "{tmp}/truncated.png"], "--init-img '{tmp}/truncated.png' is not an image PIL can read"),
     (["--init-img", "{tmp}/absent.png"], "--init-img not found: '{tmp}/absent.png'"),
-    (["--outdir", "{tmp}/notes.txt/out"], "--outdir '{tmp}/notes.txt/out' cannot be created: '{tmp}/notes.txt' is a "
+    (["--outdir", "{tmp}/notes.txt/out"], "--outdir '{tmp}/notes.txt/out' lies under '{tmp}/notes.txt', which is a "
                                           "file, not a folder"),
     (["--outdir", "{tmp}/notes.txt"], "--outdir '{tmp}/notes.txt' is a file, not a folder"),
     (["--outdir", READ_ONLY], f"--outdir '{READ_ONLY}' cannot be written"),
@@ -141,7 +141,7 @@ def test_a_bad_number_as_a_user_sees_it(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == ["sample.py: error: argument --scale: must be a number >= 0, got "
+    assert result.stderr.strip().splitlines() == ["sample.py: error: argument --scale: must be a finite number >= 0, got "
                                                   "'nan' (see sample.py --help)"]
     assert not list(tmp_path.iterdir())
 

@@ -201,7 +201,7 @@ def test_sample_py_sampler_option_and_shorthands(tmp_path):
     (["--sampler", "plms", "--dpm_solver"], "pick one sampler: --sampler plms or --dpm_solver"),
     (["--sampler", "plms", "--init-img", "x.png"], "img2img uses DDIM; drop --sampler plms"),
     (["--sampler", "dpm++2m", "--ddim_eta", "0.5"], "dpm\\+\\+2m is deterministic; drop --ddim_eta"),
-    (["--ddim_eta", "nan"], "--ddim_eta: must be a number >= 0, got .nan."),
+    (["--ddim_eta", "nan"], "--ddim_eta: must be a finite number >= 0, got .nan."),
     (["--f", "4"], "^error: --f 4 differs from the model's autoencoder downsampling factor 8: drop --f"),
     (["--C", "3"], "^error: --C 3 differs from the model's latent channels 4: drop --C"),
 ])

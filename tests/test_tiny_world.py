@@ -9,15 +9,13 @@ from safetensors import safe_open
 from conftest import REPO, TINY_CONFIG
 from ldm.data.synthetic import (PROBE_TEXTURES, SHAPES, SUBJECT, SyntheticScenes, caption, random_scene, render,
                                 scene_rng, subject_scene, to_tensor, write_subject_images)
-from ldm.checks import OutputPathError
+from ldm.checks import ConfigError, OutputPathError
 from ldm.tinyworld.base import train_base
 from ldm.tinyworld.metrics import prompt_attributes
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import instantiate_from_config
 
 def to01(img):
     return (to_tensor(img) + 1) / 2
-
-
 
 
 # ---- the synthetic world -------------------------------------------------------------------------------------------

@@ -136,14 +136,16 @@ def test_bf16_autocast_and_full_bf16_forward():
 
 
 def test_no_device_literals_in_ldm():
-    """Devices come from tensors and modules; only ldm.util.pick_device may name CUDA."""
+    """Devices come from tensors and modules; only the device helpers (ldm.util.pick_device, which chooses one, and
+    ldm.checks.device_arg, which checks the user's) may name CUDA."""
     literal = re.compile(r"""\.cuda\(|["']cuda(:\d+)?["']""")
-    util = REPO / "ldm" / "util.py"
-    allowed = {n.lineno: n.end_lineno for n in ast.walk(ast.parse(util.read_text()))
-               if isinstance(n, ast.FunctionDef) and n.name == "pick_device"}
+    helpers = {REPO / "ldm" / "util.py": "pick_device", REPO / "ldm" / "checks.py": "device_arg"}
+    allowed = {path: [(n.lineno, n.end_lineno) for n in ast.walk(ast.parse(path.read_text()))
+                      if isinstance(n, ast.FunctionDef) and n.name == name] for path, name in helpers.items()}
+    assert all(allowed.values()), "a device helper named here has moved: update this test"
     offenders = []
     for path in sorted((REPO / "ldm").rglob("*.py")):
         for i, line in enumerate(path.read_text().splitlines(), 1):
-            if literal.search(line) and not (path == util and any(a <= i <= b for a, b in allowed.items())):
+            if literal.search(line) and not any(a <= i <= b for a, b in allowed.get(path, [])):
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert offenders == []

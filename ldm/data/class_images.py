@@ -1,6 +1,5 @@
 """Class images for DreamBooth prior preservation, generated once by the frozen base model and kept on disk."""
 import logging
-import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
@@ -10,17 +9,11 @@ from tqdm.auto import tqdm
 from ldm.checkpoint import atomic_write
 from ldm.data.dreambooth import DataError, usable_images
 from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image_batches
-from ldm.util import to_pil
+from ldm.util import next_number, to_pil
 
 log = logging.getLogger(__name__)
 
-CLASS_IMAGE_NAME = re.compile(r"^class-(\d+)\.png$", re.IGNORECASE)
-
-
-def _next_number(folder: Path) -> int:
-    """One past the highest class-NNNNN.png number in folder (readable or not), so no name is ever reused."""
-    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := CLASS_IMAGE_NAME.match(p.name))]
-    return max(numbers, default=-1) + 1
+CLASS_IMAGE_NAME = "class-{:05d}.png"
 
 
 def class_image_noise(seed: int, number: int, shape: Sequence[int]) -> torch.Tensor:
@@ -48,7 +41,7 @@ def ensure_class_images(model: torch.nn.Module, folder: Union[str, Path], class_
                  folder, len(existing), num_class_images)
         return existing
     size = size or model.pixel_size
-    first = _next_number(folder)
+    first = next_number(folder, [CLASS_IMAGE_NAME])  # past every numbered file, readable or not: no name reused
     numbers = range(first, first + missing)
     shape = model.latent_shape(size, size)
     noise = torch.stack([class_image_noise(seed, k, shape) for k in numbers])  # (missing, c, h, w)
@@ -58,7 +51,7 @@ def ensure_class_images(model: torch.nn.Module, folder: Union[str, Path], class_
     n_batches = -(-missing // batch_size)
     for i, images in enumerate(tqdm(batches, total=n_batches, desc="class images", unit="batch")):
         for k, image in zip(numbers[i * batch_size:], to_pil(images)):
-            path = folder / f"class-{k:05d}.png"
+            path = folder / CLASS_IMAGE_NAME.format(k)
             atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
             new.append(path)
     log.info("generated %d class image(s) of '%s' in '%s' (%d in all)", len(new), class_prompt, folder,

@@ -5,7 +5,8 @@ from typing import Any, Dict, Mapping, Optional
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.util import ConfigError, check_number, check_ranges, instantiate_from_config, nearest
+from ldm.checks import ConfigError, check_number
+from ldm.util import check_ranges, instantiate_from_config, nearest
 
 # the settings of ldm.data.class_images.ensure_class_images that data.params.class_image_sampler may hold
 SAMPLER_KEYS = ("batch_size", "steps", "scale", "seed", "sampler")
@@ -18,10 +19,10 @@ def check_class_image_sampler(sampler: Mapping) -> None:
     if bad:
         raise ConfigError(f"{where}.{bad[0]} is not a setting of the class-image sampler"
                           f"{nearest(bad[0], SAMPLER_KEYS)}")
-    check_number(f"{where}.batch_size", sampler.get("batch_size", 1), 1, integer=True)
-    check_number(f"{where}.steps", sampler.get("steps", 1), 1, integer=True)
-    check_number(f"{where}.scale", sampler.get("scale", 1.0), 0)
-    check_number(f"{where}.seed", sampler.get("seed", 0), 0, 2 ** 32 - 1, integer=True)
+    check_number(sampler.get("batch_size", 1), f"{where}.batch_size", 1, integer=True)
+    check_number(sampler.get("steps", 1), f"{where}.steps", 1, integer=True)
+    check_number(sampler.get("scale", 1.0), f"{where}.scale", 0)
+    check_number(sampler.get("seed", 0), f"{where}.seed", 0, 2 ** 32 - 1, integer=True)
 
 
 class DataModuleFromConfig(pl.LightningDataModule):

@@ -102,6 +102,15 @@ def check_images(paths: Sequence[Path]) -> Tuple[List[Path], List[Path]]:
     return ok, bad
 
 
+def check_image_file(path: PathLike, what: str = "image") -> None:
+    """A ValueError unless `path` is an image file PIL can read (the check_images test)."""
+    if not Path(path).is_file():
+        raise ValueError(f"{what} not found: '{path}'")
+    if check_images([Path(path)])[1]:
+        raise ValueError(f"{what} '{path}' is not an image PIL can read (unknown format, truncated or corrupt): pass "
+                         "a PNG or JPEG")
+
+
 def usable_images(folder: PathLike) -> List[Path]:
     """list_images(folder) without unreadable files, which are logged in one warning."""
     ok, bad = check_images(list_images(folder))

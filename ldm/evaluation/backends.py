@@ -31,7 +31,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,8 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
-from ldm.util import ConfigError, get_obj_from_str
+from ldm.checks import ConfigError
+from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
 

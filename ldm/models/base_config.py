@@ -16,8 +16,8 @@ from safetensors import safe_open
 
 from ldm.config import build_base_model, load_configs, load_yaml_config, pop_adapter_configs
 from ldm.modules.adapters import SECTIONS, is_added_key
-from ldm.modules.diffusers_folder import BETA_SCHEDULES, read_base_weights
-from ldm.util import ConfigError
+from ldm.modules.diffusers_folder import BETA_SCHEDULES, read_base_weights, read_json
+from ldm.checks import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,22 +66,13 @@ def find_config(ckpt: Optional[str]) -> Tuple[DictConfig, str]:
     return load_configs([in_repo(SD_V1_CONFIG)]), f"SD v1's '{SD_V1_CONFIG}' (the default)"
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read '{path}': {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"'{path}' is not a JSON object")
-    return data
-
-
 def config_from_diffusers_folder(folder: Path) -> DictConfig:
     """Our model config for an SD v1 diffusers folder: SD v1's config with the sizes of the folder's UNet, VAE,
     text encoder and noise schedule (the inverse of ldm.modules.diffusers_folder.diffusers_configs)."""
-    unet, vae, text, sched = (_read_json(folder / part / name) for part, name in (
-        ("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-        ("scheduler", "scheduler_config.json")))
+    parts = (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+             ("scheduler", "scheduler_config.json"))
+    unet, vae, text, sched = (read_json(folder / part / name, f"diffusers folder '{folder}' has no {part}/{name}")
+                              for part, name in parts)
     try:
         config = load_configs([in_repo(SD_V1_CONFIG)])
         m = config.model.params

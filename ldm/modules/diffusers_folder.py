@@ -61,13 +61,13 @@ def read_diffusers_folder(path: str) -> Dict[str, torch.Tensor]:
     """A diffusers SD v1 model folder as the state dict of an original checkpoint (networks, schedule buffers,
     scale_factor), read safely; errors name the missing part or the architecture the folder is."""
     folder = Path(path)
-    index = _json(folder / "model_index.json", f"'{folder}' is a folder but not a diffusers model folder (no "
+    index = read_json(folder / "model_index.json", f"'{folder}' is a folder but not a diffusers model folder (no "
                   "model_index.json): pass an SD v1 .ckpt / .safetensors file, or a diffusers folder; " + LAYOUT)
     _refuse_sdxl(folder, index)
     missing = [f"{name}/" for name in CONFIG_FILES if not (folder / name).is_dir()]
     if missing:
         raise DiffusersFolderError(f"diffusers folder '{folder}' has no {', '.join(missing)}: {LAYOUT}")
-    configs = {name: _json(folder / name / file, f"diffusers folder '{folder}' has no {name}/{file}")
+    configs = {name: read_json(folder / name / file, f"diffusers folder '{folder}' has no {name}/{file}")
                for name, file in CONFIG_FILES.items()}
     _refuse_sd2(folder, configs)
     parts = {name: read_weights(folder / name, stem) for name, stem in NETWORKS.items()}
@@ -82,7 +82,8 @@ def read_diffusers_folder(path: str) -> Dict[str, torch.Tensor]:
     return sd
 
 
-def _json(path: Path, missing: str) -> Dict[str, Any]:
+def read_json(path: Path, missing: str) -> Dict[str, Any]:
+    """The JSON object in `path`; a DiffusersFolderError says `missing` when there is no such file, else what is wrong."""
     if not path.is_file():
         raise DiffusersFolderError(missing)
     try:
@@ -97,7 +98,7 @@ def _json(path: Path, missing: str) -> Dict[str, Any]:
 def _refuse_sdxl(folder: Path, index: Mapping[str, Any]) -> None:
     unet = folder / "unet" / "config.json"
     hits = ["text_encoder_2"] if "text_encoder_2" in index or (folder / "text_encoder_2").is_dir() else []
-    if unet.is_file() and _json(unet, "").get("addition_embed_type") == "text_time":
+    if unet.is_file() and read_json(unet, "").get("addition_embed_type") == "text_time":
         hits.append("unet addition_embed_type 'text_time'")
     if hits:
         raise DiffusersFolderError(f"'{folder}' is a Stable Diffusion XL folder ({', '.join(hits)}); {SUPPORTED}")
@@ -125,7 +126,7 @@ def weight_files(folder: Path, stem: str) -> List[Path]:
             return [folder / name]
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(_json(index, "").get("weight_map", {}).values()))
+            shards = sorted(set(read_json(index, "").get("weight_map", {}).values()))
             bad = [s for s in shards if Path(s).name != s or not (folder / s).is_file()]
             if bad or not shards:
                 raise DiffusersFolderError(f"'{index}' lists shards that are not files beside it: "

@@ -42,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, PATH_FLAGS, apply_flags, load_configs, set_key
 from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
-from ldm.util import ConfigError, parse_yaml_value, yaml_number
+from ldm.checks import ConfigError, yaml_number
+from ldm.util import parse_yaml_value
 
 log = logging.getLogger(__name__)
 

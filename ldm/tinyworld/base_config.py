@@ -8,9 +8,9 @@ from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checks import SEED_MAX, check_number, check_output, check_writable_place
+from ldm.checks import ConfigError, SEED_MAX, check_number, check_output, check_writable_place
 from ldm.config import parse_override
-from ldm.util import ConfigError
+
 
 LATENT_FACTOR = 8  # the autoencoder's downsampling: image sizes are multiples of it
 

@@ -15,7 +15,8 @@ from ldm.checkpoint import load_into
 from ldm.modules.adapters import is_added_key
 from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, schedule_buffers
-from ldm.util import ConfigError, check_ranges, default, instantiate_from_config, nearest
+from ldm.checks import ConfigError
+from ldm.util import check_ranges, default, instantiate_from_config, nearest
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ class LatentDiffusion(pl.LightningModule):
                 "embedding_reg_weight", "cosine_s", "given_betas", "original_elbo_weight", "l_simple_weight",
                 "learn_logvar", "logvar_init", "use_positional_encodings", "clip_denoised", "v_posterior")
     # numbers checked before anything is built (ldm.util.check_ranges), from a config or the Python API
-    PARAM_RANGES = {"timesteps": dict(low=1, integer=True), "linear_start": dict(low=0, high=1, above=True, below=True),
-                    "linear_end": dict(low=0, high=1, above=True, below=True), "scale_factor": dict(low=0, above=True),
+    PARAM_RANGES = {"timesteps": dict(low=1, integer=True), "linear_start": dict(low=0, high=1, low_open=True, high_open=True),
+                    "linear_end": dict(low=0, high=1, low_open=True, high_open=True), "scale_factor": dict(low=0, low_open=True),
                     "image_size": dict(low=1, integer=True), "channels": dict(low=1, integer=True)}
 
     def __init__(self, unet_config: Dict, first_stage_config: Dict, cond_stage_config: Dict,

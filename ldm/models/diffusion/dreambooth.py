@@ -15,7 +15,8 @@ import torch
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.adapters import (SECTION, AdapterConfigError, adapter_carriers, adapter_groups, adapter_networks,
                                   adapter_parameters, config_from_specs, is_added_key)
-from ldm.util import ConfigError, check_number, check_ranges
+from ldm.checks import ConfigError, check_number
+from ldm.util import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
     """LatentDiffusion with a DreamBooth training step over adapters (train_level ["adapter"]: those of the UNet and
     of the text encoder) or the UNet."""
 
-    PARAM_RANGES = {"reg_weight": dict(low=0), "text_encoder_lr": dict(low=0, above=True, optional=True),
+    PARAM_RANGES = {"reg_weight": dict(low=0), "text_encoder_lr": dict(low=0, low_open=True, optional=True),
                     "lr_warmup_steps": dict(low=0, integer=True), "adam_weight_decay": dict(low=0),
-                    "adam_epsilon": dict(low=0, above=True)}
+                    "adam_epsilon": dict(low=0, low_open=True)}
 
     def __init__(self, *args: Any, reg_weight: float = 1.0, train_level: Sequence[str] = ("adapter",),
                  cache_latents: bool = True, gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
@@ -46,7 +47,7 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         if isinstance(adam_betas, str) or len(adam_betas) != 2:
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
         for beta in adam_betas:
-            check_number("each of adam_betas", beta, 0, 1, below=True)
+            check_number(beta, "each of adam_betas", 0, 1, high_open=True)
         super().__init__(*args, **kwargs)
         self.reg_weight, self.train_level, self.cache_latents = float(reg_weight), tuple(train_level), cache_latents
         self.use_8bit_adam, self.lr_warmup_steps = use_8bit_adam, int(lr_warmup_steps)

@@ -1,8 +1,8 @@
 """One validated adapter config entry (`AdapterSpec`), the package's errors and the field checks forms share."""
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
+from ldm.checks import check_number as check_any_number
 from ldm.modules.adapters.positions import PROJECTION
 
 REQUIRED = object()  # a field default meaning "must be given"
@@ -69,20 +69,10 @@ def check_positive_int(value: Any, where: str) -> int:
     return value
 
 
-def check_number(value: Any, where: str, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
-                 high_open: bool = False, hint: str = "") -> float:
-    """`value` as a float if it is a finite number in the range, else an error naming the field and the range."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        if (low, low_open, high) == (0, True, math.inf):
-            what = "a positive number"
-        elif (low, high) == (-math.inf, math.inf):
-            what = "a number"
-        else:
-            what = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise AdapterConfigError(f"{where} must be {what}{f' ({hint})' if hint else ''}, got {value!r}")
-    return float(value)
+def check_number(value: Any, where: str, **limits: Any) -> Any:
+    """`value` if it is a finite number in the range (`ldm.checks.check_number`'s limits), else an
+    AdapterConfigError naming the field and the range."""
+    return check_any_number(value, where, error=AdapterConfigError, **limits)
 
 
 def check_bool(value: Any, where: str) -> bool:
