@@ -2,7 +2,8 @@
 # The tiny-world design-space study (issue 7): the paper's 20 adapter position pairs x 2 seeds trained on the tiny base
 # model (configs/sweeps/tiny-world-position-pairs.yaml), each run evaluated with the tiny world's probe (the
 # `tinyworld` metric backend) on configs/sweeps/tiny-world-prompts.txt, then a Type II ANOVA of the metrics on din
-# and dout, written to docs/tiny-world-study/ (report.md, PNGs, tables, results.csv).
+# and dout, written to docs/tiny-world-study/ (report.md, PNGs, tables, results.csv), or to a fresh folder beside it
+# (docs/tiny-world-study-2, ...) when that exists: replace the old folder by it to update the docs.
 #
 #   scripts/tiny_world_study.sh                        # runs from any folder; rerun to continue after a stop
 #   scripts/tiny_world_study.sh --parallel 2           # extra arguments go to scripts/sweep.py
@@ -46,6 +47,10 @@ done
 run $PYTHON scripts/sweep.py "$SPEC" --sweep_dir "$SWEEP_DIR" "$@"
 run $PYTHON scripts/evaluate.py "$SWEEP_DIR" --metric tinyworld --prompts "$PROMPTS" --seeds "$EVAL_SEEDS" \
     --steps 25 --scale 5.0 --batch_size 64
-run $PYTHON scripts/anova.py "$SWEEP_DIR/results.csv" --factors din dout --out "$REPORT_DIR"
-run cp "$SWEEP_DIR/results.csv" "$REPORT_DIR/results.csv"
-echo "report: $REPORT_DIR/report.md"
+# anova.py never overwrites: when REPORT_DIR exists it writes a fresh folder beside it (REPORT_DIR-2, ...) and says
+# which; the table goes into that folder too.
+echo "+ $PYTHON scripts/anova.py $SWEEP_DIR/results.csv --factors din dout --out $REPORT_DIR" >&2
+report=$($PYTHON scripts/anova.py "$SWEEP_DIR/results.csv" --factors din dout --out "$REPORT_DIR" | sed -n 's/^report in //p')
+[[ -n $report && -d $report ]] || { echo "error: scripts/anova.py did not say where it wrote the report" >&2; exit 1; }
+run cp -n "$SWEEP_DIR/results.csv" "$report/results.csv"
+echo "report: $report/report.md"
