@@ -72,7 +72,7 @@ def _read(path: str, what: str = "checkpoint") -> object:
         return load_file(str(p)) if p.suffix == ".safetensors" else _torch_load(p)
     except Exception as e:  # noqa: BLE001 - any failure to parse means the file is not a usable checkpoint
         raise CheckpointError(f"cannot read {what} '{path}': the file is truncated, corrupt or not a checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({type(e).__name__}: {(str(e).splitlines() or ['empty'])[0][:200]})") from None
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:

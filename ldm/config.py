@@ -201,6 +201,9 @@ def build_base_model(config: DictConfig, ckpt: Optional[str] = None, meta: bool 
     """The model of `config` without its adapter configs (the config is not changed), on the meta device by default
     (no memory, no init: names and shapes for file work), with the weights of `ckpt` (a checkpoint file or a diffusers
     folder) assigned when given."""
+    if not isinstance(config.get("model"), DictConfig) or "target" not in config.model:
+        raise ConfigError("the config has no model section with a target: pass a model config such as "
+                          "configs/stable-diffusion/v1-inference.yaml")
     config = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
     pop_adapter_configs(config)
     if "ckpt_path" in config.model.get("params", {}):

@@ -3,28 +3,37 @@
     python scripts/demo.py [--outdir outputs/demo] [--steps 400]
 
 Writes OUTDIR/before_after.png (rows: "photo of a sks star" and "photo of a star", before and after training, same
-noise), OUTDIR/metrics.json, and the training run under OUTDIR/logs/.
+noise), OUTDIR/metrics.json, and the training run under OUTDIR/logs/. Nothing is overwritten: when OUTDIR exists, the
+demo goes to a fresh folder beside it (OUTDIR-2, OUTDIR-3, ...), and its path is printed.
 """
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ldm.checks import OutputPathError, fresh_dir, positive_int, seed_int
 from ldm.tinyworld.demo import run_demo
 from ldm.util import setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--outdir", default="outputs/demo", help="where the run, the grid and the metrics go")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
-    parser.add_argument("--seed", type=int, default=23)
-    parser.add_argument("--n", type=int, default=16, help="samples per prompt for the metrics")
+    parser.add_argument("--outdir", default="outputs/demo", help="where the run, the grid and the metrics go (a "
+                                                                 "fresh folder beside it when it exists)")
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the demo config's)")
+    parser.add_argument("--seed", type=seed_int, default=23)
+    parser.add_argument("--n", type=positive_int, default=16, help="samples per prompt for the metrics")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     opt = parse_args(argv)
-    result = run_demo(Path(opt.outdir), opt.steps, opt.seed, opt.n)
+    try:
+        outdir = fresh_dir(opt.outdir, "--outdir")
+    except OutputPathError as e:
+        sys.exit(f"error: {e}")
+    print(f"writing the demo to {outdir}")
+    result = run_demo(outdir, opt.steps, opt.seed, opt.n)
     width = max(map(len, result["metrics"]))
     print("\ntiny-world metrics (probe features; see README 'The tiny world'):")
     for key, value in result["metrics"].items():

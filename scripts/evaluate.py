@@ -7,7 +7,10 @@
 
 Metric weights are local files or folders (nothing is downloaded): dino is a folder (config.json +
 model.safetensors) of facebook/dino-vits16 or that weights file; clip a transformers CLIPModel folder. Rows are
-added to the table (default: <sweep folder>/results.csv) as each run finishes, atomically.
+added to the table (default: <sweep folder>/results.csv) as each run finishes, atomically; a --table that is not a
+results table is refused before any sampling. Each run's sample grid goes to <run>/eval/samples-<step>-adapters.png
+(an evaluation again, with --force, replaces its row and that grid). Two evaluations of one sweep at once share the
+work: each run is evaluated and written once.
 """
 import argparse
 import sys
@@ -17,16 +20,17 @@ from typing import List, Optional
 import torch
 
 from ldm.checkpoint import CheckpointError
+from ldm.checks import SEED_MAX, device_arg, finite_float, int_list, non_negative_int, positive_int
 from ldm.data.dreambooth import DataError, list_images
 from ldm.evaluation.backends import EvaluationError, backend_names, get_backend
-from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, evaluate_runs, find_runs
+from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, check_steps, evaluate_runs, find_runs
 from ldm.evaluation.fid import FID_WEIGHTS, fid_metric
-from ldm.evaluation.table import done_runs
+from ldm.evaluation.table import check_table, done_runs
 from ldm.models.diffusion.sampling import SAMPLER_NAMES
 from ldm.sweep.spec import SweepError
-from ldm.util import pick_device, setup_logging
+from ldm.util import ConfigError, pick_device, setup_logging
 
-USER_ERRORS = (EvaluationError, SweepError, CheckpointError)
+USER_ERRORS = (EvaluationError, SweepError, CheckpointError, ConfigError)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -37,12 +41,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--table", help="the results CSV (default: results.csv in the first path)")
     p.add_argument("--prompts", help="a file of prompt templates, one per line, with {token} and {class_word} "
                                      f"(default: {'; '.join(DEFAULT_PROMPTS)})")
-    p.add_argument("--seeds", default="0,1,2,3", help="seeds, one sample per prompt and seed (default 0,1,2,3)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--seeds", type=int_list(0, SEED_MAX), default="0,1,2,3",
+                   help="seeds, one sample per prompt and seed (default 0,1,2,3)")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--scale", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--step", type=int, help="evaluate checkpoints/<step>-adapters (default: the last)")
+    p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--step", type=non_negative_int, help="evaluate checkpoints/<step>-adapters (default: the last)")
     p.add_argument("--prior_prompt", default="photo of a {class_word}",
                    help="prior preservation: this prompt sampled with and without the adapters from the same seeds, "
                         "compared pairwise (<metric>_prior column); 'none' to skip (default: %(default)s)")
@@ -53,8 +58,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--fid_features", metavar="NAME", help="compute --fid in this metric backend's feature space "
                                                           "instead of Inception's (one of the --metric names; not "
                                                           "comparable with published FID)")
-    p.add_argument("--force", action="store_true", help="evaluate runs that already have a row again")
-    p.add_argument("--device", help="torch device (default: the first GPU, else the CPU)")
+    p.add_argument("--force", action="store_true", help="evaluate runs that already have a row again (their row and "
+                                                        "sample grid are replaced)")
+    p.add_argument("--device", type=device_arg, help="torch device (default: the first GPU, else the CPU)")
     opt = p.parse_args(argv)
     if not opt.metric and not opt.fid:
         p.error("choose at least one --metric (or --fid)")
@@ -69,15 +75,14 @@ def read_settings(opt: argparse.Namespace) -> EvalSettings:
         path = Path(opt.prompts)
         if not path.is_file():
             raise EvaluationError(f"prompt file not found: '{path}'")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise EvaluationError(f"prompt file '{path}' is not text (UTF-8): put one prompt template per line") from None
         if not prompts:
             raise EvaluationError(f"prompt file '{path}' is empty: put one prompt template per line")
-    try:
-        seeds = [int(s) for s in opt.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise EvaluationError(f"--seeds takes comma-separated integers like 0,1,2,3, got '{opt.seeds}'") from None
     prior = None if opt.prior_prompt.strip().lower() in ("", "none") else opt.prior_prompt
-    return EvalSettings(prompts, seeds, opt.steps, opt.scale, opt.sampler, opt.batch_size, opt.step,
+    return EvalSettings(prompts, opt.seeds, opt.steps, opt.scale, opt.sampler, opt.batch_size, opt.step,
                         prior_prompt=prior)
 
 
@@ -110,17 +115,20 @@ def main(argv: Optional[List[str]] = None) -> Path:
     setup_logging()
     table = Path(opt.table or Path(opt.paths[0]) / "results.csv")
     try:
+        check_table(table, "--table")  # the output first: nothing is sampled for a table that cannot be written
         settings = read_settings(opt)
         device = torch.device(opt.device) if opt.device else pick_device()
         metrics = build_metrics(opt, device)  # weights are checked before any run is looked at
         runs = find_runs(opt.paths)
+        check_steps(runs, settings.steps)
         skip = [] if opt.force else done_runs(table)
-        failed = evaluate_runs(runs, table, metrics, settings, device, skip)
+        failed = evaluate_runs(runs, table, metrics, settings, device, skip, opt.force)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
     print(f"results in {table}")
     if failed:
-        sys.exit(f"error: {len(failed)} run(s) could not be evaluated: {', '.join(failed)}")
+        sys.exit(f"error: {len(failed)} run(s) could not be evaluated: "
+                 + "; ".join(f"{name} ({reason})" for name, reason in failed.items()))
     return table
 
 

@@ -7,22 +7,25 @@
     python scripts/sweep.py status sweeps/pairs
 
 Re-running skips finished runs and retries failed ones (from their last checkpoint). The sweep file format is in
-ldm/sweep/spec.py.
+ldm/sweep/spec.py. The sweep folder is reused on purpose (that is how a sweep resumes), but only by the same sweep
+file: a folder of another sweep is refused. Two launchers on one folder never start one run twice.
 """
 import argparse
 import os
 import shlex
+import shutil
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ldm.checks import OutputPathError, int_list, non_negative_int, positive_int
 from ldm.modules.adapters import AdapterConfigError
 from ldm.sweep.launch import run_all, run_index
 from ldm.sweep.runs import STATES, check_base_weights, load_runs, plan, planned_runs, prepare, summary
 from ldm.sweep.spec import SweepError
 from ldm.util import ConfigError, setup_logging
 
-USER_ERRORS = (SweepError, ConfigError, AdapterConfigError)
+USER_ERRORS = (SweepError, ConfigError, AdapterConfigError, OutputPathError)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -38,19 +41,42 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 epilog="'scripts/sweep.py status SWEEP_DIR' shows the progress of a sweep")
     p.add_argument("spec", help="the sweep file (YAML): base, overrides, factors, rules")
     p.add_argument("--sweep_dir", help="where the runs go (default: sweeps/<sweep file name>)")
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
-    p.add_argument("--devices", type=str, help="GPU indices to spread the runs over, one per run: 0,1,2,3")
+    p.add_argument("--parallel", type=positive_int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--devices", type=int_list(0), help="GPU indices to spread the runs over, one per run: 0,1,2,3")
     p.add_argument("--print_jobs", action="store_true",
                    help="print one shell command per unfinished run (this script with --run_index, from this folder) "
                         "and stop; writes nothing, checks the base weights")
-    p.add_argument("--run_index", type=int, help="run only the run with this index (0-based, e.g. a SLURM array task)")
+    p.add_argument("--run_index", type=non_negative_int,
+                   help="run only the run with this index (0-based, e.g. a SLURM array task)")
     p.add_argument("--prepare_only", action="store_true", help="write the run folders and stop")
     p.add_argument("--python", default=None, help="Python for the runs (default: this one; 'python' in --print_jobs)")
     opt = p.parse_args(argv)
     opt.command = "run"
     opt.sweep_dir = opt.sweep_dir or str(Path("sweeps") / Path(opt.spec).stem)
-    opt.devices = [d.strip() for d in opt.devices.split(",") if d.strip()] if opt.devices else None
+    opt.devices = [str(d) for d in opt.devices] if opt.devices else None
+    problem = flag_conflict(opt)
+    if problem:
+        p.error(problem)
     return opt
+
+
+# Flags that each make the script do one other thing than running the sweep
+SINGLE_JOBS = {"--print_jobs": "prints the commands", "--prepare_only": "writes the run folders only",
+               "--run_index": "runs one run"}
+
+
+def flag_conflict(opt: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the combination of flags (each alone is checked by its type), or None."""
+    given = [f for f, v in zip(SINGLE_JOBS, (opt.print_jobs, opt.prepare_only, opt.run_index is not None)) if v]
+    if len(given) > 1:
+        return f"{given[0]} cannot be combined with {given[1]}: choose one"
+    if given and opt.parallel != 1:
+        return f"{given[0]} {SINGLE_JOBS[given[0]]}: --parallel does not apply"
+    if opt.devices and len(opt.devices) < opt.parallel:
+        return f"--parallel {opt.parallel} needs at least {opt.parallel} --devices (one per run), got {len(opt.devices)}"
+    if opt.python and not opt.print_jobs and shutil.which(opt.python) is None:
+        return f"--python '{opt.python}' not found: pass the path of a Python executable (default: this one)"
+    return None
 
 
 def print_status(sweep_dir: str, verbose: bool) -> Dict[str, List[str]]:
@@ -81,7 +107,10 @@ def run(opt: argparse.Namespace) -> int:
     if opt.print_jobs:
         print("\n".join(job_lines(opt)))
         return 0
-    runs = prepare(opt.spec, opt.sweep_dir)
+    planned = plan(opt.spec, opt.sweep_dir)
+    if opt.run_index is not None and opt.run_index >= len(planned[2].runs):  # before anything is written
+        raise SweepError(f"--run_index {opt.run_index} is out of range: the sweep has runs 0..{len(planned[2].runs) - 1}")
+    runs = prepare(opt.spec, opt.sweep_dir, planned=planned)
     if opt.prepare_only:
         print(f"{len(runs)} runs prepared in {opt.sweep_dir}")
         return 0

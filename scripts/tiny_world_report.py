@@ -3,29 +3,36 @@
     python scripts/tiny_world_report.py [--outdir outputs/tiny-world-report] [--steps 400] [--seeds 23,24]
 
 Trains the demo adapter with and without prior preservation for each seed (main_dream_booth.py, on the CPU) and
-writes OUTDIR/tiny-world-report.md and .json.
+writes OUTDIR/tiny-world-report.md and .json. Nothing is overwritten: when OUTDIR exists, the report goes to a fresh
+folder beside it (OUTDIR-2, OUTDIR-3, ...), and its path is printed.
 """
 import argparse
+import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ldm.checks import SEED_MAX, OutputPathError, fresh_dir, int_list, positive_int
 from ldm.tinyworld.report import write_report
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--outdir", default="outputs/tiny-world-report")
-    parser.add_argument("--steps", type=int, default=400, help="training steps per DreamBooth run")
-    parser.add_argument("--seeds", default="23,24", help="training seeds, comma-separated")
-    parser.add_argument("--n", type=int, default=32, help="samples per prompt")
-    parser.add_argument("--quality_n", type=int, default=200, help="prompts for the base-model quality check")
+    parser.add_argument("--outdir", default="outputs/tiny-world-report",
+                        help="where the report goes (a fresh folder beside it when it exists)")
+    parser.add_argument("--steps", type=positive_int, default=400, help="training steps per DreamBooth run")
+    parser.add_argument("--seeds", type=int_list(0, SEED_MAX), default="23,24", help="training seeds, comma-separated")
+    parser.add_argument("--n", type=positive_int, default=32, help="samples per prompt")
+    parser.add_argument("--quality_n", type=positive_int, default=200, help="prompts for the base-model quality check")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     opt = parse_args(argv)
-    seeds = [int(s) for s in opt.seeds.split(",") if s]
-    md = write_report(Path(opt.outdir), opt.steps, seeds, opt.n, opt.quality_n)
+    try:
+        outdir = fresh_dir(opt.outdir, "--outdir")
+    except OutputPathError as e:
+        sys.exit(f"error: {e}")
+    md = write_report(outdir, opt.steps, opt.seeds, opt.n, opt.quality_n)
     print(md.read_text())
     print(f"report written to {md}")
 

@@ -2,23 +2,28 @@
 
     python scripts/train_tiny_base.py --config configs/tiny-world/train-base.yaml [KEY=VALUE ...]
 
-A killed run resumes from its stage checkpoints in work_dir. Uses the first CUDA device when there is one.
+A killed run resumes from its stage checkpoints in work_dir. Uses the first CUDA device when there is one. The config
+is checked before any work: unknown keys (a typo in an override) and numbers out of range are refused, and so is an
+`out` file that exists (nothing is overwritten: pass out=NEW.safetensors) or that is the `init` file.
 """
 import argparse
 import sys
 from typing import List, Optional
 
 import torch
-from omegaconf import OmegaConf
 
+from ldm.checks import OutputPathError, device_arg
+from ldm.config import load_yaml_config
 from ldm.tinyworld.base import train_base
-from ldm.util import setup_logging
+from ldm.tinyworld.base_config import apply_overrides
+from ldm.util import ConfigError, pick_device, setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny-world/train-base.yaml", help="training config")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=device_arg, default=None,
+                        help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides, e.g. diffusion.steps=100")
     return parser.parse_args(argv)
 
@@ -26,11 +31,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> None:
     opt = parse_args(argv)
     setup_logging()
-    config = OmegaConf.merge(OmegaConf.load(opt.config), OmegaConf.from_dotlist(opt.overrides))
-    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = train_base(config, device)
+    try:
+        config = apply_overrides(load_yaml_config(opt.config), opt.overrides)
+        out = train_base(config, torch.device(opt.device) if opt.device else pick_device())
+    except (ConfigError, OutputPathError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
     print(f"tiny base model written to {out}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

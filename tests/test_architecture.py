@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The rooms, bottom-up; a module may import its own room and those below it.
 LAYERS = [
-    ("checkpoint and util", ("ldm.util", "ldm.checkpoint")),
+    ("checkpoint, util and checks", ("ldm.util", "ldm.checkpoint", "ldm.checks")),
     ("networks and the adapter package", ("ldm.modules",)),
     ("models, samplers and the config language", ("ldm.models", "ldm.config")),
     ("data", ("ldm.data",)),

@@ -188,7 +188,7 @@ def test_export_merges_adapters(tmp_path):
 def test_export_refuses_an_existing_folder(exported, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(SystemExit, match="already exists and is not empty"):
+    with pytest.raises(SystemExit, match="already exists \\(a folder that is not empty\\)"):
         export_diffusers.main(["--config", str(CONFIG), "--ckpt", str(CKPT), "--outdir", str(tmp_path / "full")])
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and not list(tmp_path.glob(".tmp-*"))
     with pytest.raises(SystemExit, match=r"error: checkpoint not found: .*nothing' \(pass an SD v1 .ckpt / "

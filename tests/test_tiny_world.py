@@ -9,9 +9,10 @@ from safetensors import safe_open
 from conftest import REPO, TINY_CONFIG
 from ldm.data.synthetic import (PROBE_TEXTURES, SHAPES, SUBJECT, SyntheticScenes, caption, random_scene, render,
                                 scene_rng, subject_scene, to_tensor, write_subject_images)
+from ldm.checks import OutputPathError
 from ldm.tinyworld.base import train_base
 from ldm.tinyworld.metrics import prompt_attributes
-from ldm.util import instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config
 
 def to01(img):
     return (to_tensor(img) + 1) / 2
@@ -114,7 +115,11 @@ def test_train_base_writes_a_loadable_sd_layout_file_and_resumes(tmp_path):
     # a longer run resumes from the stage checkpoints: the autoencoder is not retrained, diffusion goes on from step 2
     state = torch.load(tmp_path / "w" / "diffusion.pt", weights_only=True)
     assert state["step"] == 2
-    train_base(_train_config(tmp_path, diffusion=3), torch.device("cpu"))
+    longer = _train_config(tmp_path, diffusion=3)
+    with pytest.raises(OutputPathError, match="out '.*tiny.safetensors' already exists"):  # never overwritten
+        train_base(longer, torch.device("cpu"))
+    longer.out = str(tmp_path / "longer.safetensors")
+    train_base(longer, torch.device("cpu"))
     assert torch.load(tmp_path / "w" / "diffusion.pt", weights_only=True)["step"] == 3
 
 
@@ -126,14 +131,18 @@ def test_train_base_continues_from_init_keeping_the_latent_scale(tmp_path):
     with safe_open(str(first), "pt") as a, safe_open(str(second), "pt") as b:
         assert set(a.keys()) == set(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # zero steps: init, unchanged
-    config.work_dir, config.diffusion.steps = str(tmp_path / "c"), 2
+    config.work_dir, config.diffusion.steps, config.out = str(tmp_path / "c"), 2, str(tmp_path / "c.safetensors")
     third = train_base(config, torch.device("cpu"))
     with safe_open(str(first), "pt") as a, safe_open(str(third), "pt") as c:
         assert torch.equal(a.get_tensor("scale_factor"), c.get_tensor("scale_factor"))  # the UNet's latent scale
         key = "model.diffusion_model.input_blocks.0.0.weight"
         assert not torch.equal(a.get_tensor(key), c.get_tensor(key))
+    config.out = str(tmp_path / "fourth.safetensors")
     config.init = str(tmp_path / "nothing.safetensors")
-    with pytest.raises(FileNotFoundError, match="init: no base model file"):
+    with pytest.raises(ConfigError, match="init: no base model file"):
+        train_base(config, torch.device("cpu"))
+    config.init = config.out = str(first)
+    with pytest.raises(OutputPathError, match="is the input"):
         train_base(config, torch.device("cpu"))
 
 

@@ -181,7 +181,7 @@ def prepare(table: pd.DataFrame, metric: str, factors: Sequence[str], blocks: Se
     if set(factors) & set(blocks) or len(set(columns)) < len(columns):
         raise AnalysisError(f"a column is named twice among the metric, factors and blocks: {', '.join(columns)}")
     data = table[columns].copy()
-    data[metric] = pd.to_numeric(data[metric], errors="coerce").replace([np.inf, -np.inf], np.nan)
+    data[metric] = numeric_metric(table, metric)
     notes = []
     dropped = int(data[metric].isna().sum())
     if dropped:
@@ -194,6 +194,26 @@ def prepare(table: pd.DataFrame, metric: str, factors: Sequence[str], blocks: Se
         raise AnalysisError(f"column(s) {', '.join(single)} have fewer than 2 levels among the runs with {metric}: "
                             "leave them out of --factors / --blocks")
     return data, notes
+
+
+MISSING_TEXT = ("", "nan", "na", "n/a", "none", "null", "inf", "+inf", "-inf", "infinity", "-infinity")
+
+
+def numeric_metric(table: pd.DataFrame, metric: str) -> pd.Series:
+    """The metric column as floats, empty cells, NaN and infinities as NaN; text in it (a broken or hand-edited
+    table) and a column with no finite value at all are errors, never silently left out."""
+    raw = table[metric]
+    values = pd.to_numeric(raw, errors="coerce").replace([np.inf, -np.inf], np.nan)
+    text = raw.notna() & values.isna() & ~raw.astype(str).str.strip().str.lower().isin(MISSING_TEXT)
+    if text.any():
+        i = int(np.flatnonzero(text.to_numpy())[0])
+        where = f"run {table['run'].iloc[i]}" if "run" in table.columns else f"row {i + 1}"
+        raise AnalysisError(f"column {metric} holds text ('{raw.iloc[i]}' in {where}): a metric column holds numbers; "
+                            "fix the table, or leave the column out of --metrics")
+    if not values.notna().any():
+        raise AnalysisError(f"{metric} has no finite value in any row: evaluate the runs first, or leave it out of "
+                            "--metrics")
+    return values
 
 
 def is_constant(values: np.ndarray) -> bool:
@@ -233,6 +253,8 @@ def noncentrality_interval(f_value: float, df1: int, df2: int, confidence: float
         hi = max(10.0, 2 * f_value * df1)
         while cdf(hi) > target:
             hi *= 2
+        if not np.isfinite(cdf(hi)):  # F so large (a model that fits every run exactly) that scipy's noncentral F
+            return np.nan  # cannot be evaluated there: no interval rather than a crash
         return optimize.brentq(lambda nc: cdf(nc) - target, 0.0, hi, xtol=1e-10)
     return solve((1 + confidence) / 2), solve((1 - confidence) / 2)
 

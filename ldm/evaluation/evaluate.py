@@ -14,13 +14,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.checkpoint import CheckpointError, load_trained_parameters
+from ldm.checkpoint import CheckpointError, atomic_write, load_trained_parameters
+from ldm.checks import SEED_MAX, check_number, file_lock
+from ldm.config import load_yaml_config
 from ldm.data.dreambooth import format_prompt, usable_images
 from ldm.evaluation.backends import EvaluationError, MetricBackend
 from ldm.evaluation.fid import FrechetDistance
 from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
-from ldm.evaluation.table import FID, PRIOR, PROMPT, SUBJECT, metric_column, upsert_row
+from ldm.evaluation.table import FID, PRIOR, PROMPT, SUBJECT, done_runs, metric_column, upsert_row
 from ldm.modules.adapters import (WEIGHTS_FILE, adapter_groups, adapter_parameters, adapters_enable, describe,
                                   load_adapter_from_dir)
 from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
@@ -49,6 +51,34 @@ class EvalSettings:
     save_grid: bool = True
     prior_prompt: Optional[str] = "photo of a {class_word}"  # prior preservation on it; None: not measured
 
+    def __post_init__(self):
+        """Every number in range and every template usable, before any run is sampled."""
+        try:
+            check_number(self.steps, "steps", 1, integer=True)
+            check_number(self.scale, "scale", integer=False)
+            check_number(self.batch_size, "batch_size", 1, integer=True)
+            if self.step is not None:
+                check_number(self.step, "step", 0, integer=True)
+            for seed in self.seeds:
+                check_number(seed, "each seed", 0, SEED_MAX, integer=True)
+        except ValueError as e:
+            raise EvaluationError(str(e)) from None
+        if not self.seeds or not self.prompts:
+            raise EvaluationError(f"{'seeds' if not self.seeds else 'prompts'}: give at least one")
+        for template in [*self.prompts, *([self.prior_prompt] if self.prior_prompt else [])]:
+            check_template(template)
+
+
+def check_template(template: str) -> None:
+    """A prompt template must fill from {token} and {class_word} (or positional {}); an EvaluationError otherwise."""
+    try:
+        format_prompt(template, {"token": "sks", "class_word": "dog"})
+    except (ValueError, IndexError, KeyError) as e:
+        message = str(e) if str(e).startswith("prompt template") else \
+            f"prompt template '{template}' is not a valid template ({e}); write {{token}} and {{class_word}}, and " \
+            "{{ }} for a literal brace"
+        raise EvaluationError(message) from None
+
 
 @dataclass
 class Metrics:
@@ -74,7 +104,20 @@ def run_config(run_dir: Path) -> DictConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise EvaluationError(f"'{run_dir}' is not a run folder: it has no config.yaml")
-    return OmegaConf.load(path)
+    return load_yaml_config(path)
+
+
+def check_steps(runs: Sequence[Path], steps: int) -> None:
+    """Sampling steps beyond a run's diffusion schedule are refused before any run is sampled (a run whose config
+    cannot be read fails on its own later)."""
+    for run_dir in runs:
+        try:
+            timesteps = int(OmegaConf.select(run_config(Path(run_dir)), "model.params.timesteps", default=1000))
+        except ValueError:
+            continue
+        if steps > timesteps:
+            raise EvaluationError(f"--steps {steps} is more than the {timesteps} diffusion steps of the model of run "
+                                  f"'{run_dir}': use at most {timesteps}")
 
 
 def load_run_model(config: DictConfig, adapters: Path, device: torch.device) -> torch.nn.Module:
@@ -184,10 +227,9 @@ def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device
     pairs = prompt_seed_pairs(prompts, settings.seeds)
     size = image_size(config)
     images = sample_images(model, pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
-    if settings.save_grid:
+    if settings.save_grid:  # replaces the grid of an earlier evaluation of this step (--force), atomically
         grid = image_grid(to_pil(images * 2 - 1), len(settings.seeds))
-        (run_dir / "eval").mkdir(exist_ok=True)
-        grid.save(run_dir / "eval" / f"samples-{adapters.name}.png")
+        atomic_write(str(run_dir / "eval" / f"samples-{adapters.name}.png"), lambda tmp: grid.save(tmp, format="PNG"))
     plain = [t for t in texts for _ in settings.seeds]
     row = {"run": run_dir.name, **run_levels(run_dir)}
     row.update(compute_metrics(metrics, images, plain, instance_images(config, size)))
@@ -224,20 +266,40 @@ def find_runs(paths: Sequence[str]) -> List[Path]:
 
 
 def evaluate_runs(runs: Sequence[Path], table: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
-                  skip: Sequence[str] = ()) -> List[str]:
-    """Evaluate each run not in `skip` and upsert its row into `table` as soon as it is done; returns the failures."""
-    failed = []
+                  skip: Sequence[str] = (), force: bool = False) -> Dict[str, str]:
+    """Evaluate each run not in `skip` and upsert its row into `table` as soon as it is done; returns the failures
+    (run name -> reason). Another process evaluating the same runs is taken into account: each run is claimed by a
+    lock on its config.yaml while it is evaluated, a run claimed elsewhere is put off to the end, and (unless
+    `force`) a run whose row appeared meanwhile is skipped, so each run is evaluated and written once."""
+    failed: Dict[str, str] = {}
+    deferred = []
     for run_dir in runs:
         if run_dir.name in skip:
             log.info("%s: already in %s (pass --force to evaluate again)", run_dir.name, table)
-            continue
+        elif not _claimed_evaluation(run_dir, table, metrics, settings, device, failed, force, blocking=False):
+            log.info("%s: being evaluated by another process; coming back to it at the end", run_dir.name)
+            deferred.append(run_dir)
+    for run_dir in deferred:
+        _claimed_evaluation(run_dir, table, metrics, settings, device, failed, force, blocking=True)
+    return failed
+
+
+def _claimed_evaluation(run_dir: Path, table: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
+                        failed: Dict[str, str], force: bool, blocking: bool) -> bool:
+    """Evaluate one run under its lock; False when another process holds the lock (and `blocking` is False)."""
+    with file_lock(Path(run_dir) / "config.yaml", blocking) as claimed:  # the run's own file: nothing is added
+        if not claimed:
+            return False
+        if not force and run_dir.name in done_runs(table):
+            log.info("%s: evaluated by another process meanwhile", run_dir.name)
+            return True
         try:
             row = evaluate_run(run_dir, metrics, settings, device)
         except (ValueError, CheckpointError) as e:  # EvaluationError, DataError, AdapterConfigError: one bad run
             # does not stop the others
             log.error("%s: not evaluated: %s", run_dir.name, e)
-            failed.append(run_dir.name)
-            continue
+            failed[run_dir.name] = str(e)
+            return True
         upsert_row(table, row)
         log.info("%s: %s", run_dir.name, ", ".join(f"{k} {v:.4f}" for k, v in row.items() if isinstance(v, float)))
-    return failed
+    return True

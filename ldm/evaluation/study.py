@@ -2,7 +2,9 @@
 factor with adjusted pairwise comparisons (`comparisons`), and the design points (the combinations of the factors'
 levels, e.g. the 20 position pairs) compared with each other on a one-way model with the same blocks; and the
 correlations between the metrics. `findings` turns it into sentences, `report` into files."""
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import pandas as pd
@@ -43,6 +45,40 @@ class MetricAnalysis:
 
     def term(self, name: str) -> pd.Series:
         return self.anova[self.anova.term == name].iloc[0]
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The results table at `path`, with an error that names what is wrong with the file."""
+    path = Path(path)
+    if path.is_dir():
+        raise AnalysisError(f"'{path}' is a folder, not a results table: pass the CSV (e.g. {path / 'results.csv'})")
+    if not path.is_file():
+        raise AnalysisError(f"results table not found: '{path}' (scripts/evaluate.py writes it)")
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise AnalysisError(f"results table '{path}' is empty: scripts/evaluate.py writes one row per run") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise AnalysisError(f"'{path}' is not a CSV table ({str(e).splitlines()[0][:160]})") from None
+    if table.empty:
+        raise AnalysisError(f"results table '{path}' has no rows: evaluate some runs first")
+    return table
+
+
+def sweep_factors(table: Path) -> List[str]:
+    """The factors of the sweep whose folder holds the table, without seed (replicates, not a design factor)."""
+    manifest = Path(table).parent / "sweep.json"
+    if not manifest.is_file():
+        raise AnalysisError(f"no --factors and no sweep.json beside '{table}': pass --factors")
+    try:
+        factors = json.loads(manifest.read_text())["spec"]["factors"]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AnalysisError(f"'{manifest}' is not valid JSON ({e}): pass --factors") from None
+    except (KeyError, TypeError):
+        raise AnalysisError(f"'{manifest}' has no spec.factors (it is not a sweep manifest): pass --factors") from None
+    if not isinstance(factors, dict):
+        raise AnalysisError(f"'{manifest}' has no spec.factors mapping (it is not a sweep manifest): pass --factors")
+    return [f for f in factors if f != "seed"]
 
 
 def point_model(model: Model) -> Model:

@@ -1,16 +1,18 @@
-"""The results table: one CSV row per run, rewritten atomically under a lock, so a crash never leaves half a table.
+"""The results table: one CSV row per run, rewritten atomically under a lock, so a crash never leaves half a table
+and two evaluations writing one table lose nothing. A file that is not a results table is never written.
 
 Its metric columns are named here, once: `<backend>_i` subject fidelity (DINO, CLIP-I), `<backend>_t` prompt fidelity
 (CLIP-T), `<backend>_prior` prior preservation, and `fid` (lower is better; every other metric is higher-is-better).
 """
 import csv
-import fcntl
 import io
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 from ldm.checkpoint import atomic_write
+from ldm.checks import OutputPathError, check_writable_place, file_lock
+from ldm.evaluation.backends import EvaluationError
 
 RUN = "run"  # the key column
 SUBJECT, PROMPT, PRIOR = "_i", "_t", "_prior"  # suffixes of a backend's metric columns
@@ -43,16 +45,34 @@ def read_rows(path: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def check_table(path: Path, what: str = "results table") -> Path:
+    """Refuse, before any work, a table path that is a folder, a file that is not a results table (a CSV whose first
+    column is `run`), or a place that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise EvaluationError(f"{what} '{path}' is a folder, not a results table: name a .csv file (e.g. "
+                              f"'{path / 'results.csv'}')")
+    if path.exists():
+        try:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            header = [f"unreadable: {e}"]
+        if header[:1] != [RUN]:
+            raise EvaluationError(f"'{path}' is not a results table (a CSV whose first column is '{RUN}'): rows are "
+                                  "only added to tables evaluate.py wrote; pass another --table")
+        return path
+    try:
+        return check_writable_place(path, what)
+    except OutputPathError as e:
+        raise EvaluationError(str(e)) from None
+
+
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """An exclusive lock beside the table, so two evaluations writing it do not lose each other's rows."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(Path(f"{path}.lock")):
+        yield
 
 
 def to_csv(rows: List[Dict[str, Any]]) -> str:
@@ -67,6 +87,7 @@ def to_csv(rows: List[Dict[str, Any]]) -> str:
 
 def upsert_row(path: Path, row: Dict[str, Any]) -> None:
     """Add `row` to the table at `path`, replacing an earlier row of the same run."""
+    check_table(path)
     with locked(path):
         rows = [r for r in read_rows(path) if r.get(RUN) != str(row[RUN])] + [row]
         text = to_csv(rows)

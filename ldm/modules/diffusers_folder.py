@@ -17,13 +17,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
+from ldm.checks import check_output
 from ldm.modules.diffusers_layout import LayoutError, UNetStructure, from_diffusers, to_diffusers
 from ldm.modules.diffusionmodules.util import make_beta_schedule, schedule_buffers
 from ldm.modules.encoders.clip_tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_vocab
@@ -208,13 +209,10 @@ def write_diffusers_folder(sd: Mapping[str, torch.Tensor], model_config: Mapping
     log.info("wrote diffusers folder %s", out)
 
 
-def check_outdir(outdir: str) -> Path:
-    """`outdir` as a Path, refused when it exists and is not an empty folder (nothing is overwritten)."""
-    out = Path(outdir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DiffusersFolderError(f"'{out}' already exists and is not empty: pass a new output folder (nothing is "
-                                   "overwritten)")
-    return out
+def check_outdir(outdir: str, inputs: Sequence[Optional[str]] = (), what: str = "output folder") -> Path:
+    """`outdir` as a Path, refused when it exists and is not an empty folder, is or lies inside one of `inputs`, or
+    cannot be created (nothing is overwritten)."""
+    return check_output(outdir, what, "dir", inputs)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:

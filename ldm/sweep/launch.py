@@ -2,7 +2,8 @@
 
 Locally one after another, or N at a time with one device each; or one run by index (a SLURM array task, or a line
 of scripts/sweep.py --print_jobs). Finished runs are skipped; failed ones are retried, continuing
-from their last checkpoint.
+from their last checkpoint. Two launchers on one sweep folder never start one run twice: a launcher claims a run by a
+lock in its folder (`.launch.lock`, held while the run's process runs) and checks its state again under the lock.
 """
 import logging
 import queue
@@ -11,11 +12,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from ldm.checks import file_lock
 from ldm.sweep.runs import CONFIG, FAILED, SweepRun, mark_failed, mark_running, read_json, run_state
 from ldm.sweep.spec import SweepError
 
@@ -23,6 +26,15 @@ log = logging.getLogger(__name__)
 
 MAIN = Path(__file__).resolve().parents[2] / "main_dream_booth.py"
 LOG_FILE = "train.log"
+CLAIM = ".launch.lock"
+
+
+@contextmanager
+def claimed(run: SweepRun) -> Iterator[bool]:
+    """Whether this launcher may start `run` now: it holds the run's lock (until the block ends) and the run is
+    neither done nor running (checked under the lock, so another launcher's start is seen)."""
+    with file_lock(run.dir / CLAIM, blocking=False) as mine:
+        yield mine and run.state not in ("done", "running")
 
 
 def flag_args(flags: Dict[str, Any]) -> List[str]:
@@ -75,10 +87,13 @@ def to_run(runs: Sequence[SweepRun]) -> List[SweepRun]:
 def prepare_class_images(run: SweepRun, python: str) -> None:
     """Fill the class image folder once (main_dream_booth.py without -t) before parallel runs share it."""
     config = OmegaConf.load(run.dir / CONFIG)
-    if OmegaConf.select(config, "data.params.reg.params.data_root"):
-        log.info("class images first, with %s", run.name)
-        if not launch(run, python=python, train=False):
-            raise SweepError(f"setting up {run.name} (class images) failed: see {run.dir / LOG_FILE}")
+    if not OmegaConf.select(config, "data.params.reg.params.data_root"):
+        return
+    with claimed(run) as mine:  # not when another launcher has the run (it makes them)
+        if mine:
+            log.info("class images first, with %s", run.name)
+            if not launch(run, python=python, train=False):
+                raise SweepError(f"setting up {run.name} (class images) failed: see {run.dir / LOG_FILE}")
 
 
 def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Sequence[str]] = None,
@@ -100,9 +115,13 @@ def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Seque
     def one(run: SweepRun) -> bool:
         device = pool.get()
         try:
-            log.info("start %s%s", run.name, f" on device {device}" if device is not None else "")
-            start = time.monotonic()
-            ok = launch(run, device, python)
+            with claimed(run) as mine:
+                if not mine:
+                    log.info("%s: done or started by another launcher meanwhile, left alone", run.name)
+                    return True
+                log.info("start %s%s", run.name, f" on device {device}" if device is not None else "")
+                start = time.monotonic()
+                ok = launch(run, device, python)
             log.info("%s %s after %.0f s%s", run.name, "done" if ok else "FAILED", time.monotonic() - start,
                      "" if ok else f" (see {run.dir / LOG_FILE})")
             return ok
@@ -122,4 +141,8 @@ def run_index(runs: Sequence[SweepRun], index: int, device: Optional[str] = None
     if run.state == "done":
         log.info("%s is already done", run.name)
         return True
-    return launch(run, device, python)
+    with claimed(run) as mine:
+        if not mine:
+            log.info("%s is done or running elsewhere: left alone", run.name)
+            return True
+        return launch(run, device, python)

@@ -24,6 +24,7 @@ import pytorch_lightning as pl
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import atomic_write
+from ldm.checks import check_writable_place
 from ldm.sweep.spec import Grid, Run, SweepError, expand, load_spec, spec_hash
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,16 @@ def check_base_weights(grid: Grid) -> None:
                              "folder scripts/sweep.py runs in): put the file there or fix the path")
 
 
-def prepare(spec_path: str, sweep_dir: str, root: Optional[Path] = None) -> List[SweepRun]:
+def prepare(spec_path: str, sweep_dir: str, root: Optional[Path] = None,
+            planned: Optional[Tuple[Dict[str, Any], str, Grid]] = None) -> List[SweepRun]:
     """Expand the sweep file into `sweep_dir` (manifest and one folder per run); returns the runs in grid order.
 
     A folder made from another sweep file is refused; an existing run folder keeps its config (it may have started).
+    `planned` is what `plan` returned for the same arguments, when the caller checked it first.
     """
-    spec, digest, grid = plan(spec_path, sweep_dir, root)
+    spec, digest, grid = planned or plan(spec_path, sweep_dir, root)
     sweep_dir = Path(sweep_dir)
+    check_writable_place(sweep_dir / MANIFEST, "--sweep_dir")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / MANIFEST, manifest(spec, digest, grid))
     atomic_write(str(sweep_dir / SPEC_COPY), lambda tmp: Path(tmp).write_text(Path(spec_path).read_text()))
@@ -114,9 +118,14 @@ def manifest(spec: Dict[str, Any], digest: str, grid: Grid) -> Dict[str, Any]:
 
 
 def check_owner(sweep_dir: Path, digest: str) -> None:
-    """Refuse a sweep folder that holds another sweep."""
+    """Refuse a sweep folder that holds another sweep, or other files and no sweep at all."""
+    if sweep_dir.is_dir() and not (sweep_dir / MANIFEST).exists():
+        foreign = sorted(p.name for p in sweep_dir.iterdir() if p.name != RUNS)
+        if foreign:
+            raise SweepError(f"'{sweep_dir}' is not a sweep folder but holds other files ({', '.join(foreign[:3])}): "
+                             "pass a new or empty --sweep_dir")
     found = read_json(sweep_dir / MANIFEST)
-    if (sweep_dir / MANIFEST).exists() and found is None:
+    if (sweep_dir / MANIFEST).exists() and not isinstance(found, dict):
         raise SweepError(f"'{sweep_dir / MANIFEST}' is unreadable: remove the sweep folder or choose another one")
     if found is not None and found.get("spec_hash") != digest:
         raise SweepError(f"'{sweep_dir}' holds another sweep (spec hash {found.get('spec_hash')}, this sweep file's is "
@@ -128,6 +137,7 @@ def check_run_owner(run_dir: Path, digest: str) -> None:
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     levels = read_json(run_dir / LEVELS)
+    levels = levels if isinstance(levels, dict) else None
     if levels is None or levels.get("sweep") != digest:
         other = levels.get("sweep") if levels else "none: not a sweep run"
         raise SweepError(f"run folder '{run_dir}' belongs to another sweep (its sweep hash: {other}; this sweep's: "
@@ -152,8 +162,12 @@ def load_runs(sweep_dir: str) -> List[SweepRun]:
     if found is None:
         raise SweepError(f"'{sweep_dir}' is not a sweep folder (no readable {MANIFEST}): run scripts/sweep.py "
                          "SWEEP.yaml --sweep_dir DIR first")
-    return [SweepRun(i, r["name"], sweep_dir / RUNS / r["name"], r["levels"], r.get("flags", {}))
-            for i, r in enumerate(found["runs"])]
+    try:
+        return [SweepRun(i, str(r["name"]), sweep_dir / RUNS / str(r["name"]), dict(r["levels"]),
+                         dict(r.get("flags", {}))) for i, r in enumerate(found["runs"])]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise SweepError(f"'{sweep_dir / MANIFEST}' is not a sweep manifest (it lacks the runs' names and levels): "
+                         "prepare the folder again with scripts/sweep.py SWEEP.yaml --sweep_dir DIR") from None
 
 
 # ---- states -----------------------------------------------------------------------------------------------------

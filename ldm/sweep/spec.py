@@ -30,6 +30,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import re
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -78,8 +79,9 @@ def load_spec(path: str) -> Dict[str, Any]:
         raise SweepError(f"sweep file not found: '{path}'")
     try:
         spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file '{path}' is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = " ".join(str(e).strip().splitlines()[:3])
+        raise SweepError(f"sweep file '{path}' is not valid YAML: {first}") from None
     return check_spec(spec, str(path))
 
 
@@ -226,6 +228,8 @@ def apply_setting(config: DictConfig, flags: Dict[str, Any], key: str, value: An
     """Set `key` (a main_dream_booth.py flag, an alias or a dotted config key) to `value` for one run; a dotted key
     must exist in the merged config unless `new_ok`."""
     value = yaml_number(value)  # a level written 1e-4 in the sweep file
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SweepError(f"'{key}' is set to {value}: a number in a sweep file must be finite")
     if key in CLI_FLAGS:
         flags[key] = value
     elif key in CONFIG_FLAGS:

@@ -16,13 +16,15 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_write, load_into, save_state_dict
+from ldm.config import load_yaml_config
 from ldm.data.synthetic import Scene, caption, random_scene, render_uint8, scene_rng
 from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from ldm.tinyworld.base_config import check_base_config
 from ldm.util import instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -210,10 +212,12 @@ def load_base_weights(model: torch.nn.Module, path: str) -> None:
 
 
 def train_base(config: DictConfig, device: torch.device) -> Path:
-    """All four stages; writes the shipped safetensors file and returns its path."""
+    """All four stages; writes the shipped safetensors file (a new file: `out` must not exist) and returns its
+    path. The config is checked first (`ldm.tinyworld.base_config`)."""
+    check_base_config(config)
     torch.manual_seed(config.seed)
     work_dir = Path(config.work_dir)
-    model = instantiate_from_config(OmegaConf.load(config.model_config).model).to(device)
+    model = instantiate_from_config(load_yaml_config(config.model_config).model).to(device)
     if config.get("init"):  # continue training a base model: every stage starts from its weights
         load_base_weights(model, config.init)
     images, scenes = render_images(config.data.num_images, config.data.size, config.seed)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import load_into, load_state_dict, save_state_dict
+from ldm.checks import check_number, check_output
 from ldm.data.synthetic import (COLOURS, POSITIONS, PROBE_TEXTURES, SHAPES, SIZES, Scene, random_scene,
                                 render_uint8, scene_rng)
 
@@ -82,6 +83,10 @@ def probe_data(num: int, seed: int, size: int = 64) -> Tuple[torch.Tensor, Dict[
 def train_probe(num_images: int = 8000, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
                 seed: int = 1) -> TinyWorldProbe:
     """Train the probe from scratch (a few minutes on a CPU core)."""
+    for value, what, low in ((num_images, "num_images", 1), (steps, "steps", 1), (batch_size, "batch_size", 1),
+                             (seed, "seed", 0)):
+        check_number(value, what, low, integer=True)
+    check_number(lr, "lr", 0, low_open=True)
     torch.manual_seed(seed)
     images, ys = probe_data(num_images, seed)
     probe = TinyWorldProbe()
@@ -110,6 +115,9 @@ def probe_accuracy(probe: TinyWorldProbe, num: int = 1000, seed: int = 12345) ->
 
 
 def save_probe(probe: TinyWorldProbe, path: Path = DEFAULT_PROBE) -> None:
+    """Write the probe's weights to a .safetensors file that does not exist yet (the shipped one is never replaced
+    by accident)."""
+    check_output(path, "probe weights", suffixes=(".safetensors",))
     save_state_dict(probe.state_dict(), str(path), metadata={"format": "pt", "model": "TinyWorldProbe"})
 
 

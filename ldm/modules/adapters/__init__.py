@@ -28,8 +28,8 @@ from ldm.modules.adapters.files import (FORMATS, external_names, kohya_name, loa
 from ldm.modules.adapters.ia3 import IA3, IA3Vector
 from ldm.modules.adapters.io import CONFIG_FILE, SECTION, WEIGHTS_FILE, load_adapter_from_dir, save_adapter_to_dir
 from ldm.modules.adapters.lora import LoRA, LoRAFactors, mix_factors, stack_factors
-from ldm.modules.adapters.merge import (MODES, combine_loras, combine_updates, merge_adapters, merge_into_checkpoint,
-                                        save_base_checkpoint)
+from ldm.modules.adapters.merge import (MODES, check_merge_output, combine_loras, combine_updates, merge_adapters,
+                                        merge_into_checkpoint, save_base_checkpoint)
 from ldm.modules.adapters.positions import (POSITIONS, PROJECTION, SECTION_OF, SECTIONS, STREAM, block_kind,
                                             is_valid_pair, section_value, valid_pairs)
 from ldm.modules.adapters.schema import (FORMS, KIND_FIELDS, config_from_specs, form_fields, form_of, forms,
@@ -43,7 +43,7 @@ __all__ = [
     "AdapterSpec", "ProjectionForm", "Update",
     "IA3Vector", "InOutAdapter", "LoRA", "LoRAFactors", "ResInOutAdapter", "adapter_blocks", "adapter_carriers",
     "adapter_groups", "adapter_networks", "adapter_parameters", "adapter_state_dict", "adapters_enable",
-    "block_kind", "build_adapter", "combine_loras", "combine_updates", "config_from_specs", "describe",
+    "block_kind", "build_adapter", "check_merge_output", "combine_loras", "combine_updates", "config_from_specs", "describe",
     "external_names", "form_fields", "form_of", "forms", "freeze_except_adapters", "group_adapters",
     "inject_adapters", "is_added_key", "is_projection", "is_valid_pair", "kohya_name", "load_adapter_from_dir",
     "load_lora_file", "lora_state_dict", "match_targets", "merge_adapters", "merge_into_checkpoint", "mix_factors",

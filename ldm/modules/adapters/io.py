@@ -114,7 +114,8 @@ def _read_config(path: Path) -> Dict[str, List[AdapterSpec]]:
             raise AdapterConfigError(f"expected the key(s) {', '.join(SECTION.values())}, got {', '.join(unknown)}")
         return {role: parse_adapter_config(config[key]) for role, key in SECTION.items() if key in config}
     except (yaml.YAMLError, AttributeError, TypeError, AdapterConfigError) as e:
-        raise AdapterDirError(f"'{path / CONFIG_FILE}' is not a valid adapter config: {e}") from None
+        raise AdapterDirError(f"'{path / CONFIG_FILE}' is not a valid adapter config: "
+                              f"{' '.join(str(e).splitlines()[:3])}") from None
 
 
 def _ensure_group(net: nn.Module, name: str, specs: Optional[List[AdapterSpec]], source: str) -> None:

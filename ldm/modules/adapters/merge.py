@@ -11,12 +11,14 @@ lpl and exact fold each alpha / rank into up first and write a LoRA with alpha =
 kohya / diffusers `.safetensors` file.
 """
 import logging
-from typing import Dict
+from pathlib import Path
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ldm.checkpoint import save_state_dict
+from ldm.checks import check_output
 from ldm.modules.adapters.attach import group_adapters, is_added_key, remove_adapters, set_adapter_scale
 from ldm.modules.adapters.base import Update
 from ldm.modules.adapters.files import FORMATS, install_updates, projection_updates, save_lora_file
@@ -26,6 +28,26 @@ from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError
 log = logging.getLogger(__name__)
 
 MODES = ("upl", "lpl", "exact")
+# The output's suffix picks its format: a full checkpoint for upl; an adapter folder or a LoRA file for lpl / exact.
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
+LORA_SUFFIXES = ("", ".safetensors")
+
+
+def check_merge_output(mode: str, output: str, inputs: Sequence[Optional[str]], fmt: Optional[str] = None,
+                       what: str = "output") -> Path:
+    """Refuse, before any work, an output that is or lies inside an input, exists, has a suffix that names no
+    format of `mode`, or cannot be created; and a LoRA file format (`fmt`) where no LoRA file is written."""
+    if mode not in MODES:
+        raise AdapterConfigError(f"unknown merge mode {mode!r}; allowed: {', '.join(MODES)}")
+    upl = mode == "upl"
+    path = check_output(output, what, "file" if upl else "dir", inputs,
+                        CHECKPOINT_SUFFIXES if upl else LORA_SUFFIXES)
+    if fmt is not None and (upl or path.suffix != ".safetensors"):
+        raise AdapterConfigError(f"--format {fmt} picks the LoRA file format of lpl / exact into a .safetensors file; "
+                                 f"'{output}' is {'a checkpoint' if upl else 'an adapter folder'}: leave --format out")
+    if fmt is not None and fmt not in FORMATS:
+        raise AdapterConfigError(f"unknown LoRA file format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    return path
 
 
 def merge_adapters(model: nn.Module, name: str = DEFAULT_GROUP) -> int:
@@ -60,7 +82,8 @@ def save_base_checkpoint(model: nn.Module, path: str) -> None:
 
 def merge_into_checkpoint(model: nn.Module, adapter_path: str, output: str, alpha: float = 1.0) -> None:
     """upl: W' = W + alpha·ΔW for the adapter at `adapter_path` (directory or LoRA file) on `model` (the base, with
-    real weights), written to `output` as a full checkpoint."""
+    real weights), written to `output` as a full checkpoint (.ckpt or .safetensors; an existing file is refused)."""
+    check_merge_output("upl", output, [adapter_path])
     load_adapter_from_dir(model, adapter_path, "merge")
     set_adapter_scale(model, alpha, "merge")
     merge_adapters(model, "merge")
@@ -99,9 +122,8 @@ def combine_loras(model: nn.Module, path_1: str, path_2: str, output: str, mode:
                   fmt: str = "kohya") -> None:
     """lpl / exact: combine the LoRAs at `path_1` and `path_2` (directories or files) for `model` (a base model, on
     the meta device is enough: names and shapes), and write an adapter directory, or a `fmt` (kohya / diffusers) file
-    when `output` ends in .safetensors."""
-    if fmt not in FORMATS:
-        raise AdapterConfigError(f"unknown LoRA file format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    when `output` ends in .safetensors; an existing output is refused."""
+    check_merge_output(mode, output, [path_1, path_2], fmt if str(output).endswith(".safetensors") else None)
     combined = combine_updates(_mixable_updates(model, path_1, "lora1"), _mixable_updates(model, path_2, "lora2"), mode,
                                alpha)
     install_updates(model, combined, "merged", f"{mode} merge of '{path_1}' and '{path_2}'")
