@@ -66,7 +66,8 @@ train_and_report() {
   "$PYTHON" scripts/tiny_world_report.py --outdir "$RUN/report" --config "$MODEL_CONFIG" \
     --ckpt "$RUN/model.safetensors" ${REPORT_ARGS:---no_dreambooth} >"$OUT/report.log" 2>&1 || status=$?
   echo "report: exit $status after $(($(date +%s) - start)) s" | tee -a "$OUT/report.log"
-  [ ! -d "$RUN/report" ] || (cd "$RUN/report" && find . -maxdepth 1 -type f \( -name '*.md' -o -name '*.json' -o -name '*.png' \) -print0 \
+  [ ! -d "$RUN/report" ] || (cd "$RUN/report" \
+    && find . -maxdepth 1 -type f \( -name '*.md' -o -name '*.json' -o -name '*.png' \) -print0 \
     | tar -czf "$OUT/report.tar.gz" --null -T -)
   cat "$RUN/report/tiny-world-report.md" 2>/dev/null || tail -n 30 "$OUT/report.log"
   exit "$status"
@@ -105,7 +106,11 @@ case "${1:-}" in
     cat "$dir"/model.safetensors.part-* >"$model.tmp"
     expected=$(awk '{print $1}' "$dir/SHA256SUMS")
     actual=$(sha256sum "$model.tmp" | awk '{print $1}')
-    [ "$expected" = "$actual" ] || { rm -f "$model.tmp"; echo "error: the parts do not add up to the model (sha256 $actual, expected $expected)" >&2; exit 1; }
+    if [ "$expected" != "$actual" ]; then
+      rm -f "$model.tmp"
+      echo "error: the parts do not add up to the model (sha256 $actual, expected $expected)" >&2
+      exit 1
+    fi
     mv "$model.tmp" "$model"
     echo "$model: sha256 $actual, as trained"
     ;;

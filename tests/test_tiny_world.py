@@ -172,7 +172,7 @@ def sd_v1_alpha_bar() -> np.ndarray:
 
 
 def test_min_snr_weights_follow_the_formula():
-    """Hang et al. 2023 for eps-prediction: weight(t) = min(SNR(t), gamma) / SNR(t), SNR = alpha_bar / (1 - alpha_bar)."""
+    """Hang et al. 2023, eps-prediction: weight(t) = min(SNR(t), gamma) / SNR(t), SNR = alpha_bar / (1 - alpha_bar)."""
     model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
     t = torch.tensor([0, 10, 100, 250, 500, 999])
     snr = sd_v1_alpha_bar()[t.numpy()] / (1 - sd_v1_alpha_bar()[t.numpy()])
@@ -273,6 +273,51 @@ def test_gpu_script_trains_the_v3_recipe_on_the_cpu(tmp_path):
     done = subprocess.run(["bash", script, "join", str(out), str(tmp_path / "bad.safetensors")], capture_output=True,
                           text=True)
     assert done.returncode == 1 and "do not add up" in done.stderr and not (tmp_path / "bad.safetensors").exists()
+
+
+class _Posterior:
+    def __init__(self, z):
+        self.z = z
+
+    def mode(self):
+        return self.z
+
+
+class _PixelCodec(torch.nn.Module):
+    """An 'autoencoder' that keeps the pixels (invert: and flips them), for checking autoencoder_quality's wiring."""
+
+    def __init__(self, invert: bool = False):
+        super().__init__()
+        self.sign = torch.nn.Parameter(torch.tensor(-1.0 if invert else 1.0))
+
+    def encode(self, x):
+        return _Posterior(x)
+
+    def decode(self, z):
+        return self.sign * z
+
+
+def test_autoencoder_quality_reads_what_the_autoencoder_keeps():
+    from ldm.tinyworld.evaluate import autoencoder_quality
+    from ldm.tinyworld.metrics import TinyWorldMetric
+    metric = TinyWorldMetric()
+    kept = autoencoder_quality(_PixelCodec(), metric, n=24, subject_n=8)
+    assert kept["reconstructions"]["mean_abs_error"] < 1e-6 and kept["images"]["mean_abs_error"] == 0
+    for key, value in kept["images"].items():
+        assert kept["reconstructions"][key] == pytest.approx(value, abs=1e-5), key
+    assert kept["images"]["colour"] > 0.9 and kept["images"]["subject_rate"] > 0.7
+    inverted = autoencoder_quality(_PixelCodec(invert=True), metric, n=24, subject_n=8)["reconstructions"]
+    assert inverted["colour"] < 0.5 and inverted["subject_rate"] < 0.5 and inverted["mean_abs_error"] > 0.1
+
+
+def test_report_refuses_a_missing_model_before_any_work(tmp_path, capsys):
+    import scripts.tiny_world_report as report
+    outdir = tmp_path / "report"
+    with pytest.raises(SystemExit, match="--ckpt: no file at '.*none.safetensors'"):
+        report.main(["--outdir", str(outdir), "--ckpt", str(tmp_path / "none.safetensors"), "--no_dreambooth"])
+    with pytest.raises(SystemExit, match="--config: no file at"):
+        report.main(["--outdir", str(outdir), "--config", str(tmp_path / "none.yaml")])
+    assert not outdir.exists()
 
 
 # ---- the probe (metric model) ---------------------------------------------------------------------------------------

@@ -120,8 +120,8 @@ def autoencoder_quality(vae: torch.nn.Module, metric: TinyWorldMetric, n: int = 
                            for i in range(subject_n)]) / 2 + 0.5
     references = load_references()
     result = {}
-    for name, (scene_images, subject_images) in {
-            "images": (images, subject), "reconstructions": (reconstruct(vae, images), reconstruct(vae, subject))}.items():
+    versions = {"images": (images, subject), "reconstructions": (reconstruct(vae, images), reconstruct(vae, subject))}
+    for name, (scene_images, subject_images) in versions.items():
         result[name] = {**attribute_accuracy(metric, scene_images, scenes),
                         "subject_rate": metric.subject_rate(subject_images),
                         "subject_fidelity": subject_fidelity(metric, subject_images, references),
