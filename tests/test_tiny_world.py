@@ -1,16 +1,21 @@
 """The tiny world: the synthetic scenes, the base-model training code, the shipped weights and the probe."""
+import os
 import random
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from conftest import REPO, TINY_CONFIG
+from conftest import KEYS_TSV, REPO, TINY_CONFIG
 from ldm.data.synthetic import (PROBE_TEXTURES, SHAPES, SUBJECT, SyntheticScenes, caption, random_scene, render,
-                                scene_rng, subject_scene, to_tensor, write_subject_images)
+                                render_uint8, scene_rng, subject_scene, to_tensor, write_subject_images)
 from ldm.checks import ConfigError, OutputPathError
-from ldm.tinyworld.base import train_base
+from ldm.tinyworld.base import diffusion_loss, min_snr_weights, render_images, train_base, update_ema
+from ldm.tinyworld.base_config import check_base_config
 from ldm.tinyworld.metrics import prompt_attributes
 from ldm.util import instantiate_from_config
 
@@ -144,7 +149,7 @@ def test_train_base_continues_from_init_keeping_the_latent_scale(tmp_path):
         train_base(config, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("recipe", ["train-base.yaml", "train-base-continue.yaml"])
+@pytest.mark.parametrize("recipe", ["train-base.yaml", "train-base-continue.yaml", "train-base-v3.yaml"])
 def test_training_recipes_run_as_written(recipe, tmp_path):
     """The shipped recipes, shrunk to one step per stage (the continuation starts from the shipped model)."""
     config = OmegaConf.load(REPO / "configs" / "tiny-world" / recipe)
@@ -156,6 +161,161 @@ def test_training_recipes_run_as_written(recipe, tmp_path):
         OmegaConf.update(config, key, value)
     out = train_base(config, torch.device("cpu"))
     instantiate_from_config(OmegaConf.load(REPO / config.model_config).model).init_from_ckpt(str(out))
+
+
+def sd_v1_alpha_bar() -> np.ndarray:
+    """SD v1's alpha_bar(t) in float64, from its published schedule (betas linear in sqrt from 0.00085 to 0.012)."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    return np.cumprod(1 - betas)
+
+
+def test_min_snr_weights_follow_the_formula():
+    """Hang et al. 2023, eps-prediction: weight(t) = min(SNR(t), gamma) / SNR(t), SNR = alpha_bar / (1 - alpha_bar)."""
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    t = torch.tensor([0, 10, 100, 250, 500, 999])
+    snr = sd_v1_alpha_bar()[t.numpy()] / (1 - sd_v1_alpha_bar()[t.numpy()])
+    for gamma in (1.0, 5.0, 20.0):
+        expected = np.minimum(snr, gamma) / snr
+        assert np.allclose(min_snr_weights(model.alphas_cumprod, t, gamma).numpy(), expected, rtol=1e-4, atol=0)
+    weights = min_snr_weights(model.alphas_cumprod, t, 5.0)
+    assert weights[0] < 0.01 and weights[-1] == 1.0 and torch.all(weights[:-1] <= weights[1:])  # clean steps count less
+    assert torch.all(min_snr_weights(model.alphas_cumprod, t, 1e9) == 1.0)
+
+
+def test_diffusion_loss_is_the_model_s_loss_without_gamma_and_weighted_with_it():
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    z, cond = torch.randn(6, 4, 8, 8), model.get_learned_conditioning(6 * ["a red star"])
+    torch.manual_seed(3)
+    plain = model(z, cond)[1]
+    torch.manual_seed(3)
+    assert torch.equal(diffusion_loss(model, z, cond, None), plain)  # v2's recipe trains exactly as before
+    torch.manual_seed(3)
+    t = torch.randint(0, model.num_timesteps, (6,))  # the same draws diffusion_loss makes
+    per_sample = model.p_losses(z, cond, t)[0]
+    torch.manual_seed(3)
+    weighted = diffusion_loss(model, z, cond, 5.0)
+    assert torch.allclose(weighted, (min_snr_weights(model.alphas_cumprod, t, 5.0) * per_sample).mean(), rtol=1e-6)
+    assert weighted <= plain
+
+
+@pytest.mark.parametrize("gamma,message", [(0, "got 0"), (-1.0, "got -1"), (float("nan"), "got nan"),
+                                           ("five", "got 'five'"), (float("inf"), "got inf")])
+def test_min_snr_gamma_is_range_checked(tmp_path, gamma, message):
+    config = _train_config(tmp_path)
+    config.diffusion.min_snr_gamma = 5.0
+    check_base_config(config)
+    config.diffusion.min_snr_gamma = None  # off, as when the key is left out
+    check_base_config(config)
+    config.diffusion.min_snr_gamma = gamma
+    with pytest.raises(ConfigError, match=f"diffusion.min_snr_gamma must be a finite number > 0, {message}"):
+        check_base_config(config)
+
+
+def test_render_images_is_the_same_with_worker_processes():
+    serial, scenes = render_images(6, 32, 5, "probe", workers=1)
+    parallel, parallel_scenes = render_images(6, 32, 5, "probe", workers=2)
+    assert torch.equal(serial, parallel) and scenes == parallel_scenes
+    assert torch.equal(serial[4], render_uint8(random_scene(scene_rng(5, 4), "probe"), 32))
+
+
+@pytest.mark.parametrize("name", ["tiny-sd-v1.yaml", "tiny-sd-v1-f4.yaml"])
+def test_tiny_world_models_keep_sd_v1_keys(name):
+    """Every UNet and text-encoder key of the tiny models is an SD v1 key, and so is every autoencoder key but the
+    1x1 shortcuts (the tiny autoencoders change width at other levels)."""
+    if not KEYS_TSV.exists():
+        pytest.skip(f"no SD v1 key list at {KEYS_TSV}")
+    sd_keys = {line.split("\t")[0] for line in KEYS_TSV.read_text().splitlines() if line and not line.startswith("#")}
+    with torch.device("meta"):
+        model = instantiate_from_config(OmegaConf.load(REPO / "configs" / "tiny-world" / name).model)
+    keys = set(model.state_dict())
+    same = {k for k in keys if not k.startswith("first_stage_model.")}
+    assert same <= sd_keys, sorted(same - sd_keys)[:5]
+    vae = {k for k in keys - same if ".nin_shortcut." not in k}
+    assert vae <= sd_keys, sorted(vae - sd_keys)[:5]
+
+
+def test_update_ema_is_the_per_tensor_lerp():
+    g = torch.Generator().manual_seed(0)
+    state = {**{f"w{i}": torch.randn(7, 3, generator=g) for i in range(5)}, "count": torch.tensor(4)}
+    ema = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else torch.tensor(0) for k, v in state.items()}
+    expected = {k: v.lerp(state[k], 1 - 0.99) if v.is_floating_point() else state[k] for k, v in ema.items()}
+    update_ema(ema, state, 0.99)
+    assert all(torch.equal(ema[k], expected[k]) for k in state)
+
+
+def test_gpu_script_trains_the_v3_recipe_on_the_cpu(tmp_path):
+    """scripts/train_tiny_world_gpu.sh, as the device runs it (less the wheels), on train-base-v3.yaml with a few
+    steps per stage and 32 px images: the model comes back in parts that join into a loadable f = 4 model."""
+    env = {**os.environ, "RUN": str(tmp_path / "run"), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+           "SKIP_REPORT": "1", "PYTHONPATH": str(REPO)}
+    script = str(REPO / "scripts" / "train_tiny_world_gpu.sh")
+    shrink = ["data.num_images=8", "data.size=32", "vae.steps=2", "vae.batch_size=2", "decoder.steps=1",
+              "decoder.batch_size=2", "diffusion.steps=2", "diffusion.batch_size=2"]
+    done = subprocess.run(["bash", script, "run", *shrink], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = tmp_path / "out"
+    assert {p.name for p in out.iterdir()} == {"train.log", "SHA256SUMS", "model.safetensors.part-00",
+                                               "model.safetensors.part-01"}
+    assert all(p.stat().st_size <= 16 * 2 ** 20 for p in out.iterdir())  # what the device machine returns
+    assert "training: exit 0" in (out / "train.log").read_text()
+    joined = tmp_path / "model.safetensors"
+    done = subprocess.run(["bash", script, "join", str(out), str(joined)], capture_output=True, text=True)
+    assert done.returncode == 0 and "as trained" in done.stdout, done.stdout + done.stderr
+    assert joined.read_bytes() == (tmp_path / "run" / "model.safetensors").read_bytes()
+    model = instantiate_from_config(OmegaConf.load(REPO / "configs/tiny-world/tiny-sd-v1-f4.yaml").model)
+    model.init_from_ckpt(str(joined))
+    assert model.downsampling_factor == 4 and model.pixel_size == 64
+    again = subprocess.run(["bash", script, "run", *shrink], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 2 and "exists; nothing is overwritten" in again.stderr  # a fresh folder, or nothing
+    (out / "model.safetensors.part-01").write_bytes(b"x")
+    done = subprocess.run(["bash", script, "join", str(out), str(tmp_path / "bad.safetensors")], capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and "do not add up" in done.stderr and not (tmp_path / "bad.safetensors").exists()
+
+
+class _Posterior:
+    def __init__(self, z):
+        self.z = z
+
+    def mode(self):
+        return self.z
+
+
+class _PixelCodec(torch.nn.Module):
+    """An 'autoencoder' that keeps the pixels (invert: and flips them), for checking autoencoder_quality's wiring."""
+
+    def __init__(self, invert: bool = False):
+        super().__init__()
+        self.sign = torch.nn.Parameter(torch.tensor(-1.0 if invert else 1.0))
+
+    def encode(self, x):
+        return _Posterior(x)
+
+    def decode(self, z):
+        return self.sign * z
+
+
+def test_autoencoder_quality_reads_what_the_autoencoder_keeps():
+    from ldm.tinyworld.evaluate import autoencoder_quality
+    from ldm.tinyworld.metrics import TinyWorldMetric
+    metric = TinyWorldMetric()
+    kept = autoencoder_quality(_PixelCodec(), metric, n=24, subject_n=8)
+    assert kept["reconstructions"]["mean_abs_error"] < 1e-6 and kept["images"]["mean_abs_error"] == 0
+    for key, value in kept["images"].items():
+        assert kept["reconstructions"][key] == pytest.approx(value, abs=1e-5), key
+    assert kept["images"]["colour"] > 0.9 and kept["images"]["subject_rate"] > 0.7
+    inverted = autoencoder_quality(_PixelCodec(invert=True), metric, n=24, subject_n=8)["reconstructions"]
+    assert inverted["colour"] < 0.5 and inverted["subject_rate"] < 0.5 and inverted["mean_abs_error"] > 0.1
+
+
+def test_report_refuses_a_missing_model_before_any_work(tmp_path, capsys):
+    import scripts.tiny_world_report as report
+    outdir = tmp_path / "report"
+    with pytest.raises(SystemExit, match="--ckpt: no file at '.*none.safetensors'"):
+        report.main(["--outdir", str(outdir), "--ckpt", str(tmp_path / "none.safetensors"), "--no_dreambooth"])
+    with pytest.raises(SystemExit, match="--config: no file at"):
+        report.main(["--outdir", str(outdir), "--config", str(tmp_path / "none.yaml")])
+    assert not outdir.exists()
 
 
 # ---- the probe (metric model) ---------------------------------------------------------------------------------------

@@ -3,17 +3,22 @@
 Stage 1 fits the KL autoencoder on pixels (L1 + L2 + a tiny KL, as a stand-in for SD's perceptual/GAN loss, which
 simple flat shapes do not need). Stage 2 caches the posterior moments of every image and sets `scale_factor` to
 1 / std of the latents (SD v1's 0.18215 was found the same way). Stage 3 (optional) trains the decoder alone on
-those latents for sharper images. Stage 4 trains the UNet and the text encoder
-together on sampled latents with the SD v1 eps loss, dropping captions with probability p_uncond so classifier-free
+those latents for sharper images. Stage 4 trains the UNet and the text encoder together on sampled latents with the
+SD v1 eps loss (optionally min-SNR-gamma weighted), dropping captions with probability p_uncond so classifier-free
 guidance works, and keeps an EMA of both; the EMA weights are what ships. Every stage checkpoints atomically and a
 killed run resumes where it stopped.
 """
 import logging
 import math
+import multiprocessing
+import os
 import random
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
@@ -21,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_write, load_into, save_state_dict
 from ldm.config import load_yaml_config
-from ldm.data.synthetic import Scene, caption, random_scene, render_uint8, scene_rng
+from ldm.data.synthetic import Scene, caption, random_scene, render, scene_rng
 from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.tinyworld.base_config import check_base_config
@@ -30,15 +35,33 @@ from ldm.util import instantiate_from_config
 log = logging.getLogger(__name__)
 
 
-def render_images(num: int, size: int, seed: int, world: str = "base") -> Tuple[torch.Tensor, List[Scene]]:
-    """`num` scenes of `world` and their images as one (num, 3, size, size) uint8 tensor."""
-    images = torch.empty(num, 3, size, size, dtype=torch.uint8)
-    scenes = []
-    for i in tqdm(range(num), desc=f"render {world} scenes", unit="img", mininterval=2):
-        scene = random_scene(scene_rng(seed, i), world)
-        images[i] = render_uint8(scene, size)
-        scenes.append(scene)
-    return images, scenes
+def _render_range(world: str, seed: int, size: int, start: int, stop: int) -> Tuple[np.ndarray, List[Scene]]:
+    """Scenes start..stop-1 of `world` and their images as one (n, size, size, 3) uint8 array."""
+    scenes = [random_scene(scene_rng(seed, i), world) for i in range(start, stop)]
+    return np.stack([np.asarray(render(s, size)) for s in scenes]), scenes
+
+
+def render_images(num: int, size: int, seed: int, world: str = "base",
+                  workers: Optional[int] = None) -> Tuple[torch.Tensor, List[Scene]]:
+    """`num` scenes of `world` and their images as one (num, 3, size, size) uint8 tensor.
+
+    Drawing a scene takes about 7 ms of Python, so 10,000 of them take over a minute on one core: `workers`
+    processes draw chunks of them (default: one per core, at most 16, for 2,000 scenes or more on 4 or more cores;
+    each process pays a few seconds to import torch, which does not pay off on 2 busy cores). Scene i depends only on
+    (seed, i), so the result is the same for any number of workers.
+    """
+    cores = len(os.sched_getaffinity(0))
+    workers = workers or (min(cores, 16) if num >= 2000 and cores >= 4 else 1)
+    chunks = min(max(4 * workers, 20), num)  # chunks, not scenes, cross between processes; 20 for a progress bar
+    jobs = [(world, seed, size, num * k // chunks, num * (k + 1) // chunks) for k in range(chunks)]
+    with ExitStack() as stack:
+        # spawned workers: no forked copy of a parent that may hold CUDA or OpenMP state
+        pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+                                   ) if workers > 1 else None
+        parts = list(tqdm((pool.map if pool else map)(_render_range, *zip(*jobs)), total=len(jobs),
+                          desc=f"render {world} scenes", unit="chunk", mininterval=2))
+    images = torch.from_numpy(np.concatenate([a for a, _ in parts])).permute(0, 3, 1, 2).contiguous()
+    return images, [scene for _, chunk in parts for scene in chunk]
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -90,7 +113,8 @@ def fit_stage(name: str, desc: str, net: torch.nn.Module, cfg: DictConfig, work_
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 25 == 0 or step + 1 == cfg.steps:  # .item() waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 250 == 0 and step + 1 < cfg.steps:
             stage.save({"model": net.state_dict(), "opt": opt.state_dict(), "step": step + 1})
     net.requires_grad_(False).eval()
@@ -152,9 +176,40 @@ def captions_for(scenes: List[Scene], idx: torch.Tensor, rng: random.Random, p_u
     return ["" if rng.random() < p_uncond else caption(scenes[i], rng) for i in idx.tolist()]
 
 
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min(SNR(t), gamma) / SNR(t), SNR = alpha_bar / (1 - alpha_bar): min-SNR-gamma weights for eps-prediction
+    (Hang et al. 2023). 1 where the noise is heavy (SNR <= gamma); the nearly clean timesteps, whose easy eps targets
+    would otherwise pull the shared weights their way, count less."""
+    alpha_bar = alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
+def diffusion_loss(model: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor,
+                   min_snr_gamma: Optional[float] = None) -> torch.Tensor:
+    """The eps loss at uniformly drawn timesteps, drawn as `LatentDiffusion.forward` draws them (None: exactly its
+    loss); with `min_snr_gamma`, each sample's loss weighted by `min_snr_weights`."""
+    t = torch.randint(0, model.num_timesteps, (z.shape[0],), device=z.device)
+    per_sample, loss = model.p_losses(z, cond, t)
+    if min_snr_gamma is None:
+        return loss
+    return (min_snr_weights(model.alphas_cumprod, t, min_snr_gamma) * per_sample).mean()
+
+
+@torch.no_grad()
+def update_ema(ema: Dict[str, torch.Tensor], state: Dict[str, torch.Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * state for floating-point tensors (one foreach call: one GPU launch per
+    chunk of tensors instead of one per tensor), a copy for the rest."""
+    floats = [k for k, v in state.items() if v.is_floating_point()]
+    torch._foreach_lerp_([ema[k] for k in floats], [state[k] for k in floats], 1 - decay)
+    for k in state.keys() - set(floats):
+        ema[k].copy_(state[k])
+
+
 def train_diffusion(model: torch.nn.Module, moments: torch.Tensor, scenes: List[Scene], cfg: DictConfig,
                     work_dir: Path, seed: int) -> None:
-    """Stage 4: UNet + text encoder on cached latents, eps loss, caption dropout, EMA; loads the EMA at the end."""
+    """Stage 4: UNet + text encoder on cached latents, eps loss (min-SNR-gamma weighted when cfg.min_snr_gamma is
+    set), caption dropout, EMA; loads the EMA at the end."""
     nets = torch.nn.ModuleDict({"model": model.model, "cond_stage_model": model.cond_stage_model})
     nets.requires_grad_(True)
     model.cond_stage_model.frozen = False  # FrozenCLIPEmbedder keeps itself in eval mode while frozen
@@ -178,15 +233,14 @@ def train_diffusion(model: torch.nn.Module, moments: torch.Tensor, scenes: List[
         idx = torch.randint(len(moments), (cfg.batch_size,), generator=g)
         z = model.scale_factor * DiagonalGaussianDistribution(moments[idx]).sample(g).to(device)
         cond = model.get_learned_conditioning(captions_for(scenes, idx, rng, cfg.p_uncond))
-        _, loss = model(z, cond)
+        loss = diffusion_loss(model, z, cond, cfg.get("min_snr_gamma"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        with torch.no_grad():
-            for k, v in nets.state_dict().items():
-                ema[k].lerp_(v, 1 - cfg.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        update_ema(ema, nets.state_dict(), cfg.ema_decay)
+        if step % 25 == 0 or step + 1 == cfg.steps:  # .item() waits for the GPU: not every step
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             stage.save({"nets": nets.state_dict(), "opt": opt.state_dict(), "ema": ema, "step": step + 1})
     nets.load_state_dict(ema)

@@ -24,13 +24,15 @@ NUMBERS: Dict[str, tuple] = {
     "diffusion.p_uncond": (0, 1), "diffusion.ema_decay": (0, 1, False, False, True),
     "diffusion.checkpoint_every": (1, None, True),
 }
+# may be left out or null (off); checked when set. min_snr_gamma: the min-SNR-gamma loss weighting (ldm.tinyworld.base)
+OPTIONAL_NUMBERS: Dict[str, tuple] = {"diffusion.min_snr_gamma": (0, None, False, True)}
 PATHS = ("model_config", "out", "work_dir")
 CHOICES = {"vae.world": ("base", "probe")}
-OPTIONAL = ("init", "vae.world", "decoder")  # may be left out (decoder: null skips stage 3)
+OPTIONAL = ("init", "vae.world", "decoder", *OPTIONAL_NUMBERS)  # may be left out (decoder: null skips stage 3)
 
 
 def known_keys() -> List[str]:
-    return [*NUMBERS, *PATHS, *CHOICES, "init", "decoder"]
+    return [*NUMBERS, *OPTIONAL_NUMBERS, *PATHS, *CHOICES, "init", "decoder"]
 
 
 def leaf_keys(config: Any, prefix: str = "") -> List[str]:
@@ -51,10 +53,12 @@ def check_base_config(config: DictConfig) -> None:
             near = difflib.get_close_matches(key, known_keys(), n=1)
             raise ConfigError(f"unknown key '{key}' in the tiny base training config"
                               + (f"; did you mean '{near[0]}'?" if near else f"; keys: {', '.join(known_keys())}"))
-    for key, bounds in NUMBERS.items():
+    for key, bounds in {**NUMBERS, **OPTIONAL_NUMBERS}.items():
         if key.startswith("decoder.") and not data.get("decoder"):
             continue
         value = OmegaConf.select(config, key)
+        if value is None and key in OPTIONAL_NUMBERS:
+            continue
         try:
             check_number(value, key, *bounds)
         except ValueError as e:

@@ -22,14 +22,16 @@ from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.util import image_grid, to_pil
 
 log = logging.getLogger(__name__)
-DEMO_CONFIGS = (BASE_CONFIG, REPO / "configs" / "stable-diffusion" / "v1-finetune-dreambooth.yaml",
-                REPO / "configs" / "tiny-world" / "dreambooth-demo.yaml")
+# merged after the base model's config (BASE_CONFIG unless a run names another)
+DEMO_FRAGMENTS = (REPO / "configs" / "stable-diffusion" / "v1-finetune-dreambooth.yaml",
+                  REPO / "configs" / "tiny-world" / "dreambooth-demo.yaml")
 
 
-def train_argv(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = ()
-               ) -> List[str]:
-    """The main_dream_booth.py command line of the demo run (KEY=VALUE `overrides` at the end)."""
-    argv = ["--base", *map(str, DEMO_CONFIGS), "-t", "--actual_resume", str(BASE_CKPT),
+def train_argv(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = (),
+               config: Path = BASE_CONFIG, ckpt: Path = BASE_CKPT) -> List[str]:
+    """The main_dream_booth.py command line of the demo run on the base model `config` + `ckpt` (KEY=VALUE
+    `overrides` at the end)."""
+    argv = ["--base", *map(str, (config, *DEMO_FRAGMENTS)), "-t", "--actual_resume", str(ckpt),
             "--data_root", str(SUBJECT_IMAGES), "--class_word", "star", "-n", "sks-star",
             "--logdir", str(outdir / "logs"), "--seed", str(seed), "--accelerator", "cpu"]
     if prior:
@@ -37,9 +39,11 @@ def train_argv(outdir: Path, steps: Optional[int], seed: int, prior: bool = True
     return argv + (["--max_steps", str(steps)] if steps else []) + list(overrides)
 
 
-def train(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = ()) -> Path:
+def train(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = (),
+          config: Path = BASE_CONFIG, ckpt: Path = BASE_CKPT) -> Path:
     """Run main_dream_booth.py in a child process (exactly the user's command); returns the run's log dir."""
-    cmd = [sys.executable, str(REPO / "main_dream_booth.py"), *train_argv(outdir, steps, seed, prior, overrides)]
+    cmd = [sys.executable, str(REPO / "main_dream_booth.py"),
+           *train_argv(outdir, steps, seed, prior, overrides, config, ckpt)]
     log.info("$ %s", " ".join(cmd))
     subprocess.run(cmd, check=True, cwd=REPO)
     runs = sorted((outdir / "logs").glob("*sks-star"), key=lambda p: p.stat().st_mtime)

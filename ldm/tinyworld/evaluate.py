@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.dreambooth import list_images
-from ldm.data.synthetic import SUBJECT_CLASS, caption, random_scene, scene_rng
+from ldm.data.synthetic import SUBJECT_CLASS, Scene, SyntheticScenes, caption, random_scene, render_uint8, scene_rng
 from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import sample_images
 from ldm.modules.adapters import load_adapter_from_dir
@@ -87,3 +87,43 @@ def dreambooth_metrics(metric: TinyWorldMetric, before: Dict[str, torch.Tensor],
         "class_subject_rate_base": metric.subject_rate(before["class"]),
         "class_subject_rate": metric.subject_rate(after["class"]),
     }
+
+
+# What the autoencoder keeps: attributes of held-out base-world scenes, and the subject's look in unseen subject images
+# (SyntheticScenes' "subject" world; the instance images are its seed 2024, these another seed).
+SCENE_ATTRIBUTES = ("shape", "colour", "texture", "size", "position", "background")
+
+
+@torch.no_grad()
+def reconstruct(vae: torch.nn.Module, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(n, 3, h, w) images in [0, 1] through the autoencoder (posterior mode), clamped to [0, 1]."""
+    device = next(vae.parameters()).device
+    out = [vae.decode(vae.encode(b.to(device) * 2 - 1).mode()).clamp(-1, 1).cpu() for b in images.split(batch_size)]
+    return (torch.cat(out) + 1) / 2
+
+
+def attribute_accuracy(metric: TinyWorldMetric, images: torch.Tensor, scenes: Sequence[Scene]) -> Dict[str, float]:
+    """Share of `images` (in [0, 1]) in which the probe reads each attribute of its scene."""
+    preds = metric.predict(images)
+    return {k: sum(p[k] == getattr(s, k) for p, s in zip(preds, scenes)) / len(scenes) for k in SCENE_ATTRIBUTES}
+
+
+def autoencoder_quality(vae: torch.nn.Module, metric: TinyWorldMetric, n: int = 300, seed: int = 31337,
+                        subject_n: int = 48, subject_seed: int = 7) -> Dict[str, Dict[str, float]]:
+    """The probe on `n` held-out base-world scenes and `subject_n` unseen subject images, as drawn ("images") and
+    through the autoencoder ("reconstructions"): per-attribute accuracy, subject rate and subject fidelity to the
+    instance images (the reconstructions' values bound what a generator with this autoencoder can reach), and the
+    reconstructions' mean absolute error in [0, 1] pixels."""
+    scenes = [random_scene(scene_rng(seed, i)) for i in range(n)]
+    images = torch.stack([render_uint8(s) for s in scenes]).float() / 255
+    subject = torch.stack([SyntheticScenes(subject_n, 64, subject_seed, world="subject")[i]["image"]
+                           for i in range(subject_n)]) / 2 + 0.5
+    references = load_references()
+    result = {}
+    versions = {"images": (images, subject), "reconstructions": (reconstruct(vae, images), reconstruct(vae, subject))}
+    for name, (scene_images, subject_images) in versions.items():
+        result[name] = {**attribute_accuracy(metric, scene_images, scenes),
+                        "subject_rate": metric.subject_rate(subject_images),
+                        "subject_fidelity": subject_fidelity(metric, subject_images, references),
+                        "mean_abs_error": float((scene_images - images).abs().mean())}
+    return result

@@ -1,5 +1,5 @@
-"""The tiny world's full report: probe accuracy, base-model quality, DreamBooth with and without the prior, and the
-whole-UNet baseline."""
+"""The tiny world's full report: probe accuracy, the autoencoder, base-model quality, DreamBooth with and without the
+prior, and the whole-UNet baseline."""
 import json
 import random
 import textwrap
@@ -13,8 +13,8 @@ from PIL import Image
 from ldm.data.synthetic import caption, random_scene, scene_rng
 from ldm.evaluation.evaluate import adapter_dir, load_run_model, run_config
 from ldm.tinyworld.demo import train, upscaled
-from ldm.tinyworld.evaluate import (base_quality, dreambooth_metrics, load_references, load_tiny_model,
-                                    model_samples, sample)
+from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, autoencoder_quality, base_quality, dreambooth_metrics,
+                                    load_references, load_tiny_model, model_samples, reconstruct, sample)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.tinyworld.probe import probe_accuracy
 from ldm.util import image_grid
@@ -31,9 +31,9 @@ def table(header: List[str], rows: List[List[str]]) -> str:
 
 
 def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir: Path, steps: int, seeds: List[int],
-                    n: int) -> Dict[str, List[Dict[str, float]]]:
-    """Train the adapter with and without prior preservation, and the whole UNet, for each seed; metrics of each run
-    against the base model."""
+                    n: int, config: Path = BASE_CONFIG, ckpt: Path = BASE_CKPT) -> Dict[str, List[Dict[str, float]]]:
+    """Train the adapter with and without prior preservation, and the whole UNet, for each seed, on the base model
+    `config` + `ckpt`; metrics of each run against the base model."""
     references = load_references()
     base = model_samples(base_model, n)
     runs: Dict[str, List[Dict[str, float]]] = {"base model": [dreambooth_metrics(metric, base, base, references)]}
@@ -43,7 +43,7 @@ def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir
     for label, name, prior, overrides in variants:
         for seed in seeds:
             start = time.time()
-            logdir = train(outdir / f"{name}-{seed}", steps, seed, prior, overrides)
+            logdir = train(outdir / f"{name}-{seed}", steps, seed, prior, overrides, config, ckpt)
             tuned = model_samples(load_run_model(run_config(logdir), adapter_dir(logdir), torch.device("cpu")), n)
             row = dreambooth_metrics(metric, base, tuned, references)
             row["seconds"] = time.time() - start
@@ -60,12 +60,10 @@ def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242) -
     return image_grid(upscaled(images), 6, labels=labels)
 
 
-@torch.no_grad()
 def reconstruction_figure(model: torch.nn.Module) -> Image.Image:
     """The instance images (top row) and the autoencoder's reconstructions of them (bottom row)."""
     references = load_references()
-    vae = model.first_stage_model
-    rec = (vae.decode(vae.encode(references * 2 - 1).mode()).clamp(-1, 1) + 1) / 2
+    rec = reconstruct(model.first_stage_model, references)
     return image_grid(upscaled(torch.cat([references, rec])), len(references), row_labels=["instance", "autoencoder"])
 
 
@@ -74,29 +72,38 @@ def mean(rows: List[Dict[str, float]], key: str) -> float:
 
 
 def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n: int = 32,
-                 quality_n: int = 200) -> Path:
-    """Run everything and write outdir/tiny-world-report.md (+ .json); returns the Markdown path."""
+                 quality_n: int = 200, config: Path = BASE_CONFIG, ckpt: Path = BASE_CKPT) -> Path:
+    """Run everything on the base model `config` + `ckpt` (the shipped one by default) and write
+    outdir/tiny-world-report.md (+ .json); no seeds: no DreamBooth runs. Returns the Markdown path."""
     outdir.mkdir(parents=True, exist_ok=True)
-    metric, base_model = TinyWorldMetric(), load_tiny_model()
+    metric, base_model = TinyWorldMetric(), load_tiny_model(ckpt=ckpt, config=config)
     base_samples_figure(base_model).save(outdir / "base-samples.png")
     reconstruction_figure(base_model).save(outdir / "vae-subject-reconstruction.png")
     probe = probe_accuracy(metric.probe)
+    autoencoder = autoencoder_quality(base_model.first_stage_model, metric)
     quality = base_quality(base_model, metric, n=quality_n)
-    runs = dreambooth_rows(metric, base_model, outdir, steps, list(seeds), n)
+    runs = dreambooth_rows(metric, base_model, outdir, steps, list(seeds), n, config, ckpt) if seeds else {}
     parts = [
+        f"Base model: `{config}` with `{ckpt}`.",
         "### Probe (the metric model): accuracy on 1,000 held-out drawn scenes",
         table(list(probe), [[f"{v:.3f}" for v in probe.values()]]),
+        "### Autoencoder: what the probe reads in 300 held-out base-world scenes and 48 unseen subject images, "
+        "drawn and reconstructed (subject fidelity: to the instance images)",
+        table(["images", *next(iter(autoencoder.values()))],
+              [[k, *[f"{v:.3f}" for v in row.values()]] for k, row in autoencoder.items()]),
         f"### Base model: what {quality_n} fully described prompts get (DDIM 25 steps, guidance 5)",
         table(list(quality), [[f"{v:.3f}" for v in quality.values()]]),
-        f"### DreamBooth on the demo subject: {steps} steps, attn2o -> ffni adapter, seeds {list(seeds)}, "
-        f"{n} samples per prompt (mean over seeds)",
-        table(["model", *COLUMNS, "subject_rate_base"],
-              [[label, *[f"{mean(rows, k):.3f}" for k in COLUMNS], f"{mean(rows, 'subject_rate_base'):.3f}"]
-               for label, rows in runs.items()]),
     ]
+    if runs:
+        parts += [
+            f"### DreamBooth on the demo subject: {steps} steps, attn2o -> ffni adapter, seeds {list(seeds)}, "
+            f"{n} samples per prompt (mean over seeds)",
+            table(["model", *COLUMNS, "subject_rate_base"],
+                  [[label, *[f"{mean(rows, k):.3f}" for k in COLUMNS], f"{mean(rows, 'subject_rate_base'):.3f}"]
+                   for label, rows in runs.items()])]
     md = outdir / "tiny-world-report.md"
     md.write_text("\n\n".join(parts) + "\n")
     (outdir / "tiny-world-report.json").write_text(json.dumps(
-        {"probe": probe, "base_quality": quality, "dreambooth": runs, "steps": steps, "seeds": list(seeds)},
-        indent=1) + "\n")
+        {"config": str(config), "ckpt": str(ckpt), "probe": probe, "autoencoder": autoencoder,
+         "base_quality": quality, "dreambooth": runs, "steps": steps, "seeds": list(seeds)}, indent=1) + "\n")
     return md
