@@ -185,6 +185,17 @@ def small_spec(tmp_path, **extra):
                                                        **extra))
 
 
+def test_a_folder_holding_only_hidden_files_takes_a_sweep(tmp_path):
+    """scripts/tiny_world_study.sh stamps the sweep folder with its base model's hash before the sweep starts."""
+    (tmp_path / "sw").mkdir()
+    (tmp_path / "sw" / ".base-model.sha256").write_text("0" * 64)
+    assert len(prepare(str(small_spec(tmp_path)), str(tmp_path / "sw"))) == 2
+    (tmp_path / "sw2").mkdir()
+    (tmp_path / "sw2" / "notes.txt").write_text("mine")
+    with pytest.raises(SweepError, match=r"holds other files \(notes.txt\)"):
+        prepare(str(small_spec(tmp_path)), str(tmp_path / "sw2"))
+
+
 def test_prepare_writes_runs_and_refuses_another_sweep(tmp_path):
     spec = small_spec(tmp_path)
     runs = prepare(str(spec), str(tmp_path / "sw"))

@@ -118,9 +118,10 @@ def manifest(spec: Dict[str, Any], digest: str, grid: Grid) -> Dict[str, Any]:
 
 
 def check_owner(sweep_dir: Path, digest: str) -> None:
-    """Refuse a sweep folder that holds another sweep, or other files and no sweep at all."""
+    """Refuse a sweep folder that holds another sweep, or other files and no sweep at all (hidden files, such as the
+    base-model stamp of scripts/tiny_world_study.sh, are not counted)."""
     if sweep_dir.is_dir() and not (sweep_dir / MANIFEST).exists():
-        foreign = sorted(p.name for p in sweep_dir.iterdir() if p.name != RUNS)
+        foreign = sorted(p.name for p in sweep_dir.iterdir() if p.name != RUNS and not p.name.startswith("."))
         if foreign:
             raise SweepError(f"'{sweep_dir}' is not a sweep folder but holds other files ({', '.join(foreign[:3])}): "
                              "pass a new or empty --sweep_dir")
