@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a plain checkout, without `pip install -e .`
 
+from ldm.models.diffusion.ddpm import is_added_key  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 CONFIGS = {"sd": REPO / "configs" / "stable-diffusion" / "v1-inference.yaml",
@@ -67,11 +68,12 @@ def build_ours(config, seed: int = 0) -> torch.nn.Module:
 
 
 def diffusers_twin(unet: torch.nn.Module, config) -> torch.nn.Module:
-    """diffusers.UNet2DConditionModel loaded strictly with a copy of `unet`'s weights via diffusers' own converter."""
+    """diffusers.UNet2DConditionModel loaded strictly with a copy of `unet`'s base weights (adapters left out) via
+    diffusers' own converter."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
                                                      create_unet_diffusers_config_from_ldm)
-    checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items() if not is_added_key(k)}
     original_config = {"model": OmegaConf.to_container(config, resolve=True)}
     diffusers_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
     converted = convert_ldm_unet_checkpoint(checkpoint, diffusers_config)
