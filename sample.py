@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_trained_parameters
+from ldm.fastpaths import apply_fast_paths
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
@@ -55,6 +56,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--random_init", action="store_true",
                    help="skip --ckpt and sample from the config's freshly initialised weights (smoke tests)")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: the first batch compiles (minutes), later ones may run faster (see "
+                        "README 'Benchmarks'); where torch cannot compile, a warning and eager sampling")
     p.add_argument("--precision", choices=["full", "autocast"], default=None,
                    help="autocast (fp16 on a GPU, bf16 on the CPU) or full fp32; default: autocast on a GPU, full on the CPU")
     p.add_argument("--init-img", type=str, help="img2img: the starting image")
@@ -308,6 +312,7 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     device = pick_device()
     torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
     model = load_model(opt, device)
+    apply_fast_paths(model.unet, device, compile=opt.compile)  # TF32 on CUDA; --compile
     mark, checker = make_watermarker(opt), make_safety_checker(opt, device)
     outdir = Path(opt.outdir)
     (outdir / "samples").mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ a folder as vocab.json + merges.txt). `diffusers_pipeline` puts them into a `Sta
 `DDIMScheduler` set up as our DDIM sampler (SD v1's "leading" spacing, steps_offset 1, alpha_prev of the first step
 from the schedule). tests/test_gpu_check.py checks the twin's images against ours.
 """
+import functools
 import json
 import sys
 import tempfile
@@ -70,8 +71,9 @@ def diffusers_text_encoder(model: torch.nn.Module) -> torch.nn.Module:
     return twin.eval()
 
 
+@functools.lru_cache(maxsize=None)
 def clip_tokenizer(folder: Optional[Path] = None):
-    """transformers' CLIPTokenizer on our vocabulary (SD v1's: pad with <|endoftext|>, 77 tokens)."""
+    """transformers' CLIPTokenizer on our vocabulary (SD v1's: pad with <|endoftext|>, 77 tokens); one per process."""
     from transformers import CLIPTokenizer
     folder = Path(folder or tempfile.mkdtemp(prefix="clip-tokenizer-"))
     encoder, ranks = load_vocab()

@@ -9,7 +9,7 @@ import functools
 import logging
 import os
 import shutil
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import torch
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 COMPILED_FLAG = "_ldm_compiled"  # set on a module whose forward compile_module replaced
 
 
-def compile_unavailable(device: torch.device, backend: str = "inductor") -> Optional[str]:
+def compile_unavailable(device: torch.device, backend: Union[str, Callable] = "inductor") -> Optional[str]:
     """Why `torch.compile(backend=...)` cannot work for `device` here, or None when it should."""
     try:
         import torch._dynamo
@@ -37,7 +37,7 @@ def compile_unavailable(device: torch.device, backend: str = "inductor") -> Opti
     return None
 
 
-def compile_module(module: torch.nn.Module, device: torch.device, backend: str = "inductor",
+def compile_module(module: torch.nn.Module, device: torch.device, backend: Union[str, Callable] = "inductor",
                    mode: Optional[str] = None, dynamic: Optional[bool] = None) -> bool:
     """Compile `module`'s forward in place (parameter names and checkpoints stay as they are); returns whether it
     will run compiled. Where the backend cannot compile, here or at the first call, it logs why and stays eager."""
