@@ -181,19 +181,23 @@ def summarise(what: str, times: Dict[str, List[float]], reference: str, notes: s
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    parts = [p for p in args.parts.split(",") if p]
-    load = os.getloadavg()[0]
-    rows = (dreambooth_rows(args) if "dreambooth" in parts else []) + (sampling_rows(args) if "sampling" in parts else [])
     import diffusers
     import peft
-    print(f"{datetime.date.today()}; {device_name(torch.device('cpu'))}; commit {git_commit()}; torch {torch.__version__}, "
-          f"diffusers {diffusers.__version__}, peft {peft.__version__}; load average {load:.1f} -> "
-          f"{os.getloadavg()[0]:.1f}; median of {args.repeats} after {args.warmup} warmups")
-    print("| what | variant | ms | speed vs reference | min-max ms | notes |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['what']} | {r['variant']} | {r['ms']:.1f} | **{r['speedup']:.2f}x** | "
-              f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f} | {r['notes']} |")
+    print(f"{datetime.date.today()}; {device_name(torch.device('cpu'))}; commit {git_commit()}; torch "
+          f"{torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}; median of {args.repeats} "
+          f"after {args.warmup} warmups")
+    print("| what | variant | ms | speed vs reference | min-max ms | load average | notes |")
+    print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    rows = []
+    for part, fn in (("dreambooth", dreambooth_rows), ("sampling", sampling_rows)):
+        if part not in args.parts.split(","):
+            continue
+        load = os.getloadavg()[0]
+        for r in fn(args):
+            rows.append(r)
+            print(f"| {r['what']} | {r['variant']} | {r['ms']:.1f} | **{r['speedup']:.2f}x** | "
+                  f"{r['spread'][0]:.0f}-{r['spread'][1]:.0f} | {load:.1f}-{os.getloadavg()[0]:.1f} | {r['notes']} |",
+                  flush=True)
     return rows
 
 
