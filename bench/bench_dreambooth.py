@@ -94,7 +94,8 @@ def lora_unet(ours: torch.nn.Module, config, device: torch.device) -> torch.nn.M
 
 
 def make_step(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Module], batch: Dict,
-              amp: Optional[torch.dtype], device: torch.device) -> Callable[[], None]:
+              amp: Optional[torch.dtype], device: torch.device, optimizer_class: type = torch.optim.AdamW
+              ) -> Callable[[], None]:
     """One optimiser step of the variant on `batch` (cached latents and contexts)."""
     if variant == "lora":
         params = [p for p in lora.parameters() if p.requires_grad]
@@ -113,7 +114,7 @@ def make_step(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Modu
 
         def loss_fn():
             return model.shared_step(items)[0]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = optimizer_class(params, lr=1e-5)
 
     def step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

@@ -18,13 +18,14 @@ sampling    25 DDIM steps, guidance 5, 64 px, batch 1 and 4, end to end (text en
             theirs StableDiffusionPipeline with a DDIMScheduler set up as ours, from the same x_T (the images are
                    compared: they must agree)
 
-    python bench/bench_tiny_vs_diffusers.py --threads 1 --repeats 7
+    python bench/bench_tiny_vs_diffusers.py --threads 1 --clock cpu --repeats 9
 """
 import argparse
 import datetime
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -37,12 +38,14 @@ sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from bench_unet import device_name, git_commit, time_interleaved  # noqa: E402
 from twins import diffusers_pipeline  # noqa: E402
-from ldm.evaluation.metrics import load_images  # noqa: E402
 from ldm.evaluation.sampling import noise, sample_images  # noqa: E402
 from ldm.tinyworld.demo import DEMO_CONFIGS  # noqa: E402
-from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, SUBJECT_IMAGES, SUBJECT_PROMPT,  # noqa: E402
+from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, SUBJECT_PROMPT,  # noqa: E402
                                     load_references)
 from ldm.util import instantiate_from_config  # noqa: E402
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -54,6 +57,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batches", default="1,4", help="sampling: images per call")
     p.add_argument("--steps", type=int, default=25, help="sampling: DDIM steps")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="wall time, or this process's CPU time (with --threads 1 on a busy machine: robust to load)")
     return p.parse_args(argv)
 
 
@@ -146,7 +151,7 @@ def dreambooth_rows(args) -> List[dict]:
     pipe = diffusers_pipeline(demo_model(), OmegaConf.load(BASE_CONFIG).model)  # base weights only
     steps = {"ours": our_step(ours, batch), "ours, no cache": our_step(nocache, demo_batch(args.batch)),
              "diffusers + PEFT": their_step(pipe, batch, ours.betas.detach().double())}
-    times = time_interleaved(steps, torch.device("cpu"), args.repeats, args.warmup)
+    times = time_interleaved(steps, torch.device("cpu"), args.repeats, args.warmup, CLOCKS[args.clock])
     return summarise(f"DreamBooth step, batch {args.batch}+{args.batch}, 64 px", times, "diffusers + PEFT")
 
 
@@ -165,7 +170,7 @@ def sampling_rows(args) -> List[dict]:
                                            height=64, width=64, latents=x_T.clone(), output_type="pt").images}
         diff = (calls["ours"]() - calls["diffusers"]()).abs().max().item()
         print(f"sampling batch {n}: max |ours - diffusers| = {diff:.2g} (images in [0, 1])", file=sys.stderr)
-        times = time_interleaved(calls, torch.device("cpu"), args.repeats, args.warmup)
+        times = time_interleaved(calls, torch.device("cpu"), args.repeats, args.warmup, CLOCKS[args.clock])
         rows += summarise(f"sampling {args.steps} DDIM steps, batch {n}, 64 px", times, "diffusers",
                           f"max image difference {diff:.1g}")
     return rows
@@ -184,8 +189,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     import diffusers
     import peft
     print(f"{datetime.date.today()}; {device_name(torch.device('cpu'))}; commit {git_commit()}; torch "
-          f"{torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}; median of {args.repeats} "
-          f"after {args.warmup} warmups")
+          f"{torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}; {args.threads} thread(s); "
+          f"{args.clock} clock; median of {args.repeats} after {args.warmup} warmups")
     print("| what | variant | ms | speed vs reference | min-max ms | load average | notes |")
     print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
     rows = []

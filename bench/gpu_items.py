@@ -194,7 +194,7 @@ def unet(check) -> None:
 
 # ---- DreamBooth -----------------------------------------------------------------------------------------------
 def dreambooth_step(check, variant: str, dtype: str, checkpointing: bool = False,
-                    compile_backend: Optional[str] = None):
+                    compile_backend: Optional[str] = None, optimizer_class: type = torch.optim.AdamW):
     """bench_dreambooth's step of `variant` (adapter, full, lora) at this size, batch 1+1, cached latents."""
     args = SimpleNamespace(size=SIZE_NAMES[check.args.size], latent=check.size["latent"], batch=1, dtype=dtype,
                            checkpointing=checkpointing)
@@ -210,7 +210,7 @@ def dreambooth_step(check, variant: str, dtype: str, checkpointing: bool = False
         model.model.diffusion_model = torch.nn.Identity()  # only diffusers' UNet runs
     if compile_backend:
         compile_module(lora if lora is not None else model.unet, check.device, backend=compile_backend)
-    return db.make_step(variant, model, lora, batch, db.AMP[dtype], check.device), model
+    return db.make_step(variant, model, lora, batch, db.AMP[dtype], check.device, optimizer_class), model
 
 
 def dreambooth(check) -> None:
@@ -289,36 +289,51 @@ def txt2img(check) -> None:
 def fastpaths(check) -> None:
     """TF32 on vs off (fp32 train step), fused vs foreach AdamW (full UNet), channels-last vs NCHW (forward)."""
     ours, _ = unet_pair(check)
+    tf32_row(check, ours)
+    fused_adamw_row(check, ours)
+    channels_last_row(check, ours)
+
+
+def tf32_row(check, unet_model: torch.nn.Module) -> None:
+    """An fp32 train step (frozen base) with TF32 matmuls on vs off."""
     x, t, context, target = unet_inputs(check)
-    n = freeze_except(ours)
-    ours.train()
+    n = freeze_except(unet_model)
+    unet_model.train()
 
     def train(tf32: bool):
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        loss = F.mse_loss(call(ours, x, t, context).float(), target)
+        loss = F.mse_loss(call(unet_model, x, t, context).float(), target)
         loss.backward()
-        ours.zero_grad(set_to_none=True)
+        unet_model.zero_grad(set_to_none=True)
     before = torch.backends.cuda.matmul.allow_tf32
-    ms = timed(check, {"tf32": lambda: train(True), "fp32": lambda: train(False)})
-    torch.backends.cuda.matmul.allow_tf32 = before
+    try:
+        ms = timed(check, {"tf32": lambda: train(True), "fp32": lambda: train(False)})
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
     check.row("fast path: TF32 matmuls, fp32 UNet train step, ms", "fp32", shape_of(check), f"{ms['tf32']:.2f}",
               f"TF32 off {ms['fp32']:.2f}", ms["tf32"] / ms["fp32"], f"{n:,} params train; ldm.fastpaths.use_tf32")
-    params = list(ours.parameters())
+
+
+def fused_adamw_row(check, unet_model: torch.nn.Module) -> None:
+    """AdamW over every UNet parameter (random gradients): fused vs foreach."""
+    params = list(unet_model.parameters())
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.randn_like(p) * 1e-3
     opts = {"fused": torch.optim.AdamW(params, lr=1e-5, **adamw_options(params) or {"fused": True}),
             "foreach": torch.optim.AdamW(params, lr=1e-5, foreach=True)}
     ms = timed(check, {k: o.step for k, o in opts.items()})
+    unet_model.zero_grad(set_to_none=True)
     check.row("fast path: fused AdamW step, all UNet params, ms", "fp32", f"{sum(p.numel() for p in params):,} params",
               f"{ms['fused']:.2f}", f"foreach {ms['foreach']:.2f}", ms["fused"] / ms["foreach"],
               "ldm.fastpaths.adamw_options (fused on CUDA only)")
-    del opts, params
-    release(check.device)
+
+
+def channels_last_row(check, unet_model: torch.nn.Module) -> None:
+    """The UNet forward (fp16 on CUDA) with channels-last weights and input vs NCHW."""
     half = torch.float16 if check.device.type == "cuda" else torch.float32
-    nchw = copy.deepcopy(ours).eval().to(half)
+    nchw = copy.deepcopy(unet_model).eval().to(half)
     nhwc = to_channels_last(copy.deepcopy(nchw))
-    del ours
     x, t, context, _ = unet_inputs(check, half)
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
@@ -332,7 +347,7 @@ def fastpaths(check) -> None:
 
 
 def adam8bit(check) -> None:
-    """The adapter step with bitsandbytes' AdamW8bit vs torch AdamW (a skip row without bitsandbytes)."""
+    """Full fine-tuning steps with bitsandbytes' AdamW8bit vs torch AdamW (a skip row without bitsandbytes)."""
     try:
         import bitsandbytes as bnb
     except ImportError:
@@ -340,24 +355,11 @@ def adam8bit(check) -> None:
         return
     dtype = check.size["train_dtype"]
     results = {}
-    for name in ("adamw8bit", "adamw"):
-        step, model = dreambooth_step(check, "full", dtype)
-        params = model.trained_parameters()
-        cls = bnb.optim.AdamW8bit if name == "adamw8bit" else torch.optim.AdamW
-        optimizer = cls(params, lr=1e-6)
-        batch = db.make_batch(model, 1, check.size["latent"], check.device)
-        items = {part: {"image": batch["x"], "caption": batch[f"captions_{part}"], "index": torch.arange(1),
-                        "flipped": torch.zeros(1, dtype=torch.bool)} for part in ("instance", "reg")}
-
-        def run():
-            with torch.autocast(check.device.type, dtype=db.AMP[dtype]):
-                loss = model.shared_step(items)[0]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    for name, cls in (("adamw8bit", bnb.optim.AdamW8bit), ("adamw", torch.optim.AdamW)):
+        step, _ = dreambooth_step(check, "full", dtype, optimizer_class=cls)
         reset_peak(check.device)
-        results[name] = (timed(check, {name: run})[name], peak_gib(check.device))
-        del step, model, optimizer
+        results[name] = (timed(check, {name: step})[name], peak_gib(check.device))
+        del step
         release(check.device)
     (ms8, mem8), (ms, mem) = results["adamw8bit"], results["adamw"]
     check.row("8-bit AdamW, full fine-tuning step: ms, peak GiB", dtype, shape_of(check, 2),

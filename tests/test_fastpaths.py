@@ -12,7 +12,7 @@ import sample
 from conftest import REPO, TINY_CONFIG
 from ldm.fastpaths import adamw_options, apply_fast_paths, compile_module, is_compiled, use_tf32
 from ldm.util import instantiate_from_config
-from test_train import BASES, argv, base_ckpt, world  # noqa: F401 (fixtures)
+from test_train import BASES, argv, base_ckpt, world  # noqa: F401 (base_ckpt and world are fixtures)
 
 CPU = torch.device("cpu")
 
@@ -110,7 +110,7 @@ def compile_calls(monkeypatch):
     return calls
 
 
-def test_training_config_key_reaches_the_compiler(world, compile_calls):  # noqa: F811
+def test_training_config_key_reaches_the_compiler(world, compile_calls):  # noqa: F811 (the fixture)
     main_dream_booth.main(argv(world, "--max_steps", "1", "model.params.compile=true"))
     assert [type(m).__name__ for m in compile_calls] == ["UNetModel"]
 
