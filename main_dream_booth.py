@@ -7,7 +7,6 @@ Configs are merged in order, then key=value overrides (OmegaConf dot-list), then
 <logdir>/<timestamp>_<name>/; `-r` on that folder continues the run to the same final step.
 """
 import argparse
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +16,7 @@ from ldm.data.dreambooth import DataError
 from ldm.models.diffusion.dreambooth import NonFiniteLossError
 from ldm.modules.adapters import AdapterConfigError
 from ldm.train import run
-from ldm.util import ConfigError
+from ldm.util import ConfigError, setup_logging
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterConfigError, NonFiniteLossError)
 
@@ -39,7 +38,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("-t", "--train", action="store_true", help="train (without it: set up, check and stop)")
     p.add_argument("--no-test", action="store_true", help="accepted for CompVis compatibility; there is no test stage")
     p.add_argument("-r", "--resume", type=str, help="continue a run: its log dir or a checkpoint in it")
-    p.add_argument("--actual_resume", type=str, help="base weights: an SD v1 .ckpt or .safetensors")
+    p.add_argument("--actual_resume", type=str, help="base weights: an SD v1 .ckpt or .safetensors, or a diffusers model folder")
     p.add_argument("-n", "--name", type=str, default="", help="run name, the log dir's suffix")
     p.add_argument("-s", "--seed", type=int, default=23, help="global seed (the paper's default)")
     p.add_argument("-l", "--logdir", type=str, default="logs", help="parent folder of run log dirs")
@@ -70,12 +69,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> Optional[Path]:
     opt = parse_args(argv)
-    logger = logging.getLogger("ldm")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
     try:
         logdir = run(opt)
     except USER_ERRORS as e:
@@ -85,4 +78,5 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

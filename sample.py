@@ -13,16 +13,13 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_trained_parameters
-from ldm.fastpaths import apply_fast_paths
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.dpm_solver import DPMSolverSampler
-from ldm.models.diffusion.plms import PLMSSampler
-from ldm.modules.adapter_io import load_adapter_from_dir
-from ldm.modules.adapters import AdapterConfigError, set_adapter_scale
+from ldm.config import load_configs, pop_adapter_configs
+from ldm.models.diffusion.sampling import ETA_SAMPLERS, IMG2IMG_SAMPLERS, SAMPLERS, text_to_image
+from ldm.modules.adapters import AdapterConfigError, is_added_key, load_adapter_from_dir, set_adapter_scale
+from ldm.modules.fastpaths import apply_fast_paths
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
 from ldm.util import ConfigError, image_grid, load_model_from_config, pick_device, setup_logging, to_pil
@@ -38,8 +35,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
-    p.add_argument("--plms", action="store_true", help="use PLMS sampling (default: DDIM)")
-    p.add_argument("--dpm_solver", action="store_true", help="use DPM-Solver++(2M) sampling (default: DDIM)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="the sampler (default: ddim)")
+    p.add_argument("--plms", action="store_true", help="CompVis shorthand for --sampler plms")
+    p.add_argument("--dpm_solver", action="store_true", help="shorthand for --sampler dpm++2m (DPM-Solver++(2M))")
     p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0.0 is deterministic)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
     p.add_argument("--n_iter", type=int, default=2, help="batches per prompt")
@@ -47,10 +45,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
     p.add_argument("--H", type=int, default=512, help="image height in pixels")
     p.add_argument("--W", type=int, default=512, help="image width in pixels")
-    p.add_argument("--C", type=int, default=4, help="latent channels")
-    p.add_argument("--f", type=int, default=8, help="downsampling factor of the autoencoder")
+    p.add_argument("--C", type=int, help="latent channels (default and only allowed value: the model's)")
+    p.add_argument("--f", type=int, help="downsampling factor of the autoencoder (default and only allowed value: "
+                                         "the model's)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 turns it off)")
-    p.add_argument("--config", type=str, default="configs/stable-diffusion/v1-inference.yaml")
+    p.add_argument("--config", nargs="+", default=["configs/stable-diffusion/v1-inference.yaml"], metavar="YAML",
+                   help="model config(s), merged left to right as main_dream_booth.py's --base")
     p.add_argument("--ckpt", type=str, default="models/ldm/stable-diffusion-v1/model.ckpt",
                    help="base weights: an SD v1 .ckpt or .safetensors")
     p.add_argument("--random_init", action="store_true",
@@ -111,18 +111,27 @@ def load_init_latent(model, opt: argparse.Namespace, device: torch.device) -> to
     return model.get_first_stage_encoding(model.encode_first_stage(x), sample=False)
 
 
+def chosen_sampler(opt: argparse.Namespace) -> Tuple[str, str]:
+    """(sampler name, the option that chose it) from --sampler or a shorthand; conflicting choices exit."""
+    given = {f"--sampler {opt.sampler}": opt.sampler} if opt.sampler else {}
+    given.update({f"--{flag}": name for flag, name in (("plms", "plms"), ("dpm_solver", "dpm++2m"))
+                  if getattr(opt, flag)})
+    if len(set(given.values())) > 1:
+        sys.exit(f"error: pick one sampler: {' or '.join(given)}")
+    return next(((name, flag) for flag, name in given.items()), ("ddim", "--sampler ddim"))
+
+
 def check_options(opt: argparse.Namespace) -> None:
-    """Exit with one clear message for options that cannot work together."""
-    if opt.H % opt.f or opt.W % opt.f:
-        sys.exit(f"error: --H and --W must be multiples of --f ({opt.f}), got {opt.H}x{opt.W}")
+    """Exit with one clear message for options that cannot work together; settles opt.sampler."""
+    opt.sampler, flag = chosen_sampler(opt)
     if opt.init_img and not 0.0 < opt.strength <= 1.0:
         sys.exit(f"error: --strength must be in (0, 1], got {opt.strength}")
-    if opt.plms and opt.dpm_solver:
-        sys.exit("error: pick one sampler: --plms or --dpm_solver")
-    if opt.init_img and (opt.plms or opt.dpm_solver):
-        sys.exit(f"error: img2img uses DDIM; drop --{'plms' if opt.plms else 'dpm_solver'}")
-    if opt.ddim_eta and (opt.plms or opt.dpm_solver):
-        sys.exit("error: PLMS and DPM-Solver++ are deterministic; drop --ddim_eta (it is DDIM's)")
+    if opt.init_img and opt.sampler not in IMG2IMG_SAMPLERS:
+        sys.exit(f"error: img2img uses {' or '.join(map(str.upper, IMG2IMG_SAMPLERS))}; drop {flag}")
+    if not opt.ddim_eta >= 0.0:
+        sys.exit(f"error: --ddim_eta must be >= 0, got {opt.ddim_eta}")
+    if opt.ddim_eta and opt.sampler not in ETA_SAMPLERS:
+        sys.exit(f"error: {opt.sampler} is deterministic; drop --ddim_eta (it is DDIM's)")
     if opt.adapter_scale and len(opt.adapter_scale) != len(opt.adapter_path):
         sys.exit(f"error: give one --adapter_scale per --adapter_path (or none for 1.0), got "
                  f"{len(opt.adapter_scale)} for {len(opt.adapter_path)}")
@@ -144,16 +153,6 @@ def sweep_scales(opt: argparse.Namespace) -> List[Optional[float]]:
         sys.exit(f"error: --adapter_scale_sweep takes comma-separated numbers like 0,0.5,1, "
                  f"got '{opt.adapter_scale_sweep}'")
     return scales
-
-
-def pop_adapter_config(config) -> Optional[dict]:
-    """Take the adapter_configs (UNet and text encoder) out of --config: with --adapter_path, the adapters come from
-    the directories. Returns the UNet's, which builds an original-format directory's adapters."""
-    popped = {}
-    for part in ("unet_config", "cond_stage_config"):
-        params = OmegaConf.select(config, f"model.params.{part}.params")
-        popped[part] = params.pop("adapter_config", None) if params is not None else None
-    return popped["unet_config"]
 
 
 def adapter_paths(opt: argparse.Namespace) -> List[Tuple[str, str, float]]:
@@ -183,23 +182,29 @@ def set_sweep_scale(model: torch.nn.Module, opt: argparse.Namespace, sweep: Opti
 def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
     """The base model from --config/--ckpt with every --adapter_path attached, on `device`."""
     try:
-        config = OmegaConf.load(opt.config)
-        config_adapters = pop_adapter_config(config) if opt.adapter_path else None
+        config = load_configs(opt.config)
+        # with --adapter_path the adapters come from the directories; the config's build an original-format one
+        config_adapters = pop_adapter_configs(config)["unet"] if opt.adapter_path else None
         model = load_model_from_config(config, None if opt.random_init else opt.ckpt).to(device)
         attach_adapters(model, opt, config_adapters)
         if opt.trained_ckpt:
-            step = load_trained_parameters(model, opt.trained_ckpt, skip_adapters=True)
+            step = load_trained_parameters(model, opt.trained_ckpt, skip=is_added_key)
             log.info("fine-tuned weights of step %s from %s", step, opt.trained_ckpt)
     except (ConfigError, CheckpointError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     return model
 
 
-def make_sampler(model: torch.nn.Module, opt: argparse.Namespace) -> DDIMSampler:
-    """PLMS, DPM-Solver++ or (default) DDIM; all share DDIMSampler's interface."""
-    if opt.plms:
-        return PLMSSampler(model)
-    return DPMSolverSampler(model) if opt.dpm_solver else DDIMSampler(model)
+def check_latent(opt: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--C and --f default to the model's values (any other value exits); --H and --W must be multiples of f."""
+    for flag, given, own, what in (("--C", opt.C, model.channels, "latent channels"),
+                                   ("--f", opt.f, model.downsampling_factor, "autoencoder downsampling factor")):
+        if given is not None and given != own:
+            sys.exit(f"error: {flag} {given} differs from the model's {what} {own}: drop {flag} (it defaults to "
+                     f"the model's)")
+    opt.C, opt.f = model.channels, model.downsampling_factor
+    if opt.H % opt.f or opt.W % opt.f:
+        sys.exit(f"error: --H and --W must be multiples of --f ({opt.f}), got {opt.H}x{opt.W}")
 
 
 def make_watermarker(opt: argparse.Namespace) -> Callable[[Image.Image], Image.Image]:
@@ -222,26 +227,15 @@ def make_safety_checker(opt: argparse.Namespace, device: torch.device) -> Option
         sys.exit(f"error: {e}")
 
 
-def render_batch(model, sampler: DDIMSampler, opt: argparse.Namespace, prompt: str,
-                 init_latent: Optional[torch.Tensor], start_code: Optional[torch.Tensor],
-                 generator: torch.Generator) -> List[Image.Image]:
-    """One batch of --n_samples images of `prompt`: txt2img from start_code (or fresh noise), or img2img."""
-    c = model.get_learned_conditioning(opt.n_samples * [prompt])
-    uc = model.get_learned_conditioning(opt.n_samples * [""]) if opt.scale != 1.0 else None
-    if init_latent is not None:
-        t_enc = max(1, int(opt.strength * opt.ddim_steps))
-        sampler.make_schedule(opt.ddim_steps, opt.ddim_eta)
-        z = sampler.stochastic_encode(init_latent.expand(opt.n_samples, -1, -1, -1), t_enc - 1, generator)
-        samples = sampler.decode(z, c, t_enc, opt.scale, uc, generator)
-    else:
-        samples, _ = sampler.sample(opt.ddim_steps, opt.n_samples, shape_of(opt), c, opt.scale, uc,
-                                    eta=opt.ddim_eta, x_T=start_code, generator=generator)
-    return to_pil(model.decode_first_stage(samples))
-
-
-def shape_of(opt: argparse.Namespace) -> Tuple[int, int, int]:
-    """The latent shape (C, H/f, W/f)."""
-    return opt.C, opt.H // opt.f, opt.W // opt.f
+def render_batch(model, opt: argparse.Namespace, prompt: str, init_latent: Optional[torch.Tensor],
+                 start_code: Optional[torch.Tensor], generator: torch.Generator) -> List[Image.Image]:
+    """One batch of --n_samples images of `prompt`: txt2img from start_code (or noise from `generator`), or img2img
+    (its encoding noise always from `generator`: --fixed_code fixes x_T only)."""
+    images = text_to_image(model, opt.n_samples * [prompt], None if init_latent is not None else start_code,
+                           sampler=opt.sampler, steps=opt.ddim_steps, scale=opt.scale, eta=opt.ddim_eta,
+                           init_latent=init_latent, strength=opt.strength, generator=generator, height=opt.H,
+                           width=opt.W, verbose=True)
+    return to_pil(images)
 
 
 def save_grids(rows: List[List[Image.Image]], scales: List[Optional[float]], captions: List[str],
@@ -280,11 +274,10 @@ def render_all(model, opt: argparse.Namespace, prompts: List[str], scales: List[
                ) -> Tuple[List[List[Image.Image]], List[str], List[Path]]:
     """Every prompt x --n_iter batch at every sweep scale, samples saved; returns grid rows, captions, saved paths."""
     device = model.betas.device
-    sampler = make_sampler(model, opt)
     use_autocast = opt.precision == "autocast" or (opt.precision is None and device.type == "cuda")
     precision_scope = torch.autocast(device.type) if use_autocast else nullcontext()
     generator = torch.Generator(device=device).manual_seed(opt.seed)
-    shape = (opt.n_samples, *shape_of(opt))
+    shape = (opt.n_samples, *model.latent_shape(opt.H, opt.W))
     start_code = torch.randn(shape, generator=generator, device=device) if opt.fixed_code else None
     init_latent = load_init_latent(model, opt, device) if opt.init_img else None
     rows, captions, written = [[] for _ in scales], [], []
@@ -295,7 +288,7 @@ def render_all(model, opt: argparse.Namespace, prompts: List[str], scales: List[
                 set_sweep_scale(model, opt, scale)
                 generator.set_state(state)
                 with torch.no_grad(), precision_scope:
-                    images = render_batch(model, sampler, opt, prompt, init_latent, start_code, generator)
+                    images = render_batch(model, opt, prompt, init_latent, start_code, generator)
                 images = images if checker is None else checker(images)
                 row.extend(images)
                 if not opt.skip_save:
@@ -312,6 +305,7 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     device = pick_device()
     torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
     model = load_model(opt, device)
+    check_latent(opt, model)
     apply_fast_paths(model.unet, device, compile=opt.compile)  # TF32 on CUDA; --compile
     mark, checker = make_watermarker(opt), make_safety_checker(opt, device)
     outdir = Path(opt.outdir)

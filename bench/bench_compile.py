@@ -1,8 +1,8 @@
-"""What torch.compile gives on this machine: eager vs compiled (ldm.fastpaths.compile_module on the UNet, the path
-of `sample.py --compile` and `model.params.compile: true`) for three workloads of the tiny models.
+"""What torch.compile gives on this machine: eager vs compiled (ldm.modules.fastpaths.compile_module on the UNet, the
+path of `sample.py --compile` and `model.params.compile: true`) for three workloads of the tiny models.
 
-  sample  tiny SD v1 (models/ldm/tiny-sd-v1): ldm.evaluation.sampling.sample_images, 4 prompts, 25 DDIM steps,
-          guidance 5, batch 4 (the demo's and the evaluation's sampling)
+  sample  tiny SD v1 (models/ldm/tiny-sd-v1): ldm.models.diffusion.sampling.text_to_image (the one text-to-image
+          path), 4 prompts, 25 DDIM steps, guidance 5, batch 4, 64 px (the demo's and the evaluation's sampling)
   demo    one step of the demo's DreamBooth run (batch 4+4 at 64 px, attn2o -> ffni adapter; see
           bench_tiny_vs_diffusers.py: shared_step, backward, AdamW), the loop `make demo` runs 400 times
   tests   one step of the tests' tiny DreamBooth model (configs/tests, batch 1+1 at 32 px), the loop
@@ -24,13 +24,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from omegaconf import OmegaConf
+
+import bench_dreambooth as db
+from bench_tiny_vs_diffusers import demo_batch, demo_model, our_step
+from bench_unet import device_name, git_commit
+from ldm.models.diffusion.sampling import seeds_noise, text_to_image
+from ldm.modules.fastpaths import compile_module, is_compiled
+from ldm.tinyworld.evaluate import BASE_CKPT, BASE_CONFIG, SUBJECT_PROMPT
+from ldm.util import load_model_from_config
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]
-
 WORKLOADS = ("tests", "demo", "sample")
 
 
@@ -46,19 +53,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def workload(name: str) -> Callable[[], None]:
-    """One call of the workload (models built here, before the clock starts)."""
-    from omegaconf import OmegaConf
-
-    import bench_dreambooth as db
-    from bench_tiny_vs_diffusers import demo_batch, demo_model, our_step
-    from ldm.evaluation.sampling import sample_images
-    from ldm.tinyworld.evaluate import BASE_CKPT, BASE_CONFIG, SUBJECT_PROMPT
-    from ldm.util import load_model_from_config
+def workload(name: str) -> Tuple[torch.nn.Module, Callable[[], None]]:
+    """The workload's model and one call of it (models built here, before the clock starts)."""
     if name == "sample":
         model = load_model_from_config(OmegaConf.load(BASE_CONFIG), str(BASE_CKPT))
-        pairs = [(SUBJECT_PROMPT, seed) for seed in range(4)]
-        return model, lambda: sample_images(model, pairs, 64, 25, 5.0, batch_size=4)
+        x_T = seeds_noise(range(4), model.latent_shape(64, 64))
+        return model, lambda: text_to_image(model, [SUBJECT_PROMPT] * 4, x_T, steps=25, scale=5.0)
     if name == "demo":
         model = demo_model()
         return model, our_step(model, demo_batch(4))
@@ -69,7 +69,6 @@ def workload(name: str) -> Callable[[], None]:
 
 def child(name: str, mode: str, calls: int) -> Dict:
     """Time `calls` calls of the workload in this process; the first one compiles in compiled mode."""
-    from ldm.fastpaths import compile_module, is_compiled
     model, fn = workload(name)
     if mode == "compiled":
         compile_module(model.unet, torch.device("cpu"))
@@ -82,7 +81,8 @@ def child(name: str, mode: str, calls: int) -> Dict:
 
 
 def run_child(args, name: str, mode: str, cache: str) -> Dict:
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=str(BENCH.parent))
+    path = os.pathsep.join(filter(None, (str(BENCH.parent), os.environ.get("PYTHONPATH"))))  # this checkout's ldm
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=path)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, mode, "--calls", str(args.calls),
            "--threads", str(args.threads)]
     t0 = time.time()
@@ -103,7 +103,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.child:
         print(json.dumps(child(*args.child, args.calls)))
         return
-    from bench_unet import device_name, git_commit
     shared = tempfile.mkdtemp(prefix="inductor-")
     print(f"{device_name(torch.device('cpu'))}; commit {git_commit()}; torch {torch.__version__}; load average "
           f"{os.getloadavg()[0]:.1f}; {'warm' if args.warm_cache else 'cold'} inductor cache; {args.calls} calls")

@@ -26,10 +26,9 @@ import torch
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from bench_unet import device_name, diffusers_twin, git_commit, synchronize, time_interleaved  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from bench_unet import device_name, diffusers_twin, git_commit, synchronize, time_interleaved
+from ldm.util import instantiate_from_config
 
 ADAPTER_CONFIG = REPO / "configs" / "sd-inject-dreambooth" / "attn2o-ffni.yaml"
 TINY_CONFIGS = [REPO / "configs" / "tests" / "tiny-inference.yaml",  # the test toy, for checking the code quickly

@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
+from bench_unet import device_name, git_commit
+
 BENCH = Path(__file__).resolve().parent
 LATENT = {"sd": 64, "small": 16, "tiny": 4}
 
@@ -66,9 +70,6 @@ def measure(args, variant: str, dtype: str, checkpointing: bool) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> List[Dict]:
     args = parse_args(argv)
-    sys.path[:0] = [str(BENCH.parent), str(BENCH)]
-    from bench_unet import device_name, git_commit
-    import torch
     torch.set_num_threads(args.threads)
     print(f"{device_name(torch.device('cpu'))}; commit {git_commit()}; torch {torch.__version__}; size {args.size}, "
           f"batch 1+1, latent {LATENT[args.size]}, {args.steps} steps per process")

@@ -14,7 +14,7 @@ dreambooth  one optimiser step on the demo's batch (4 subject + 4 class images, 
                    loss.item() for the log
             Data loading is outside the timed step on both sides (the same image tensors and captions each step).
 sampling    25 DDIM steps, guidance 5, 64 px, batch 1 and 4, end to end (text encoder, sampler, VAE decode):
-            ours   ldm.evaluation.sampling.sample_images (the project's text-to-image path, DDIM)
+            ours   ldm.models.diffusion.sampling.text_to_image (the project's one text-to-image path, DDIM)
             theirs StableDiffusionPipeline with a DDIMScheduler set up as ours, from the same x_T (the images are
                    compared: they must agree)
 
@@ -26,23 +26,18 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]
-
-from bench_unet import device_name, git_commit, time_interleaved  # noqa: E402
-from twins import diffusers_pipeline  # noqa: E402
-from ldm.evaluation.sampling import noise, sample_images  # noqa: E402
-from ldm.tinyworld.demo import DEMO_CONFIGS  # noqa: E402
-from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, SUBJECT_PROMPT,  # noqa: E402
-                                    load_references)
-from ldm.util import instantiate_from_config  # noqa: E402
+from bench_unet import device_name, git_commit, time_interleaved
+from ldm.models.diffusion.sampling import seeds_noise, text_to_image
+from ldm.tinyworld.demo import DEMO_CONFIGS
+from ldm.tinyworld.evaluate import BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, SUBJECT_PROMPT, load_references
+from ldm.util import instantiate_from_config
+from twins import diffusers_pipeline
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -163,12 +158,12 @@ def sampling_rows(args) -> List[dict]:
     pipe = diffusers_pipeline(model, OmegaConf.load(BASE_CONFIG).model)
     rows = []
     for n in (int(b) for b in args.batches.split(",")):
-        pairs = [(SUBJECT_PROMPT, seed) for seed in range(n)]
-        x_T = torch.stack([noise(seed, (4, 8, 8)) for seed in range(n)])
-        calls = {"ours": lambda: sample_images(model, pairs, 64, args.steps, 5.0, batch_size=n),
+        x_T = seeds_noise(range(n), model.latent_shape(64, 64))
+        calls = {"ours": lambda: text_to_image(model, [SUBJECT_PROMPT] * n, x_T, steps=args.steps, scale=5.0),
                  "diffusers": lambda: pipe([SUBJECT_PROMPT] * n, num_inference_steps=args.steps, guidance_scale=5.0,
                                            height=64, width=64, latents=x_T.clone(), output_type="pt").images}
-        diff = (calls["ours"]() - calls["diffusers"]()).abs().max().item()
+        ours = (calls["ours"]().clamp(-1, 1) + 1) / 2  # [-1, 1] -> [0, 1], as the pipeline's images
+        diff = (ours - calls["diffusers"]()).abs().max().item()
         print(f"sampling batch {n}: max |ours - diffusers| = {diff:.2g} (images in [0, 1])", file=sys.stderr)
         times = time_interleaved(calls, torch.device("cpu"), args.repeats, args.warmup, CLOCKS[args.clock])
         rows += summarise(f"sampling {args.steps} DDIM steps, batch {n}, 64 px", times, "diffusers",

@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a plain checkout, without `pip install -e .`
 
-from ldm.models.diffusion.ddpm import is_added_key  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.modules.adapters import is_added_key
+from ldm.util import instantiate_from_config
 
 CONFIGS = {"sd": REPO / "configs" / "stable-diffusion" / "v1-inference.yaml",
            "tiny": REPO / "configs" / "tests" / "tiny-inference.yaml"}

@@ -32,13 +32,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+import gpu_items
+from bench_unet import device_name, git_commit
+from ldm.checkpoint import atomic_write
+
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]
-
-import gpu_items  # noqa: E402
-from bench_unet import device_name, git_commit  # noqa: E402
-from ldm.checkpoint import atomic_write  # noqa: E402
-
 RESULTS = BENCH / "RESULTS.md"
 COLUMNS = ("date", "device", "commit", "torch", "item", "dtype", "shape", "ours", "reference", "ratio", "notes")
 # Share of the budget per item, in run order: what a GPU session needs most comes first, compile (slow to build) last.

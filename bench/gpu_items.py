@@ -19,9 +19,10 @@ from omegaconf import OmegaConf
 
 import bench_dreambooth as db
 from bench_unet import build_ours, diffusers_twin, freeze_except, synchronize, time_interleaved, unet_config
-from ldm.evaluation.sampling import sample_images
-from ldm.fastpaths import adamw_options, compile_module, to_channels_last
+from ldm.models.diffusion.sampling import seeds_noise, text_to_image
+from ldm.modules.fastpaths import adamw_options, compile_module, to_channels_last
 from ldm.util import instantiate_from_config
+from twins import diffusers_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -252,12 +253,12 @@ def sd_model(check) -> Tuple[torch.nn.Module, object]:
 def txt2img_calls(check, model, pipe, n: int) -> Dict[str, Callable[[], None]]:
     """Our text-to-image path (autocast, as sample.py on a GPU) and StableDiffusionPipeline, batch n."""
     size, px = check.size, check.size["latent"] * 8
-    pairs = [(PROMPT, seed) for seed in range(n)]
+    x_T = seeds_noise(range(n), model.latent_shape(px, px))
     half = torch.float16 if check.device.type == "cuda" else torch.bfloat16
 
     def ours(m=model):
-        sample_images(m, pairs, px, size["steps"], size["scale"], batch_size=n,
-                      context=torch.autocast(check.device.type, dtype=half))
+        with torch.autocast(check.device.type, dtype=half):
+            text_to_image(m, [PROMPT] * n, x_T, steps=size["steps"], scale=size["scale"]).cpu()
 
     def theirs():
         pipe([PROMPT] * n, num_inference_steps=size["steps"], guidance_scale=size["scale"], height=px, width=px,
@@ -267,7 +268,6 @@ def txt2img_calls(check, model, pipe, n: int) -> Dict[str, Callable[[], None]]:
 
 def txt2img(check) -> None:
     """Seconds per image, 50 DDIM steps with guidance, batch 1 and 4: ours (autocast; fp16 weights) vs diffusers."""
-    from twins import diffusers_pipeline
     model, config = sd_model(check)
     half = torch.float16 if check.device.type == "cuda" else torch.bfloat16
     pipe = diffusers_pipeline(model, config).to(dtype=half)
@@ -311,7 +311,8 @@ def tf32_row(check, unet_model: torch.nn.Module) -> None:
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     check.row("fast path: TF32 matmuls, fp32 UNet train step, ms", "fp32", shape_of(check), f"{ms['tf32']:.2f}",
-              f"TF32 off {ms['fp32']:.2f}", ms["tf32"] / ms["fp32"], f"{n:,} params train; ldm.fastpaths.use_tf32")
+              f"TF32 off {ms['fp32']:.2f}", ms["tf32"] / ms["fp32"],
+              f"{n:,} params train; ldm.modules.fastpaths.use_tf32")
 
 
 def fused_adamw_row(check, unet_model: torch.nn.Module) -> None:
@@ -326,7 +327,7 @@ def fused_adamw_row(check, unet_model: torch.nn.Module) -> None:
     unet_model.zero_grad(set_to_none=True)
     check.row("fast path: fused AdamW step, all UNet params, ms", "fp32", f"{sum(p.numel() for p in params):,} params",
               f"{ms['fused']:.2f}", f"foreach {ms['foreach']:.2f}", ms["fused"] / ms["foreach"],
-              "ldm.fastpaths.adamw_options (fused on CUDA only)")
+              "ldm.modules.fastpaths.adamw_options (fused on CUDA only)")
 
 
 def channels_last_row(check, unet_model: torch.nn.Module) -> None:
@@ -343,7 +344,7 @@ def channels_last_row(check, unet_model: torch.nn.Module) -> None:
     ms = timed(check, {"cl": lambda: forward(nhwc, x_cl), "nchw": lambda: forward(nchw, x)})
     check.row("fast path: channels-last UNet forward, ms", str(half).split(".")[-1], shape_of(check),
               f"{ms['cl']:.2f}", f"NCHW {ms['nchw']:.2f}", ms["cl"] / ms["nchw"],
-              "ldm.fastpaths.to_channels_last; below 1 means worth turning on")
+              "ldm.modules.fastpaths.to_channels_last; below 1 means worth turning on")
 
 
 def adam8bit(check) -> None:

@@ -2,26 +2,22 @@
 
 The UNet goes through `bench_unet.diffusers_twin` (tested in tests/test_unet.py); the VAE through diffusers'
 `convert_ldm_vae_checkpoint`, the text encoder through `convert_ldm_clip_checkpoint` into transformers'
-`CLIPTextModel`, and the tokenizer is transformers' `CLIPTokenizer` on the vocabulary our tokenizer reads (written to
-a folder as vocab.json + merges.txt). `diffusers_pipeline` puts them into a `StableDiffusionPipeline` with a
-`DDIMScheduler` set up as our DDIM sampler (SD v1's "leading" spacing, steps_offset 1, alpha_prev of the first step
-from the schedule). tests/test_gpu_check.py checks the twin's images against ours.
+`CLIPTextModel`, and the tokenizer is transformers' `CLIPTokenizer` on the vocabulary our tokenizer reads (the files
+`scripts/export_diffusers.py` writes, `ldm.modules.diffusers_folder.write_tokenizer`). `diffusers_pipeline` puts them
+into a `StableDiffusionPipeline` with a `DDIMScheduler` set up as our DDIM sampler (SD v1's "leading" spacing,
+steps_offset 1, alpha_prev of the first step from the schedule). tests/test_gpu_check.py checks the twin's images against ours.
 """
 import functools
-import json
-import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
 
-BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH)]
+from bench_unet import diffusers_twin
+from ldm.modules.diffusers_folder import write_tokenizer
 
-from bench_unet import diffusers_twin  # noqa: E402
-from ldm.modules.encoders.clip_tokenizer import SPECIAL_TOKENS, load_vocab  # noqa: E402
+MAX_LENGTH = 77  # SD v1's text length
 
 
 def _load_meta(cls, config, state_dict) -> torch.nn.Module:
@@ -72,17 +68,12 @@ def diffusers_text_encoder(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
-def clip_tokenizer(folder: Optional[Path] = None):
+def clip_tokenizer():
     """transformers' CLIPTokenizer on our vocabulary (SD v1's: pad with <|endoftext|>, 77 tokens); one per process."""
     from transformers import CLIPTokenizer
-    folder = Path(folder or tempfile.mkdtemp(prefix="clip-tokenizer-"))
-    encoder, ranks = load_vocab()
-    (folder / "vocab.json").write_text(json.dumps(encoder))
-    merges = sorted(ranks, key=ranks.get)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), bos_token=SPECIAL_TOKENS[0],
-                         eos_token=SPECIAL_TOKENS[1], pad_token=SPECIAL_TOKENS[1], unk_token=SPECIAL_TOKENS[1],
-                         model_max_length=77)
+    folder = Path(tempfile.mkdtemp(prefix="clip-tokenizer-")) / "tokenizer"
+    write_tokenizer(folder, MAX_LENGTH)
+    return CLIPTokenizer.from_pretrained(str(folder))
 
 
 def ddim_scheduler(model: torch.nn.Module):

@@ -12,9 +12,8 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from ldm.checkpoint import atomic_write
-from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules.adapter_io import save_adapter_to_dir
-from ldm.modules.adapters import adapter_groups
+from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image
+from ldm.modules.adapters import adapter_groups, save_adapter_to_dir
 from ldm.util import image_grid, to_pil
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ class AdapterCheckpoint(pl.Callback):
     """Writes the trained adapters to checkpoints/<step>-adapters every N steps and at the end (as the paper's code).
 
     <step> is the index of the last step taken, counted from 0: after 1000 steps the folder is 999-adapters. A group
-    on the UNet and the text encoder goes into one directory (`ldm.modules.adapter_io`); other groups than "default"
+    on the UNet and the text encoder goes into one directory (`ldm.modules.adapters.io`); other groups than "default"
     into <step>-adapters-<group>.
     """
 
@@ -72,18 +71,19 @@ class ImageLogger(pl.Callback):
     """Samples fixed prompts from fixed noise every N steps into images/step-NNNNNN.png, so the subject can be watched.
 
     The default prompts are the subject prompt and the class prompt of the training data (a caption dataset's first
-    caption). Sampling uses its own
-    generator: the training RNG is left alone. The grid has one row per prompt.
+    caption). Sampling uses its own generator (the training RNG is left alone) and `sampler` (a name of
+    `ldm.models.diffusion.sampling.SAMPLERS`, DDIM by default). The grid has one row per prompt.
     """
 
     def __init__(self, batch_frequency: int = 500, max_images: int = 8, prompts: Optional[Sequence[str]] = None,
                  seed: int = 42, ddim_steps: int = 50, scale: float = 7.0, log_on_start: bool = True,
-                 disabled: bool = False, **unused: Any):
+                 disabled: bool = False, sampler: str = "ddim", **unused: Any):
         if unused:
             log.info("ImageLogger ignores %s", ", ".join(sorted(unused)))
         self.batch_frequency, self.max_images, self.prompts = batch_frequency, max_images, prompts
         self.seed, self.ddim_steps, self.scale = seed, ddim_steps, scale
         self.log_on_start, self.disabled = log_on_start, disabled
+        self.sampler = sampler_name(sampler)  # a misspelt name fails when the callback is built, not at step 0
 
     def _prompts(self, trainer: pl.Trainer) -> List[str]:
         if self.prompts:
@@ -93,30 +93,20 @@ class ImageLogger(pl.Callback):
 
     def _size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
         dataset = getattr(trainer.datamodule, "datasets", {}).get("instance")
-        return getattr(dataset, "size", pl_module.image_size * 8) // 8
+        return getattr(dataset, "size", pl_module.pixel_size)
 
     @torch.no_grad()
     def sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
         """(len(prompts) * n, 3, H, W) images in [-1, 1], n = max_images // len(prompts) per prompt."""
         prompts = self._prompts(trainer)
         n = max(1, self.max_images // max(1, len(prompts)))
-        h = self._size(trainer, pl_module)
-        g = torch.Generator().manual_seed(self.seed)
-        x_T = torch.randn((n, pl_module.channels, h, h), generator=g).repeat(len(prompts), 1, 1, 1)
+        size = self._size(trainer, pl_module)
+        x_T = seed_noise(self.seed, (n, *pl_module.latent_shape(size, size))).repeat(len(prompts), 1, 1, 1)
         texts = [p for p in prompts for _ in range(n)]
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with trainer.precision_plugin.forward_context():
-                c = pl_module.get_learned_conditioning(texts)
-                uc = pl_module.get_learned_conditioning([""] * len(texts)) if self.scale != 1.0 else None
-                z, _ = DDIMSampler(pl_module).sample(self.ddim_steps, len(texts), x_T.shape[1:], c,
-                                                     unconditional_guidance_scale=self.scale,
-                                                     unconditional_conditioning=uc, x_T=x_T.to(pl_module.device),
-                                                     verbose=False)
-                return pl_module.decode_first_stage(z).float().cpu()
-        finally:
-            pl_module.train(was_training)
+        with trainer.precision_plugin.forward_context():
+            images = text_to_image(pl_module, texts, x_T, sampler=self.sampler, steps=self.ddim_steps,
+                                   scale=self.scale)
+        return images.float().cpu()
 
     def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.disabled or not trainer.is_global_zero:

@@ -159,16 +159,17 @@ def select(sd: Dict[str, torch.Tensor], prefixes: Iterable[str]) -> Dict[str, to
     return {k: v for k, v in sd.items() if k.startswith(prefixes)}
 
 
-def load_trained_parameters(model: torch.nn.Module, path: str, skip_adapters: bool = False) -> Optional[int]:
+def load_trained_parameters(model: torch.nn.Module, path: str, skip: Optional[Callable[[str], bool]] = None
+                            ) -> Optional[int]:
     """Copy the trained parameters of a main_dream_booth.py training checkpoint (`last.ckpt`: the state_dict of what
-    trained) into `model`; with `skip_adapters`, only the network's own weights (the adapters come from their
+    trained) into `model`, leaving out the keys `skip` selects (e.g. the adapters', when they come from their
     directory). Returns the checkpoint's step."""
     checkpoint = _read(path, "training checkpoint")
     trained = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(trained, dict):
         raise CheckpointError(f"'{path}' is not a main_dream_booth.py training checkpoint (it has no state_dict)")
-    if skip_adapters:
-        trained = {k: v for k, v in trained.items() if ".adapters." not in k}
+    if skip is not None:
+        trained = {k: v for k, v in trained.items() if not skip(k)}
         if not trained:
             raise CheckpointError(f"'{path}' holds adapters only (the base was frozen): load its <step>-adapters "
                                   "directory instead")

@@ -20,11 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import AdapterCheckpoint, AtomicCheckpointIO, TrainStats
 from ldm.checkpoint import atomic_write
+from ldm.config import apply_flags, apply_override, load_configs
 from ldm.data.class_images import ensure_class_images
 from ldm.data.dreambooth import DataError, format_prompt, usable_images
 from ldm.models.diffusion.dreambooth import scaled_learning_rate
 from ldm.modules.adapters import adapters_enable
-from ldm.util import ConfigError, instantiate_from_config, parse_yaml_value
+from ldm.util import ConfigError, instantiate_from_config
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,12 @@ def resolve_resume(resume: str) -> Tuple[Path, Optional[Path]]:
 
 
 def load_config(opt: argparse.Namespace, resume_logdir: Optional[Path]) -> DictConfig:
-    """The run's config: its saved config.yaml when resuming, then --base files in order, key=value overrides, flags."""
+    """The run's config: its saved config.yaml when resuming, then --base files in order, key=value overrides, flags
+    (the config language of `ldm.config`)."""
     files = ([resume_logdir / CONFIG_FILE] if resume_logdir else []) + [Path(b) for b in opt.base]
     if not files:
         raise ConfigError("no config: pass --base CONFIG (e.g. configs/sd-inject-dreambooth/attn2o-ffni.yaml)")
-    for f in files:
-        if not f.is_file():
-            raise ConfigError(f"config file not found: '{f}'")
-    config = OmegaConf.merge(*[OmegaConf.load(f) for f in files])
+    config = load_configs(files)
     for item in opt.overrides:
         apply_override(config, item)
     for root in ("model", "data"):
@@ -62,49 +61,6 @@ def load_config(opt: argparse.Namespace, resume_logdir: Optional[Path]) -> DictC
                               "configs/stable-diffusion/v1-finetune-dreambooth.yaml")
     apply_flags(config, opt)
     return config
-
-
-CONFIG_ROOTS = ("model", "data", "lightning")
-
-
-def apply_override(config: DictConfig, item: str) -> None:
-    """KEY=VALUE with a dotted key (list items by index: a.0.b) and a YAML value, or an alias as sweep files take
-    them: `din`, `dout`, `method`, `mid_dim`, `scale` (that field of every block adapter of the UNet), `lr`, `steps`.
-    A key outside the config's sections is an error (it would be silently unused)."""
-    from ldm.sweep.spec import ADAPTER_FIELDS, KEY_ALIASES, set_adapter_field  # (it imports ldm.train)
-    key, _, text = item.partition("=")
-    key = KEY_ALIASES.get(key.strip(), key.strip())
-    try:
-        value = parse_yaml_value(text)
-        if key in ADAPTER_FIELDS:
-            set_adapter_field(config, key, value)
-            return
-        if key.split(".")[0] not in (*CONFIG_ROOTS, *config.keys()):
-            raise ConfigError(f"'{key.split('.')[0]}' is not a section of the config: write a dotted key such as "
-                              f"model.params.reg_weight=0.5, or an alias ({', '.join(ADAPTER_FIELDS + tuple(KEY_ALIASES))})")
-        OmegaConf.update(config, key, value, force_add=True)
-    except Exception as e:  # OmegaConf and YAML raise many kinds; all mean the same thing to the user
-        raise ConfigError(f"cannot apply the override '{item}': {e}") from None
-
-
-def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
-    """Write --data_root (subject images or caption folder), --reg_data_root, --class_word, --actual_resume,
-    --max_steps into the config."""
-    data = config.data.params
-    if opt.data_root:
-        OmegaConf.update(data, "train.params.data_root", opt.data_root, force_add=True)
-    if opt.reg_data_root:
-        if "reg" not in data:
-            raise ConfigError("--reg_data_root given but the config has no data.params.reg section")
-        OmegaConf.update(data, "reg.params.data_root", opt.reg_data_root, force_add=True)
-    if opt.class_word:
-        for part in ("train", "reg"):
-            if part in data:
-                OmegaConf.update(data, f"{part}.params.class_word", opt.class_word, force_add=True)
-    if opt.actual_resume:
-        OmegaConf.update(config, "model.params.ckpt_path", opt.actual_resume, force_add=True)
-    if opt.max_steps is not None:
-        OmegaConf.update(config, "lightning.trainer.max_steps", opt.max_steps, force_add=True)
 
 
 def check_data_config(config: DictConfig) -> None:
@@ -124,7 +80,7 @@ def check_data_config(config: DictConfig) -> None:
             raise ConfigError("--reg_data_root is set but no class word: pass --class_word (e.g. dog), the class "
                               "the subject belongs to, so class images and prompts can be made")
     if not OmegaConf.select(config, "model.params.ckpt_path"):
-        raise ConfigError("no base weights: pass --actual_resume SD.ckpt (an SD v1 .ckpt or .safetensors)")
+        raise ConfigError("no base weights: pass --actual_resume SD.ckpt (an SD v1 .ckpt or .safetensors, or a diffusers folder)")
 
 
 # ---- log dir ----------------------------------------------------------------------------------------------------

@@ -33,6 +33,14 @@ class ConfigError(ValueError):
     """A config names something that does not exist or is missing a required field."""
 
 
+def optional_import(name: str, needed_for: str, fix: str, error: type = ImportError) -> Any:
+    """Module `name` of an optional package, or `error` saying what needs it and how to get it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise error(f"{needed_for} needs {name.split('.')[0]} ({e}): {fix}") from None
+
+
 def exists(x: Any) -> bool:
     return x is not None
 

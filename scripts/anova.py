@@ -3,8 +3,11 @@
     python scripts/anova.py sweeps/pairs/results.csv --factors din dout --out sweeps/pairs/analysis
     python scripts/anova.py results.csv --factors din dout method --interactions din:dout --metrics dino_i clip_t
 
-Type II ANOVA (statsmodels) with eta², Tukey HSD for factors with p < --alpha; tables as CSV and Markdown, PNG plots,
-and <out>/report.md linking them. Factors default to the sweep's (from sweep.json beside the table) without seed.
+Type II ANOVA with eta² and partial eta² (with intervals and the power of each test), the seed as a block, every
+factor's levels with intervals and pairwise comparisons adjusted for the other terms (Holm), the design points
+compared with each other, correlations between metrics, and findings written from those numbers; tables as CSV and
+Markdown, PNG plots, and <out>/report.md linking them. Factors default to the sweep's (from sweep.json beside the
+table) without seed; blocks default to the table's seed column.
 """
 import argparse
 import json
@@ -12,25 +15,29 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from ldm.evaluation.anova import AnalysisError, analyse, parse_interactions  # noqa: E402
-from ldm.evaluation.report import write_report  # noqa: E402
+from ldm.evaluation.anova import AnalysisError, parse_interactions
+from ldm.evaluation.report import write_report
+from ldm.evaluation.study import analyse
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("table", help="the results CSV of scripts/evaluate.py")
     p.add_argument("--factors", nargs="+", help="factor columns (default: the sweep's factors except seed)")
-    p.add_argument("--metrics", nargs="+", help="metric columns (default: every <backend>_i, <backend>_t, <backend>_prior, fid)")
+    p.add_argument("--metrics", nargs="+",
+                   help="metric columns (default: every <backend>_i, <backend>_t, <backend>_prior, fid)")
     p.add_argument("--interactions", nargs="*", default=[], metavar="A:B", help="interaction terms, e.g. din:dout")
-    p.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    p.add_argument("--blocks", nargs="*", help="replicate columns modelled as additive blocks (default: seed, when "
+                                                "the table has it with 2 or more levels; --blocks alone for none)")
+    p.add_argument("--alpha", type=float, default=0.05, help="significance level in (0, 1) (default 0.05); "
+                                                             "intervals are at 1 - alpha")
     p.add_argument("--out", help="report folder (default: analysis/ beside the table)")
-    return p.parse_args(argv)
+    opt = p.parse_args(argv)
+    if not 0 < opt.alpha < 1:  # NaN fails too
+        p.error(f"--alpha must be between 0 and 1 (exclusive), got {opt.alpha}: e.g. --alpha 0.05")
+    return opt
 
 
 def sweep_factors(table: Path) -> List[str]:
@@ -50,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
             raise AnalysisError(f"results table not found: '{path}' (scripts/evaluate.py writes it)")
         table = pd.read_csv(path)
         factors = opt.factors or sweep_factors(path)
-        results = analyse(table, opt.metrics, factors, opt.interactions, opt.alpha)
+        results = analyse(table, opt.metrics, factors, opt.interactions, opt.alpha, opt.blocks)
         interactions = parse_interactions(opt.interactions, factors)
         report = write_report(table, results, factors, interactions, Path(opt.out or path.parent / "analysis"),
                               source=path.name, alpha=opt.alpha)

@@ -1,5 +1,5 @@
 """Convert LoRA / (IA)^3 adapters between our adapter directories and the files other tools read: kohya / A1111 /
-ComfyUI safetensors and diffusers' pytorch_lora_weights.safetensors (ldm/modules/lora_export.py has the names).
+ComfyUI safetensors and diffusers' pytorch_lora_weights.safetensors (ldm/modules/adapters/files.py has the names).
 
     python scripts/convert_lora.py --input logs/<run>/checkpoints/999-adapters --output my_lora.safetensors --to kohya
     python scripts/convert_lora.py --input logs/<run>/checkpoints/999-adapters --output my_lora_diffusers --to diffusers
@@ -11,15 +11,11 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.modules.adapter_config import AdapterConfigError  # noqa: E402
-from ldm.modules.adapter_io import load_adapter_from_dir, save_adapter_to_dir  # noqa: E402
-from ldm.modules.adapter_merge import base_model  # noqa: E402
-from ldm.modules.lora_export import FORMATS, save_lora_file  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.checkpoint import CheckpointError
+from ldm.config import build_base_model, load_configs
+from ldm.modules.adapters import FORMATS, AdapterConfigError, load_adapter_from_dir, save_adapter_to_dir, save_lora_file
+from ldm.util import ConfigError
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a directory
 
@@ -41,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> Path:
     if opt.to == "diffusers" and output.suffix != ".safetensors":
         output = output / DIFFUSERS_FILE
     try:
-        model = base_model(opt.config)  # meta device: names and shapes only
+        model = build_base_model(load_configs([opt.config]))  # meta device: names and shapes only
         load_adapter_from_dir(model, opt.input, "lora")
         if opt.to == "dir":
             save_adapter_to_dir(model, str(output), "lora")

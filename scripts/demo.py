@@ -6,15 +6,11 @@ Writes OUTDIR/before_after.png (rows: "photo of a sks star" and "photo of a star
 noise), OUTDIR/metrics.json, and the training run under OUTDIR/logs/.
 """
 import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from ldm.tinyworld.demo import run_demo  # noqa: E402
+from ldm.tinyworld.demo import run_demo
+from ldm.util import setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -38,4 +34,5 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging(timestamps=False)
     main()

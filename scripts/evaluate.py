@@ -14,20 +14,17 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
-
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.evaluation.backends import EvaluationError, backend_names, get_backend  # noqa: E402
-from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, evaluate_runs, find_runs  # noqa: E402
-from ldm.evaluation.metrics import fid_metric  # noqa: E402
-from ldm.evaluation.sampling import SAMPLERS  # noqa: E402
-from ldm.evaluation.table import done_runs  # noqa: E402
-from ldm.sweep.spec import SweepError  # noqa: E402
-from ldm.util import pick_device, setup_logging  # noqa: E402
+from ldm.checkpoint import CheckpointError
+from ldm.data.dreambooth import DataError, list_images
+from ldm.evaluation.backends import EvaluationError, backend_names, get_backend
+from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, evaluate_runs, find_runs
+from ldm.evaluation.fid import FID_WEIGHTS, fid_metric
+from ldm.evaluation.table import done_runs
+from ldm.models.diffusion.sampling import SAMPLER_NAMES
+from ldm.sweep.spec import SweepError
+from ldm.util import pick_device, setup_logging
 
 USER_ERRORS = (EvaluationError, SweepError, CheckpointError)
 
@@ -43,22 +40,26 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2,3", help="seeds, one sample per prompt and seed (default 0,1,2,3)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), default="ddim")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--step", type=int, help="evaluate checkpoints/<step>-adapters (default: the last)")
     p.add_argument("--prior_prompt", default="photo of a {class_word}",
                    help="prior preservation: this prompt sampled with and without the adapters from the same seeds, "
                         "compared pairwise (<metric>_prior column); 'none' to skip (default: %(default)s)")
-    p.add_argument("--fid", metavar="DIR", help="also FID against the images in DIR")
-    p.add_argument("--fid_weights", metavar="FILE", help="Inception weights for --fid "
-                                                         "(pt_inception-2015-12-05-6726825d.pth; needs torch-fidelity)")
+    p.add_argument("--fid", metavar="DIR", help="also FID against the images in DIR (torch-fidelity's Inception-v3 "
+                                                "path, as published FIDs; references resized to the samples' size)")
+    p.add_argument("--fid_weights", metavar="FILE", help=f"Inception weights for --fid ({FID_WEIGHTS}; needs "
+                                                         "torch-fidelity)")
     p.add_argument("--fid_features", metavar="NAME", help="compute --fid in this metric backend's feature space "
-                                                          "instead of Inception's (one of the --metric names)")
+                                                          "instead of Inception's (one of the --metric names; not "
+                                                          "comparable with published FID)")
     p.add_argument("--force", action="store_true", help="evaluate runs that already have a row again")
     p.add_argument("--device", help="torch device (default: the first GPU, else the CPU)")
     opt = p.parse_args(argv)
     if not opt.metric and not opt.fid:
         p.error("choose at least one --metric (or --fid)")
+    if (opt.fid_weights or opt.fid_features) and not opt.fid:
+        p.error("--fid_weights and --fid_features need --fid DIR (the reference images)")
     return opt
 
 
@@ -90,9 +91,18 @@ def build_metrics(opt: argparse.Namespace, device) -> Metrics:
     if opt.fid:
         if opt.fid_features and opt.fid_features not in backends:
             raise EvaluationError(f"--fid_features {opt.fid_features} must be one of the --metric names")
+        reference_images(opt.fid)
         features = backends.get(opt.fid_features) if opt.fid_features else None
-        metrics.fid, metrics.fid_reference = fid_metric(opt.fid_weights, features), opt.fid
+        metrics.fid, metrics.fid_reference = fid_metric(opt.fid_weights, features, device), opt.fid
     return metrics
+
+
+def reference_images(folder: str) -> None:
+    """The --fid folder must hold images (checked before any run is sampled)."""
+    try:
+        list_images(folder)
+    except DataError as e:
+        raise EvaluationError(f"--fid: {e}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> Path:

@@ -4,23 +4,20 @@ Each file is the merged --base configs plus one adapter under model.params.unet_
 the paper's sizes. tests/test_adapters.py checks the committed files match this script's output.
 """
 import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from ldm.config import load_configs
+from ldm.modules.adapters import INITS, METHODS, SECTION_OF, section_value, valid_pairs
 
-from ldm.modules.adapters import INITS, METHODS, valid_pairs  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 # The shared template: the model, then the DreamBooth training sections, merged in order (CompVis --base style).
 BASES = ["configs/stable-diffusion/v1-inference.yaml", "configs/stable-diffusion/v1-finetune-dreambooth.yaml"]
 # The paper's bottleneck widths: 60 in every transformer block; ResBlock widths that give ~3.3M parameters each.
 MID_DIM = {"transformer": 60, ("resi", "resi"): 6, ("resi", "reso"): 7, ("reso", "reso"): 9}
-SECTION = {"transformer": "transformer_adp_config", "resblock": "resblock_adp_config"}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -39,13 +36,13 @@ def adapter_config(kind: str, din: str, dout: str, method: str, init: str) -> di
     mid_dim = MID_DIM[kind] if kind == "transformer" else MID_DIM[(din, dout)]
     entry = {"type": "inout", "din": din, "dout": dout, "mid_dim": mid_dim, "method": method, "scale": 1.0,
              "init": init}
-    return {SECTION[kind]: [entry] if kind == "transformer" else entry}
+    return {SECTION_OF[kind]: section_value(SECTION_OF[kind], [entry])}
 
 
 def main(argv: Optional[List[str]] = None) -> List[Path]:
     opt = parse_args(argv)
     bases = opt.base or BASES
-    template = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in bases])
+    template = load_configs([REPO / b for b in bases])
     outdir = Path(opt.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     written = []

@@ -1,6 +1,6 @@
 """Merge adapters as cloneofsimo/lora's `lora_add` does: a LoRA or (IA)^3 into a base SD checkpoint (upl), or two
 LoRAs into one (lpl: cloneofsimo's mix of the factors; exact: ΔW = α·ΔW1 + (1-α)·ΔW2). The formulas are in
-ldm/modules/adapter_merge.py.
+ldm/modules/adapters/merge.py.
 
     python scripts/merge.py --mode upl --path_1 sd-v1-5.ckpt --path_2 logs/<run>/checkpoints/999-adapters \
         --alpha 1.0 --output_path sd-v1-5-merged.ckpt
@@ -13,14 +13,11 @@ from pathlib import Path
 from typing import List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
-from ldm.checkpoint import CheckpointError  # noqa: E402
-from ldm.modules.adapter_config import AdapterConfigError  # noqa: E402
-from ldm.modules.adapter_merge import MODES, combine_loras, merge_into_checkpoint  # noqa: E402
-from ldm.modules.lora_export import FORMATS  # noqa: E402
-from ldm.util import ConfigError  # noqa: E402
+from ldm.checkpoint import CheckpointError
+from ldm.config import build_base_model, load_configs
+from ldm.modules.adapters import FORMATS, MODES, AdapterConfigError, combine_loras, merge_into_checkpoint
+from ldm.util import ConfigError
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -45,11 +42,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> Path:
     opt = parse_args(argv)
     try:
-        if opt.mode == "upl":
-            merge_into_checkpoint(opt.config, opt.path_1, opt.path_2, opt.output_path,
+        config = load_configs([opt.config])
+        if opt.mode == "upl":  # real weights to merge into; lpl / exact need names and shapes only (meta)
+            merge_into_checkpoint(build_base_model(config, opt.path_1), opt.path_2, opt.output_path,
                                   1.0 if opt.alpha is None else opt.alpha)
         else:
-            combine_loras(opt.config, opt.path_1, opt.path_2, opt.output_path, opt.mode,
+            combine_loras(build_base_model(config), opt.path_1, opt.path_2, opt.output_path, opt.mode,
                           0.5 if opt.alpha is None else opt.alpha, opt.format)
     except (AdapterConfigError, CheckpointError, ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

@@ -10,19 +10,17 @@ Re-running skips finished runs and retries failed ones (from their last checkpoi
 ldm/sweep/spec.py.
 """
 import argparse
+import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from ldm.sweep.launch import job_lines, run_all, run_index  # noqa: E402
-from ldm.sweep.runs import STATES, load_runs, prepare, summary  # noqa: E402
-from ldm.sweep.spec import SweepError  # noqa: E402
-from ldm.modules.adapter_config import AdapterConfigError  # noqa: E402
-from ldm.util import ConfigError, setup_logging  # noqa: E402
+from ldm.modules.adapters import AdapterConfigError
+from ldm.sweep.launch import run_all, run_index
+from ldm.sweep.runs import STATES, check_base_weights, load_runs, plan, planned_runs, prepare, summary
+from ldm.sweep.spec import SweepError
+from ldm.util import ConfigError, setup_logging
 
 USER_ERRORS = (SweepError, ConfigError, AdapterConfigError)
 
@@ -42,7 +40,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep_dir", help="where the runs go (default: sweeps/<sweep file name>)")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--devices", type=str, help="GPU indices to spread the runs over, one per run: 0,1,2,3")
-    p.add_argument("--print_jobs", action="store_true", help="print one shell command per unfinished run and stop")
+    p.add_argument("--print_jobs", action="store_true",
+                   help="print one shell command per unfinished run (this script with --run_index, from this folder) "
+                        "and stop; writes nothing, checks the base weights")
     p.add_argument("--run_index", type=int, help="run only the run with this index (0-based, e.g. a SLURM array task)")
     p.add_argument("--prepare_only", action="store_true", help="write the run folders and stop")
     p.add_argument("--python", default=None, help="Python for the runs (default: this one; 'python' in --print_jobs)")
@@ -65,12 +65,23 @@ def print_status(sweep_dir: str, verbose: bool) -> Dict[str, List[str]]:
     return by_state
 
 
+def job_lines(opt: argparse.Namespace) -> List[str]:
+    """One shell command per run that is not done: this script with --run_index, run from this folder (the sweep
+    file's relative paths are taken from it); each job prepares the sweep folder itself. Nothing is written here."""
+    _, _, grid = plan(opt.spec, opt.sweep_dir)
+    check_base_weights(grid)
+    here, script = shlex.quote(os.getcwd()), str(Path(__file__).resolve())
+    return [f"cd {here} && " + shlex.join([opt.python or "python", script, opt.spec, "--sweep_dir", opt.sweep_dir,
+                                           "--run_index", str(run.index)])
+            for run in planned_runs(grid, opt.sweep_dir) if run.state != "done"]
+
+
 def run(opt: argparse.Namespace) -> int:
-    """Prepare the sweep folder, then print the jobs, run one, or run all; returns the number of failed runs."""
-    runs = prepare(opt.spec, opt.sweep_dir)
+    """Print the jobs, or prepare the sweep folder and then run one run or all; returns the number of failed runs."""
     if opt.print_jobs:
-        print("\n".join(job_lines(runs, opt.python or "python")))
+        print("\n".join(job_lines(opt)))
         return 0
+    runs = prepare(opt.spec, opt.sweep_dir)
     if opt.prepare_only:
         print(f"{len(runs)} runs prepared in {opt.sweep_dir}")
         return 0

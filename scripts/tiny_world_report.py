@@ -6,15 +6,10 @@ Trains the demo adapter with and without prior preservation for each seed (main_
 writes OUTDIR/tiny-world-report.md and .json.
 """
 import argparse
-import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from ldm.tinyworld.report import write_report  # noqa: E402
+from ldm.tinyworld.report import write_report
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -6,18 +6,13 @@ A killed run resumes from its stage checkpoints in work_dir. Uses the first CUDA
 """
 import argparse
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from ldm.tinyworld.base import train_base  # noqa: E402
-from ldm.util import setup_logging  # noqa: E402
+from ldm.tinyworld.base import train_base
+from ldm.util import setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

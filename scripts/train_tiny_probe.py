@@ -4,15 +4,10 @@
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from ldm.tinyworld.probe import DEFAULT_PROBE, probe_accuracy, save_probe, train_probe  # noqa: E402
+from ldm.tinyworld.probe import DEFAULT_PROBE, probe_accuracy, save_probe, train_probe
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

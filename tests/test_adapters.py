@@ -13,11 +13,11 @@ from PIL import Image
 import sample
 from conftest import REPO, TINY_CONFIG, randomize_zero_layers
 from ldm.checkpoint import save_state_dict
-from ldm.modules import adapter_io
-from ldm.modules.adapter_io import CONFIG_FILE, WEIGHTS_FILE, AdapterDirError
-from ldm.modules.adapters import (METHODS, AdapterConfigError, adapter_blocks, adapter_groups, adapter_parameters,
-                                  freeze_except_adapters, inject_adapters, parse_adapter_config, remove_adapters,
-                                  set_adapter_scale, valid_pairs)
+from ldm.modules.adapters import io as adapter_io
+from ldm.modules.adapters import (CONFIG_FILE, METHODS, WEIGHTS_FILE, AdapterConfigError, AdapterDirError,
+                                  adapter_blocks, adapter_groups, adapter_parameters, freeze_except_adapters,
+                                  inject_adapters, parse_adapter_config, remove_adapters, set_adapter_scale,
+                                  valid_pairs)
 from ldm.util import count_params, instantiate_from_config
 from scripts import make_adapter_configs
 

@@ -15,9 +15,9 @@ from conftest import REPO, build_tiny
 from ldm.checkpoint import save_state_dict
 from ldm.evaluation import backends
 from ldm.evaluation.backends import (EvaluationError, MetricBackend, WeightsNotFoundError, backend_names,
-                                     get_backend, register_backend)
-from ldm.evaluation.metrics import (cosine_matrix, fid_metric, frechet_distance, prior_preservation, prompt_fidelity,
-                                    subject_fidelity)
+                                     get_backend)
+from ldm.evaluation.fid import fid_metric
+from ldm.evaluation.metrics import cosine_matrix, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.evaluation.table import read_rows, upsert_row
 from scripts import evaluate as evaluate_script
@@ -115,14 +115,6 @@ def test_dino_and_clip_backends_from_local_folders(tiny_dino, tiny_clip):
     assert not get_backend("dino", str(tiny_dino)).has_text
 
 
-def test_fid_in_a_backends_feature_space(tiny_dino):
-    dino = get_backend("dino", str(tiny_dino))
-    x = torch.rand(24, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    metric = fid_metric(features=dino)
-    assert frechet_distance(metric, x, x) == pytest.approx(0.0, abs=1e-3)
-    assert frechet_distance(metric, x * 0.3, x) > 10 * max(frechet_distance(metric, x, x), 1e-4)
-
-
 def test_missing_weights_are_named(tmp_path, tiny_dino):
     with pytest.raises(WeightsNotFoundError, match="needs local weights .*pass --metric dino=PATH"):
         get_backend("dino", None)
@@ -142,26 +134,23 @@ def test_missing_weights_are_named(tmp_path, tiny_dino):
         evaluate_script.main([str(tmp_path), "--metric", f"dino={tmp_path / 'nowhere'}"])
 
 
-def test_registration_hook_imports_lazy_backends_by_name(tmp_path, monkeypatch):
-    """The tiny world's backend plugs in as 'tinyworld' this way; here a stand-in module registers 'fakeworld'."""
-    assert "tinyworld" in backend_names()
+def test_backends_are_listed_by_path_and_imported_when_asked_for(tmp_path, monkeypatch):
+    """A backend is one line of BACKENDS (name -> dotted path); its module is imported only when it is asked for."""
+    assert {"dino", "clip", "tinyworld"} <= set(backend_names())
     (tmp_path / "fakeworld_metrics.py").write_text(
-        "from ldm.evaluation.backends import MetricBackend, register_backend\n"
-        "@register_backend('fakeworld')\n"
+        "from ldm.evaluation.backends import MetricBackend\n"
         "class Fake(MetricBackend):\n"
         "    def __init__(self, weights=None, device=None):\n"
         "        self.weights = weights\n"
         "    def image_features(self, images):\n"
         "        return images.flatten(1)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(backends.LAZY_BACKENDS, "fakeworld", "fakeworld_metrics")
-    monkeypatch.setitem(backends.LAZY_BACKENDS, "elsewhere", "no_such_module_anywhere")
-    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    monkeypatch.setitem(backends.BACKENDS, "fakeworld", "fakeworld_metrics.Fake")
+    monkeypatch.setitem(backends.BACKENDS, "elsewhere", "no_such_module_anywhere.Backend")
+    assert "fakeworld_metrics" not in sys.modules
     assert get_backend("fakeworld", "w").weights == "w"
-    with pytest.raises(EvaluationError, match="lives in no_such_module_anywhere, which cannot be imported"):
+    with pytest.raises(EvaluationError, match="cannot be loaded from no_such_module_anywhere.Backend"):
         get_backend("elsewhere")
-    register_backend("direct")(MeanColour)
-    assert isinstance(get_backend("direct"), MeanColour)
     sys.modules.pop("fakeworld_metrics", None)
 
 
@@ -342,27 +331,30 @@ def study_table(metric_of):
 def test_anova_of_a_constant_metric_reports_no_variance(tmp_path):
     """A metric equal in every run (e.g. adapters that could not learn) gave round-off as sums of squares and a
     partial eta² of -2.2 with an empty summary line; now every statistic is empty and the report says why."""
-    from ldm.evaluation.anova import CONSTANT_NOTE, analyse_metric
+    from ldm.evaluation.anova import CONSTANT_NOTE
+    from ldm.evaluation.study import analyse_metric
     from scripts import anova as anova_script
     table = study_table(lambda din, seed: 0.47455400228500366)
     result = analyse_metric(table, "tinyworld_i", ["din", "dout"])
-    assert CONSTANT_NOTE in result.notes and not result.tukey
+    assert CONSTANT_NOTE in result.notes and not result.levels and not result.pairs
     assert (result.anova.sum_sq == 0).all()
-    assert result.anova[["F", "p", "eta_sq", "partial_eta_sq"]].isna().all().all()
+    assert result.anova[["F", "p", "eta_sq", "partial_eta_sq", "partial_eta_sq_low"]].isna().all().all()
     table.to_csv(tmp_path / "results.csv", index=False)
     report = anova_script.main([str(tmp_path / "results.csv"), "--factors", "din", "dout"]).read_text()
-    assert f"- **tinyworld_i**: {CONSTANT_NOTE}" in report and "eta² ," not in report
+    findings = report.split("## Findings")[1].split("## tinyworld_i")[0]
+    assert f"- {CONSTANT_NOTE}." in findings and "drives" not in findings and "Top" not in findings
 
 
 def test_anova_credits_nothing_to_a_term_confounded_with_the_others():
     """din and dout that always change together: neither has a degree of freedom of its own, so each explains 0
     (not the round-off of two equal fits, which came out negative)."""
-    from ldm.evaluation.anova import analyse_metric
-    from ldm.evaluation.report import summary_lines
+    from ldm.evaluation.findings import metric_findings
+    from ldm.evaluation.study import analyse_metric
     result = analyse_metric(study_table(lambda din, seed: 0.4 + 0.1 * (din == "resi") + 0.01 * seed),
                             "tinyworld_i", ["din", "dout"])
     anova = result.anova.set_index("term")
     assert list(anova.loc[["din", "dout"], "df"]) == [0, 0] and (anova.loc[["din", "dout"], "sum_sq"] == 0).all()
     assert (anova.loc[["din", "dout"], ["eta_sq", "partial_eta_sq"]] == 0).all().all()
     assert anova.loc[["din", "dout"], "p"].isna().all() and "rank-deficient" in result.notes[0]
-    assert "din (eta² 0, p n/a: no df of its own)" in summary_lines([result], ["din", "dout"])[0]
+    assert "- din: no degree of freedom of its own (confounded with the other terms), so not tested." in \
+        metric_findings(result)

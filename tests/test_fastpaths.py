@@ -1,4 +1,4 @@
-"""ldm.fastpaths: torch.compile in place with an eager fallback and a clear message, the CUDA-only fast paths (TF32,
+"""ldm.modules.fastpaths: torch.compile in place with an eager fallback and a clear message, the CUDA-only fast paths (TF32,
 fused AdamW) off on the CPU, and the wiring of `model.params.compile` and `sample.py --compile`."""
 import logging
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import ldm.fastpaths as fastpaths
+import ldm.modules.fastpaths as fastpaths
 import main_dream_booth
 import sample
 from conftest import REPO, TINY_CONFIG
-from ldm.fastpaths import adamw_options, apply_fast_paths, compile_module, is_compiled, use_tf32
+from ldm.modules.fastpaths import adamw_options, apply_fast_paths, compile_module, is_compiled, use_tf32
 from ldm.util import instantiate_from_config
 from test_train import BASES, argv, base_ckpt, world  # noqa: F401 (base_ckpt and world are fixtures)
 
@@ -38,7 +38,7 @@ def test_a_backend_that_fails_falls_back_to_eager_with_a_warning(caplog):
     model, x = mlp(), torch.randn(3, 8)
     expected = model(x)
     assert compile_module(model, CPU, backend=failing_backend)
-    with caplog.at_level(logging.WARNING, logger="ldm.fastpaths"):
+    with caplog.at_level(logging.WARNING, logger="ldm.modules.fastpaths"):
         out = model(x)
     assert torch.equal(out, expected) and not is_compiled(model)
     assert "torch.compile failed" in caplog.text and "runs eager from now on" in caplog.text
@@ -61,7 +61,7 @@ def test_an_error_of_the_model_itself_still_raises():
 def test_no_cpp_compiler_means_eager_with_the_reason(monkeypatch, caplog):
     monkeypatch.setattr(fastpaths.shutil, "which", lambda name: None)
     model = mlp()
-    with caplog.at_level(logging.WARNING, logger="ldm.fastpaths"):
+    with caplog.at_level(logging.WARNING, logger="ldm.modules.fastpaths"):
         assert not compile_module(model, CPU)
     assert "needs a C++ compiler" in caplog.text and "Running eager" in caplog.text
     assert not is_compiled(model) and "forward" not in vars(model)

@@ -1,7 +1,6 @@
 """bench/gpu_check.py at tiny size on the CPU: every item runs and writes its rows (a GPU session must not be the
 first to run this code), failures and overruns become rows, and the diffusers twin pipeline draws our images."""
 import importlib
-import sys
 import time
 
 import pytest
@@ -9,11 +8,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_CONFIG
+from ldm.models.diffusion.sampling import seeds_noise, text_to_image
 
-sys.path.insert(0, str(REPO / "bench"))
-gpu_check = importlib.import_module("gpu_check")
-gpu_items = importlib.import_module("gpu_items")
-twins = importlib.import_module("twins")
+with pytest.MonkeyPatch.context() as path:  # imported as `python bench/gpu_check.py` runs: bench/ first on the path
+    path.syspath_prepend(str(REPO / "bench"))
+    gpu_check, gpu_items, twins = (importlib.import_module(m) for m in ("gpu_check", "gpu_items", "twins"))
 
 TINY = ["--device", "cpu", "--size", "tiny", "--threads", "1"]
 
@@ -77,13 +76,12 @@ def test_bad_options_are_refused_before_any_work(args, message, capsys):
 
 
 def test_diffusers_twin_pipeline_draws_our_images(tiny_model):
-    from ldm.evaluation.sampling import noise, sample_images
     pipe = twins.diffusers_pipeline(tiny_model, OmegaConf.load(TINY_CONFIG).model)
     prompts = ["a red star", "a blue circle on a green background"]
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     assert torch.equal(ids, tiny_model.cond_stage_model.tokenize(prompts))
-    x_T = torch.stack([noise(seed, (4, 4, 4)) for seed in range(2)])
-    ours = sample_images(tiny_model, list(zip(prompts, range(2))), 32, steps=4, scale=5.0)
+    x_T = seeds_noise(range(2), tiny_model.latent_shape(32, 32))
+    ours = (text_to_image(tiny_model, prompts, x_T, steps=4, scale=5.0).clamp(-1, 1) + 1) / 2
     theirs = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, height=32, width=32, latents=x_T,
                   output_type="pt").images
     assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4

@@ -11,11 +11,9 @@ from safetensors.torch import load_file
 
 from conftest import REPO, TINY_CONFIG
 from ldm.checkpoint import save_state_dict
-from ldm.modules.adapter_config import AdapterConfigError
-from ldm.modules.adapter_io import load_adapter_from_dir
-from ldm.modules.adapter_merge import merge_adapters
-from ldm.modules.adapters import adapter_parameters, set_adapter_scale
-from ldm.modules.lora_export import external_names, kohya_name, lora_state_dict, read_lora_state_dict, save_lora_file
+from ldm.modules.adapters import (AdapterConfigError, adapter_parameters, external_names, kohya_name,
+                                  load_adapter_from_dir, lora_state_dict, merge_adapters, read_lora_state_dict,
+                                  save_lora_file, set_adapter_scale)
 from test_lora import close, ia3, inputs, outputs, proj, sd_meta, with_group  # noqa: F401  (fixtures)
 
 KV = ["attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v"]

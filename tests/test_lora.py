@@ -17,13 +17,11 @@ from safetensors.torch import load_file, save_file
 import sample
 from conftest import REPO, TINY_CONFIG
 from ldm.checkpoint import load_state_dict, save_state_dict
-from ldm.models.diffusion.ddpm import is_added_key
-from ldm.modules.adapter_io import CONFIG_FILE, AdapterDirError, load_adapter_from_dir, save_adapter_to_dir
-from ldm.modules.adapter_merge import combine_updates, merge_adapters, save_base_checkpoint
-from ldm.modules.adapters import (AdapterConfigError, adapter_groups, adapter_parameters, adapters_enable,
-                                  freeze_except_adapters, inject_adapters, remove_adapters, set_adapter_scale)
-from ldm.modules.lora_export import (load_lora_file, lora_state_dict, projection_updates, read_lora_state_dict,
-                                     save_lora_file)
+from ldm.modules.adapters import (CONFIG_FILE, AdapterConfigError, AdapterDirError, adapter_groups, adapter_parameters,
+                                  adapters_enable, combine_updates, freeze_except_adapters, inject_adapters,
+                                  is_added_key, load_adapter_from_dir, load_lora_file, lora_state_dict, merge_adapters,
+                                  projection_updates, read_lora_state_dict, remove_adapters, save_adapter_to_dir,
+                                  save_base_checkpoint, save_lora_file, set_adapter_scale)
 from ldm.util import count_params, instantiate_from_config
 from scripts import convert_lora, merge
 
@@ -190,7 +188,7 @@ def test_one_dir_for_unet_and_text_encoder(tiny_model, inputs, tmp_path):
     (proj(lora(dropout=1.0)), r"dropout must be a number in \[0, 1\)"),
     (proj(ia3(init="default")), r"init: unknown init 'default'; allowed: zero"),
     (proj(ia3(on_input="yes")), r"on_input must be true or false"),
-    (proj({"target": ["to_q"], "rank": 4}), r"missing field type; allowed: ia3, lora"),
+    (proj({"target": ["to_q"], "rank": 4}), r"missing field type; allowed: lora, ia3"),
     (proj({"type": "lora", "rank": 4}), r"missing field\(s\) target"),
     (proj(lora(din="attn1i")), r"unknown field\(s\) din"),
     ({"transformer_adp_config": [lora()]}, r"unknown adapter type 'lora' for transformer blocks; allowed: inout "

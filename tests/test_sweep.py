@@ -229,21 +229,36 @@ def test_states_from_markers(tmp_path):
     assert run_state(run) == "done"
 
 
-def test_jobs_and_run_index(tmp_path, capsys):
-    spec = small_spec(tmp_path)
-    sweep_script.main([str(spec), "--sweep_dir", str(tmp_path / "sw"), "--print_jobs"])
+def test_jobs_and_run_index(tmp_path, capsys, monkeypatch):
+    weights = tmp_path / "base.safetensors"
+    spec = small_spec(tmp_path, overrides=[f"actual_resume={weights}"])
+    sweep = tmp_path / "sw"
+    with pytest.raises(SystemExit, match=f"error: base weights not found: '{weights}'"):
+        sweep_script.main([str(spec), "--sweep_dir", str(sweep), "--print_jobs"])
+    with pytest.raises(SystemExit, match="sets no base weights: add actual_resume=FILE"):
+        no_weights = write_spec(tmp_path / "no-weights.yaml", spec_of({"din": {"key": "din", "levels": ["attn2o"]}}))
+        sweep_script.main([str(no_weights), "--sweep_dir", str(sweep), "--print_jobs"])
+    weights.write_bytes(b"weights")
+    monkeypatch.chdir(tmp_path)
+    sweep_script.main([str(spec), "--sweep_dir", "sw", "--print_jobs"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
-    assert lines[0].startswith("python ") and "main_dream_booth.py -r " in lines[0] and lines[0].endswith(" -t")
-    (tmp_path / "sw" / "runs" / "din-attn2o_dout-ffni" / DONE).write_text("{}")
-    sweep_script.main([str(spec), "--sweep_dir", str(tmp_path / "sw"), "--print_jobs"])
+    assert not sweep.exists()  # --print_jobs writes nothing
+    assert lines == [f"cd {tmp_path} && python {REPO / 'scripts' / 'sweep.py'} {spec} --sweep_dir sw --run_index {i}"
+                     for i in (0, 1)]
+    prepare(str(spec), str(sweep))
+    (sweep / "runs" / "din-attn2o_dout-ffni" / DONE).write_text("{}")
+    sweep_script.main([str(spec), "--sweep_dir", "sw", "--print_jobs"])
     assert capsys.readouterr().out.strip().splitlines() == lines[1:]  # finished runs are not listed
-    assert sweep_script.main([str(spec), "--sweep_dir", str(tmp_path / "sw"), "--run_index", "0"]) == 0  # done
+    assert sweep_script.main([str(spec), "--sweep_dir", "sw", "--run_index", "0"]) == 0  # done
     with pytest.raises(SystemExit, match="--run_index 5 is out of range"):
-        sweep_script.main([str(spec), "--sweep_dir", str(tmp_path / "sw"), "--run_index", "5"])
+        sweep_script.main([str(spec), "--sweep_dir", "sw", "--run_index", "5"])
     with pytest.raises(SystemExit, match="error: unknown key 'nope'"):
         bad = write_spec(tmp_path / "bad.yaml", spec_of({"x": {"key": "nope", "levels": [1]}}))
         sweep_script.main([str(bad), "--sweep_dir", str(tmp_path / "bad")])
+    other = write_spec(tmp_path / "other.yaml", spec_of({"din": {"key": "din", "levels": ["attn2o"]}},
+                                                       overrides=[f"actual_resume={weights}"]))
+    with pytest.raises(SystemExit, match="holds another sweep"):  # checked without writing, too
+        sweep_script.main([str(other), "--sweep_dir", "sw", "--print_jobs"])
 
 
 def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch):

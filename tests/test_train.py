@@ -18,8 +18,7 @@ import main_dream_booth
 import sample
 from conftest import REPO, TINY_CONFIG, build_tiny
 from ldm.checkpoint import load_state_dict, save_state_dict
-from ldm.modules.adapter_io import load_adapter_from_dir
-from ldm.modules.adapters import adapter_groups, adapter_state_dict
+from ldm.modules.adapters import adapter_groups, adapter_state_dict, load_adapter_from_dir
 from ldm.util import instantiate_from_config
 from scripts import convert_lora
 
@@ -136,7 +135,7 @@ def test_overrides_and_scale_lr(world, caplog):
 
 
 def test_override_aliases_and_unknown_keys():
-    from ldm.train import apply_override
+    from ldm.config import apply_override
     from ldm.util import ConfigError
     config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES])
     apply_override(config, "mid_dim=64")  # the sweep files' aliases work on the command line too
@@ -539,3 +538,19 @@ def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
     images = ImageLogger(max_images=2, prompts=["a red star"], ddim_steps=2, scale=5.0).sample(trainer, tiny_model)
     assert images.shape == (2, 3, 32, 32)
     assert seen["unconditional_guidance_scale"] == 5.0 and seen["unconditional_conditioning"] is not None
+
+
+def test_samplers_of_the_image_logger_and_class_images_come_from_the_config(world, monkeypatch):
+    """lightning.callbacks.image_logger.params.sampler and data.params.class_image_sampler.sampler pick the samplers."""
+    from ldm.models.diffusion.ddim import DDIMSampler
+    used = []
+    real = DDIMSampler.sample
+
+    def spy(self, *args, **kwargs):
+        used.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMSampler, "sample", spy)
+    main_dream_booth.main(argv(world, "--max_steps", "1", "lightning.callbacks.image_logger.params.sampler=plms",
+                               "data.params.class_image_sampler.sampler=dpm++2m"))
+    assert used == ["DPMSolverSampler"] * 2 + ["PLMSSampler"]  # 4 class images in batches of 2, the step-0 grid

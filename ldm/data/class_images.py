@@ -2,19 +2,18 @@
 import logging
 import re
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_write
 from ldm.data.dreambooth import DataError, usable_images
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image_batches
 from ldm.util import to_pil
 
 log = logging.getLogger(__name__)
 
-VAE_FACTOR = 8  # SD v1's first stage downsamples by 8
 CLASS_IMAGE_NAME = re.compile(r"^class-(\d+)\.png$", re.IGNORECASE)
 
 
@@ -24,17 +23,17 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _noise(seed: int, number: int, shape: tuple) -> torch.Tensor:
+def class_image_noise(seed: int, number: int, shape: Sequence[int]) -> torch.Tensor:
     """x_T of image `number`: drawn on the CPU from (seed, number), so it does not depend on batching or device."""
     # torch's CPU generator keeps only the low 32 bits of a seed, so mix (seed, number) within them.
-    g = torch.Generator().manual_seed((seed * 1_000_003 + number) % 2 ** 32)
-    return torch.randn(shape, generator=g)
+    return seed_noise((seed * 1_000_003 + number) % 2 ** 32, shape)
 
 
 def ensure_class_images(model: torch.nn.Module, folder: Union[str, Path], class_prompt: str,
                         num_class_images: int = 200, batch_size: int = 4, steps: int = 50, scale: float = 7.5,
-                        seed: int = 0, size: Optional[int] = None) -> List[Path]:
-    """Fill `folder` up to `num_class_images` readable images of `class_prompt` (DDIM + CFG); returns them all."""
+                        seed: int = 0, size: Optional[int] = None, sampler: str = "ddim") -> List[Path]:
+    """Fill `folder` up to `num_class_images` readable images of `class_prompt` (`sampler` + CFG); returns them all."""
+    sampler_name(sampler)  # a misspelt sampler fails before the folder is touched
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise DataError(f"class image folder '{folder}' is a file: expected a folder (it is created when missing)")
@@ -48,34 +47,20 @@ def ensure_class_images(model: torch.nn.Module, folder: Union[str, Path], class_
         log.info("'%s' already holds %d class image(s) (%d wanted): generating none",
                  folder, len(existing), num_class_images)
         return existing
-    size = size or model.image_size * VAE_FACTOR
-    if size % VAE_FACTOR:
-        raise ValueError(f"class image size must be a multiple of {VAE_FACTOR}, got {size}")
-    shape = (model.channels, size // VAE_FACTOR, size // VAE_FACTOR)
+    size = size or model.pixel_size
     first = _next_number(folder)
-    device = model.betas.device
-    sampler = DDIMSampler(model)
-    was_training = model.training
-    model.eval()
+    numbers = range(first, first + missing)
+    shape = model.latent_shape(size, size)
+    noise = torch.stack([class_image_noise(seed, k, shape) for k in numbers])  # (missing, c, h, w)
+    batches = text_to_image_batches(model, [class_prompt] * missing, noise, sampler=sampler, steps=steps,
+                                    scale=scale, batch_size=batch_size)
     new: List[Path] = []
-    try:
-        with torch.no_grad():
-            c = model.get_learned_conditioning(batch_size * [class_prompt])
-            uc = model.get_learned_conditioning(batch_size * [""]) if scale != 1.0 else None
-            for start in tqdm(range(0, missing, batch_size), desc="class images", unit="batch"):
-                numbers = range(first + start, first + min(start + batch_size, missing))
-                n = len(numbers)
-                x_T = torch.stack([_noise(seed, k, shape) for k in numbers]).to(device)  # (n, c, h, w)
-                z, _ = sampler.sample(S=steps, batch_size=n, shape=shape, conditioning=c[:n],
-                                      unconditional_guidance_scale=scale,
-                                      unconditional_conditioning=None if uc is None else uc[:n],
-                                      eta=0.0, x_T=x_T, verbose=False)
-                for k, image in zip(numbers, to_pil(model.decode_first_stage(z))):
-                    path = folder / f"class-{k:05d}.png"
-                    atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
-                    new.append(path)
-    finally:
-        model.train(was_training)
+    n_batches = -(-missing // batch_size)
+    for i, images in enumerate(tqdm(batches, total=n_batches, desc="class images", unit="batch")):
+        for k, image in zip(numbers[i * batch_size:], to_pil(images)):
+            path = folder / f"class-{k:05d}.png"
+            atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+            new.append(path)
     log.info("generated %d class image(s) of '%s' in '%s' (%d in all)", len(new), class_prompt, folder,
              len(existing) + len(new))
     return sorted(existing + new)

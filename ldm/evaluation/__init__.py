@@ -1,8 +1,10 @@
 """Evaluating design-space runs: metric backends (DINO, CLIP, the tiny world's), sampling with fixed seeds, the
 per-run results table, a training callback, and the analysis of variance with its report.
 
-`backends` (the interface and registry), `metrics`, `sampling`, `evaluate` (runs -> table rows), `table` (the CSV),
-`callback` (SubjectFidelity), `anova` and `report`. The command lines are scripts/evaluate.py and scripts/anova.py.
+`backends` (the interface, the registry and the models' preprocessing), `metrics` (subject and prompt fidelity,
+prior preservation), `fid` (FID as torch-fidelity computes it), `sampling`, `evaluate` (runs -> table rows), `table`
+(the CSV and its metric columns), `callback` (SubjectFidelity); the analysis: `anova` (the model and Type II tests),
+`comparisons` (levels, adjusted pairs, correlations), `study` (per metric), `findings` (sentences from the numbers)
+and `report` (files). The command lines are scripts/evaluate.py and scripts/anova.py.
 """
-from ldm.evaluation.backends import (EvaluationError, MetricBackend, WeightsNotFoundError, get_backend,  # noqa: F401
-                                     register_backend)
+from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, get_backend  # noqa: F401

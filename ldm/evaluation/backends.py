@@ -10,24 +10,36 @@ Subject fidelity (DINO, CLIP-I of DreamBooth, Ruiz et al. 2023) is the mean cosi
 `image_features` to the instance images'; prompt fidelity (CLIP-T) is the mean `text_image_score`
 (`ldm.evaluation.metrics`).
 
-Registering a backend: decorate its class (or a factory function) with `@register_backend("name")`. A backend whose
-module should only be imported when it is asked for is listed in LAZY_BACKENDS (name -> module); `get_backend`
-imports that module, and the module registers the name on import. The tiny world's offline metric models (issue 5)
-plug in this way: `ldm/tinyworld/metrics.py` defines its backend class with `@register_backend("tinyworld")` and the
-interface above (`weights` may be None when it ships its own).
+Preprocessing follows the metric models' own image processors in transformers (the torchvision backend, transformers
+5's default), so scores are comparable with numbers computed that way (`Preprocess`): samples in [0, 1] are first
+rounded to uint8, as a PNG of them would be. (transformers' PIL backend, the default before version 5, resizes with
+PIL: on the test images up to one 8-bit level per pixel apart.)
+- dino (DreamBooth's DINO score, Ruiz et al. 2023: the CLS token of DINO ViT-S/16): the preprocessor_config.json of
+  facebook/dino-vits16 (ViTImageProcessor): resize to 224x224 (bilinear, antialiased; no crop, the aspect ratio is
+  not kept), ImageNet mean/std. The DreamBooth paper does not publish its preprocessing; the DINO repository's own
+  evaluation is another protocol (shorter side to 256, bicubic, centre crop 224).
+- clip (CLIP-I, CLIP-T): CLIPImageProcessor's: resize the shorter side to 224 (bicubic, antialiased), centre crop
+  224x224, CLIP's mean/std. 224 is the model's `image_size` (336 for the -336 CLIPs) in both.
+
+A new backend is one line in BACKENDS: its name and the dotted path of its class or factory, imported only when the
+backend is asked for (so the tiny world's probe, `ldm.tinyworld.metrics`, and transformers load on demand); its
+`weights` may be None when it ships its own.
 """
-import importlib
 import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
 
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
+from ldm.util import ConfigError, get_obj_from_str
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +52,12 @@ class WeightsNotFoundError(EvaluationError):
     """A metric model's local weight file or folder is missing."""
 
 
-BACKENDS: Dict[str, Callable[..., "MetricBackend"]] = {}
-LAZY_BACKENDS = {"tinyworld": "ldm.tinyworld.metrics"}  # name -> module that registers it on import
+# The backends by name: the dotted path of each factory, imported when the backend is asked for.
+BACKENDS: Dict[str, str] = {
+    "dino": "ldm.evaluation.backends.DinoBackend",
+    "clip": "ldm.evaluation.backends.ClipBackend",
+    "tinyworld": "ldm.tinyworld.metrics.tinyworld_backend",
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # facebook/dino-vits16 (Caron et al. 2021): the architecture of a bare weights file without its config.json
@@ -50,45 +66,77 @@ DINO_VITS16 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
                    patch_size=16, image_size=224, qkv_bias=True, layer_norm_eps=1e-6)
 
 
-def register_backend(name: str) -> Callable:
-    """Decorator: make a backend class or factory available as `name` (see the module docstring)."""
-    def wrap(factory: Callable) -> Callable:
-        BACKENDS[name] = factory
-        return factory
-    return wrap
-
-
 def backend_names() -> List[str]:
-    return sorted(set(BACKENDS) | set(LAZY_BACKENDS))
+    return sorted(BACKENDS)
 
 
 def get_backend(name: str, weights: Optional[str] = None, device: Optional[torch.device] = None) -> "MetricBackend":
-    """Build the backend registered as `name` from local `weights`."""
-    if name not in BACKENDS and name in LAZY_BACKENDS:
-        try:
-            importlib.import_module(LAZY_BACKENDS[name])
-        except ModuleNotFoundError as e:
-            raise EvaluationError(f"metric backend '{name}' lives in {LAZY_BACKENDS[name]}, which cannot be imported "
-                                  f"({e})") from None
+    """Build the backend `name` of BACKENDS from local `weights`."""
     if name not in BACKENDS:
         raise EvaluationError(f"unknown metric backend '{name}'; known: {', '.join(backend_names())}")
-    return BACKENDS[name](weights=weights, device=torch.device(device or "cpu"))
+    try:
+        factory = get_obj_from_str(BACKENDS[name])
+    except ConfigError as e:
+        raise EvaluationError(f"metric backend '{name}' cannot be loaded from {BACKENDS[name]}: {e}") from None
+    return factory(weights=weights, device=torch.device(device or "cpu"))
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> uint8, rounded as ldm.util.to_pil rounds an image saved as PNG."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A metric model's image preprocessing as transformers' image processors do it (torchvision backend): resize
+    uint8 images (to size x size, or the shorter side to size), optionally centre-crop size x size, then rescale by
+    1/255 and normalise, fused as transformers fuses them."""
+    size: int
+    shortest_edge: bool
+    interpolation: InterpolationMode
+    crop: bool
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+
+    def resized(self, height: int, width: int) -> Tuple[int, int]:
+        """The (height, width) after the resize; the longer side is truncated as transformers truncates it."""
+        if not self.shortest_edge:
+            return self.size, self.size
+        if width <= height:
+            return int(self.size * height / width), self.size
+        return self.size, int(self.size * width / height)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the model's pixel_values (on the CPU, where transformers' processors run)."""
+        x = TF.resize(to_uint8(images.cpu()), list(self.resized(*images.shape[-2:])), self.interpolation,
+                      antialias=True)
+        if self.crop:
+            top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+            x = x[..., top:top + self.size, left:left + self.size]
+        mean, std = torch.tensor(self.mean) * 255.0, torch.tensor(self.std) * 255.0
+        return (x.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+def dino_preprocess(size: int = 224) -> Preprocess:
+    """facebook/dino-vits16's preprocessor_config.json: size x size bilinear, no crop, ImageNet mean/std."""
+    return Preprocess(size, False, InterpolationMode.BILINEAR, False, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def clip_preprocess(size: int = 224) -> Preprocess:
+    """CLIPImageProcessor: shorter side to size (bicubic), centre crop size x size, CLIP mean/std."""
+    return Preprocess(size, True, InterpolationMode.BICUBIC, True, CLIP_MEAN, CLIP_STD)
 
 
 class MetricBackend:
-    """Base class of the backends: resizing and normalising images for the model it wraps."""
+    """Base class of the backends: `prepare` gives the wrapped model's pixel_values by its `preprocess`."""
     has_text = False
-    image_size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
+    preprocess: Optional[Preprocess] = None
 
     def prepare(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> resized and normalised for the model."""
-        x = images.float().to(device)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
-                              antialias=True).clamp(0, 1)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        """(B, 3, H, W) in [0, 1] -> preprocessed for the model, on `device`."""
+        if self.preprocess is None:
+            raise EvaluationError(f"the {type(self).__name__} backend sets no `preprocess` (a Preprocess)")
+        return self.preprocess(images).to(device)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -153,7 +201,6 @@ def _load_transformers(cls_name: str, path: Path, backend: str, default_config: 
     return model.eval()
 
 
-@register_backend("dino")
 class DinoBackend(MetricBackend):
     """DINO ViT-S/16 (Caron et al. 2021) CLS features, as DreamBooth's DINO score, via transformers' ViTModel."""
 
@@ -163,7 +210,7 @@ class DinoBackend(MetricBackend):
         self.device = torch.device(device or "cpu")
         self.model = _load_transformers("ViTModel", path, "dino", DINO_VITS16, add_pooling_layer=False)
         self.model.to(self.device)
-        self.image_size = self.model.config.image_size
+        self.preprocess = dino_preprocess(self.model.config.image_size)
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -171,18 +218,16 @@ class DinoBackend(MetricBackend):
         return self.model(pixel_values=x).last_hidden_state[:, 0].float()  # (B, D): the CLS token
 
 
-@register_backend("clip")
 class ClipBackend(MetricBackend):
     """CLIP (Radford et al. 2021) image and text embeddings via transformers' CLIPModel: CLIP-I and CLIP-T."""
     has_text = True
-    mean, std = CLIP_MEAN, CLIP_STD
 
     def __init__(self, weights: Optional[str] = None, device: Optional[torch.device] = None):
         path = require_path(weights, "clip", "a folder holding config.json and model.safetensors (or "
                                              "pytorch_model.bin) of a CLIP model, e.g. openai/clip-vit-large-patch14")
         self.device = torch.device(device or "cpu")
         self.model = _load_transformers("CLIPModel", path, "clip").to(self.device)
-        self.image_size = self.model.config.vision_config.image_size
+        self.preprocess = clip_preprocess(self.model.config.vision_config.image_size)
         context = self.model.config.text_config.max_position_embeddings
         self.tokenizer = CLIPTokenizer(context_length=context)  # the offline BPE vocabulary of SD's text encoder
 

@@ -17,6 +17,7 @@ import torch
 from ldm.evaluation.backends import MetricBackend, get_backend
 from ldm.evaluation.metrics import load_images, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
+from ldm.evaluation.table import SUBJECT, metric_column
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class SubjectFidelity(pl.Callback):
 
     @property
     def key(self) -> str:
-        return f"eval/{self.backend_name}_i"
+        return f"eval/{metric_column(self.backend_name, SUBJECT)}"
 
     def setup_metric(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Build the backend and read the instance images once."""

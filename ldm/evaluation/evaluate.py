@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.checkpoint import CheckpointError, load_trained_parameters
 from ldm.data.dreambooth import format_prompt, usable_images
 from ldm.evaluation.backends import EvaluationError, MetricBackend
-from ldm.evaluation.metrics import frechet_distance, load_images, prior_preservation, prompt_fidelity, subject_fidelity
+from ldm.evaluation.fid import FrechetDistance
+from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
-from ldm.evaluation.table import upsert_row
-from ldm.modules.adapter_io import WEIGHTS_FILE, load_adapter_from_dir
-from ldm.modules.adapters import adapter_groups, adapter_parameters, adapters_enable, describe
+from ldm.evaluation.table import FID, PRIOR, PROMPT, SUBJECT, metric_column, upsert_row
+from ldm.modules.adapters import (WEIGHTS_FILE, adapter_groups, adapter_parameters, adapters_enable, describe,
+                                  load_adapter_from_dir)
+from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
 from ldm.util import image_grid, load_model_from_config, to_pil
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class EvalSettings:
 class Metrics:
     """The metric backends (by name) and, optionally, FID against reference images."""
     backends: Dict[str, MetricBackend] = field(default_factory=dict)
-    fid: Any = None  # a metric from ldm.evaluation.metrics.fid_metric
+    fid: Optional[FrechetDistance] = None  # one for all runs: it keeps the reference statistics
     fid_reference: Optional[str] = None
 
 
@@ -145,12 +147,11 @@ def compute_metrics(metrics: Metrics, images: torch.Tensor, texts: Sequence[str]
     """{<backend>_i: subject fidelity, <backend>_t: prompt fidelity (text backends), fid} of one run's samples."""
     out = {}
     for name, backend in metrics.backends.items():
-        out[f"{name}_i"] = subject_fidelity(backend, images, references)
+        out[metric_column(name, SUBJECT)] = subject_fidelity(backend, images, references)
         if backend.has_text:
-            out[f"{name}_t"] = prompt_fidelity(backend, images, texts)
+            out[metric_column(name, PROMPT)] = prompt_fidelity(backend, images, texts)
     if metrics.fid is not None:
-        reference = load_images(usable_images(metrics.fid_reference), images.shape[-1])
-        out["fid"] = frechet_distance(metrics.fid, images, reference)
+        out[FID] = metrics.fid(images, metrics.fid_reference)
     return out
 
 
@@ -170,7 +171,8 @@ def prior_metrics(model: torch.nn.Module, metrics: Metrics, prompt: str, size: i
             base = sample_images(model, *options)
         finally:
             adapters_enable(model, True)
-    return {f"{name}_prior": prior_preservation(backend, tuned, base) for name, backend in metrics.backends.items()}
+    return {metric_column(name, PRIOR): prior_preservation(backend, tuned, base)
+            for name, backend in metrics.backends.items()}
 
 
 def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device: torch.device) -> Dict[str, Any]:
@@ -207,7 +209,6 @@ def run_levels(run_dir: Path) -> Dict[str, Any]:
 # ---- many runs --------------------------------------------------------------------------------------------------
 def find_runs(paths: Sequence[str]) -> List[Path]:
     """Run folders to evaluate: a sweep folder's finished runs (in grid order), or run folders as given."""
-    from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
     found = []
     for p in map(Path, paths):
         if (p / "sweep.json").is_file():

@@ -1,14 +1,12 @@
 """The metrics of the DreamBooth literature (Ruiz et al. 2023) on any backend: subject fidelity (DINO, CLIP-I), prompt
-fidelity (CLIP-T), and optionally FID (Heusel et al. 2017) with torchmetrics."""
-from typing import Optional, Sequence
+fidelity (CLIP-T) and prior preservation; FID is in `ldm.evaluation.fid`."""
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ldm.data.dreambooth import load_image
-from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, require_path
-
-FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception weights
+from ldm.evaluation.backends import EvaluationError, MetricBackend
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -37,46 +35,6 @@ def prior_preservation(backend: MetricBackend, images: torch.Tensor, base_images
         raise EvaluationError(f"prior preservation pairs samples: got {len(images)} and {len(base_images)}")
     a, b = backend.image_features(images), backend.image_features(base_images)
     return F.cosine_similarity(a.float(), b.float(), dim=-1).mean().item()
-
-
-class _Features(torch.nn.Module):
-    """A backend's image_features as the feature module torchmetrics' FID takes."""
-
-    def __init__(self, backend: MetricBackend):
-        super().__init__()
-        self.backend = backend
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backend.image_features(images)
-
-
-def fid_metric(weights: Optional[str] = None, features: Optional[MetricBackend] = None):
-    """torchmetrics' FrechetInceptionDistance: on Inception-v3 from the local `weights` file (needs torch-fidelity),
-    or on a backend's image features (the Frechet distance in that feature space)."""
-    try:
-        from torchmetrics.image.fid import FrechetInceptionDistance
-    except ImportError:
-        raise EvaluationError("FID needs torchmetrics: pip install torchmetrics") from None
-    if features is not None:
-        return FrechetInceptionDistance(feature=_Features(features), reset_real_features=False)
-    path = require_path(weights, "fid", f"torch-fidelity's Inception weights file {FID_WEIGHTS}")
-    if not path.is_file():
-        raise WeightsNotFoundError(f"'{path}' is not a file: the FID metric needs {FID_WEIGHTS} itself")
-    try:
-        return FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False,
-                                        feature_extractor_weights_path=str(path))
-    except ModuleNotFoundError as e:
-        raise EvaluationError(f"FID on Inception-v3 needs torch-fidelity: pip install torch-fidelity ({e})") from None
-
-
-def frechet_distance(metric, images: torch.Tensor, references: torch.Tensor) -> float:
-    """FID of `images` against `references` (both (B, 3, H, W) in [0, 1]) with a metric from `fid_metric`."""
-    if len(images) < 2 or len(references) < 2:
-        raise EvaluationError("FID needs at least 2 samples and 2 reference images")
-    metric.reset()
-    metric.update(references.float(), real=True)
-    metric.update(images.float(), real=False)
-    return float(metric.compute())
 
 
 def load_images(paths: Sequence, size: int) -> torch.Tensor:

@@ -1,16 +1,19 @@
-"""The report of a design-space analysis: tables as Markdown and CSV, plots as PNG (matplotlib, Agg), and one
-report.md that links them all with relative paths."""
+"""The report of a design-space analysis: the findings as sentences generated from the numbers (`findings`), tables
+as Markdown and CSV, plots as PNG (matplotlib, Agg), and one report.md that links them all with relative paths.
+Every file is written atomically."""
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display is needed or used
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ldm.evaluation.anova import CONSTANT_NOTE, MetricAnalysis  # noqa: E402
+from ldm.checkpoint import atomic_write
+from ldm.evaluation.anova import levels_of
+from ldm.evaluation.comparisons import correlations
+from ldm.evaluation.findings import confidence, correlation_sentences, metric_findings
+from ldm.evaluation.study import POINT, MetricAnalysis
 
 PARAMETERS = "trainable_parameters"
 
@@ -36,46 +39,53 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def write_text(path: Path, text: str) -> Path:
+    atomic_write(str(path), lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
 def write_table(table: pd.DataFrame, path: Path) -> None:
     """`path`.csv and `path`.md."""
-    table.to_csv(path.with_suffix(".csv"), index=False)
-    path.with_suffix(".md").write_text(markdown_table(table) + "\n")
+    write_text(path.with_suffix(".csv"), table.to_csv(index=False))
+    write_text(path.with_suffix(".md"), markdown_table(table) + "\n")
+
+
+def file_stem(name: str) -> str:
+    return name.replace(" ", "-").replace("/", "-")
 
 
 # ---- plots ------------------------------------------------------------------------------------------------------
-def level_order(values: pd.Series) -> List[str]:
-    """Levels in numeric order when they are all numbers, else in order of first appearance (the grid's order)."""
-    levels = list(dict.fromkeys(values.astype(str)))
-    try:
-        return sorted(levels, key=float)
-    except ValueError:
-        return levels
-
-
-def plot_levels(table: pd.DataFrame, metric: str, factor: str, path: Path) -> Path:
-    """The metric by level of one factor: a box per level, every run as a dot, the mean as a diamond."""
+def plot_levels(table: pd.DataFrame, metric: str, factor: str, path: Path,
+                levels: Optional[pd.DataFrame] = None, interval: str = "95%") -> Path:
+    """The metric by level of one factor: a box per level, every run as a dot, the mean as a diamond with its
+    confidence interval (from the level table) beside it."""
     data = table.dropna(subset=[metric])
-    levels = level_order(data[factor])
-    groups = [data.loc[data[factor].astype(str) == lv, metric].astype(float).to_numpy() for lv in levels]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(levels) + 2), 3.6))
+    order = levels_of(data[factor])
+    groups = [data.loc[data[factor].astype(str) == lv, metric].astype(float).to_numpy() for lv in order]
+    fig, ax = _figure(figsize=(max(4.0, 0.7 * len(order) + 2), 3.6))
     ax.boxplot(groups, widths=0.5, showfliers=False)
     jitter = np.random.default_rng(0)
     for i, g in enumerate(groups, start=1):
         ax.scatter(i + jitter.uniform(-0.12, 0.12, len(g)), g, s=14, alpha=0.7, color="tab:blue", zorder=3)
         ax.scatter([i], [g.mean()], marker="D", s=30, color="tab:red", zorder=4)
-    ax.set_xticks(range(1, len(levels) + 1), levels, rotation=45 if len(levels) > 4 else 0, ha="right"
-                  if len(levels) > 4 else "center")
-    ax.set(xlabel=factor, ylabel=metric, title=f"{metric} by {factor}")
+    if levels is not None:
+        ci = levels.set_index("level").loc[order]
+        ax.errorbar(np.arange(1, len(order) + 1) + 0.3, ci["mean"], yerr=[ci["mean"] - ci["low"],
+                    ci["high"] - ci["mean"]], fmt="none", ecolor="tab:red", capsize=3, zorder=4)
+    rotate = len(order) > 4
+    ax.set_xticks(range(1, len(order) + 1), order, rotation=45 if rotate else 0, ha="right" if rotate else "center")
+    title = f"{metric} by {factor}" + (f" (red: mean, {interval} interval)" if levels is not None else "")
+    ax.set(xlabel=factor, ylabel=metric, title=title)
     return save(fig, path)
 
 
 def plot_interaction(table: pd.DataFrame, metric: str, f1: str, f2: str, path: Path) -> Path:
     """Mean metric by level of f1, one line per level of f2 (non-parallel lines: an interaction)."""
     data = table.dropna(subset=[metric]).astype({f1: str, f2: str})
-    x_levels = level_order(data[f1])
+    x_levels = levels_of(data[f1])
     means = data.groupby([f2, f1])[metric].mean()
-    fig, ax = plt.subplots(figsize=(max(4.5, 0.7 * len(x_levels) + 2.5), 3.6))
-    for lv in level_order(data[f2]):
+    fig, ax = _figure(figsize=(max(4.5, 0.7 * len(x_levels) + 2.5), 3.6))
+    for lv in levels_of(data[f2]):
         ys = [means.get((lv, x), np.nan) for x in x_levels]
         ax.plot(range(len(x_levels)), ys, marker="o", label=f"{f2}={lv}")
     ax.set_xticks(range(len(x_levels)), x_levels, rotation=45 if len(x_levels) > 4 else 0)
@@ -87,8 +97,8 @@ def plot_interaction(table: pd.DataFrame, metric: str, f1: str, f2: str, path: P
 def plot_parameters(table: pd.DataFrame, metric: str, color_by: Optional[str], path: Path) -> Path:
     """The metric against trainable parameters, one dot per run, coloured by a factor's levels."""
     data = table.dropna(subset=[metric, PARAMETERS])
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    groups = [(str(lv), data[data[color_by].astype(str) == lv]) for lv in level_order(data[color_by])] \
+    fig, ax = _figure(figsize=(5.5, 3.8))
+    groups = [(str(lv), data[data[color_by].astype(str) == lv]) for lv in levels_of(data[color_by])] \
         if color_by else [("runs", data)]
     for label, g in groups:
         ax.scatter(g[PARAMETERS].astype(float), g[metric].astype(float), s=18, label=label)
@@ -101,46 +111,73 @@ def plot_parameters(table: pd.DataFrame, metric: str, color_by: Optional[str], p
     return save(fig, path)
 
 
+def _figure(figsize: Tuple[float, float]) -> Tuple[Figure, Axes]:
+    """A figure and its axes, drawn straight to a file by Agg (no pyplot, no display, no global backend switch)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
+
+
 def save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    atomic_write(str(path), lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight"))
     return path
 
 
 # ---- the report -------------------------------------------------------------------------------------------------
-def metric_section(table: pd.DataFrame, result: MetricAnalysis, factors: Sequence[str],
-                   pairs: Sequence[Tuple[str, str]], outdir: Path) -> List[str]:
-    """The Markdown of one metric: ANOVA, Tukey tables, plots; writes their files under `outdir`."""
-    m = result.metric
-    write_table(result.anova, outdir / f"anova-{m}")
-    lines = [f"## {m}", "", f"Type II ANOVA on {result.n} runs (`anova-{m}.csv`):", "",
-             markdown_table(result.anova), ""]
-    lines += [f"> Note: {n}" for n in result.notes] + ([""] if result.notes else [])
-    for f, tukey in result.tukey.items():
-        write_table(tukey, outdir / f"tukey-{m}-{f}")
-        lines += [f"Tukey HSD for {f} (`tukey-{m}-{f}.csv`):", "", markdown_table(tukey), ""]
-    plots = [plot_levels(table, m, f, outdir / "plots" / f"{m}-by-{f}.png") for f in factors]
+def comparison_lines(r: MetricAnalysis, name: str, levels: pd.DataFrame, pairs: pd.DataFrame,
+                     outdir: Path) -> List[str]:
+    """The level table and the pairwise comparisons of one factor (or of the design points)."""
+    stem = file_stem(f"{r.metric}-{name}")
+    order = levels.sort_values("emm" if levels.emm.notna().all() else "mean", ascending=not r.higher_is_better)
+    write_table(order, outdir / f"levels-{stem}")
+    write_table(pairs, outdir / f"pairs-{stem}")
+    shown = pairs[pairs.estimable].sort_values("p_holm", kind="stable")
+    if name == POINT:  # 190 pairs for 20 points: the report shows the top one's, the CSV has all
+        top = order.level.iloc[0]
+        shown = shown[(shown.level_a == top) | (shown.level_b == top)]
+    lines = [f"Levels of {name}, mean of the runs and EMM with {confidence(r.alpha)} intervals "
+             f"(`levels-{stem}.csv`):", "", markdown_table(order), "",
+             f"Pairwise comparisons of {name} (diff = a - b of the EMMs, adjusted for the other terms; p_holm "
+             f"decides `separated`; low/high: the simultaneous Bonferroni interval, which can be wider than Holm's "
+             f"decisions; mdd: the difference detected with 80% power) (`pairs-{stem}.csv`"
+             f"{', all pairs' if name == POINT else ''}):", "", markdown_table(shown), ""]
+    hidden = int((~pairs.estimable).sum())
+    if hidden:
+        lines += [f"{hidden} pair(s) of levels are not estimable in this design (confounded with another factor): "
+                  f"listed in `pairs-{stem}.csv`.", ""]
+    return lines
+
+
+def metric_section(table: pd.DataFrame, r: MetricAnalysis, pairs: Sequence[Tuple[str, str]],
+                   outdir: Path) -> List[str]:
+    """The Markdown of one metric: ANOVA, levels and comparisons, design points, plots; writes their files."""
+    m, factors = r.metric, r.model.factors
+    write_table(r.anova, outdir / f"anova-{m}")
+    blocks = f" with block(s) {', '.join(r.model.blocks)}" if r.model.blocks else ""
+    lines = [f"## {m}", "", f"Type II ANOVA on {r.n} runs{blocks} (`anova-{m}.csv`):", "", markdown_table(r.anova),
+             ""]
+    lines += [f"> Note: {n}" for n in r.notes] + ([""] if r.notes else [])
+    for f in factors if not r.constant else ():
+        lines += comparison_lines(r, f, r.levels[f], r.pairs[f], outdir)
+    if r.points is not None:
+        lines += comparison_lines(r, POINT, r.points, r.point_pairs, outdir)
+    plots = [plot_levels(table, m, f, outdir / "plots" / f"{m}-by-{f}.png", r.levels.get(f), confidence(r.alpha))
+             for f in factors]
     plots += [plot_interaction(table, m, a, b, outdir / "plots" / f"{m}-{a}-x-{b}.png") for a, b in pairs]
     if PARAMETERS in table.columns:
-        plots.append(plot_parameters(table, m, factors[0] if factors else None,
-                                     outdir / "plots" / f"{m}-vs-parameters.png"))
+        plots.append(plot_parameters(table, m, factors[0], outdir / "plots" / f"{m}-vs-parameters.png"))
     lines += [f"![{p.stem}]({p.relative_to(outdir).as_posix()})" for p in plots] + [""]
     return lines
 
 
-def summary_lines(results: Sequence[MetricAnalysis], factors: Sequence[str]) -> List[str]:
-    """One line per metric: the factors ranked by eta², with p."""
-    lines = []
-    for r in results:
-        if CONSTANT_NOTE in r.notes:
-            lines.append(f"- **{r.metric}**: {CONSTANT_NOTE}")
-            continue
-        main = r.anova[r.anova.term.isin(factors)].sort_values("eta_sq", ascending=False)
-        ranked = ", ".join(f"{t} (eta² {fmt(e) or 'n/a'}, p {fmt(p) or 'n/a: no df of its own'})"
-                           for t, e, p in zip(main.term, main.eta_sq, main.p))
-        lines.append(f"- **{r.metric}**: {ranked}")
-    return lines
+METHOD = """How to read it: each metric is fitted by least squares on the factors as categories{blocks}. A factor
+*drives* a metric only when its Type II F test is significant at alpha; eta² is its share of the metric's variance,
+partial eta² its share after the other terms, with a 1 - 2 alpha interval from the noncentral F distribution (above 0
+exactly when the test is significant). A level is called
+*best* only when its comparisons (differences of estimated marginal means, adjusted for the other terms,
+Holm-adjusted over the factor's pairs) separate it from every other level; otherwise it is the *top* one, not
+separated from the others. Pairs the design cannot estimate (levels that only occur together with one level of
+another factor) are reported as such. Correlations are Pearson's r over runs, Holm-adjusted over the pairs of
+metrics."""
 
 
 def write_report(table: pd.DataFrame, results: Sequence[MetricAnalysis], factors: Sequence[str],
@@ -149,12 +186,20 @@ def write_report(table: pd.DataFrame, results: Sequence[MetricAnalysis], factors
     """report.md with every table and plot under `outdir`; returns its path."""
     outdir.mkdir(parents=True, exist_ok=True)
     pairs = [(i[0], i[1]) for i in interactions] or ([(factors[0], factors[1])] if len(factors) > 1 else [])
+    blocks = results[0].model.blocks if results else ()
+    block_text = (f" plus the block(s) {', '.join(blocks)} (replicates: an additive shift per level, not a design "
+                  "factor)") if blocks else ""
     lines = ["# Design-space analysis", "", f"Results: {source or 'the results table'} ({len(table)} runs). Factors: "
-             f"{', '.join(factors)}. Significance level {alpha}; Tukey HSD for factors with p < {alpha}.", "",
-             "Factors by share of variance explained (eta²):", "", *summary_lines(results, factors), ""]
-    for result in results:
-        lines += metric_section(table, result, factors, pairs, outdir)
-    path = outdir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
-
+             f"{', '.join(factors)}. Blocks: {', '.join(blocks) or 'none'}. Significance level {alpha}; intervals "
+             f"at {confidence(alpha)}.", "", METHOD.format(blocks=block_text).replace("\n", " "), "", "## Findings",
+             ""]
+    for r in results:
+        lines += metric_findings(r)
+    if len(results) > 1:
+        corr = correlations(table, [r.metric for r in results], alpha)
+        write_table(corr, outdir / "correlations")
+        lines += ["**Correlations between metrics** over runs (`correlations.csv`):", "",
+                  *correlation_sentences(corr, alpha), ""]
+    for r in results:
+        lines += metric_section(table, r, pairs, outdir)
+    return write_text(outdir / "report.md", "\n".join(lines))

@@ -1,4 +1,8 @@
-"""The results table: one CSV row per run, rewritten atomically under a lock, so a crash never leaves half a table."""
+"""The results table: one CSV row per run, rewritten atomically under a lock, so a crash never leaves half a table.
+
+Its metric columns are named here, once: `<backend>_i` subject fidelity (DINO, CLIP-I), `<backend>_t` prompt fidelity
+(CLIP-T), `<backend>_prior` prior preservation, and `fid` (lower is better; every other metric is higher-is-better).
+"""
 import csv
 import fcntl
 import io
@@ -9,6 +13,26 @@ from typing import Any, Dict, Iterator, List
 from ldm.checkpoint import atomic_write
 
 RUN = "run"  # the key column
+SUBJECT, PROMPT, PRIOR = "_i", "_t", "_prior"  # suffixes of a backend's metric columns
+METRIC_SUFFIXES = {SUBJECT: "subject fidelity", PROMPT: "prompt fidelity", PRIOR: "prior preservation"}
+FID = "fid"
+
+
+def metric_column(backend: str, suffix: str) -> str:
+    """The column of one backend's metric, e.g. ('dino', SUBJECT) -> 'dino_i'."""
+    if suffix not in METRIC_SUFFIXES:
+        raise ValueError(f"unknown metric suffix '{suffix}'; known: {', '.join(METRIC_SUFFIXES)}")
+    return f"{backend}{suffix}"
+
+
+def is_metric_column(name: str) -> bool:
+    """Whether a column holds a metric that evaluation writes (<backend>_i, _t, _prior, or fid)."""
+    return name == FID or (name.endswith(tuple(METRIC_SUFFIXES)) and name not in METRIC_SUFFIXES)
+
+
+def higher_is_better(name: str) -> bool:
+    """The direction of a metric: FID is a distance (lower is better); similarities and rates are higher-is-better."""
+    return name != FID
 
 
 def read_rows(path: Path) -> List[Dict[str, str]]:

@@ -30,6 +30,8 @@ class AutoencoderKL(nn.Module):
 
         self.encoder = Encoder(**ddconfig)
         self.decoder = Decoder(**ddconfig)
+        # The encoder halves the size between each two of its len(ch_mult) levels: f = 8 for SD v1's [1, 2, 4, 4].
+        self.downsampling_factor = 2 ** (self.encoder.num_resolutions - 1)
         z_channels = ddconfig["z_channels"]
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)

@@ -1,5 +1,5 @@
 """Cross-attention, the pre-norm transformer block and the SpatialTransformer of SD v1."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -57,12 +57,18 @@ class CrossAttention(nn.Module):
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 
+def _no_taps(name: str, t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention, GEGLU FFN, each with a residual.
 
-    The named points of the adapter design space (`attn1i` ... `transo`) are the intermediate tensors of
-    `_forward`; `ldm.modules.adapters` reads from and adds to them when adapters are attached.
+    The named points of the adapter design space (`attn1i` ... `transo`, and `attn2c`, the context) are the
+    intermediate tensors of `_forward`, where it calls `taps(name, t)`; attached adapters read from and add to them
+    (`ldm.modules.adapters`). Without adapters every tap is the identity.
     """
+    ADAPTER_KIND = "transformer"
 
     def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0, context_dim: Optional[int] = None,
                  gated_ff: bool = True, checkpoint: bool = True):
@@ -74,18 +80,20 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
         self.checkpoint = checkpoint
-        self.adapters = None  # an ldm.modules.adapters.AdapterSet when adapters are injected
+        self.adapters = None  # an ldm.modules.adapters AdapterSet when adapters are attached
+
+    def adapter_widths(self) -> Dict[str, int]:
+        """The width of the tensor at each named point: the residual stream's, and the context's at attn2c."""
+        dim = self.norm1.normalized_shape[0]
+        points = ("attn1i", "attn1o", "attn2i", "attn2o", "ffni", "ffno", "transo")
+        return {**{p: dim for p in points}, "attn2c": self.attn2.to_k.in_features}
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         return checkpoint(self._forward, x, context, flag=self.checkpoint)
 
     def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        taps = self.adapters.taps() if self.adapters is not None else None
-        if taps is None:                                                   # (b, n, c) throughout
-            x = self.attn1(self.norm1(x)) + x
-            x = self.attn2(self.norm2(x), context=context) + x
-            return self.ff(self.norm3(x)) + x
-        x = taps("attn1i", x)
+        taps = (self.adapters.taps() if self.adapters is not None else None) or _no_taps
+        x = taps("attn1i", x)                                              # (b, n, c) throughout
         h = taps("attn1o", self.attn1(self.norm1(x)))
         x = taps("attn2i", h + x)
         context = taps("attn2c", context)

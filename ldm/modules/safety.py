@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict
+from ldm.util import optional_import
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -105,12 +106,9 @@ def clip_input(images: List[Image.Image], size: int) -> torch.Tensor:
 
 
 def _checker_class() -> Any:
-    try:
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    except ImportError as e:
-        raise SafetyCheckerError(f"the safety checker needs diffusers and transformers ({e}): "
-                                 "pip install diffusers transformers, or drop --safety_checker") from None
-    return StableDiffusionSafetyChecker
+    return optional_import("diffusers.pipelines.stable_diffusion.safety_checker", "the safety checker",
+                           "pip install diffusers transformers, or drop --safety_checker",
+                           SafetyCheckerError).StableDiffusionSafetyChecker
 
 
 class SafetyChecker:

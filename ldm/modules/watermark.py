@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ldm.util import optional_import
+
 log = logging.getLogger(__name__)
 
 WATERMARK_TEXT = "StableDiffusionV1"
@@ -15,12 +17,8 @@ MIN_PIXELS = 256 * 256  # imwatermark refuses smaller images: the DWT-DCT blocks
 
 
 def _imwatermark() -> Any:
-    try:
-        import imwatermark
-    except ImportError as e:
-        raise ImportError(f"the invisible watermark needs the invisible-watermark package ({e}): "
-                          "pip install invisible-watermark (or pass --no-watermark)") from None
-    return imwatermark
+    return optional_import("imwatermark", "the invisible watermark",
+                           "pip install invisible-watermark (or pass --no-watermark)")
 
 
 def make_encoder(text: str = WATERMARK_TEXT) -> Any:

@@ -1,7 +1,7 @@
 """Running a prepared sweep: each run is an ordinary `main_dream_booth.py -r <run dir> -t` process.
 
-Locally one after another, or N at a time with one device each; as a job list (one shell command per run) for a
-scheduler; or one run by index (a SLURM array task). Finished runs are skipped; failed ones are retried, continuing
+Locally one after another, or N at a time with one device each; or one run by index (a SLURM array task, or a line
+of scripts/sweep.py --print_jobs). Finished runs are skipped; failed ones are retried, continuing
 from their last checkpoint.
 """
 import logging
@@ -38,11 +38,6 @@ def command(run: SweepRun, python: str = sys.executable, device: Optional[str] =
     """The run's main_dream_booth.py command: resume in its own folder (step 0 when it has no checkpoint yet)."""
     args = [python, str(main), "-r", str(run.dir)] + (["-t"] if train else []) + flag_args(run.flags)
     return args + (["--gpus", f"{device},"] if device is not None else [])
-
-
-def job_lines(runs: Sequence[SweepRun], python: str = "python") -> List[str]:
-    """One shell command per run that is not done, for a scheduler's job list."""
-    return [shlex.join(command(r, python)) for r in runs if r.state != "done"]
 
 
 def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.executable, train: bool = True) -> bool:

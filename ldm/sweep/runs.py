@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytorch_lightning as pl
 from omegaconf import OmegaConf
@@ -63,17 +63,41 @@ class SweepRun:
 
 
 # ---- preparing the folder ---------------------------------------------------------------------------------------
-def prepare(spec_path: str, sweep_dir: str, root: Optional[Path] = None) -> List[SweepRun]:
-    """Expand the sweep file into `sweep_dir` (manifest and one folder per run); returns the runs in grid order.
-
-    A folder made from another sweep file is refused; an existing run folder keeps its config (it may have started).
-    """
+def plan(spec_path: str, sweep_dir: str, root: Optional[Path] = None) -> Tuple[Dict[str, Any], str, Grid]:
+    """Expand the sweep file and check that `sweep_dir` may hold it, writing nothing: (spec, hash, grid)."""
     spec = load_spec(spec_path)
     digest, sweep_dir = spec_hash(spec), Path(sweep_dir)
     check_owner(sweep_dir, digest)
     grid = expand(spec, root)
     for run in grid.runs:
         check_run_owner(sweep_dir / RUNS / run.name, digest)
+    return spec, digest, grid
+
+
+def planned_runs(grid: Grid, sweep_dir: str) -> List[SweepRun]:
+    """The runs of a planned grid in `sweep_dir`, in grid order, without writing anything (their states come from
+    whatever run folders already exist)."""
+    return [SweepRun(i, r.name, Path(sweep_dir) / RUNS / r.name, r.levels, r.flags) for i, r in enumerate(grid.runs)]
+
+
+def check_base_weights(grid: Grid) -> None:
+    """Every run's base weights (`actual_resume`, i.e. model.params.ckpt_path) must be a file, or a clear error."""
+    for path in sorted({str(OmegaConf.select(r.config, "model.params.ckpt_path") or "") for r in grid.runs}):
+        if not path:
+            raise SweepError("the sweep sets no base weights: add actual_resume=FILE (an SD v1 .ckpt or "
+                             ".safetensors) to its overrides")
+        if not Path(path).is_file():
+            raise SweepError(f"base weights not found: '{path}' (actual_resume; relative paths are taken from the "
+                             "folder scripts/sweep.py runs in): put the file there or fix the path")
+
+
+def prepare(spec_path: str, sweep_dir: str, root: Optional[Path] = None) -> List[SweepRun]:
+    """Expand the sweep file into `sweep_dir` (manifest and one folder per run); returns the runs in grid order.
+
+    A folder made from another sweep file is refused; an existing run folder keeps its config (it may have started).
+    """
+    spec, digest, grid = plan(spec_path, sweep_dir, root)
+    sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_json(sweep_dir / MANIFEST, manifest(spec, digest, grid))
     atomic_write(str(sweep_dir / SPEC_COPY), lambda tmp: Path(tmp).write_text(Path(spec_path).read_text()))

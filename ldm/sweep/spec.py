@@ -20,8 +20,9 @@ A sweep file is YAML:
         set: {mid_dim: 7}
 
 A factor key is a dotted config key that exists in the merged config (list items by index), a flag above, or an
-alias: `din`, `dout`, `method`, `mid_dim`, `scale` set that field of every block adapter of the UNet (entries move
-between transformer_adp_config and resblock_adp_config with their din); `lr` is model.base_learning_rate, `steps`
+alias of the config language (`ldm.config`): every adapter form's fields (`din`, `dout`, `method`, `mid_dim`, `rank`,
+`alpha`, `scale`, ...) set that field of every adapter entry whose form has it (entries move between
+transformer_adp_config and resblock_adp_config with their din); `lr` is model.base_learning_rate, `steps`
 lightning.trainer.max_steps. Combinations the adapter schema rejects (`parse_adapter_config`) are dropped with a note.
 """
 import copy
@@ -38,9 +39,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.modules.adapter_config import POSITIONS, AdapterConfigError, parse_adapter_config
-from ldm.train import apply_flags
-from ldm.util import parse_yaml_value, yaml_number
+from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, PATH_FLAGS, apply_flags, load_configs, set_key
+from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
+from ldm.util import ConfigError, parse_yaml_value, yaml_number
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,7 @@ class SweepError(ValueError):
 
 
 SPEC_FIELDS = ("name", "base", "overrides", "factors", "rules")
-CONFIG_FLAGS = ("data_root", "reg_data_root", "class_word", "actual_resume", "max_steps")  # written into config.yaml
-PATH_FLAGS = ("data_root", "reg_data_root", "actual_resume")
 CLI_FLAGS = ("seed", "scale_lr", "gpus", "accelerator", "devices", "num_nodes", "strategy", "precision")
-ADAPTER_FIELDS = ("din", "dout", "method", "mid_dim", "scale")
-KEY_ALIASES = {"lr": "model.base_learning_rate", "steps": "lightning.trainer.max_steps"}
-BLOCK_SECTIONS = {"transformer": "transformer_adp_config", "resblock": "resblock_adp_config"}
-UNET_ADAPTERS = "model.params.unet_config.params.adapter_config"
-TEXT_ADAPTERS = "model.params.cond_stage_config.params.adapter_config"
-_MISSING = object()
 
 
 @dataclass
@@ -173,13 +166,19 @@ def fixed_config(spec: Mapping, root: Path) -> Tuple[DictConfig, Dict[str, Any]]
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise SweepError(f"base config(s) not found: {', '.join(missing)} (relative paths are taken from {root})")
-    config, flags = OmegaConf.merge(*[OmegaConf.load(f) for f in files]), {}
+    config, flags = _sweep_errors(load_configs, files), {}
     for key, value in override_items(spec.get("overrides")):
-        if key in ADAPTER_FIELDS + tuple(KEY_ALIASES) + CONFIG_FLAGS + CLI_FLAGS:
-            apply_setting(config, flags, key, value, root)
-        else:  # as main_dream_booth.py's KEY=VALUE: a fixed override may add a key
-            set_config_key(config, key, value, new_ok=True)
+        # as main_dream_booth.py's KEY=VALUE: a fixed override may add a key
+        apply_setting(config, flags, key, value, root, new_ok=True)
     return config, flags
+
+
+def _sweep_errors(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args)` with the config language's errors as SweepErrors (the sweep file is what the user fixes)."""
+    try:
+        return fn(*args, **kwargs)
+    except ConfigError as e:
+        raise SweepError(str(e)) from None
 
 
 def override_items(overrides: Any) -> List[Tuple[str, Any]]:
@@ -222,74 +221,28 @@ def resolve(root: Path, path: str) -> str:
 
 
 # ---- one setting ------------------------------------------------------------------------------------------------
-def apply_setting(config: DictConfig, flags: Dict[str, Any], key: str, value: Any, root: Path) -> None:
-    """Set `key` (an alias, a main_dream_booth.py flag, or a dotted config key) to `value` for one run."""
+def apply_setting(config: DictConfig, flags: Dict[str, Any], key: str, value: Any, root: Path,
+                  new_ok: bool = False) -> None:
+    """Set `key` (a main_dream_booth.py flag, an alias or a dotted config key) to `value` for one run; a dotted key
+    must exist in the merged config unless `new_ok`."""
     value = yaml_number(value)  # a level written 1e-4 in the sweep file
-    if key in ADAPTER_FIELDS:
-        set_adapter_field(config, key, value)
-    elif key in KEY_ALIASES:
-        set_config_key(config, KEY_ALIASES[key], value)
-    elif key in CLI_FLAGS:
+    if key in CLI_FLAGS:
         flags[key] = value
     elif key in CONFIG_FLAGS:
         value = resolve(root, str(value)) if key in PATH_FLAGS else value
         opt = Namespace(**{k: None for k in CONFIG_FLAGS})
         setattr(opt, key, value)
-        apply_flags(config, opt)
+        _sweep_errors(apply_flags, config, opt)
     else:
-        set_config_key(config, key, value)
-
-
-def set_config_key(config: DictConfig, key: str, value: Any, new_ok: bool = False) -> None:
-    """Set a dotted key that exists (or, with `new_ok`, a new one); an unknown key is an error that lists what can
-    be used instead."""
-    if "." not in key or (not new_ok and OmegaConf.select(config, key, default=_MISSING) is _MISSING):
-        raise SweepError(f"unknown key '{key}': not in the merged config and not an alias or flag. Use a dotted "
-                         f"config key that exists (e.g. model.params.reg_weight; set new keys in 'overrides' first), "
-                         f"an alias ({', '.join(ADAPTER_FIELDS + tuple(KEY_ALIASES))}) or a main_dream_booth.py "
-                         f"flag ({', '.join(CONFIG_FLAGS + CLI_FLAGS)})")
-    try:
-        OmegaConf.update(config, key, value, force_add=True)
-    except Exception as e:  # OmegaConf raises many kinds; all mean the value does not fit the key
-        raise SweepError(f"cannot set '{key}' to {value!r}: {e}") from None
-
-
-def block_entries(config: DictConfig) -> List[Dict[str, Any]]:
-    """The UNet's block adapter entries (transformer and ResBlock) as plain dicts."""
-    adapters = OmegaConf.select(config, UNET_ADAPTERS) or {}
-    entries = []
-    for section in BLOCK_SECTIONS.values():
-        value = adapters.get(section) or []
-        value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-        entries += [dict(value)] if isinstance(value, Mapping) else [dict(e) for e in value]
-    return entries
-
-
-def set_adapter_field(config: DictConfig, field_name: str, value: Any) -> None:
-    """Set `field_name` of every block adapter of the UNet; each entry goes to the section its din belongs to."""
-    entries = block_entries(config)
-    if not entries:
-        raise SweepError(f"factor key '{field_name}' sets a field of the UNet's block adapters, but the merged config "
-                         f"has none under {UNET_ADAPTERS}: start from an adapter config such as "
-                         "configs/sd-inject-dreambooth/attn2o-ffni.yaml")
-    for entry in entries:
-        entry[field_name] = value
-    sections = {s: [] for s in BLOCK_SECTIONS.values()}
-    for entry in entries:
-        kind = "resblock" if entry.get("din") in POSITIONS["resblock"]["din"] else "transformer"
-        sections[BLOCK_SECTIONS[kind]].append(entry)
-    adapters = OmegaConf.select(config, UNET_ADAPTERS)
-    for section, items in sections.items():
-        if items:  # one ResBlock adapter is a mapping in the paper's schema, transformer adapters a list
-            one = section == BLOCK_SECTIONS["resblock"] and len(items) == 1
-            adapters[section] = items[0] if one else items
-        elif section in adapters:
-            del adapters[section]
+        try:
+            set_key(config, key, value, new_ok=new_ok)
+        except ConfigError as e:
+            raise SweepError(f"{e}; or a main_dream_booth.py flag ({', '.join(CONFIG_FLAGS + CLI_FLAGS)})") from None
 
 
 def invalid_reason(config: DictConfig) -> Optional[str]:
     """Why the adapter schema rejects this config (None when it is valid)."""
-    for key in (UNET_ADAPTERS, TEXT_ADAPTERS):
+    for key in ADAPTER_CONFIGS.values():
         adapters = OmegaConf.select(config, key)
         if adapters is None:
             continue

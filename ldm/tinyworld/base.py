@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import atomic_write, load_into, load_state_dict, save_state_dict
+from ldm.checkpoint import atomic_write, load_into, save_state_dict
 from ldm.data.synthetic import Scene, caption, random_scene, render_uint8, scene_rng
+from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.util import instantiate_from_config
 
@@ -200,10 +201,10 @@ def shipped_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 def load_base_weights(model: torch.nn.Module, path: str) -> None:
     """Start from a trained base model (the shipped fp16 file included); its layout must be this config's."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise FileNotFoundError(f"init: no base model file at {path}: train one with configs/tiny-world/train-base.yaml "
                                 f"or set init to the shipped models/ldm/tiny-sd-v1/model.safetensors")
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state_dict(path).items()}
+    state = {k: v.float() if v.is_floating_point() else v for k, v in read_base_weights(path).items()}
     load_into(model, state, f"init {path}")
     log.info("continuing from %s", path)
 

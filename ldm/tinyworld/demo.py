@@ -40,7 +40,7 @@ def train_argv(outdir: Path, steps: Optional[int], seed: int, prior: bool = True
 def train(outdir: Path, steps: Optional[int], seed: int, prior: bool = True, overrides: Sequence[str] = ()) -> Path:
     """Run main_dream_booth.py in a child process (exactly the user's command); returns the run's log dir."""
     cmd = [sys.executable, str(REPO / "main_dream_booth.py"), *train_argv(outdir, steps, seed, prior, overrides)]
-    print("$ " + " ".join(cmd), flush=True)
+    log.info("$ %s", " ".join(cmd))
     subprocess.run(cmd, check=True, cwd=REPO)
     runs = sorted((outdir / "logs").glob("*sks-star"), key=lambda p: p.stat().st_mtime)
     return runs[-1]

@@ -13,7 +13,7 @@ from ldm.data.dreambooth import list_images
 from ldm.data.synthetic import SUBJECT_CLASS, caption, random_scene, scene_rng
 from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import sample_images
-from ldm.modules.adapter_io import load_adapter_from_dir
+from ldm.modules.adapters import load_adapter_from_dir
 from ldm.tinyworld.metrics import TinyWorldMetric, prompt_attributes
 from ldm.util import load_model_from_config
 
@@ -38,7 +38,7 @@ def load_tiny_model(adapter: Optional[Union[str, Path]] = None, ckpt: Union[str,
 def sample(model: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25,
            scale: float = 5.0) -> torch.Tensor:
     """DDIM + classifier-free guidance, prompt i from seed i's noise; (n, 3, H, W) images in [0, 1]."""
-    return sample_images(model, list(zip(prompts, seeds)), model.image_size * 8, steps, scale, batch_size=32)
+    return sample_images(model, list(zip(prompts, seeds)), model.pixel_size, steps, scale, batch_size=32)
 
 
 def load_references(folder: Union[str, Path] = SUBJECT_IMAGES, size: int = 64) -> torch.Tensor:

@@ -17,7 +17,6 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ldm.evaluation.backends import register_backend
 from ldm.tinyworld.probe import ATTRIBUTES, DEFAULT_PROBE, load_probe
 
 _WORDS = {k: set(v) for k, v in ATTRIBUTES.items() if k in ("shape", "texture", "size")}
@@ -85,7 +84,6 @@ class TinyWorldMetric:
         return sum(p["texture"] == "checkered" and p["outline"] == "yes" for p in preds) / max(len(preds), 1)
 
 
-@register_backend("tinyworld")
 def tinyworld_backend(weights: Optional[str] = None, device: Optional[torch.device] = None) -> TinyWorldMetric:
     """`scripts/evaluate.py --metric tinyworld`: the shipped probe unless `weights` names another file."""
     return TinyWorldMetric(weights or DEFAULT_PROBE, device)

@@ -111,11 +111,13 @@ class DDIMSampler:
         return x, {"pred_x0": intermediates}
 
     @torch.no_grad()
-    def stochastic_encode(self, x0: torch.Tensor, t_enc: int, generator: Optional[torch.Generator] = None
-                          ) -> torch.Tensor:
-        """Noise x0 to the DDIM step t_enc (img2img); call make_schedule first."""
+    def stochastic_encode(self, x0: torch.Tensor, t_enc: int, generator: Optional[torch.Generator] = None,
+                          noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Noise x0 to the DDIM step t_enc (img2img) with `noise` (default: drawn from `generator`); call
+        make_schedule first."""
         a = float(self.ddim_alphas[t_enc])
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
 
     @torch.no_grad()

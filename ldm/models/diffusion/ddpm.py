@@ -5,14 +5,15 @@ Only what SD v1 uses (Rombach et al. 2022): no pixel-space parent class, no VQ, 
 import logging
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.checkpoint import load_into, load_state_dict
-from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.checkpoint import load_into
+from ldm.modules.adapters import is_added_key
+from ldm.modules.diffusers_folder import read_base_weights
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, schedule_buffers
 from ldm.util import default, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -80,33 +81,37 @@ class LatentDiffusion(pl.LightningModule):
     def register_schedule(self, beta_schedule: str, timesteps: int, linear_start: float, linear_end: float) -> None:
         """Buffers of the forward process and its posterior, in fp32 as in the original checkpoints."""
         betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end)
-        alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
         self.num_timesteps = int(timesteps)
-        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        buffers = {
-            "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": alphas_cumprod_prev,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
-            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
-        }
-        for name, value in buffers.items():
+        for name, value in schedule_buffers(betas).items():
             self.register_buffer(name, torch.tensor(value, dtype=torch.float32))
 
     def init_from_ckpt(self, path: str) -> None:
-        """Load an original SD v1 checkpoint; keys of added modules (adapters) may be absent from it."""
-        load_into(self, load_state_dict(path), source=f"checkpoint '{path}'", optional=is_added_key)
+        """Load an original SD v1 checkpoint or a diffusers folder; keys of added modules (adapters) may be absent."""
+        load_into(self, read_base_weights(path), source=f"checkpoint '{path}'", optional=is_added_key)
         log.info("loaded base weights from %s", path)
 
     @property
     def unet(self) -> nn.Module:
         return self.model.diffusion_model
+
+    # ---- the latent space ---------------------------------------------------------------------------------------
+    @property
+    def downsampling_factor(self) -> int:
+        """Pixels per latent cell along each side: the autoencoder's f (8 for SD v1)."""
+        return self.first_stage_model.downsampling_factor
+
+    @property
+    def pixel_size(self) -> int:
+        """Side in pixels of the images that the config's latent `image_size` decodes to (512 for SD v1)."""
+        return self.image_size * self.downsampling_factor
+
+    def latent_shape(self, height: int, width: int) -> Tuple[int, int, int]:
+        """(channels, height / f, width / f): the latent of a height x width image (both multiples of f)."""
+        f = self.downsampling_factor
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(f"image height and width must be positive multiples of the autoencoder's "
+                             f"downsampling factor {f}, got {height}x{width}")
+        return self.channels, height // f, width // f
 
     # ---- the three networks -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -121,7 +126,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def get_first_stage_encoding(self, posterior, sample: bool = True,
                                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Posterior -> scaled latent z (b, 4, H/8, W/8) that the UNet works on."""
+        """Posterior -> scaled latent z (b, 4, H/f, W/f) that the UNet works on."""
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.scale_factor * z
 
@@ -159,8 +164,3 @@ class LatentDiffusion(pl.LightningModule):
         """Training loss on scaled latents z with uniformly drawn timesteps."""
         t = torch.randint(0, self.num_timesteps, (z.shape[0],), device=z.device, generator=generator)
         return self.p_losses(z, cond, t)
-
-
-def is_added_key(key: str) -> bool:
-    """Keys of modules this project adds to the base model (adapters, LoRA, (IA)^3), absent from SD checkpoints."""
-    return ".adapters." in key

@@ -12,11 +12,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.fastpaths import adamw_options, apply_fast_paths
-from ldm.models.diffusion.ddpm import LatentDiffusion, is_added_key
-from ldm.modules.adapter_io import SECTION
-from ldm.modules.adapters import (AdapterConfigError, adapter_groups, adapter_networks, adapter_parameters,
-                                  config_from_specs)
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.adapters import (SECTION, AdapterConfigError, adapter_carriers, adapter_groups, adapter_networks,
+                                  adapter_parameters, config_from_specs, is_added_key)
+from ldm.modules.fastpaths import adamw_options, apply_fast_paths
 from ldm.util import ConfigError
 
 log = logging.getLogger(__name__)
@@ -104,9 +103,8 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         super().train(mode)  # the VAE and text encoder stay in eval mode (LatentDiffusion.train)
         if "unet" not in self.train_level:
             self.model.eval()
-        for name, module in self.named_modules():  # the adapters of the UNet and the text encoder
-            if name.endswith(".adapters"):
-                module.train(mode)
+        for _, module in adapter_carriers(self):  # the adapters of the UNet and the text encoder
+            module.adapters.train(mode)
         return self
 
     # ---- inputs -------------------------------------------------------------------------------------------------

@@ -16,29 +16,28 @@ def Normalize(in_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups=num_groups, num_channels=in_channels, eps=1e-6, affine=True)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling, optionally followed by a 3x3 conv."""
+class _Resample(nn.Module):
+    """x2 resampling with an optional 3x3 conv (`conv`, the checkpoint name)."""
+    STRIDE, PADDING = 1, 1
 
     def __init__(self, in_channels: int, with_conv: bool):
         super().__init__()
         self.with_conv = with_conv
         if with_conv:
-            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=1, padding=1)
+            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=self.STRIDE, padding=self.PADDING)
+
+
+class Upsample(_Resample):
+    """Nearest-neighbour x2 upsampling, optionally followed by a 3x3 conv."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (b, c, 2h, 2w)
         return self.conv(x) if self.with_conv else x
 
 
-class Downsample(nn.Module):
+class Downsample(_Resample):
     """x2 downsampling by a stride-2 3x3 conv (or average pooling without conv)."""
-
-    def __init__(self, in_channels: int, with_conv: bool):
-        super().__init__()
-        self.with_conv = with_conv
-        if with_conv:
-            # no padding here: the original pads asymmetrically in forward, and checkpoints depend on it
-            self.conv = nn.Conv2d(in_channels, in_channels, kernel_size=3, stride=2, padding=0)
+    STRIDE, PADDING = 2, 0  # no padding in the conv: the original pads asymmetrically in forward; checkpoints rely on it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.with_conv:
@@ -115,6 +114,20 @@ def _mid_block(block_in: int, temb_ch: int, dropout: float) -> nn.Module:
     return mid
 
 
+def _level(block_in: int, block_out: int, n_blocks: int, temb_ch: int, dropout: float, with_attn: bool) -> nn.Module:
+    """One resolution level (`block`, `attn`: the checkpoint names): n ResnetBlocks, each followed by an AttnBlock
+    when `with_attn`."""
+    block, attn = nn.ModuleList(), nn.ModuleList()
+    for _ in range(n_blocks):
+        block.append(ResnetBlock(in_channels=block_in, out_channels=block_out, temb_channels=temb_ch, dropout=dropout))
+        block_in = block_out
+        if with_attn:
+            attn.append(AttnBlock(block_in))
+    level = nn.Module()
+    level.block, level.attn = block, attn
+    return level
+
+
 class Encoder(nn.Module):
     """Image -> latent moments: conv_in, resolution levels of resnets (+ attn) with downsampling, mid, conv_out."""
 
@@ -134,16 +147,9 @@ class Encoder(nn.Module):
         in_ch_mult = (1,) + tuple(ch_mult)
         self.down = nn.ModuleList()
         for i_level in range(self.num_resolutions):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]
-            for _ in range(num_res_blocks):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
-                                         temb_channels=self.temb_ch, dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
-            down = nn.Module()
-            down.block, down.attn = block, attn
+            down = _level(block_in, block_out, num_res_blocks, self.temb_ch, dropout, curr_res in attn_resolutions)
+            block_in = block_out
             if i_level != self.num_resolutions - 1:
                 down.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res = curr_res // 2
@@ -196,16 +202,9 @@ class Decoder(nn.Module):
         # built from the lowest resolution up, but indexed like the encoder (up[0] is full resolution)
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
-            block, attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
-            for _ in range(num_res_blocks + 1):
-                block.append(ResnetBlock(in_channels=block_in, out_channels=block_out,
-                                         temb_channels=self.temb_ch, dropout=dropout))
-                block_in = block_out
-                if curr_res in attn_resolutions:
-                    attn.append(AttnBlock(block_in))
-            up = nn.Module()
-            up.block, up.attn = block, attn
+            up = _level(block_in, block_out, num_res_blocks + 1, self.temb_ch, dropout, curr_res in attn_resolutions)
+            block_in = block_out
             if i_level != 0:
                 up.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res = curr_res * 2

@@ -1,10 +1,11 @@
 """The SD v1 denoising UNet (the CompVis `UNetModel`, spatial-transformer variant only)."""
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.modules.adapters import adapters_enable, inject_adapters, load_adapter_from_dir, save_adapter_to_dir
 from ldm.modules.attention import SpatialTransformer
 from ldm.modules.diffusionmodules.util import checkpoint, normalization, timestep_embedding, zero_module
 
@@ -51,6 +52,7 @@ class Downsample(nn.Module):
 
 class ResBlock(TimestepBlock):
     """GroupNorm-SiLU-conv twice with the timestep embedding added in between; `resi`/`reso` are adapter points."""
+    ADAPTER_KIND = "resblock"
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: Optional[int] = None,
                  use_checkpoint: bool = False):
@@ -67,7 +69,11 @@ class ResBlock(TimestepBlock):
             self.skip_connection = nn.Identity()
         else:
             self.skip_connection = nn.Conv2d(channels, self.out_channels, 1)
-        self.adapters = None  # an ldm.modules.adapters.AdapterSet when adapters are injected
+        self.adapters = None  # an ldm.modules.adapters AdapterSet when adapters are attached
+
+    def adapter_widths(self) -> Dict[str, int]:
+        """The channels at the block's input (resi) and output (reso)."""
+        return {"resi": self.channels, "reso": self.out_channels}
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return checkpoint(self._forward, x, emb, flag=self.use_checkpoint)
@@ -89,6 +95,7 @@ class UNetModel(nn.Module):
     Parameter names follow the CompVis checkpoints exactly (`input_blocks.N.M...`, `middle_block`, `output_blocks`).
     `adapter_config` (the adapter paper's schema) attaches adapters after the base is built.
     """
+    ADAPTER_ROLE = "unet"
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
                  num_res_blocks: int, attention_resolutions: Iterable[int], dropout: float = 0.0,
@@ -108,6 +115,9 @@ class UNetModel(nn.Module):
         self.context_dim = context_dim
         channel_mult = list(channel_mult)
         attention_resolutions = set(attention_resolutions)
+        # the block structure, by numbers (file formats name blocks by level and index, as diffusers does)
+        self.channel_mult, self.num_res_blocks = tuple(channel_mult), num_res_blocks
+        self.attention_levels = tuple(level for level in range(len(channel_mult)) if 2 ** level in attention_resolutions)
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
                                         nn.Linear(time_embed_dim, time_embed_dim))
@@ -153,22 +163,18 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), zero_module(nn.Conv2d(model_channels, out_channels, 3,
                                                                                      padding=1)))
         if adapter_config:
-            from ldm.modules.adapters import inject_adapters
             inject_adapters(self, adapter_config)
 
     def save_adapter_to_dir(self, path: str, name: str = "default") -> None:
         """Write adapter group `name` (weights + the config that built them) to directory `path`, atomically."""
-        from ldm.modules.adapter_io import save_adapter_to_dir
         save_adapter_to_dir(self, path, name)
 
     def load_adapter_from_dir(self, path: str, name: str = "default", adapter_config: Optional[dict] = None) -> None:
         """Load an adapter directory (ours or the paper code's) into group `name`, injecting the group if absent."""
-        from ldm.modules.adapter_io import load_adapter_from_dir
         load_adapter_from_dir(self, path, name, adapter_config)
 
     def adapters_enable(self, enabled: bool = True, name: Optional[str] = None) -> None:
         """Switch adapters (all groups, or group `name`) on or off; off gives the base model's output exactly."""
-        from ldm.modules.adapters import adapters_enable
         adapters_enable(self, enabled, name)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

@@ -1,6 +1,6 @@
 """Building blocks shared by the UNet: schedules, timestep embedding, normalisation, checkpointing."""
 import math
-from typing import Callable
+from typing import Callable, Dict
 
 import numpy as np
 import torch
@@ -19,6 +19,26 @@ def make_beta_schedule(schedule: str, n_timestep: int, linear_start: float = 1e-
     else:
         raise ValueError(f"unknown beta schedule '{schedule}': use linear, sqrt_linear or sqrt")
     return betas
+
+
+def schedule_buffers(betas: np.ndarray) -> Dict[str, np.ndarray]:
+    """The forward process and its posterior for `betas` (float64): the buffers of LatentDiffusion and of the
+    original checkpoints, by name."""
+    alphas_cumprod = np.cumprod(1.0 - betas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    return {
+        "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": alphas_cumprod_prev,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+        "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(1.0 - betas) / (1.0 - alphas_cumprod),
+    }
 
 
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ldm.modules.adapters import inject_adapters
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
 
 
@@ -118,9 +119,11 @@ class FrozenCLIPEmbedder(nn.Module):
 
     `layer` picks the output: "last", "penultimate", or a hidden-state index (0 = embeddings, -1 = last,
     -2 = penultimate, as A1111's clip skip); every choice goes through final_layer_norm. `adapter_config` (the schema
-    of `ldm.modules.adapter_config`, projection forms such as LoRA on q_proj/k_proj/v_proj/out_proj/fc1/fc2) attaches
+    of `ldm.modules.adapters.schema`, projection forms such as LoRA on q_proj/k_proj/v_proj/out_proj/fc1/fc2) attaches
     adapters after the base is built and frozen (`freeze_except_adapters` makes them trainable).
     """
+
+    ADAPTER_ROLE = "cond_stage_model"
 
     def __init__(self, vocab_size: int = 49408, width: int = 768, layers: int = 12, heads: int = 12,
                  max_length: int = 77, mlp_ratio: float = 4.0, freeze: bool = True,
@@ -134,7 +137,6 @@ class FrozenCLIPEmbedder(nn.Module):
         if freeze:
             self.freeze()
         if adapter_config:
-            from ldm.modules.adapters import inject_adapters
             inject_adapters(self, adapter_config)
 
     @staticmethod

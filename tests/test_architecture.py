@@ -1,0 +1,135 @@
+"""The house rules of docs/architecture.md, checked on the source: imports run one way (no cycle, none hidden inside a
+function, no room importing a room above it), no `print` in the library, no `sys.path` edits, no work at import time.
+"""
+import ast
+from pathlib import Path
+from typing import Dict, List, Set
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The rooms, bottom-up; a module may import its own room and those below it.
+LAYERS = [
+    ("checkpoint and util", ("ldm.util", "ldm.checkpoint")),
+    ("networks and the adapter package", ("ldm.modules",)),
+    ("models, samplers and the config language", ("ldm.models", "ldm.config")),
+    ("data", ("ldm.data",)),
+    ("training, evaluation, sweeps, the tiny world", ("ldm.train", "ldm.callbacks", "ldm.evaluation", "ldm.sweep",
+                                                      "ldm.tinyworld")),
+    ("scripts", ("sample", "main_dream_booth", "scripts")),
+]
+
+
+def sources() -> Dict[str, Path]:
+    """Module name -> file, for ldm/, the two entry points and scripts/."""
+    files = list((REPO / "ldm").rglob("*.py")) + [REPO / "sample.py", REPO / "main_dream_booth.py"]
+    files += list((REPO / "scripts").glob("*.py"))
+    mods = {}
+    for f in files:
+        parts = list(f.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        mods[".".join(parts)] = f
+    return mods
+
+
+def project_imports(tree: ast.AST, mods: Dict[str, Path]) -> Set[str]:
+    """The project modules a syntax tree imports (`from a.b import c` counts a.b, and a.b.c when that is a module)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        found.update(n for n in names if n in mods)
+    return found
+
+
+def layer(module: str) -> int:
+    for i, (_, prefixes) in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} belongs to no layer of LAYERS: add it where it belongs")
+
+
+@pytest.fixture(scope="module")
+def graph():
+    mods = sources()
+    return mods, {m: project_imports(ast.parse(f.read_text()), mods) - {m} for m, f in mods.items()}
+
+
+def cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycle(graph):
+    _, edges = graph
+    assert cycles(edges) == []
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_imports_run_bottom_up(graph):
+    _, edges = graph
+    upward = [f"{m} ({LAYERS[layer(m)][0]}) imports {d} ({LAYERS[layer(d)][0]})"
+              for m, deps in edges.items() for d in deps if layer(d) > layer(m)]
+    assert upward == []
+
+
+def test_no_project_import_inside_a_function(graph):
+    mods, _ = graph
+    hidden = []
+    for m, f in mods.items():
+        for fn in ast.walk(ast.parse(f.read_text())):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                hidden += [f"{m}.{fn.name}" for d in project_imports(fn, mods)]
+    assert hidden == []
+
+
+def test_no_print_in_the_library_and_no_sys_path_edits():
+    prints = [f"{f.relative_to(REPO)}:{n.lineno}" for f in (REPO / "ldm").rglob("*.py")
+              for n in ast.walk(ast.parse(f.read_text()))
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
+    assert prints == []
+    edits = [str(f.relative_to(REPO)) for d in ("scripts", "bench") for f in (REPO / d).glob("*.py")
+             if "sys.path" in f.read_text()]
+    assert edits == []
+
+
+def test_nothing_runs_at_import_time():
+    """Top-level statements of the library define things; a bare call (e.g. matplotlib.use) would act on import."""
+    calls = [f"{f.relative_to(REPO)}:{n.lineno}" for f in (REPO / "ldm").rglob("*.py")
+             for n in ast.parse(f.read_text()).body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
+    assert calls == []

@@ -1,0 +1,151 @@
+"""What every function form answers for itself (ldm/modules/adapters/base.py), over every form in the registry, and
+the claim of docs/architecture.md that a new form is one class plus one registry line: a toy form added in this file
+alone works through injection, switches, training, directories and merging, with nothing else changed."""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from ldm.modules.adapters import (FORMS, POSITIONS, AdapterConfigError, ProjectionForm, adapter_blocks,
+                                  adapter_parameters, adapters_enable, freeze_except_adapters, inject_adapters,
+                                  load_adapter_from_dir, merge_adapters, planned_parameter_count, remove_adapters,
+                                  save_adapter_to_dir)
+from ldm.modules.adapters import schema
+from ldm.modules.adapters.spec import check_number
+
+# One config per form of the registry, on the tiny UNet (each must cover its form; the test below checks that).
+ONE_OF_EACH = {
+    "inout/transformer": {"transformer_adp_config": [{"din": "attn2o", "dout": "ffni", "mid_dim": 4}]},
+    "inout/resblock": {"resblock_adp_config": {"din": "resi", "dout": "reso", "mid_dim": 2}},
+    "lora": {"projection_adp_config": [{"type": "lora", "target": ["to_q", "proj_in"], "rank": 2}]},
+    "ia3": {"projection_adp_config": [{"type": "ia3", "target": ["to_k", "ff.net.2"], "learn_biases": True}]},
+}
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 4, 4, generator=g), torch.tensor([3, 700]), torch.randn(2, 5, 32, generator=g)
+
+
+def test_the_configs_cover_every_form_of_the_registry():
+    covered = {(s.kind, s.type) for config in ONE_OF_EACH.values() for s in schema.parse_adapter_config(config)}
+    assert covered == {(f.KIND, f.NAME) for f in FORMS}
+
+
+@pytest.mark.parametrize("name", ONE_OF_EACH)
+def test_each_form_counts_its_parameters_without_being_built(tiny_model, name):
+    planned = planned_parameter_count(tiny_model.unet, ONE_OF_EACH[name])
+    assert planned > 0
+    assert inject_adapters(tiny_model.unet, ONE_OF_EACH[name]) == planned
+    assert sum(p.numel() for p in adapter_parameters(tiny_model.unet)) == planned
+
+
+def test_blocks_name_exactly_the_positions_of_their_kind(tiny_model):
+    """The points a block reports (adapter_widths) and taps in its forward are the positions the schema knows."""
+    seen = {kind: set() for kind in POSITIONS}
+
+    class Recorder:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def taps(self):
+            def tap(name, t):
+                seen[self.kind].add(name)
+                return t
+            return tap
+
+    blocks = adapter_blocks(tiny_model.unet)
+    assert {kind for _, _, kind, _ in blocks} == set(POSITIONS)
+    for _, block, kind, widths in blocks:
+        assert set(widths) == set(POSITIONS[kind]["din"]) | set(POSITIONS[kind]["dout"])
+        block.adapters = Recorder(kind)
+    with torch.no_grad():
+        tiny_model.unet(*inputs())
+    assert seen == {kind: set(p["din"]) | set(p["dout"]) for kind, p in POSITIONS.items()}
+
+
+# ---- a new form in one class and one registry line ---------------------------------------------------------------
+class Gain(ProjectionForm):
+    """A toy form: y + g * y with a learned per-output gain g (zero at init)."""
+    NAME = "gain"
+    TITLE = "gain"
+    OPTIONS = {**ProjectionForm.OPTIONS, "bound": 1.0}
+
+    @classmethod
+    def check(cls, options, where):
+        options = super().check(options, where)
+        return {**options, "bound": check_number(options["bound"], f"{where}.bound", low=0, low_open=True)}
+
+    @classmethod
+    def parameter_count(cls, spec, dim_in, dim_out):
+        return dim_out
+
+    def __init__(self, spec, host):
+        super().__init__()
+        self.bound = spec.option("bound")
+        self.g = nn.Parameter(torch.zeros(host.weight.shape[0]))
+
+    def zero_init_(self):
+        nn.init.zeros_(self.g)
+
+    def forward(self, x, y, host):
+        g = self.bound * torch.tanh(self.g)
+        return y * (g.view(-1, 1, 1) if isinstance(host, nn.Conv2d) else g)
+
+
+@pytest.fixture
+def with_gain(monkeypatch):
+    monkeypatch.setattr(schema, "FORMS", schema.FORMS + (Gain,))  # the one registry line
+
+
+def test_a_new_form_works_everywhere_with_nothing_else_changed(with_gain, tiny_model, tmp_path):
+    config = {"projection_adp_config": [{"type": "gain", "target": ["to_out.0", "proj_out"], "bound": 0.5}]}
+    unet = tiny_model.unet
+    x = inputs()
+    with torch.no_grad():
+        base = unet(*x)
+    added = inject_adapters(unet, config)
+    assert added == planned_parameter_count(unet, config) > 0
+    with torch.no_grad():
+        assert torch.equal(unet(*x), base)  # identity at init
+    trained = freeze_except_adapters(unet)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.SGD(trained, lr=1.0)
+    unet(*x).square().mean().backward()
+    opt.step()
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".adapters." in k for k in changed)  # only the form's weights trained
+    with torch.no_grad():
+        tuned = unet(*x)
+        adapters_enable(unet, False)
+        assert torch.equal(unet(*x), base)
+        adapters_enable(unet, True)
+    save_adapter_to_dir(unet, str(tmp_path / "gain"))
+    other = copy.deepcopy(tiny_model)
+    remove_adapters(other.unet)
+    load_adapter_from_dir(other.unet, str(tmp_path / "gain"))  # built from the directory's own config
+    with torch.no_grad():
+        assert torch.equal(other.unet(*x), tuned)
+    with pytest.raises(AdapterConfigError, match="the gain .* cannot be folded into the weights"):
+        merge_adapters(unet)  # what it cannot do, it refuses with the base class's reason
+
+
+def test_a_new_forms_bad_field_is_refused_with_its_name(with_gain, tiny_model):
+    with pytest.raises(AdapterConfigError, match=r"projection_adp_config\[0\]\.bound must be a positive number"):
+        inject_adapters(tiny_model.unet, {"projection_adp_config": [{"type": "gain", "target": ["to_q"], "bound": -1}]})
+
+
+def test_an_adapter_directory_written_before_the_package_moved_still_loads(tiny_model):
+    """tests/data/adapters-2923570: every form on the tiny model's UNet and text encoder, saved by the code at commit
+    2923570 (before ldm/modules/adapters/ existed), with the outputs that code computed."""
+    data = Path(__file__).parent / "data"
+    expected = load_file(str(data / "adapters-2923570-expected.safetensors"))
+    load_adapter_from_dir(tiny_model, str(data / "adapters-2923570"))
+    with torch.no_grad():  # equal up to float reordering (thread counts and CPUs differ); a wrong load is O(0.1) off
+        unet_out = tiny_model.unet(expected["x"], expected["t"], context=expected["c"])
+        text_out = tiny_model.cond_stage_model(["a photo of sks dog", "a painting"])
+    assert (unet_out - expected["unet_out"]).abs().max() < 1e-5
+    assert (text_out - expected["text_out"]).abs().max() < 1e-5
