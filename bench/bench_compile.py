@@ -12,12 +12,13 @@ Each (workload, mode) runs in a fresh process with an empty inductor cache (a co
 --warm-cache reuses one cache folder, as a second run of the same command would. Prints the first call (compile
 included for compiled), the median of the next calls, and the number of calls after which compiling pays.
 
-    python bench/bench_compile.py --threads 1                         # all three, about 30 min on 2 busy cores
+    python bench/bench_compile.py --workloads demo,sample --calls 8 --timeout 420 --clock cpu   # bench/RESULTS.md
     python bench/bench_compile.py --workloads tests --calls 4
 """
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--calls", type=int, default=6, help="calls per process (the first one compiles)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per process")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="clock of the calls after the first: wall time, or this process's CPU time (with --threads 1 "
+                        "on a busy machine: robust to load); the first call is always wall time, as the compile "
+                        "runs in worker processes too")
     p.add_argument("--warm-cache", action="store_true", help="one inductor cache for all processes (else a fresh one "
                                                               "each: a cold start)")
     p.add_argument("--child", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
@@ -72,28 +77,36 @@ def child(name: str, mode: str, calls: int) -> Dict:
     model, fn = workload(name)
     if mode == "compiled":
         compile_module(model.unet, torch.device("cpu"))
-    times = []
+    times = {"wall": [], "cpu": []}
     for _ in range(calls):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return {"first_s": times[0], "rest_ms": [t * 1e3 for t in times[1:]], "compiled": is_compiled(model.unet)}
+        times["wall"].append(time.perf_counter() - t0)
+        times["cpu"].append(time.process_time() - c0)
+    return {"first_s": times["wall"][0], "rest_ms": {k: [t * 1e3 for t in v[1:]] for k, v in times.items()},
+            "compiled": is_compiled(model.unet)}
 
 
 def run_child(args, name: str, mode: str, cache: str) -> Dict:
+    """One (workload, mode) in a fresh process (own session: on a timeout it and its compile workers are stopped)."""
     path = os.pathsep.join(filter(None, (str(BENCH.parent), os.environ.get("PYTHONPATH"))))  # this checkout's ldm
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, PYTHONPATH=path)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, mode, "--calls", str(args.calls),
            "--threads", str(args.threads)]
     t0 = time.time()
+    child_process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=True)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=True).stdout
+        out, err = child_process.communicate(timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"no result in {args.timeout:.0f} s"}
-    except subprocess.CalledProcessError as e:
-        return {"error": (e.stderr or "").strip().splitlines()[-1][:200]}
+        os.killpg(child_process.pid, signal.SIGKILL)
+        child_process.communicate()
+        return {"error": f"no result in {args.timeout:.0f} s (stopped)"}
+    if child_process.returncode != 0:
+        return {"error": ((err or "").strip().splitlines() or [f"exit {child_process.returncode}"])[-1][:200]}
     result = json.loads(out.strip().splitlines()[-1])
     result["process_s"] = time.time() - t0
+    result["rest_ms"] = result["rest_ms"][args.clock]
     return result
 
 
@@ -105,16 +118,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     shared = tempfile.mkdtemp(prefix="inductor-")
     print(f"{device_name(torch.device('cpu'))}; commit {git_commit()}; torch {torch.__version__}; load average "
-          f"{os.getloadavg()[0]:.1f}; {'warm' if args.warm_cache else 'cold'} inductor cache; {args.calls} calls")
+          f"{os.getloadavg()[0]:.1f}; {'warm' if args.warm_cache else 'cold'} inductor cache; {args.calls} calls; "
+          f"{args.clock} clock after the first call")
     print("| workload | mode | first call s | median of the next calls, ms | steady ratio compiled / eager | "
-          "compiling pays after |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "compiling pays after | process s | load average |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in [w for w in args.workloads.split(",") if w]:
+        load = os.getloadavg()[0]
         res = {m: run_child(args, name, m, shared if args.warm_cache else tempfile.mkdtemp(prefix="inductor-"))
                for m in ("eager", "compiled")}
+        load = f"{load:.1f}-{os.getloadavg()[0]:.1f}"
         for mode, r in res.items():
             if "error" in r:
-                print(f"| {name} | {mode} | error: {r['error']} | | | |", flush=True)
+                print(f"| {name} | {mode} | error: {r['error']} | | | | | {load} |", flush=True)
                 continue
             med = statistics.median(r["rest_ms"]) if r["rest_ms"] else float("nan")
             ratio, pays = "", ""
@@ -125,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 extra = r["first_s"] - res["eager"]["first_s"]
                 pays = f"{extra / gain:.0f} calls" if gain > 0 else "never (not faster)"
             print(f"| {name} | {mode}{'' if r.get('compiled', True) or mode == 'eager' else ' (fell back)'} | "
-                  f"{r['first_s']:.1f} | {med:.1f} | {ratio} | {pays} |", flush=True)
+                  f"{r['first_s']:.1f} | {med:.1f} | {ratio} | {pays} | {r['process_s']:.0f} | {load} |", flush=True)
 
 
 if __name__ == "__main__":

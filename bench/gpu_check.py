@@ -110,7 +110,8 @@ class Check:
             notes: str = "") -> None:
         """Record, print and append one row."""
         r = dict(self.stamp, item=item, dtype=dtype, shape=shape, ours=ours, reference=reference,
-                 ratio="" if ratio is None else f"{ratio:.3f}", notes=notes.replace("|", "/"))
+                 ratio="" if ratio is None else f"{ratio:.3f}", notes=notes)
+        r = {k: str(v).replace("|", "/") for k, v in r.items()}  # a "|" would split the Markdown table's cell
         self.rows.append(r)
         line = "| " + " | ".join(r[c] for c in COLUMNS) + " |"
         print(line, flush=True)

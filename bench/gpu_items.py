@@ -133,7 +133,7 @@ def numerics(check) -> None:
                 with torch.autocast(check.device.type, dtype=DTYPES[name]):
                     out = call(m, x, t, context).float()
                 errors.append(((out - ref[m]).abs().max() / ref[m].abs().max()).item())
-            check.row("numerics: UNet forward, autocast vs fp32, max |error| / max |fp32 output|", name,
+            check.row("numerics: UNet forward, autocast vs fp32, max abs error / max abs fp32 output", name,
                       shape_of(check), f"{errors[0]:.2e}", f"diffusers {errors[1]:.2e}", errors[0] / errors[1],
                       "same weights and input; TF32 off in the fp32 reference")
     del ours, theirs, ref

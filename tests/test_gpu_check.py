@@ -45,6 +45,7 @@ def test_every_item_runs_at_tiny_size_and_appends_its_rows(tmp_path, monkeypatch
     text = results.read_text()
     assert text.startswith("# earlier results\n\n| a | b |\n\n## GPU check ")  # nothing before the run is lost
     assert text.count("\n| 20") == len(rows) and "--device cpu --size tiny" in text
+    assert all(line.count("|") == len(gpu_check.COLUMNS) + 1 for line in text.splitlines() if line.startswith("| 20"))
 
 
 def test_a_failing_or_overrunning_item_leaves_a_row_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -2,8 +2,8 @@
 channels-last).
 
 Nothing here changes a CPU run unless asked: compile is off by default (on this project's CPU it did not pay, see
-bench/RESULTS.md "torch.compile"), and TF32 and fused AdamW only act on CUDA devices. bench/gpu_check.py measures
-each of them on a GPU.
+bench/RESULTS.md "torch.compile vs eager"), and TF32 and fused AdamW only act on CUDA devices. bench/gpu_check.py
+measures each of them on a GPU.
 """
 import functools
 import logging
