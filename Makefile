@@ -20,4 +20,12 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/bench_unet.py
 
-.PHONY: setup demo test bench
+# On a GPU machine: SD v1 speed, memory and numerics vs diffusers, appended to bench/RESULTS.md (<= 8 min).
+gpu-check: $(VENV)/.installed
+	$(PY) bench/gpu_check.py
+
+# Here, for a lent device machine without network: the wheels it lacks, in .whl/ (see bench/gpu_run.sh).
+gpu-wheels: $(VENV)/.installed
+	PYTHON=$(PY) bash bench/gpu_run.sh wheels
+
+.PHONY: setup demo test bench gpu-check gpu-wheels

@@ -23,6 +23,7 @@ from ldm.config import build_base_model, load_configs, pop_adapter_configs
 from ldm.models.base_config import adapter_config_from_file, config_fix, find_config, sampling_size
 from ldm.models.diffusion.sampling import ETA_SAMPLERS, IMG2IMG_SAMPLERS, SAMPLERS, text_to_image
 from ldm.modules.adapters import AdapterConfigError, is_added_key, load_adapter_from_dir, set_adapter_scale
+from ldm.modules.fastpaths import apply_fast_paths
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
 from ldm.checks import (ArgumentParser, ConfigError, check_output_dir, finite_float, float_in, int_in,
@@ -70,6 +71,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--random_init", action="store_true",
                    help="skip --ckpt and sample from the config's freshly initialised weights (smoke tests)")
     p.add_argument("--seed", type=int_in(0, 2 ** 63 - 1), default=42, help="the random seed")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet: the first batch compiles (minutes), later ones may run faster (see "
+                        "README 'Benchmarks'); where torch cannot compile, a warning and eager sampling")
     p.add_argument("--precision", choices=["full", "autocast"], default=None,
                    help="autocast (fp16 on a GPU, bf16 on the CPU) or full fp32 (default: autocast on a GPU, full on "
                         "the CPU)")
@@ -338,6 +342,7 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     prompts = read_prompts(opt)
     device = pick_device()
     model = load_model(opt, device)
+    apply_fast_paths(model.unet, device, compile=opt.compile)  # TF32 on CUDA; --compile
     mark, checker = make_watermarker(opt), make_safety_checker(opt, device)
     outdir = Path(opt.outdir)
     rows, captions, written = render_all(model, opt, prompts, scales, checker, mark)

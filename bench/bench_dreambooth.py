@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -30,14 +31,18 @@ from bench_unet import device_name, diffusers_twin, git_commit, synchronize, tim
 from ldm.util import instantiate_from_config
 
 ADAPTER_CONFIG = REPO / "configs" / "sd-inject-dreambooth" / "attn2o-ffni.yaml"
+TINY_CONFIGS = [REPO / "configs" / "tests" / "tiny-inference.yaml",  # the test toy, for checking the code quickly
+                REPO / "configs" / "stable-diffusion" / "v1-finetune-dreambooth.yaml",
+                REPO / "configs" / "tests" / "tiny-dreambooth.yaml"]
 VARIANTS = ("adapter", "full", "lora")
 AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=["sd", "small"], default="small",
-                   help="sd: the SD v1 UNet; small: the same architecture with model_channels 64 (CPU)")
+    p.add_argument("--size", choices=["sd", "small", "tiny"], default="small",
+                   help="sd: the SD v1 UNet; small: the same architecture with model_channels 64 (CPU); tiny: the "
+                        "tests' toy model (checks the code in seconds)")
     p.add_argument("--latent", type=int, default=16, help="latent side (SD v1 at 512 px: 64)")
     p.add_argument("--batch", type=int, default=1, help="instance samples per step (as many class samples)")
     p.add_argument("--dtype", choices=sorted(AMP), default="fp32", help="autocast dtype; weights stay fp32")
@@ -48,10 +53,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every variant")
     p.add_argument("--memory-only", choices=VARIANTS, help=argparse.SUPPRESS)  # the per-variant child process
+    p.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def model_config(size: str):
+    """The DreamBooth config with the attn2o -> ffni adapter at `size` (sd, small or tiny)."""
+    if size == "tiny":
+        return OmegaConf.merge(*[OmegaConf.load(f) for f in TINY_CONFIGS])
     config = OmegaConf.load(ADAPTER_CONFIG)
     if size == "small":
         config.model.params.unet_config.params.model_channels = 64
@@ -65,11 +74,12 @@ def build_model(config, variant: str, device: torch.device) -> torch.nn.Module:
     params.train_level = ["unet"] if variant == "full" else ["adapter"]
     if variant == "full":
         params.unet_config.params.pop("adapter_config", None)
-    model = instantiate_from_config(config.model)
+    with torch.device(device):  # initialised where it runs: a GPU draws 1.07 B random weights in a moment
+        model = instantiate_from_config(config.model)
     for name, m in model.unet.named_modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and ".adapters." not in name and not m.weight.any():
             m.reset_parameters()
-    return model.to(device)
+    return model
 
 
 def lora_unet(ours: torch.nn.Module, config, device: torch.device) -> torch.nn.Module:
@@ -83,7 +93,8 @@ def lora_unet(ours: torch.nn.Module, config, device: torch.device) -> torch.nn.M
 
 
 def make_step(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Module], batch: Dict,
-              amp: Optional[torch.dtype], device: torch.device) -> Callable[[], None]:
+              amp: Optional[torch.dtype], device: torch.device, optimizer_class: type = torch.optim.AdamW
+              ) -> Callable[[], None]:
     """One optimiser step of the variant on `batch` (cached latents and contexts)."""
     if variant == "lora":
         params = [p for p in lora.parameters() if p.requires_grad]
@@ -102,7 +113,7 @@ def make_step(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Modu
 
         def loss_fn():
             return model.shared_step(items)[0]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = optimizer_class(params, lr=1e-5)
 
     def step():
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -152,20 +163,30 @@ def peak_memory(args, variant: str, device: torch.device) -> int:
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
 
-def measure_memory(args, device: torch.device) -> int:
-    """The child process's side of peak_memory."""
+def measure_memory(args, device: torch.device) -> Dict[str, object]:
+    """The child process's side of peak_memory: peak bytes over --memory-steps steps, the resident bytes before them
+    (the models and the cached batch), and each step's seconds."""
     step, _ = build_variant(args, args.memory_only, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     else:  # Linux: reset the peak RSS (VmHWM) so that building the models does not count
         Path("/proc/self/clear_refs").write_text("5")
-    for _ in range(3):
+        base = _status_bytes("VmRSS:")
+    seconds = []
+    for _ in range(args.memory_steps):
+        t0 = time.perf_counter()
         step()
-    synchronize(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        synchronize(device)
+        seconds.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _status_bytes("VmHWM:")
+    return {"peak_bytes": peak, "base_bytes": base, "step_s": seconds}
+
+
+def _status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS:, VmHWM:) in bytes."""
     status = Path("/proc/self/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field))) * 1024
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
@@ -173,7 +194,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.memory_only:
-        print(json.dumps({"peak_bytes": measure_memory(args, device)}))
+        print(json.dumps(measure_memory(args, device)))
         return []
     variants = [v for v in args.variants.split(",") if v]
     steps, trained = {}, {}

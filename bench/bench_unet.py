@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
 
+from ldm.modules.adapters import is_added_key
 from ldm.util import instantiate_from_config
 
 CONFIGS = {"sd": REPO / "configs" / "stable-diffusion" / "v1-inference.yaml",
@@ -66,11 +67,12 @@ def build_ours(config, seed: int = 0) -> torch.nn.Module:
 
 
 def diffusers_twin(unet: torch.nn.Module, config) -> torch.nn.Module:
-    """diffusers.UNet2DConditionModel loaded strictly with a copy of `unet`'s weights via diffusers' own converter."""
+    """diffusers.UNet2DConditionModel loaded strictly with a copy of `unet`'s base weights (adapters left out) via
+    diffusers' own converter."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
                                                      create_unet_diffusers_config_from_ldm)
-    checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items() if not is_added_key(k)}
     original_config = {"model": OmegaConf.to_container(config, resolve=True)}
     diffusers_config = create_unet_diffusers_config_from_ldm(original_config, checkpoint)
     converted = convert_ldm_unet_checkpoint(checkpoint, diffusers_config)
@@ -95,8 +97,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, repeats: int,
-                     warmup: int) -> Dict[str, List[float]]:
-    """Run each fn `warmup` times, then `repeats` rounds of one call each (ABAB...); milliseconds per call."""
+                     warmup: int, clock: Callable[[], float] = time.perf_counter) -> Dict[str, List[float]]:
+    """Run each fn `warmup` times, then `repeats` rounds of one call each (ABAB...); milliseconds per call.
+
+    `clock` time.process_time counts this process's CPU time instead of wall time: with one thread on a shared,
+    busy CPU it leaves out the time other processes hold the cores."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -105,10 +110,10 @@ def time_interleaved(fns: Dict[str, Callable[[], None]], device: torch.device, r
         order = list(fns) if r % 2 == 0 else list(fns)[::-1]  # ABBA: neither model always runs first
         for k in order:
             synchronize(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[k]()
             synchronize(device)
-            times[k].append((time.perf_counter() - t0) * 1e3)
+            times[k].append((clock() - t0) * 1e3)
     return times
 
 

@@ -16,6 +16,7 @@ from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.adapters import (SECTION, AdapterConfigError, adapter_carriers, adapter_groups, adapter_networks,
                                   adapter_parameters, config_from_specs, is_added_key)
 from ldm.checks import ConfigError, check_number
+from ldm.modules.fastpaths import adamw_options, apply_fast_paths
 from ldm.util import check_ranges
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
                  cache_latents: bool = True, gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_weight_decay: float = 1e-2,
                  adam_epsilon: float = 1e-8, lr_warmup_steps: int = 0, text_encoder_lr: Optional[float] = None,
-                 **kwargs: Any):
+                 compile: bool = False, channels_last: bool = False, allow_tf32: bool = True, **kwargs: Any):
         # checked before LatentDiffusion builds the networks and loads the base weights
         check_ranges(DreamBoothLatentDiffusion, locals())
         if isinstance(train_level, str) or not train_level or sorted(set(train_level) - set(TRAIN_LEVELS)):
@@ -53,6 +54,8 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         self.use_8bit_adam, self.lr_warmup_steps = use_8bit_adam, int(lr_warmup_steps)
         self.text_encoder_lr = text_encoder_lr  # its own rate for the text encoder's adapters (as kohya's scripts)
         self.adam = dict(betas=tuple(adam_betas), weight_decay=adam_weight_decay, eps=adam_epsilon)
+        # speed options (ldm.modules.fastpaths), applied in on_fit_start, once the device is known
+        self.fast_paths = dict(compile=bool(compile), channels_last=bool(channels_last), tf32=bool(allow_tf32))
         self.learning_rate = 1e-4  # set by main_dream_booth.py from model.base_learning_rate (and --scale_lr)
         self.strict_loading = False  # a training checkpoint holds the trained parameters only
         self.unet.set_gradient_checkpointing(gradient_checkpointing)
@@ -192,7 +195,9 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         return [g for g in ({"params": unet}, {"params": text, "lr": self.text_encoder_lr}) if g["params"]]
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        optimizer = self._optimizer_class()(self.param_groups(), lr=self.learning_rate, **self.adam)
+        groups = self.param_groups()
+        options = {} if self.use_8bit_adam else adamw_options(p for g in groups for p in g["params"])
+        optimizer = self._optimizer_class()(groups, lr=self.learning_rate, **self.adam, **options)
         warmup = self.lr_warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -211,6 +216,7 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         self.train()  # Lightning leaves module modes as they are; ours keeps the frozen base in eval mode
 
     def on_fit_start(self) -> None:
+        apply_fast_paths(self.unet, self.device, **self.fast_paths)
         log.info("training %s with lr %.3g; reg_weight %.3g", self.describe_trained(), self.learning_rate,
                  self.reg_weight)
         bad = [n for n, p in self.named_parameters() if p.requires_grad and p.dtype != torch.float32]
