@@ -277,7 +277,7 @@ def test_parallel_runs_get_one_device_each(tmp_path, monkeypatch):
                    str(tmp_path / "sw"))
     busy, seen = set(), []
 
-    def fake_launch(run, device=None, python=None, train=True, allow_any_target=False):
+    def fake_launch(run, device=None, python=None, train=True, allow_any_target=False, parallel=1):
         assert device not in busy  # a device is never shared by two runs at once
         busy.add(device)
         seen.append(device)
@@ -305,7 +305,7 @@ def test_parallel_runs_share_class_images_made_first(tmp_path, monkeypatch):
     runs = prepare(str(write_spec(tmp_path / "s.yaml", spec)), str(tmp_path / "sw"))
     calls = []
 
-    def fake_launch(run, device=None, python=None, train=True, allow_any_target=False):
+    def fake_launch(run, device=None, python=None, train=True, allow_any_target=False, parallel=1):
         calls.append((run.name, train))
         if train:
             (run.dir / DONE).write_text("{}")
@@ -369,3 +369,13 @@ def test_sweep_resumes_after_a_crashed_run(tiny_sweep, tmp_path, capsys):
     capsys.readouterr()
     sweep_script.main(["status", str(sweep_dir), "-v"])
     assert "done 2 / running 0 / failed 0 / pending 0" in capsys.readouterr().out
+
+
+def test_parallel_runs_share_the_cores_as_threads(monkeypatch):
+    for var in launch.THREAD_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert not any(v in launch.thread_env(1, cpus=8) for v in launch.THREAD_VARS)  # one run: torch's default
+    assert launch.thread_env(2, cpus=8)["OMP_NUM_THREADS"] == "4"
+    assert launch.thread_env(3, cpus=2)["MKL_NUM_THREADS"] == "1"  # never below one thread
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # the user's choice stays
+    assert launch.thread_env(2, cpus=8)["OMP_NUM_THREADS"] == "6" and "MKL_NUM_THREADS" not in launch.thread_env(2, 8)
