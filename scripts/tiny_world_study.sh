@@ -50,7 +50,8 @@ run $PYTHON scripts/evaluate.py "$SWEEP_DIR" --metric tinyworld --prompts "$PROM
 # anova.py never overwrites: when REPORT_DIR exists it writes a fresh folder beside it (REPORT_DIR-2, ...) and says
 # which; the table goes into that folder too.
 echo "+ $PYTHON scripts/anova.py $SWEEP_DIR/results.csv --factors din dout --out $REPORT_DIR" >&2
-report=$($PYTHON scripts/anova.py "$SWEEP_DIR/results.csv" --factors din dout --out "$REPORT_DIR" | sed -n 's/^report in //p')
-[[ -n $report && -d $report ]] || { echo "error: scripts/anova.py did not say where it wrote the report" >&2; exit 1; }
-run cp -n "$SWEEP_DIR/results.csv" "$report/results.csv"
-echo "report: $report/report.md"
+report_md=$($PYTHON scripts/anova.py "$SWEEP_DIR/results.csv" --factors din dout --out "$REPORT_DIR" |
+            sed -n 's/^report in //p')
+[[ -n $report_md && -f $report_md ]] || { echo "error: scripts/anova.py did not say where it wrote the report" >&2; exit 1; }
+run cp -n "$SWEEP_DIR/results.csv" "$(dirname "$report_md")/results.csv"
+echo "report: $report_md"
