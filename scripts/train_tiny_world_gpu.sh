@@ -3,8 +3,8 @@
 # loss) into a fresh folder and measure it with scripts/tiny_world_report.py, in one command, writing what comes back
 # under $OUT. Made for a lent GPU machine (torch there; no omegaconf, ftfy or open_clip, no network), and runs anywhere.
 #
-#   bash scripts/train_tiny_world_gpu.sh wheels          # here, once: the missing packages as wheels in .whl/
-#                                                        # (ignored by git) and a check that tree + wheels fit 64 MiB
+#   bash scripts/train_tiny_world_gpu.sh wheels          # here, once: bench/gpu_run.sh wheels (the missing packages
+#                                                        # as wheels in .whl/, and a check that tree + wheels fit 64 MiB)
 #   device run: carry [".whl"], timeout_s 600, command "bash scripts/train_tiny_world_gpu.sh there"
 #   bash scripts/train_tiny_world_gpu.sh join DIR M.safetensors  # here: the model from the returned parts in DIR,
 #                                                                # checked against their SHA256SUMS
@@ -26,14 +26,7 @@ cd "$(dirname "$0")/.."
 
 CONFIG=configs/tiny-world/train-base-v3.yaml
 MODEL_CONFIG=configs/tiny-world/tiny-sd-v1-f4.yaml
-PACKAGES=(omegaconf ftfy wcwidth open_clip_torch)  # what the device image lacks (KINDS.md's package list)
-LIMIT=$((64 * 1024 * 1024))
 PYTHON=${PYTHON:-python3}
-
-travelling_bytes() {  # tracked + untracked-not-ignored files, plus the carried .whl/
-  { git ls-files -z --cached --others --exclude-standard | xargs -0 -r stat -c %s 2>/dev/null || true
-    find .whl -type f -exec stat -c %s {} + 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}'
-}
 
 train_and_report() {
   RUN=${RUN:-logs/tiny-base-v3-$(date +%Y%m%d-%H%M%S)}
@@ -74,19 +67,8 @@ train_and_report() {
 }
 
 case "${1:-}" in
-  wheels)
-    rm -rf .whl && mkdir -p .whl
-    specs=()
-    for p in "${PACKAGES[@]}"; do
-      specs+=("$p==$("$PYTHON" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$p")")
-    done
-    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      --platform any -d .whl "${specs[@]}"
-    ls -l .whl
-    bytes=$(travelling_bytes)
-    echo "travels: $((bytes / 1024 / 1024)) MiB of the 64 MiB limit (tree + .whl)"
-    [ "$bytes" -le "$LIMIT" ] || { echo "error: over the limit: ignore or move large untracked files"; exit 1; }
+  wheels)  # the GPU check's wheels (a superset of what training needs): one place that knows the device image
+    exec bash bench/gpu_run.sh wheels
     ;;
   there)
     shift

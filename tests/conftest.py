@@ -60,3 +60,28 @@ def tiny_model_session():
 def tiny_model(tiny_model_session):
     """A fresh copy of the tiny LatentDiffusion (random weights, eval mode) for each test."""
     return copy.deepcopy(tiny_model_session)
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory):
+    """A random-weight DINO-style ViT (transformers' format, DINO's layer-norm eps), saved once per session."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("dino")
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                    image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random-weight CLIP (transformers' format), saved once per session."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.CLIPConfig(text_config=small, vision_config={**small, "image_size": 32, "patch_size": 8},
+                                     projection_dim=16)
+    transformers.CLIPModel(config).save_pretrained(path)
+    return path

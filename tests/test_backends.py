@@ -18,27 +18,6 @@ DINO_PROCESSOR = dict(do_resize=True, size={"height": 32, "width": 32}, resample
                       image_std=list(IMAGENET_DEFAULT_STD))
 
 
-@pytest.fixture(scope="module")
-def tiny_dino(tmp_path_factory):
-    path = tmp_path_factory.mktemp("dino")
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                                    image_size=32, patch_size=8, layer_norm_eps=1e-6)
-    transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip")
-    torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2)
-    config = transformers.CLIPConfig(text_config=small, vision_config={**small, "image_size": 32, "patch_size": 8},
-                                     projection_dim=16)
-    transformers.CLIPModel(config).save_pretrained(path)
-    return path
-
-
 def photos():
     """uint8 images of two non-square sizes (landscape, portrait), as a user's files would be."""
     g = torch.Generator().manual_seed(0)
