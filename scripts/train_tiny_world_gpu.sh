@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the v3 tiny base model (configs/tiny-world/train-base-v3.yaml: f = 4 autoencoder, 16x16 latents, min-SNR-gamma
+# Train the v3 tiny base model (configs/tiny-world/train-base-v3-gpu.yaml: f = 4 autoencoder, 16x16 latents, min-SNR-gamma
 # loss) into a fresh folder and measure it with scripts/tiny_world_report.py, in one command, writing what comes back
 # under $OUT. Made for a lent GPU machine (torch there; no omegaconf, ftfy or open_clip, no network), and runs anywhere.
 #
@@ -24,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-CONFIG=configs/tiny-world/train-base-v3.yaml
+CONFIG=configs/tiny-world/train-base-v3-gpu.yaml
 MODEL_CONFIG=configs/tiny-world/tiny-sd-v1-f4.yaml
 PYTHON=${PYTHON:-python3}
 

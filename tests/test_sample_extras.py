@@ -269,19 +269,19 @@ def test_sweep_scale_zero_is_the_base_model_bit_for_bit(adapter_dirs, tmp_path):
 
 def test_sweep_gif_and_labels(adapter_dirs, tmp_path):
     args = _sweep_args(adapter_dirs, "--adapter_path", str(adapter_dirs / "a1"), "--adapter_scale_sweep",
-                       "0,0.5,1", "--n_iter", "1", "--skip_save")
+                       "0,0.5,1", "--n_iter", "1", "--skip_save", "--no-watermark")  # the watermark depends on size
     plain = Image.open(sample.main(args + ["--outdir", str(tmp_path / "p")])[0])
     grid_path, gif_path = sample.main(args + ["--outdir", str(tmp_path / "l"), "--label", "--gif"])
     labelled, gif = np.asarray(Image.open(grid_path)), Image.open(gif_path)
     assert gif_path.name == "sweep-0000.gif" and gif.n_frames == 3
-    w, h = plain.size
+    cols = (plain.size[0] - 2) // 34
     lw, lh = labelled.shape[1], labelled.shape[0]
-    margin, strip = lw - w, (lh - h) // 3
+    margin, strip = lw - (cols * 130 + 2), (lh - 2) // 3 - 130  # 32 px tiles enlarged 4x (MIN_LABELLED_TILE)
     assert margin > 20 and strip > 10  # a margin for "scale 0.5", a strip under each row for prompt and seed
-    tile = np.asarray(plain)[2:34, 2:34]
-    assert np.array_equal(labelled[2:34, margin + 2:margin + 34], tile)  # the images themselves are untouched
-    assert labelled[2 + 32:2 + 32 + strip, margin:].any()               # text under the first row
-    row_label = [labelled[2 + r * (34 + strip):2 + r * (34 + strip) + 32, :margin] for r in range(3)]
+    tile = np.asarray(plain)[2:34, 2:34].repeat(4, 0).repeat(4, 1)
+    assert np.array_equal(labelled[2:130, margin + 2:margin + 130], tile)  # the images: each pixel a 4x4 block
+    assert labelled[2 + 128:2 + 128 + strip, margin:].any()               # text under the first row
+    row_label = [labelled[2 + r * (130 + strip):2 + r * (130 + strip) + 128, :margin] for r in range(3)]
     assert all(x.any() for x in row_label) and not np.array_equal(row_label[1], row_label[2])  # "0.5" vs "1"
 
 
@@ -298,11 +298,13 @@ def test_bad_sweep_is_one_clear_error(adapter_dirs, tmp_path, args, message):
 
 
 def test_labelled_grid_of_a_plain_run(tmp_path):
-    plain = np.asarray(Image.open(sample.main(BASE + ["--outdir", str(tmp_path / "p"), "--skip_save"])[0]))
-    labelled = np.asarray(Image.open(sample.main(BASE + ["--outdir", str(tmp_path / "l"), "--skip_save",
-                                                         "--label"])[0]))
-    assert labelled.shape[1] == plain.shape[1] and labelled.shape[0] > plain.shape[0] + 10  # no row labels
-    assert np.array_equal(labelled[:34], plain[:34]) and labelled[34:].any()
+    args = BASE + ["--skip_save", "--no-watermark"]  # the watermark depends on the grid's size
+    plain = np.asarray(Image.open(sample.main(args + ["--outdir", str(tmp_path / "p")])[0]))
+    labelled = np.asarray(Image.open(sample.main(args + ["--outdir", str(tmp_path / "l"), "--label"])[0]))
+    n = (plain.shape[1] - 2) // 34  # 32 px tiles, enlarged 4x under labels so that they can be read; no row labels
+    assert labelled.shape[1] == n * 130 + 2 and labelled.shape[0] > 130 + 10
+    assert np.array_equal(labelled[2:130, 2:130], plain[2:34, 2:34].repeat(4, 0).repeat(4, 1))
+    assert labelled[130:].any()
 
 
 def test_image_grid_labels_wrap_inside_their_tile():
@@ -318,8 +320,27 @@ def test_image_grid_labels_wrap_inside_their_tile():
     most = wrap_label(" ".join(["word"] * 40), font, 40, max_lines=3)  # beyond max_lines: the end is marked
     assert len(most) == 3 and most[-1].endswith("...") and font.getlength(most[-1]) <= 40
     black = [Image.new("RGB", (40, 40))] * 2
+    text = "a photo of a small striped red star on a blue background at the left"
+    lines = wrap_label(text, ImageFont.load_default(size=12), 160)  # the grid's font, in a tile enlarged 4x
+    assert len(lines) >= 3
     long = np.asarray(image_grid(black, 2, labels=[f"{text}\nseed 1", "b\nseed 2"]))
     blank = np.asarray(image_grid(black, 2, labels=["\n" * len(lines), "b\nseed 2"]))  # as many empty lines
     short = np.asarray(image_grid(black, 2, labels=["a\nseed 1", "b\nseed 2"]))
-    assert long.shape == blank.shape and long.shape[1] == 2 * 42 + 2 and long.shape[0] > short.shape[0] + 20
-    assert long[42:, :42].any() and np.array_equal(long[:, 43:], blank[:, 43:])  # the text stays in its tile
+    # 40 px tiles are enlarged 4x (MIN_LABELLED_TILE) so that a label has room
+    assert long.shape == blank.shape and long.shape[1] == 2 * 162 + 2 and long.shape[0] > short.shape[0] + 20
+    assert long[162:, :162].any() and np.array_equal(long[:, 163:], blank[:, 163:])  # the text stays in its tile
+
+
+def test_grid_labels_keep_visible_spaces():
+    """PIL's default font draws a 1-2 px space at small sizes ("photoofasksstar"): words are drawn apart, at least
+    0.4 em, and the wrapped lines are measured that way."""
+    from PIL import ImageFont
+    from ldm.util import text_length, word_gap
+    font = ImageFont.load_default(size=12)
+    assert word_gap(font) >= 0.4 * 12 > font.getlength(" ")
+    assert text_length("photo of a sks star", font) == pytest.approx(
+        font.getlength("photoofasksstar") + 4 * word_gap(font))
+    black = [Image.new("RGB", (64, 64))]
+    spaced, joined = (np.asarray(image_grid(black, 1, labels=[t])) for t in ("a b", "ab"))
+    ink = lambda a: np.nonzero(a[130:].any(axis=(0, 2)))[0]  # the label's columns with ink
+    assert ink(spaced).max() - ink(joined).max() >= int(0.4 * 12) - 1

@@ -46,6 +46,22 @@ def test_captions_name_the_shape_and_a_full_caption_names_everything():
         assert named == expected, (caption(scene, rng, full=True), named)
 
 
+def test_closeup_world_is_the_base_world_large_and_centred():
+    """The v3 world: the same random numbers draw the same shapes, colours, fills and backgrounds as the base world,
+    every object large and centred; captions never name a size or a place (a full one names everything else)."""
+    rng = random.Random(0)
+    for i in range(200):
+        base, closeup = random_scene(scene_rng(3, i)), random_scene(scene_rng(3, i), "closeup")
+        assert closeup == base.__class__(**{**base.__dict__, "size": "large", "position": "center"})
+        named = prompt_attributes(caption(closeup, rng, full=True, world="closeup"))
+        expected = dict(shape=base.shape, colour=base.colour, background=base.background)
+        if base.texture != "plain":
+            expected["texture"] = base.texture
+        assert named == expected
+        assert not {"size", "position"} & set(prompt_attributes(caption(closeup, rng, world="closeup")))
+    assert SyntheticScenes(4, 32, seed=1, world="closeup")[2]["scene"]["position"] == "center"
+
+
 def test_prompt_attributes_parses_demo_prompts():
     assert prompt_attributes("photo of a sks star") == {"shape": "star"}
     assert prompt_attributes("a large striped red heart on a blue background at the left") == dict(
@@ -86,6 +102,99 @@ def test_shipped_instance_images_are_the_generator_s(tmp_path):
 
 
 # ---- training the base model ---------------------------------------------------------------------------------------
+def test_autoencoder_without_mid_attention_has_no_such_weights():
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    dd = dict(ch=32, out_ch=3, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], in_channels=3, resolution=32,
+              z_channels=4)
+    for cls in (Encoder, Decoder):
+        plain, none = cls(**dd), cls(**dd, attn_type="none")
+        assert {k for k in plain.state_dict() if "attn_1" in k} and not any("attn_1" in k for k in none.state_dict())
+        assert set(none.state_dict()) < set(plain.state_dict())
+    with pytest.raises(ValueError, match="attn_type must be one of vanilla, none, got 'linear'"):
+        Encoder(**dd, attn_type="linear")
+
+
+def test_random_crops_are_windows_of_the_images():
+    from ldm.tinyworld.base import random_crops
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).view(2, 3, 16, 16)
+    crops, offsets = random_crops(x, 8, torch.Generator().manual_seed(0), align=4)
+    assert crops.shape == (2, 3, 8, 8) and offsets.max() <= 2
+    for img, crop, (y, x0) in zip(x, crops, (offsets * 4).tolist()):
+        assert torch.equal(crop, img[:, y:y + 8, x0:x0 + 8])
+    same, zero = random_crops(x, None, torch.Generator())
+    assert same is x and not zero.any()
+
+
+def _v3_config(tmp_path, **steps):
+    """The v3 recipe's features at toy size: an f = 4 autoencoder without mid attention trained on crops, the
+    close-up world."""
+    config = _train_config(tmp_path, **steps)
+    config.model_config = str(REPO / "configs" / "tiny-world" / "tiny-sd-v1-f4.yaml")
+    config.data = {"num_images": 8, "size": 32, "world": "closeup"}
+    config.vae.crop, config.vae.steps = 16, steps.get("vae", 3)
+    return config
+
+
+def test_a_killed_or_paused_run_continues_as_an_uninterrupted_one(tmp_path):
+    """Stopped by the sitting's clock after each save (stop_after ~ 0), restarted until done: the same weights as one
+    uninterrupted run, bit for bit (the generators are saved with the weights)."""
+    from ldm.tinyworld.base import Paused
+    whole = train_base(_v3_config(tmp_path / "a", diffusion=3), torch.device("cpu"))
+    config = _v3_config(tmp_path / "b", diffusion=3)
+    config.checkpoint_minutes = 1e-9  # save after every step
+    pauses = 0
+    while True:
+        try:
+            pieces = train_base(config, torch.device("cpu"), stop_after=1e-9)
+            break
+        except Paused as e:
+            assert "run the same command again to continue" in str(e)
+            pauses += 1
+            assert pauses < 20
+    assert pauses == 2 + 1 + 2  # vae steps 1, 2 of 3; decoder 1 of 2; diffusion 1, 2 of 3
+    with safe_open(str(whole), "pt") as a, safe_open(str(pieces), "pt") as b:
+        assert a.metadata() == b.metadata() == {"format": "pt", "config": config.model_config, "world": "closeup"}
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    assert sorted(p.name for p in (tmp_path / "b" / "w").glob("images-*")) == [
+        "images-closeup-seed0-8x32px.pt", "images-probe-seed1-8x32px.pt"]
+
+
+def test_the_autoencoder_product_starts_a_later_run(tmp_path):
+    """Stages 1-3 leave autoencoder.safetensors (autoencoder + latent scale, fp16); init from it trains the UNet and
+    text encoder on the same latents without training the autoencoder again."""
+    first = train_base(_v3_config(tmp_path / "a"), torch.device("cpu"))
+    product = tmp_path / "a" / "w" / "autoencoder.safetensors"
+    with safe_open(str(product), "pt") as f, safe_open(str(first), "pt") as whole:
+        assert {k for k in f.keys() if k != "scale_factor"} == {k for k in whole.keys() if k.startswith("first_stage")}
+        assert all(torch.equal(f.get_tensor(k), whole.get_tensor(k)) for k in f.keys())
+    config = _v3_config(tmp_path / "b", vae=0)
+    config.init, config.decoder, config.seed = [str(product)], None, 9
+    second = train_base(config, torch.device("cpu"))
+    with safe_open(str(first), "pt") as a, safe_open(str(second), "pt") as b:
+        for key in a.keys():
+            same = torch.equal(a.get_tensor(key), b.get_tensor(key))
+            if key.startswith("first_stage_model.") or key == "scale_factor":
+                assert same, key  # the autoencoder and the latent scale come from the product
+            elif key.startswith(("model.", "cond_stage_model.")) and a.get_tensor(key).dim() >= 2:
+                assert not same, key  # the UNet and text encoder start afresh (another seed) and train
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("vae.crop", 12, "vae.crop must be a multiple of 8 and at most data.size"),
+    ("vae.crop", 64, "vae.crop must be a multiple of 8 and at most data.size \\(32\\)"),
+    ("decoder.crop", 0, "decoder.crop must be"),
+    ("checkpoint_minutes", 0, "checkpoint_minutes must be a finite number > 0"),
+    ("data.world", "mars", "data.world must be one of base, closeup"),
+    ("init", [3], "init must be a base model file or a list of them"),
+])
+def test_v3_training_keys_are_checked(tmp_path, key, value, message):
+    config = _v3_config(tmp_path)
+    check_base_config(config)
+    OmegaConf.update(config, key, value, force_add=True)
+    with pytest.raises(ConfigError, match=message):
+        check_base_config(config)
+
+
 def _train_config(tmp_path, **stage_steps):
     return OmegaConf.create({
         "model_config": str(TINY_CONFIG), "out": str(tmp_path / "tiny.safetensors"), "work_dir": str(tmp_path / "w"),
@@ -149,7 +258,8 @@ def test_train_base_continues_from_init_keeping_the_latent_scale(tmp_path):
         train_base(config, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("recipe", ["train-base.yaml", "train-base-continue.yaml", "train-base-v3.yaml"])
+@pytest.mark.parametrize("recipe", ["train-base.yaml", "train-base-continue.yaml", "train-base-v3.yaml",
+                                    "train-base-v3-gpu.yaml"])
 def test_training_recipes_run_as_written(recipe, tmp_path):
     """The shipped recipes, shrunk to one step per stage (the continuation starts from the shipped model)."""
     config = OmegaConf.load(REPO / "configs" / "tiny-world" / recipe)

@@ -4,7 +4,9 @@ A scene is a shape (8 kinds) with a colour, a fill texture, a size, a position a
 background (plain, gradient or grainy). Captions describe a random subset of the attributes, so the class prompt
 "photo of a star" stands for stars of any colour, size and place: the prior DreamBooth must preserve.
 The base world never draws the `checkered` fill or an `outline`; the demo subject (`SUBJECT`) has both, so a
-base model has never seen it. The probe world (`world="probe"`) draws them too, for the metric models.
+base model has never seen it. The probe world (`world="probe"`) draws them too, for the metric models. The close-up
+world (`world="closeup"`, the v3 tiny model's) is the base world with every object large and centred, as DreamBooth's
+subject photos are: its captions never name a size or a place.
 """
 import math
 import random
@@ -29,6 +31,13 @@ POSITIONS = {"center": (0.5, 0.5), "left": (0.3, 0.5), "right": (0.7, 0.5), "top
 BACKGROUNDS = ("plain", "gradient", "grainy")
 PREFIXES = ("", "a photo of ", "photo of ", "an image of ", "a picture of ")
 SUPERSAMPLE = 4
+WORLDS = ("base", "probe", "closeup")
+FIXED_PLACE = {"closeup"}  # worlds whose objects are all large and centred (captions name neither)
+
+
+def check_world(world: str, allowed: Sequence[str] = WORLDS) -> None:
+    if world not in allowed:
+        raise ValueError(f"unknown world '{world}': expected one of {', '.join(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -55,18 +64,19 @@ SUBJECT_CLASS = "star"
 
 
 def random_scene(rng: random.Random, world: str = "base") -> Scene:
-    """A scene drawn uniformly over the attributes of `world` ("base": what the base model sees; "probe": more)."""
-    if world not in ("base", "probe"):
-        raise ValueError(f"unknown world '{world}': expected 'base' or 'probe'")
+    """A scene drawn uniformly over the attributes of `world` ("base": what the v1/v2 base models see; "probe": more;
+    "closeup": the base world's scenes made large and centred, drawn with the same random numbers)."""
+    check_world(world)
     colour = rng.choice(list(COLOURS))
     background = rng.choice([c for c in COLOURS if c != colour])
     texture = rng.choice(PROBE_TEXTURES if world == "probe" else TEXTURES)
     second = rng.choice([c for c in COLOURS if c not in (colour, background)]) if texture == "checkered" else None
-    return Scene(shape=rng.choice(SHAPES), colour=colour, texture=texture, size=rng.choice(list(SIZES)),
-                 position=rng.choice(list(POSITIONS)), background=background, bg_style=rng.choice(BACKGROUNDS),
-                 rotation=rng.uniform(-0.3, 0.3), jitter=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
-                 second_colour=second, outline=world == "probe" and rng.random() < 0.3,
-                 grain_seed=rng.randrange(2 ** 31))
+    scene = Scene(shape=rng.choice(SHAPES), colour=colour, texture=texture, size=rng.choice(list(SIZES)),
+                  position=rng.choice(list(POSITIONS)), background=background, bg_style=rng.choice(BACKGROUNDS),
+                  rotation=rng.uniform(-0.3, 0.3), jitter=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
+                  second_colour=second, outline=world == "probe" and rng.random() < 0.3,
+                  grain_seed=rng.randrange(2 ** 31))
+    return replace(scene, size="large", position="center") if world in FIXED_PLACE else scene
 
 
 def subject_scene(rng: random.Random) -> Scene:
@@ -85,10 +95,12 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene, rng: random.Random, full: bool = False) -> str:
-    """A caption naming the shape and a random subset of the rest ("a photo of a small red star on the left")."""
+def caption(scene: Scene, rng: random.Random, full: bool = False, world: str = "base") -> str:
+    """A caption naming the shape and a random subset of the rest ("a photo of a small red star on the left"); in a
+    world of large, centred objects ("closeup") never the size or the place."""
     keep = (lambda p: True) if full else (lambda p: rng.random() < p)
-    words = [scene.size] if keep(0.4) else []
+    place = world not in FIXED_PLACE
+    words = [scene.size] if keep(0.4) and place else []
     if scene.texture != "plain" and scene.texture != "checkered" and keep(0.7):
         words.append(scene.texture)
     if keep(0.8):
@@ -98,7 +110,7 @@ def caption(scene: Scene, rng: random.Random, full: bool = False) -> str:
     text = f"{prefix}{article(words[0])} {' '.join(words)}"
     if keep(0.6):
         text += f" on {article(scene.background)} {scene.background} background"
-    if keep(0.4):
+    if keep(0.4) and place:
         text += " in the center" if scene.position == "center" else f" at the {scene.position}"
     return text
 
@@ -202,8 +214,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
     """
 
     def __init__(self, length: int = 10000, size: int = 64, seed: int = 0, world: str = "base"):
-        if world not in ("base", "probe", "subject"):
-            raise ValueError(f"unknown world '{world}': expected 'base', 'probe' or 'subject'")
+        check_world(world, WORLDS + ("subject",))
         self.length, self.size, self.seed, self.world = length, size, seed, world
 
     def __len__(self) -> int:
@@ -217,7 +228,8 @@ class SyntheticScenes(torch.utils.data.Dataset):
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} scenes")
         scene, rng = self.scene(i)
-        return {"image": to_tensor(render(scene, self.size)), "caption": caption(scene, rng), "scene": asdict(scene)}
+        return {"image": to_tensor(render(scene, self.size)), "caption": caption(scene, rng, world=self.world),
+                "scene": asdict(scene)}
 
 
 def write_subject_images(folder: Union[str, Path], n: int = 5, size: int = 64, seed: int = 0) -> List[Path]:

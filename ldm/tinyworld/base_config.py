@@ -25,10 +25,14 @@ NUMBERS: Dict[str, tuple] = {
     "diffusion.checkpoint_every": (1, None, True),
 }
 # may be left out or null (off); checked when set. min_snr_gamma: the min-SNR-gamma loss weighting (ldm.tinyworld.base)
-OPTIONAL_NUMBERS: Dict[str, tuple] = {"diffusion.min_snr_gamma": (0, None, False, True)}
+# crop: train the autoencoder (decoder) on random crops of that many pixels (a fully convolutional one: attn_type none)
+# checkpoint_minutes: how much wall clock a kill may lose (default 5)
+OPTIONAL_NUMBERS: Dict[str, tuple] = {"diffusion.min_snr_gamma": (0, None, False, True),
+                                      "vae.crop": (LATENT_FACTOR, None, True), "decoder.crop": (LATENT_FACTOR, None, True),
+                                      "checkpoint_minutes": (0, None, False, True)}
 PATHS = ("model_config", "out", "work_dir")
-CHOICES = {"vae.world": ("base", "probe")}
-OPTIONAL = ("init", "vae.world", "decoder", *OPTIONAL_NUMBERS)  # may be left out (decoder: null skips stage 3)
+CHOICES = {"vae.world": ("base", "probe", "closeup"), "data.world": ("base", "closeup")}
+OPTIONAL = ("init", "vae.world", "data.world", "decoder", *OPTIONAL_NUMBERS)  # may be left out (decoder: null skips 3)
 
 
 def known_keys() -> List[str]:
@@ -63,9 +67,13 @@ def check_base_config(config: DictConfig) -> None:
             check_number(value, key, *bounds)
         except ValueError as e:
             raise ConfigError(f"{e}{' (the key is missing)' if value is None else ''}") from None
-    if data["data"]["size"] % LATENT_FACTOR:
-        raise ConfigError(f"data.size must be a multiple of {LATENT_FACTOR} (the autoencoder's factor), got "
-                          f"{data['data']['size']}")
+    size = data["data"]["size"]
+    if size % LATENT_FACTOR:
+        raise ConfigError(f"data.size must be a multiple of {LATENT_FACTOR} (the autoencoder's factor), got {size}")
+    for key in ("vae.crop", "decoder.crop"):
+        crop = OmegaConf.select(config, key)
+        if crop is not None and (crop % LATENT_FACTOR or crop > size):
+            raise ConfigError(f"{key} must be a multiple of {LATENT_FACTOR} and at most data.size ({size}), got {crop}")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(config, key)
         if value is not None and value not in allowed:
@@ -79,11 +87,15 @@ def _check_files(data: Dict[str, Any]) -> None:
         raise ConfigError(f"the tiny base training config needs {', '.join(missing)} (a path)")
     if not Path(data["model_config"]).is_file():
         raise ConfigError(f"model_config: no config file at '{data['model_config']}'")
-    init = data.get("init")
-    if init and not Path(init).exists():
-        raise ConfigError(f"init: no base model file at {init}: train one with configs/tiny-world/train-base.yaml "
-                          "or set init to the shipped models/ldm/tiny-sd-v1/model.safetensors")
-    check_output(data["out"], "out", suffixes=(".safetensors",), inputs=[init])
+    init = data.get("init") or []
+    init = [init] if isinstance(init, str) else init
+    if not isinstance(init, list) or not all(isinstance(p, str) and p for p in init):
+        raise ConfigError(f"init must be a base model file or a list of them (parts of one), got {data.get('init')!r}")
+    for path in init:
+        if not Path(path).exists():
+            raise ConfigError(f"init: no base model file at {path}: train one with configs/tiny-world/train-base.yaml "
+                              "or set init to the shipped models/ldm/tiny-sd-v1/model.safetensors")
+    check_output(data["out"], "out", suffixes=(".safetensors",), inputs=init)
     check_writable_place(Path(data["work_dir"]) / "x", "work_dir")  # a folder that can be made (or is reused)
 
 

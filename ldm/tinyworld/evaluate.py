@@ -10,7 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.dreambooth import list_images
-from ldm.data.synthetic import SUBJECT_CLASS, Scene, SyntheticScenes, caption, random_scene, render_uint8, scene_rng
+from ldm.data.synthetic import (COLOURS, SHAPES, SIZES, POSITIONS, SUBJECT_CLASS, TEXTURES, Scene, SyntheticScenes,
+                                caption, random_scene, render_uint8, scene_rng)
 from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import sample_images
 from ldm.modules.adapters import load_adapter_from_dir
@@ -18,8 +19,13 @@ from ldm.tinyworld.metrics import TinyWorldMetric, prompt_attributes
 from ldm.util import load_model_from_config
 
 REPO = Path(__file__).resolve().parents[2]
-BASE_CONFIG = REPO / "configs" / "tiny-world" / "tiny-sd-v1.yaml"
-BASE_CKPT = REPO / "models" / "ldm" / "tiny-sd-v1" / "model.safetensors"
+# the project's tiny SD v1 models: config and weights (v2: f = 8, the base world; v3: f = 4, the close-up world)
+TINY_MODELS = {
+    "v2": (REPO / "configs" / "tiny-world" / "tiny-sd-v1.yaml", REPO / "models" / "ldm" / "tiny-sd-v1" / "model.safetensors"),
+    "v3": (REPO / "configs" / "tiny-world" / "tiny-sd-v1-f4.yaml",
+           REPO / "models" / "ldm" / "tiny-sd-v1-f4" / "model.safetensors"),
+}
+BASE_CONFIG, BASE_CKPT = TINY_MODELS["v2"]
 SUBJECT_IMAGES = REPO / "assets" / "tiny-world" / "sks-star"
 SUBJECT_PROMPT = f"photo of a sks {SUBJECT_CLASS}"
 CLASS_PROMPT = f"photo of a {SUBJECT_CLASS}"
@@ -35,6 +41,15 @@ def load_tiny_model(adapter: Optional[Union[str, Path]] = None, ckpt: Union[str,
     return model
 
 
+def model_world(ckpt: Union[str, Path]) -> str:
+    """The world a tiny base model was trained on, from its file's metadata ("base" for files that do not say)."""
+    from safetensors import safe_open
+    if not str(ckpt).endswith(".safetensors"):
+        return "base"
+    with safe_open(str(ckpt), "pt") as f:
+        return (f.metadata() or {}).get("world", "base")
+
+
 def sample(model: torch.nn.Module, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25,
            scale: float = 5.0) -> torch.Tensor:
     """DDIM + classifier-free guidance, prompt i from seed i's noise; (n, 3, H, W) images in [0, 1]."""
@@ -46,19 +61,34 @@ def load_references(folder: Union[str, Path] = SUBJECT_IMAGES, size: int = 64) -
     return load_images(list_images(folder), size)
 
 
-def base_quality(model: torch.nn.Module, metric: TinyWorldMetric, n: int = 200, seed: int = 777,
-                 steps: int = 25, scale: float = 5.0) -> Dict[str, float]:
-    """How often the base model draws what a fully descriptive random prompt asks, per attribute and overall."""
+# What a model that ignores the prompt scores: 1 / the number of values the world draws.
+CHANCE = {"shape": 1 / len(SHAPES), "colour": 1 / len(COLOURS), "texture": 1 / len(TEXTURES),
+          "background": 1 / len(COLOURS), "size": 1 / len(SIZES), "position": 1 / len(POSITIONS)}
+
+
+def quality_prompts(n: int, seed: int = 777, world: str = "base") -> List[str]:
+    """n fully described random prompts of `world` (prompt i from scene i of `seed`)."""
     rng = random.Random(seed)
-    prompts = [caption(random_scene(scene_rng(seed, i)), rng, full=True) for i in range(n)]
+    return [caption(random_scene(scene_rng(seed, i), world), rng, full=True, world=world) for i in range(n)]
+
+
+def base_quality(model: torch.nn.Module, metric: TinyWorldMetric, n: int = 200, seed: int = 777,
+                 steps: int = 25, scale: float = 5.0, world: str = "base") -> Dict[str, Dict[str, float]]:
+    """How often the base model draws what a fully descriptive random prompt of its world asks: per attribute, the
+    share of the prompts naming it whose samples show it ("value", over "n" prompts) and its "chance" level; both of
+    shape and colour; prompt fidelity (the share of named attributes shown, averaged over prompts)."""
+    prompts = quality_prompts(n, seed, world)
     images = sample(model, prompts, range(n), steps, scale)
     hits: Dict[str, List[bool]] = {}
     for pred, prompt in zip(metric.predict(images), prompts):
         for k, v in prompt_attributes(prompt).items():
             hits.setdefault(k, []).append(pred[k] == v)
-    result = {f"{k}_accuracy": sum(v) / len(v) for k, v in hits.items()}
-    result["shape_and_colour"] = sum(a and b for a, b in zip(hits["shape"], hits["colour"])) / n
-    result["prompt_fidelity"] = prompt_fidelity(metric, images, prompts)
+    result = {k: {"value": sum(v) / len(v), "n": len(v), "chance": CHANCE[k]} for k, v in hits.items()}
+    result["shape_and_colour"] = {"value": sum(a and b for a, b in zip(hits["shape"], hits["colour"])) / n, "n": n,
+                                  "chance": CHANCE["shape"] * CHANCE["colour"]}
+    named = [prompt_attributes(p) for p in prompts]
+    result["prompt_fidelity"] = {"value": prompt_fidelity(metric, images, prompts), "n": n,
+                                 "chance": sum(sum(CHANCE[k] for k in a) / len(a) for a in named) / n}
     return result
 
 
@@ -109,12 +139,13 @@ def attribute_accuracy(metric: TinyWorldMetric, images: torch.Tensor, scenes: Se
 
 
 def autoencoder_quality(vae: torch.nn.Module, metric: TinyWorldMetric, n: int = 300, seed: int = 31337,
-                        subject_n: int = 48, subject_seed: int = 7) -> Dict[str, Dict[str, float]]:
-    """The probe on `n` held-out base-world scenes and `subject_n` unseen subject images, as drawn ("images") and
-    through the autoencoder ("reconstructions"): per-attribute accuracy, subject rate and subject fidelity to the
-    instance images (the reconstructions' values bound what a generator with this autoencoder can reach), and the
-    reconstructions' mean absolute error in [0, 1] pixels."""
-    scenes = [random_scene(scene_rng(seed, i)) for i in range(n)]
+                        subject_n: int = 48, subject_seed: int = 7, world: str = "base") -> Dict[str, Dict[str, float]]:
+    """The probe on `n` held-out scenes of `world` and `subject_n` unseen subject images, as drawn ("images") and
+    through the autoencoder ("reconstructions"): per-attribute accuracy, subject rate (and the rate at which it sees
+    the subject's look in the world's scenes: its false alarms) and subject fidelity to the instance images (the
+    reconstructions' values bound what a generator with this autoencoder can reach), and the reconstructions' mean
+    absolute error in [0, 1] pixels."""
+    scenes = [random_scene(scene_rng(seed, i), world) for i in range(n)]
     images = torch.stack([render_uint8(s) for s in scenes]).float() / 255
     subject = torch.stack([SyntheticScenes(subject_n, 64, subject_seed, world="subject")[i]["image"]
                            for i in range(subject_n)]) / 2 + 0.5
@@ -124,6 +155,7 @@ def autoencoder_quality(vae: torch.nn.Module, metric: TinyWorldMetric, n: int = 
     for name, (scene_images, subject_images) in versions.items():
         result[name] = {**attribute_accuracy(metric, scene_images, scenes),
                         "subject_rate": metric.subject_rate(subject_images),
+                        "scene_subject_rate": metric.subject_rate(scene_images),
                         "subject_fidelity": subject_fidelity(metric, subject_images, references),
                         "mean_abs_error": float((scene_images - images).abs().mean())}
     return result

@@ -1,7 +1,7 @@
 """The tiny world's full report: probe accuracy, the autoencoder, base-model quality, DreamBooth with and without the
 prior, and the whole-UNet baseline."""
 import json
-import random
+import math
 import textwrap
 import time
 from pathlib import Path
@@ -10,11 +10,11 @@ from typing import Dict, List
 import torch
 from PIL import Image
 
-from ldm.data.synthetic import caption, random_scene, scene_rng
 from ldm.evaluation.evaluate import adapter_dir, load_run_model, run_config
 from ldm.tinyworld.demo import train, upscaled
 from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, autoencoder_quality, base_quality, dreambooth_metrics,
-                                    load_references, load_tiny_model, model_samples, reconstruct, sample)
+                                    load_references, load_tiny_model, model_samples, model_world, quality_prompts,
+                                    reconstruct, sample)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.tinyworld.probe import probe_accuracy
 from ldm.util import image_grid
@@ -22,6 +22,32 @@ from ldm.util import image_grid
 # The full fine-tuning baseline: every UNet parameter trains (at a lower rate than the adapter's).
 WHOLE_UNET = ("model.params.train_level=[unet]", "model.base_learning_rate=2.0e-4")
 COLUMNS = ("subject_fidelity", "subject_rate", "prompt_fidelity", "class_similarity_to_base", "class_subject_rate")
+# issue 23's goals for the base model (docs/tiny-world/base-quality.json): at least this share of samples
+BASE_GOALS = {"shape": 0.8, "colour": 0.8, "texture": 0.6, "ae_subject_look": 0.9}
+QUALITY_KEYS = ("shape", "colour", "texture", "background", "prompt_fidelity")
+
+
+def wilson_interval(share: float, n: int, z: float = 1.96) -> List[float]:
+    """The 95% Wilson score interval of a proportion `share` of n trials."""
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def quality_summary(quality: Dict[str, Dict[str, float]], autoencoder: Dict[str, Dict[str, float]],
+                    subject_n: int = 48) -> Dict[str, Dict[str, float]]:
+    """docs/tiny-world/base-quality.json: each measure with its chance level, its 95% interval (Wilson; prompt
+    fidelity, a mean of shares, gets none) and the goal where there is one."""
+    rows = {k: dict(quality[k]) for k in QUALITY_KEYS}
+    rec = autoencoder["reconstructions"]
+    rows["ae_subject_look"] = {"value": rec["subject_rate"], "n": subject_n,
+                               "chance": autoencoder["images"]["scene_subject_rate"]}
+    for key, row in rows.items():
+        if key != "prompt_fidelity":
+            row["ci95"] = wilson_interval(row["value"], row["n"])
+        if key in BASE_GOALS:
+            row["goal"], row["met"] = BASE_GOALS[key], row["value"] >= BASE_GOALS[key]
+    return rows
 
 
 def table(header: List[str], rows: List[List[str]]) -> str:
@@ -51,10 +77,9 @@ def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir
     return runs
 
 
-def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242) -> Image.Image:
-    """n fully described random prompts, one sample each, captioned."""
-    rng = random.Random(seed)
-    prompts = [caption(random_scene(scene_rng(seed, i)), rng, full=True) for i in range(n)]
+def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242, world: str = "base") -> Image.Image:
+    """n fully described random prompts of the model's world, one sample each, captioned."""
+    prompts = quality_prompts(n, seed, world)
     images = sample(model, prompts, range(n))
     labels = ["\n".join(textwrap.wrap(p, 21)) for p in prompts]
     return image_grid(upscaled(images), 6, labels=labels)
@@ -76,12 +101,14 @@ def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n:
     """Run everything on the base model `config` + `ckpt` (the shipped one by default) and write
     outdir/tiny-world-report.md (+ .json); no seeds: no DreamBooth runs. Returns the Markdown path."""
     outdir.mkdir(parents=True, exist_ok=True)
-    metric, base_model = TinyWorldMetric(), load_tiny_model(ckpt=ckpt, config=config)
-    base_samples_figure(base_model).save(outdir / "base-samples.png")
+    metric, base_model, world = TinyWorldMetric(), load_tiny_model(ckpt=ckpt, config=config), model_world(ckpt)
+    base_samples_figure(base_model, world=world).save(outdir / "base-samples.png")
     reconstruction_figure(base_model).save(outdir / "vae-subject-reconstruction.png")
     probe = probe_accuracy(metric.probe)
-    autoencoder = autoencoder_quality(base_model.first_stage_model, metric)
-    quality = base_quality(base_model, metric, n=quality_n)
+    autoencoder = autoencoder_quality(base_model.first_stage_model, metric, world=world)
+    quality = base_quality(base_model, metric, n=quality_n, world=world)
+    summary = quality_summary(quality, autoencoder)
+    (outdir / "base-quality.json").write_text(json.dumps(summary, indent=1) + "\n")
     runs = dreambooth_rows(metric, base_model, outdir, steps, list(seeds), n, config, ckpt) if seeds else {}
     parts = [
         f"Base model: `{config}` with `{ckpt}`.",
@@ -91,8 +118,12 @@ def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n:
         "drawn and reconstructed (subject fidelity: to the instance images)",
         table(["images", *next(iter(autoencoder.values()))],
               [[k, *[f"{v:.3f}" for v in row.values()]] for k, row in autoencoder.items()]),
-        f"### Base model: what {quality_n} fully described prompts get (DDIM 25 steps, guidance 5)",
-        table(list(quality), [[f"{v:.3f}" for v in quality.values()]]),
+        f"### Base model: what {quality_n} fully described prompts of its world ({world}) get (DDIM 25 steps, guidance "
+        "5): the share of samples showing each named attribute, its 95% interval, chance, and the goal",
+        table(["measure", "value", "95% interval", "chance", "goal"],
+              [[k, f"{r['value']:.3f}", "{:.3f}-{:.3f}".format(*r["ci95"]) if "ci95" in r else "",
+                f"{r['chance']:.3f}", f">= {r['goal']} ({'met' if r['met'] else 'NOT met'})" if "goal" in r else ""]
+               for k, r in summary.items()]),
     ]
     if runs:
         parts += [
@@ -105,5 +136,5 @@ def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n:
     md.write_text("\n\n".join(parts) + "\n")
     (outdir / "tiny-world-report.json").write_text(json.dumps(
         {"config": str(config), "ckpt": str(ckpt), "probe": probe, "autoencoder": autoencoder,
-         "base_quality": quality, "dreambooth": runs, "steps": steps, "seeds": list(seeds)}, indent=1) + "\n")
+         "world": world, "base_quality": quality, "summary": summary, "dreambooth": runs, "steps": steps, "seeds": list(seeds)}, indent=1) + "\n")
     return md

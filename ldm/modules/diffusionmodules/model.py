@@ -105,11 +105,22 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h_)
 
 
-def _mid_block(block_in: int, temb_ch: int, dropout: float) -> nn.Module:
-    """The resnet-attention-resnet middle of both Encoder and Decoder (always has attention)."""
+ATTN_TYPES = ("vanilla", "none")
+
+
+def make_attn(in_channels: int, attn_type: str = "vanilla") -> nn.Module:
+    """The middle's attention: `AttnBlock` ("vanilla", SD v1), or none (an identity without weights, as SD 2.x's
+    `attn_type: none`; the tiny f = 4 autoencoder uses it so that it is fully convolutional and trains on crops)."""
+    if attn_type not in ATTN_TYPES:
+        raise ValueError(f"attn_type must be one of {', '.join(ATTN_TYPES)}, got {attn_type!r}")
+    return AttnBlock(in_channels) if attn_type == "vanilla" else nn.Identity()
+
+
+def _mid_block(block_in: int, temb_ch: int, dropout: float, attn_type: str) -> nn.Module:
+    """The resnet-attention-resnet middle of both Encoder and Decoder."""
     mid = nn.Module()
     mid.block_1 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=temb_ch, dropout=dropout)
-    mid.attn_1 = AttnBlock(block_in)
+    mid.attn_1 = make_attn(block_in, attn_type)
     mid.block_2 = ResnetBlock(in_channels=block_in, out_channels=block_in, temb_channels=temb_ch, dropout=dropout)
     return mid
 
@@ -133,7 +144,8 @@ class Encoder(nn.Module):
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
-                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True, **ignore_kwargs):
+                 in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
+                 attn_type: str = "vanilla", **ignore_kwargs):
         super().__init__()
         self.ch = ch
         self.temb_ch = 0  # the autoencoder has no timestep
@@ -155,7 +167,7 @@ class Encoder(nn.Module):
                 curr_res = curr_res // 2
             self.down.append(down)
 
-        self.mid = _mid_block(block_in, self.temb_ch, dropout)
+        self.mid = _mid_block(block_in, self.temb_ch, dropout, attn_type)
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels,
                                   kernel_size=3, stride=1, padding=1)
@@ -182,7 +194,7 @@ class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
-                 tanh_out: bool = False, **ignore_kwargs):
+                 tanh_out: bool = False, attn_type: str = "vanilla", **ignore_kwargs):
         super().__init__()
         self.ch = ch
         self.temb_ch = 0
@@ -197,7 +209,7 @@ class Decoder(nn.Module):
         curr_res = resolution // 2 ** (self.num_resolutions - 1)
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _mid_block(block_in, self.temb_ch, dropout)
+        self.mid = _mid_block(block_in, self.temb_ch, dropout, attn_type)
 
         # built from the lowest resolution up, but indexed like the encoder (up[0] is full resolution)
         self.up = nn.ModuleList()
