@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 
 from conftest import KEYS_TSV, REPO, TINY_CONFIG
-from ldm.data.synthetic import (PROBE_TEXTURES, SHAPES, SUBJECT, SyntheticScenes, caption, random_scene, render,
+from ldm.data.synthetic import (PROBE_TEXTURES, SHAPES, SUBJECT, SUBJECTS, SyntheticScenes, caption, random_scene, render,
                                 render_uint8, scene_rng, subject_scene, to_tensor, write_subject_images)
 from ldm.checks import ConfigError, OutputPathError
 from ldm.tinyworld.base import diffusion_loss, min_snr_weights, render_images, train_base, update_ema
@@ -91,14 +91,32 @@ def test_render_and_subject_images(tmp_path):
     assert Image.open(paths[0]).size == (48, 48)
 
 
-def test_shipped_instance_images_are_the_generator_s(tmp_path):
-    shipped = sorted((REPO / "assets" / "tiny-world" / "sks-star").glob("*.png"))
-    made = write_subject_images(tmp_path, n=5, size=64, seed=2024)  # how assets/tiny-world/sks-star was written
+@pytest.mark.parametrize("name", list(SUBJECTS))
+def test_shipped_instance_images_are_the_generator_s(tmp_path, name):
+    subject = SUBJECTS[name]
+    shipped = sorted((REPO / "assets" / "tiny-world" / name).glob("*.png"))
+    made = write_subject_images(tmp_path, n=5, size=64, seed=subject.seed, subject=subject.scene)  # how it was made
     assert [p.name for p in shipped] == [p.name for p in made]
     from PIL import Image
     import numpy as np
     for a, b in zip(shipped, made):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
+
+
+def test_subjects_differ_and_their_looks_are_never_drawn_by_the_base_worlds():
+    """Four subjects (shape, fill, outline and colours vary); the probe reads each one's look in unseen images of it and
+    not in scenes of the worlds the base models learn."""
+    from ldm.tinyworld.metrics import TinyWorldMetric
+    metric = TinyWorldMetric()
+    assert len({(s.scene.shape, s.scene.texture, s.scene.outline, s.scene.colour) for s in SUBJECTS.values()}) == 4
+    assert len({s.class_word for s in SUBJECTS.values()}) == 4
+    world = torch.stack([to01(render(random_scene(scene_rng(8, i), w))) for i in range(60) for w in ("base", "closeup")])
+    for subject in SUBJECTS.values():
+        assert subject.scene.texture == "checkered" or subject.scene.outline  # what the base world never draws
+        assert subject.class_word == subject.scene.shape
+        images = torch.stack([to01(render(subject_scene(scene_rng(7, i), subject.scene))) for i in range(24)])
+        assert metric.subject_rate(images, dict(subject.look)) >= 0.95, subject.name
+        assert metric.subject_rate(world, dict(subject.look)) <= 0.02, subject.name
 
 
 # ---- training the base model ---------------------------------------------------------------------------------------

@@ -63,6 +63,32 @@ SUBJECT = Scene(shape="star", colour="orange", texture="checkered", size="large"
 SUBJECT_CLASS = "star"
 
 
+@dataclass(frozen=True)
+class Subject:
+    """A tiny-world DreamBooth subject: a look no world the base models learn ever draws (a checkered fill or an
+    outline), its class word, and `look`: what the probe must read in an image for it to show the subject."""
+    name: str
+    scene: Scene
+    class_word: str
+    look: Tuple[Tuple[str, str], ...]
+    seed: int  # of its instance images (write_subject_images)
+
+
+# Subjects for studies that need more than one (shape, fill, outline and colours all vary between them). Each has an
+# assets/tiny-world/<name>/ folder of 5 instance images; "sks-star" is the demo's.
+SUBJECTS: Dict[str, Subject] = {s.name: s for s in (
+    Subject("sks-star", SUBJECT, "star", (("texture", "checkered"), ("outline", "yes")), 2024),
+    Subject("spotted-heart", replace(SUBJECT, shape="heart", colour="purple", texture="spotted", second_colour=None),
+            "heart", (("colour", "purple"), ("texture", "spotted"), ("outline", "yes")), 2025),
+    Subject("checkered-cross", replace(SUBJECT, shape="cross", colour="yellow", second_colour="black", outline=False),
+            "cross", (("colour", "yellow"), ("texture", "checkered"), ("outline", "no")), 2026),
+    Subject("striped-hexagon", replace(SUBJECT, shape="hexagon", colour="green", texture="striped",
+                                       second_colour=None), "hexagon",
+            (("colour", "green"), ("texture", "striped"), ("outline", "yes")), 2027),
+)}
+
+
+
 def random_scene(rng: random.Random, world: str = "base") -> Scene:
     """A scene drawn uniformly over the attributes of `world` ("base": what the v1/v2 base models see; "probe": more;
     "closeup": the base world's scenes made large and centred, drawn with the same random numbers)."""
@@ -79,14 +105,13 @@ def random_scene(rng: random.Random, world: str = "base") -> Scene:
     return replace(scene, size="large", position="center") if world in FIXED_PLACE else scene
 
 
-def subject_scene(rng: random.Random) -> Scene:
-    """The demo subject in a random place and setting (instance images and held-out references).
-
-    Always large: the instance photos are close-ups, as DreamBooth's are (a small star covers only a few latent
-    pixels of the f = 8 autoencoder, too few to carry its checkers and outline).
-    """
-    background = rng.choice([c for c in COLOURS if c not in (SUBJECT.colour, SUBJECT.second_colour)])
-    return replace(SUBJECT, size="large", position=rng.choice(list(POSITIONS)),
+def subject_scene(rng: random.Random, subject: Scene = SUBJECT) -> Scene:
+    """A subject (the demo's by default) in a random setting, large and centred (instance images and held-out
+    references are close-ups, as DreamBooth's are): background, its style, a small rotation and offset vary."""
+    hidden = (subject.colour, subject.second_colour) + (("black",) if subject.outline else ())  # an outline on black
+    background = rng.choice([c for c in COLOURS if c not in hidden])                             # is not there
+    rng.choice(list(POSITIONS))  # drawn and not used (v1/v2 placed subjects anywhere): later draws keep their values
+    return replace(subject, size="large", position="center",
                    background=background, bg_style=rng.choice(BACKGROUNDS), rotation=rng.uniform(-0.3, 0.3),
                    jitter=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)), grain_seed=rng.randrange(2 ** 31))
 
@@ -232,14 +257,15 @@ class SyntheticScenes(torch.utils.data.Dataset):
                 "scene": asdict(scene)}
 
 
-def write_subject_images(folder: Union[str, Path], n: int = 5, size: int = 64, seed: int = 0) -> List[Path]:
-    """Write n instance images of the demo subject as PNGs (the assets/ folder is made this way)."""
+def write_subject_images(folder: Union[str, Path], n: int = 5, size: int = 64, seed: int = 0,
+                         subject: Scene = SUBJECT) -> List[Path]:
+    """Write n instance images of a subject (the demo's by default) as PNGs (the assets/ folders are made this way:
+    `SUBJECTS[name]`'s scene and seed)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = SyntheticScenes(n, size, seed, world="subject")
     paths = []
     for i in range(n):
         path = folder / f"{i:02d}.png"
-        render(data.scene(i)[0], size).save(path)
+        render(subject_scene(scene_rng(seed, i), subject), size).save(path)
         paths.append(path)
     return paths

@@ -17,7 +17,10 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ldm.data.synthetic import SUBJECTS
 from ldm.tinyworld.probe import ATTRIBUTES, DEFAULT_PROBE, load_probe
+
+DEMO_LOOK = dict(SUBJECTS["sks-star"].look)  # checkered and outlined
 
 _WORDS = {k: set(v) for k, v in ATTRIBUTES.items() if k in ("shape", "texture", "size")}
 _POSITION = re.compile(r"\b(?:at the|on the|in the) (left|right|top|bottom|center)\b")
@@ -78,10 +81,12 @@ class TinyWorldMetric:
             scores.append(sum(pred[k] == v for k, v in named.items()) / len(named) if named else 1.0)
         return torch.tensor(scores)
 
-    def subject_rate(self, images: torch.Tensor) -> float:
-        """Fraction of images showing the demo subject's look: a checkered fill with an outline."""
+    def subject_rate(self, images: torch.Tensor, look: Optional[Dict[str, str]] = None) -> float:
+        """Fraction of images showing a subject's `look` (probe attribute -> value; default the demo subject's: a
+        checkered fill with an outline)."""
+        look = look or DEMO_LOOK
         preds = self.predict(images)
-        return sum(p["texture"] == "checkered" and p["outline"] == "yes" for p in preds) / max(len(preds), 1)
+        return sum(all(p[k] == v for k, v in look.items()) for p in preds) / max(len(preds), 1)
 
 
 def tinyworld_backend(weights: Optional[str] = None, device: Optional[torch.device] = None) -> TinyWorldMetric:
