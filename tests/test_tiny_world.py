@@ -175,6 +175,7 @@ def test_a_killed_or_paused_run_continues_as_an_uninterrupted_one(tmp_path):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     assert sorted(p.name for p in (tmp_path / "b" / "w").glob("images-*")) == [
         "images-closeup-seed0-8x32px.pt", "images-probe-seed1-8x32px.pt"]
+    assert (tmp_path / "b" / "w" / "moments-probe-4.pt").is_file()  # stage 3 draws at most 2 steps x 2 images
 
 
 def test_the_autoencoder_product_starts_a_later_run(tmp_path):

@@ -409,8 +409,10 @@ def train_base(config: DictConfig, device: torch.device, stop_after: Optional[fl
         model.scale_factor.fill_(latent_scale(moments, config.seed))
     log.info("latent scale_factor %.5f", model.scale_factor.item())
     if config.get("decoder"):
-        codec_moments = moments if vae_images is images else cached(work_dir / f"moments-{vae_world}.pt",
-                                                                    lambda: encode_moments(vae, vae_images))
+        if vae_images is not images:  # latents of as many of the codec's images as stage 3 can draw, not more
+            vae_images = vae_images[:min(len(vae_images), config.decoder.steps * config.decoder.batch_size)]
+        codec_moments = moments if vae_images is images else cached(
+            work_dir / f"moments-{vae_world}-{len(vae_images)}.pt", lambda: encode_moments(vae, vae_images))
         finetune_decoder(vae, vae_images, codec_moments, config.decoder, work_dir, config.seed, sitting)
     product = work_dir / "autoencoder.safetensors"
     if not product.exists():  # stages 1-3 done: their product, small enough to keep (init: [it] starts from it)
