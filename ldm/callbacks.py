@@ -19,6 +19,24 @@ from ldm.util import image_grid, to_pil
 
 log = logging.getLogger(__name__)
 
+# Lightning lines that say nothing about this run: an advert, and a default being applied that our callbacks set
+LIGHTNING_NOISE = ("💡 Tip:", "`weights_only` was not set")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(LIGHTNING_NOISE)
+
+
+def quiet_lightning() -> None:
+    """Drop LIGHTNING_NOISE from the log (Lightning's loggers and their handlers: records of its child loggers
+    reach those handlers without passing the parents' filters). Idempotent."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning_utilities", ""):
+        logger = logging.getLogger(name)
+        for target in (logger, *logger.handlers):
+            if not any(isinstance(f, _DropNoise) for f in target.filters):
+                target.addFilter(_DropNoise())
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file and renamed into place, and loaded without pickled code."""
@@ -79,7 +97,8 @@ class RunCheckpoint(pl.callbacks.ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, *args)
         saved = getattr(self, "_last_global_step_saved", -1)  # Lightning's own record of the step it saved
         if trainer.global_step == trainer.max_steps and saved != trainer.global_step:
-            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+            trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"),
+                                    weights_only=False)  # a full checkpoint, to resume from (and no log line)
             self._last_global_step_saved = trainer.global_step
 
 

@@ -1,11 +1,15 @@
-"""The README's copy-paste commands for the tiny model run as written: each command of the marked block, in order, in
-a fresh folder that holds the repository's entry points, configs, models and assets (so outputs land there)."""
+"""The README's copy-paste commands for the tiny model run as pasted into a fresh shell after `make demo`: the marked
+block as one bash script, in a fresh folder that holds the repository's entry points, configs, models, assets and the
+virtual environment (so outputs land there), with nothing of that environment on the PATH until the block activates
+it."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import List
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -14,17 +18,31 @@ MARKER = "<!-- tiny-model commands"
 LINKED = ("sample.py", "main_dream_booth.py", "scripts", "configs", "models", "assets")
 
 
-def readme_commands() -> List[str]:
-    """The commands of the README block after MARKER: comments dropped, backslash continuations joined."""
+def readme_block() -> str:
+    """The README's bash block after MARKER, as written."""
     text = (REPO / "README.md").read_text()
     assert text.count(MARKER) == 1, "the README must mark exactly one block of tiny-model commands"
-    block = text.split(MARKER, 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
-    lines = block.replace("\\\n", " ").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return text.split(MARKER, 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+
+
+def readme_commands() -> List[str]:
+    """The commands of the README block: comments dropped, backslash continuations joined."""
+    lines = readme_block().replace("\\\n", " ").splitlines()
+    return [line.split(" #", 1)[0].strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def venv_dir() -> Path:
+    """The virtual environment running the tests (`make test`'s .venv): the block activates its like."""
+    prefix = Path(sys.prefix)
+    if prefix == Path(sys.base_prefix) or not (prefix / "bin" / "activate").is_file():
+        pytest.skip("the tests do not run in a virtual environment: the README block activates .venv")
+    return prefix
 
 
 def test_the_block_is_found_and_holds_what_it_promises():
     commands = readme_commands()
+    assert commands[0] == "source .venv/bin/activate"
+    commands = commands[1:]
     assert len(commands) == 4 and all(c.startswith("python ") for c in commands)
     assert commands[0] == 'python sample.py --ckpt models/ldm/tiny-sd-v1/model.safetensors --prompt "a photo of a ' \
                           'red star"'
@@ -33,11 +51,16 @@ def test_the_block_is_found_and_holds_what_it_promises():
 def test_every_tiny_model_command_runs_as_written(tmp_path):
     for name in LINKED:
         (tmp_path / name).symlink_to(REPO / name)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # threads only change the speed
-    for command in readme_commands():
-        run = subprocess.run(["bash", "-c", sys.executable + command[len("python"):]], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=1800)
-        assert run.returncode == 0 and "Traceback" not in run.stderr, f"$ {command}\n{run.stderr[-3000:]}"
+    venv = venv_dir()
+    (tmp_path / ".venv").symlink_to(venv)
+    path = [p for p in os.environ["PATH"].split(os.pathsep) if Path(p).resolve() != (venv / "bin").resolve()]
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME")}
+    # a fresh shell: no environment on the PATH; PYTHONPATH only names the code under test (the venv's editable
+    # install names it too, unless the tests run from a copy); threads only change the speed
+    env.update(PATH=os.pathsep.join(path), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = subprocess.run(["bash", "-e", "-c", readme_block()], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=1800)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     samples = sorted((tmp_path / "outputs" / "txt2img-samples" / "samples").glob("*.png"))
     assert len(samples) == 6 + 3 and Image.open(samples[0]).size == (64, 64)  # 3 x 2 plain, 3 x 1 with the adapter
     grids = sorted((tmp_path / "outputs" / "txt2img-samples").glob("grid-*.png"))
