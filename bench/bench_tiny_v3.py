@@ -1,10 +1,12 @@
 """What the v3 tiny base model (f = 4 autoencoder, 16x16 latents) costs and buys, measured on this machine.
 
-    python bench/bench_tiny_v3.py steps [--vae_batch 64 --diffusion_batch 256 ...]   # per-stage step costs
+    python bench/bench_tiny_v3.py steps [--recipe configs/tiny-world/train-base-v3.yaml] [--threads 1]
+                                                                                  # per-stage step costs
     python bench/bench_tiny_v3.py vae --steps 400 --batch 16                        # f = 4 vs f = 8 autoencoder
 
 `steps`: for each training stage of scripts/train_tiny_base.py (autoencoder, decoder, UNet + text encoder), run by
-the recipe's own stage functions at the given batch sizes on random data of the stage's shapes: CPU time per step
+the recipe's own stage functions at the recipe's batch sizes and crops on random data of the stage's shapes, and the
+recipe's arithmetic (steps x cost; the encoding of its latents and the drawing of its scenes too): CPU time per step
 (one thread, process CPU time, so other jobs on the machine do not inflate it much; the difference of a 1 + R-step and
 a 1-step run, so set-up cancels), FLOPs per step (torch's FlopCounterMode: convolutions, matmuls, attention), aten ops
 per step (on a GPU each is a kernel launch or less; the CPU path runs the optimiser, clipping and EMA per tensor,
@@ -57,11 +59,11 @@ def build(name: str) -> torch.nn.Module:
     return instantiate_from_config(OmegaConf.load(MODELS[name]).model)
 
 
-def stage_runner(name: str, stage: str, batch: int, size: int) -> Callable[[int, Path], None]:
+def stage_runner(name: str, stage: str, batch: int, size: int, crop: Optional[int] = None) -> Callable[[int, Path], None]:
     """run(steps, work_dir): that many steps of the recipe's own stage function on a fresh model and random data of
-    the stage's shapes (images `size` px), as scripts/train_tiny_base.py runs them."""
+    the stage's shapes (images `size` px, `crop` px crops when set), as scripts/train_tiny_base.py runs them."""
     cfg = {"batch_size": batch, "lr": 1e-4, "l2_weight": 1.0, "kl_weight": 1e-6, "warmup_steps": 1, "p_uncond": 0.1,
-           "ema_decay": 0.99, "min_snr_gamma": 5.0}
+           "ema_decay": 0.99, "min_snr_gamma": 5.0, "crop": crop}
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (512, 3, size, size), dtype=torch.uint8, generator=g)
     scenes = [random_scene(scene_rng(0, i)) for i in range(512)]
@@ -108,31 +110,46 @@ def count(run: Callable[[int, Path], None]) -> Dict[str, float]:
 
 
 def run_steps(opt: argparse.Namespace) -> None:
-    torch.set_num_threads(1)
-    batches = {"vae": opt.vae_batch, "decoder": opt.decoder_batch, "diffusion": opt.diffusion_batch}
-    print(f"torch {torch.__version__}, 1 thread, process CPU time; the recipe's stage functions; host floor: batch "
-          f"1, 8x8 latents (arithmetic small: dispatch and Python dominate)\n")
-    print("| model | stage | batch | CPU ms/step | GFLOP/step | aten ops/step | host floor ms/step |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name in opt.models.split(","):
-        for stage, batch in batches.items():
-            run = stage_runner(name, stage, batch, 64)
-            c = count(run)
-            f = 4 if "f4" in name else 8
-            floor = per_step(stage_runner(name, stage, 1, 8 * f), 5)  # 8x8 latents: the least the UNet takes
-            print(f"| {name} | {stage} | {batch} | {per_step(run, opt.repeats):.0f} | {c['gflop']:.1f} | {c['ops']} | "
-                  f"{floor:.1f} |", flush=True)
+    torch.set_num_threads(opt.threads)
+    recipe = OmegaConf.load(opt.recipe)
+    name = next(k for k, v in MODELS.items() if v.name == Path(recipe.model_config).name)
+    size, stages = recipe.data.size, [s for s in ("vae", "decoder", "diffusion") if recipe.get(s)]
+    print(f"{opt.recipe}: model {name}; torch {torch.__version__}, {opt.threads} thread(s), process CPU time; the "
+          f"recipe's stage functions; host floor: batch 1, 8x8 latents (arithmetic small: dispatch and Python "
+          f"dominate)\n")
+    print("| stage | batch | crop | CPU ms/step | GFLOP/step | aten ops/step | host floor ms/step | steps | CPU min |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    total = 0.0
+    for stage in stages:
+        cfg = recipe[stage]
+        run = stage_runner(name, stage, cfg.batch_size, size, cfg.get("crop"))
+        c = count(run)
+        f = 4 if "f4" in name else 8
+        floor = per_step(stage_runner(name, stage, 1, 8 * f), 5)  # 8x8 latents: the least the UNet takes
+        ms = per_step(run, opt.repeats)
+        total += ms * cfg.steps / 60000
+        print(f"| {stage} | {cfg.batch_size} | {cfg.get('crop') or '-'} | {ms:.0f} | {c['gflop']:.1f} | {c['ops']} | "
+              f"{floor:.1f} | {cfg.steps} | {ms * cfg.steps / 60000:.1f} |", flush=True)
+    vae = build(name).first_stage_model.eval()
+    x = torch.rand(64, 3, size, size) * 2 - 1
+    with torch.no_grad():
+        encode_ms = 1000 * cpu_seconds(lambda: vae.encode(x)) / 64
     start = time.process_time()
     for i in range(200):
-        render_uint8(random_scene(scene_rng(0, i)), 64)
+        render_uint8(random_scene(scene_rng(0, i), recipe.data.get("world", "base")), size)
     render_ms = 1000 * (time.process_time() - start) / 200
-    tokenizer = build("v3-f4").cond_stage_model.tokenizer
+    n = recipe.data.num_images
+    codec = min(n, recipe.decoder.steps * recipe.decoder.batch_size) if recipe.get("decoder") else 0
+    extra = (2 * n * render_ms + (n + codec) * encode_ms) / 60000
+    tokenizer = build(name).cond_stage_model.tokenizer
     rng = random.Random(0)
-    scenes = [random_scene(scene_rng(0, i)) for i in range(opt.diffusion_batch)]
+    scenes = [random_scene(scene_rng(0, i)) for i in range(recipe.diffusion.batch_size)]
     text_ms = 1000 * statistics.median(cpu_seconds(lambda: tokenizer([caption(s, rng) for s in scenes]))
                                        for _ in range(5))
-    print(f"\nrender one 64x64 base-world scene: {render_ms:.2f} ms CPU; draw and tokenize {opt.diffusion_batch} "
-          f"captions: {text_ms:.1f} ms CPU (both in the step times above where a stage does them)")
+    print(f"\ndraw one {size}x{size} scene: {render_ms:.2f} ms; encode one image: {encode_ms:.1f} ms; draw and tokenize "
+          f"{recipe.diffusion.batch_size} captions: {text_ms:.1f} ms (in the diffusion step above)\n"
+          f"drawing 2 x {n} scenes and encoding {n} + {codec} of them: {extra:.1f} CPU min\n"
+          f"the recipe: {total + extra:.0f} CPU min = {(total + extra) / 60:.2f} h at {opt.threads} thread(s)")
 
 
 def run_vae(opt: argparse.Namespace) -> None:
@@ -165,12 +182,10 @@ def run_vae(opt: argparse.Namespace) -> None:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("steps", help="per-stage step costs")
-    s.add_argument("--vae_batch", type=int, default=64)
-    s.add_argument("--decoder_batch", type=int, default=64)
-    s.add_argument("--diffusion_batch", type=int, default=256)
-    s.add_argument("--repeats", type=int, default=1, help="timed steps per stage")
-    s.add_argument("--models", default="v3-f4", help="comma-separated: v3-f4, v2-f8")
+    s = sub.add_parser("steps", help="per-stage step costs and the recipe's arithmetic")
+    s.add_argument("--recipe", default=str(REPO / "configs/tiny-world/train-base-v3.yaml"), help="training recipe")
+    s.add_argument("--repeats", type=int, default=2, help="timed steps per stage")
+    s.add_argument("--threads", type=int, default=1, help="torch threads")
     v = sub.add_parser("vae", help="f = 4 vs f = 8 autoencoder after the same training")
     v.add_argument("--steps", type=int, default=400)
     v.add_argument("--batch", type=int, default=16)
