@@ -156,7 +156,8 @@ def check_options(opt: argparse.Namespace) -> str:
     sampler, flag = chosen_sampler(opt)
     cls = sampler_class(sampler)
     if opt.init_img and not cls.IMG2IMG:
-        sys.exit(f"error: img2img uses {' or '.join(SAMPLERS[n].TITLE for n in samplers_with('IMG2IMG'))}; drop {flag}")
+        titles = (SAMPLERS[name].TITLE for name in samplers_with("IMG2IMG"))
+        sys.exit(f"error: img2img uses {' or '.join(titles)}; drop {flag}")
     if opt.ddim_eta and not cls.ETA:
         sys.exit(f"error: {sampler} {cls.without_eta()}; drop --ddim_eta (it is DDIM's)")
     if opt.adapter_scale and len(opt.adapter_scale) != len(opt.adapter_path):

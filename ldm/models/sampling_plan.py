@@ -116,8 +116,9 @@ def load_weights(model: torch.nn.Module, source: ModelSource, config_adapters: O
     """`model` from `build_model` with its base weights (in the model's dtypes, whatever the file's), on `device`,
     with every adapter of `source` attached at its scale and the fine-tuned UNet of `source.trained_ckpt`."""
     if source.ckpt is not None:
-        expected = model.state_dict()
-        weights = {k: v.to(expected[k].dtype) if k in expected else v for k, v in read_base_weights(source.ckpt).items()}
+        expected = model.state_dict()  # (meta tensors: names, shapes and dtypes)
+        weights = {k: v.to(expected[k].dtype) if k in expected else v
+                   for k, v in read_base_weights(source.ckpt).items()}
         load_into(model, weights, source=f"checkpoint '{source.ckpt}'", optional=is_added_key)
         log.info("loaded base weights from %s", source.ckpt)
     model = model.to(device)

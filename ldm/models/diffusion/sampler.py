@@ -100,7 +100,8 @@ class Sampler:
     def sample(self, S: int, batch_size: int, shape: Sequence[int], conditioning: torch.Tensor,
                unconditional_guidance_scale: float = 1.0, unconditional_conditioning: Optional[torch.Tensor] = None,
                eta: float = 0.0, x_T: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
-               verbose: bool = True, callback: Optional[Callable] = None, **compvis_kwargs: Any) -> Tuple[torch.Tensor, dict]:
+               verbose: bool = True, callback: Optional[Callable] = None, **compvis_kwargs: Any
+               ) -> Tuple[torch.Tensor, dict]:
         """Sample latents (batch_size, *shape) in S steps; returns (samples, {"pred_x0": [...]}).
 
         Arguments only the original CompVis sampler has (`COMPVIS_ONLY_KWARGS`) are accepted and ignored, with a
