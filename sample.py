@@ -10,26 +10,24 @@ images have the model's own size. The tiny model, in seconds on a CPU:
 import argparse
 import logging
 import sys
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ldm.checkpoint import CheckpointError, load_trained_parameters
-from ldm.config import build_base_model, load_configs, pop_adapter_configs
-from ldm.models.base_config import adapter_config_from_file, config_fix, find_config, sampling_size
-from ldm.models.diffusion.sampling import ETA_SAMPLERS, IMG2IMG_SAMPLERS, SAMPLERS, text_to_image
-from ldm.modules.adapters import AdapterConfigError, is_added_key, load_adapter_from_dir, set_adapter_scale
+from ldm.checkpoint import CheckpointError
+from ldm.models.base_config import config_fix
+from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS, sampler_class, samplers_with
+from ldm.models.sampling_plan import AdapterFile, ModelSource, SamplingPlan, build_model, load_weights, sampling_size
+from ldm.models.txt2img import make_watermarker, render
+from ldm.modules.adapters import AdapterConfigError
 from ldm.modules.fastpaths import apply_fast_paths
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
-from ldm.modules.watermark import Watermarker
 from ldm.checks import (ArgumentParser, ConfigError, check_output_dir, finite_float, float_in, int_in,
                         non_negative_int, positive_int)
 from ldm.data.dreambooth import check_image_file
-from ldm.util import image_grid, load_model_from_config, pick_device, save_numbered, setup_logging, to_pil
+from ldm.util import pick_device, setup_logging
 
 log = logging.getLogger("sample")
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"  # CompVis' place for SD v1 weights
@@ -45,9 +43,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=positive_int, default=50, help="number of sampling steps (at most the model's "
                                                                    "training timesteps)")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="the sampler (default: ddim)")
-    p.add_argument("--plms", action="store_true", help="CompVis shorthand for --sampler plms")
-    p.add_argument("--dpm_solver", action="store_true", help="shorthand for --sampler dpm++2m (DPM-Solver++(2M))")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help=f"the sampler (default: {DEFAULT_SAMPLER})")
+    for name, cls in SAMPLERS.items():
+        if cls.SHORTHAND:
+            p.add_argument(cls.SHORTHAND, action="store_true", help=f"shorthand for --sampler {name} ({cls.TITLE})")
     p.add_argument("--ddim_eta", type=float_in(0), default=0.0, help="DDIM eta (0.0 is deterministic)")
     p.add_argument("--fixed_code", action="store_true", help="use the same starting noise for every batch")
     p.add_argument("--n_iter", type=positive_int, default=2, help="batches per prompt")
@@ -109,24 +108,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_prompts(opt: argparse.Namespace) -> List[str]:
+def read_prompts(opt: argparse.Namespace) -> Tuple[str, ...]:
     """The prompts to render: one per line of --from-file, else --prompt."""
     if not opt.from_file:
-        return [opt.prompt]
+        return (opt.prompt,)
     path = Path(opt.from_file)
     if not path.is_file():
         sys.exit(f"error: prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
     if not prompts:
         sys.exit(f"error: prompt file {path} is empty: put one prompt per line")
     return prompts
-
-
-def load_init_latent(model, opt: argparse.Namespace, device: torch.device) -> torch.Tensor:
-    """Encode --init-img, resized to --W x --H, into the scaled latent (1, C, H/f, W/f)."""
-    image = Image.open(opt.init_img).convert("RGB").resize((opt.W, opt.H), resample=Image.LANCZOS)
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].to(device)
-    return model.get_first_stage_encoding(model.encode_first_stage(x), sample=False)
 
 
 def check_paths(opt: argparse.Namespace) -> None:
@@ -149,23 +141,25 @@ def check_paths(opt: argparse.Namespace) -> None:
 
 
 def chosen_sampler(opt: argparse.Namespace) -> Tuple[str, str]:
-    """(sampler name, the option that chose it) from --sampler or a shorthand; conflicting choices exit."""
+    """(sampler name, the option that chose it) from --sampler or a sampler's shorthand flag; conflicts exit."""
     given = {f"--sampler {opt.sampler}": opt.sampler} if opt.sampler else {}
-    given.update({f"--{flag}": name for flag, name in (("plms", "plms"), ("dpm_solver", "dpm++2m"))
-                  if getattr(opt, flag)})
+    given.update({cls.SHORTHAND: name for name, cls in SAMPLERS.items()
+                  if cls.SHORTHAND and getattr(opt, cls.SHORTHAND.lstrip("-").replace("-", "_"))})
     if len(set(given.values())) > 1:
         sys.exit(f"error: pick one sampler: {' or '.join(given)}")
-    return next(((name, flag) for flag, name in given.items()), ("ddim", "--sampler ddim"))
+    return next(((name, flag) for flag, name in given.items()), (DEFAULT_SAMPLER, f"--sampler {DEFAULT_SAMPLER}"))
 
 
-def check_options(opt: argparse.Namespace) -> None:
+def check_options(opt: argparse.Namespace) -> str:
     """Exit with one clear message for options that cannot work together or paths that cannot be used, before any
-    work; settles opt.sampler."""
-    opt.sampler, flag = chosen_sampler(opt)
-    if opt.init_img and opt.sampler not in IMG2IMG_SAMPLERS:
-        sys.exit(f"error: img2img uses {' or '.join(map(str.upper, IMG2IMG_SAMPLERS))}; drop {flag}")
-    if opt.ddim_eta and opt.sampler not in ETA_SAMPLERS:
-        sys.exit(f"error: {opt.sampler} is deterministic; drop --ddim_eta (it is DDIM's)")
+    work; returns the sampler's name."""
+    sampler, flag = chosen_sampler(opt)
+    cls = sampler_class(sampler)
+    if opt.init_img and not cls.IMG2IMG:
+        titles = (SAMPLERS[name].TITLE for name in samplers_with("IMG2IMG"))
+        sys.exit(f"error: img2img uses {' or '.join(titles)}; drop {flag}")
+    if opt.ddim_eta and not cls.ETA:
+        sys.exit(f"error: {sampler} {cls.without_eta()}; drop --ddim_eta (it is DDIM's)")
     if opt.adapter_scale and len(opt.adapter_scale) != len(opt.adapter_path):
         sys.exit(f"error: give one --adapter_scale per --adapter_path (or none for 1.0), got "
                  f"{len(opt.adapter_scale)} for {len(opt.adapter_path)}")
@@ -177,179 +171,78 @@ def check_options(opt: argparse.Namespace) -> None:
     if opt.skip_save and opt.skip_grid and not opt.gif:
         sys.exit("error: --skip_save and --skip_grid together would save nothing: drop one")
     check_paths(opt)
+    return sampler
 
 
-def sweep_scales(opt: argparse.Namespace) -> List[Optional[float]]:
-    """The scales of --adapter_scale_sweep, or [None] (render once, as given) without it."""
+def sweep_scales(opt: argparse.Namespace) -> Tuple[Optional[float], ...]:
+    """The scales of --adapter_scale_sweep, or (None,) (render once, as given) without it."""
     if opt.adapter_scale_sweep is None:
-        return [None]
+        return (None,)
     if not opt.adapter_path:
         sys.exit("error: --adapter_scale_sweep scales adapters: add at least one --adapter_path")
     try:
-        scales = [float(v) for v in opt.adapter_scale_sweep.split(",")]
+        scales = tuple(float(v) for v in opt.adapter_scale_sweep.split(","))
     except ValueError:
-        scales = []
+        scales = ()
     if not scales or not all(np.isfinite(scales)):
         sys.exit(f"error: --adapter_scale_sweep takes comma-separated numbers like 0,0.5,1, "
                  f"got '{opt.adapter_scale_sweep}'")
     return scales
 
 
-def adapter_paths(opt: argparse.Namespace) -> List[Tuple[str, str, float]]:
-    """(group name, directory, --adapter_scale) for each --adapter_path."""
+def model_source(opt: argparse.Namespace) -> ModelSource:
+    """Where the model comes from: --config, --ckpt (none with --random_init), each --adapter_path as its own
+    adapter group `adapterN` at its --adapter_scale, --adapter_config, --trained_ckpt, --seed."""
     scales = opt.adapter_scale or [1.0] * len(opt.adapter_path)
-    return [(f"adapter{i}", path, scale) for i, (path, scale) in enumerate(zip(opt.adapter_path, scales), start=1)]
+    adapters = tuple(AdapterFile(f"adapter{i}", path, scale)
+                     for i, (path, scale) in enumerate(zip(opt.adapter_path, scales), start=1))
+    return ModelSource(tuple(opt.config or ()), None if opt.random_init else opt.ckpt, opt.seed, adapters,
+                       opt.adapter_config, opt.trained_ckpt)
 
 
-def attach_adapters(model: torch.nn.Module, opt: argparse.Namespace, config_adapters: Optional[dict]) -> None:
-    """Load each --adapter_path into the whole model (UNet and text encoder) as its own adapter group `adapterN`,
-    scaled by its --adapter_scale.
-
-    A directory of ours or a LoRA file brings its own adapter config; an original-format one is built from
-    --adapter_config's (else --config's).
-    """
-    for name, path, scale in adapter_paths(opt):
-        load_adapter_from_dir(model, path, name=name, adapter_config=config_adapters)
-        set_adapter_scale(model, scale, name=name)
-
-
-def set_sweep_scale(model: torch.nn.Module, opt: argparse.Namespace, sweep: Optional[float]) -> None:
-    """Scale every adapter group to `sweep` times its --adapter_scale (outside a sweep, `sweep` is None: no-op)."""
-    if sweep is not None:
-        for name, _, scale in adapter_paths(opt):
-            set_adapter_scale(model, sweep * scale, name=name)
+def read_options(opt: argparse.Namespace) -> Dict[str, Any]:
+    """The plan's fields that the command line settles alone, checked before any work."""
+    sampler = check_options(opt)
+    sweep = sweep_scales(opt)
+    return dict(prompts=read_prompts(opt), sampler=sampler, steps=opt.ddim_steps, eta=opt.ddim_eta, scale=opt.scale,
+                n_samples=opt.n_samples, n_iter=opt.n_iter, seed=opt.seed, fixed_code=opt.fixed_code,
+                init_img=opt.init_img, strength=opt.strength, sweep=sweep, outdir=Path(opt.outdir),
+                save_samples=not opt.skip_save, save_grid=not opt.skip_grid, n_rows=opt.n_rows, label=opt.label,
+                gif=opt.gif, watermark=not opt.no_watermark, safety_checker=opt.safety_checker)
 
 
-def load_model(opt: argparse.Namespace, device: torch.device) -> torch.nn.Module:
-    """The base model from --config/--ckpt with every --adapter_path attached, on `device`; --C, --f, --H, --W and
-    --ddim_steps checked against (and defaulted from) the model first, built on the meta device."""
-    ckpt = None if opt.random_init else opt.ckpt
+def load(opt: argparse.Namespace, options: Dict[str, Any], device: torch.device
+         ) -> Tuple[torch.nn.Module, SamplingPlan]:
+    """The model, built once, and the plan: `options` with the image size checked against (and defaulted from) the
+    model, --C, --f and --ddim_steps checked, and the precision settled for `device`, before the weights are read.
+    Errors exit with one line."""
+    source = model_source(opt)
     try:
-        config, where = (load_configs(opt.config), "--config") if opt.config else find_config(ckpt)
-        log.info("model config: %s", where)
-        # the adapters come from --adapter_path; the config's (or --adapter_config's) build an original-format one
-        config_adapters = pop_adapter_configs(config)["unet"] if opt.adapter_path else None
-        if opt.adapter_config:
-            config_adapters = adapter_config_from_file(opt.adapter_config)
-        opt.C, opt.f, opt.H, opt.W = sampling_size(build_base_model(config), opt.C, opt.f, opt.H, opt.W,
-                                                   opt.ddim_steps, opt.sampler or "ddim")
-        torch.manual_seed(opt.seed)  # like CompVis' seed_everything; also makes --random_init weights repeatable
-        model = load_model_from_config(config, ckpt).to(device)
-        attach_adapters(model, opt, config_adapters)
-        if opt.trained_ckpt:
-            step = load_trained_parameters(model, opt.trained_ckpt, skip=is_added_key)
-            log.info("fine-tuned weights of step %s from %s", step, opt.trained_ckpt)
+        model, config_adapters = build_model(source)
+        height, width = sampling_size(model, opt.C, opt.f, opt.H, opt.W, opt.ddim_steps, options["sampler"])
+        autocast = opt.precision == "autocast" or (opt.precision is None and device.type == "cuda")
+        plan = SamplingPlan(**options, height=height, width=width, autocast=autocast, adapters=source.adapters)
+        return load_weights(model, source, config_adapters, device), plan
     except CheckpointError as e:
-        sys.exit(f"error: {e}{'' if opt.random_init else config_fix(opt.ckpt, str(e))}")
+        sys.exit(f"error: {e}{'' if source.ckpt is None else config_fix(source.ckpt, str(e))}")
     except (ConfigError, AdapterConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    return model
-
-
-def make_watermarker(opt: argparse.Namespace) -> Callable[[Image.Image], Image.Image]:
-    """Puts the invisible watermark into an image (unless --no-watermark)."""
-    if opt.no_watermark:
-        return lambda im: im
-    try:
-        return Watermarker()
-    except ImportError as e:
-        sys.exit(f"error: {e}")
-
-
-def make_safety_checker(opt: argparse.Namespace, device: torch.device) -> Optional[SafetyChecker]:
-    """The safety checker of --safety_checker, or None without it."""
-    if not opt.safety_checker:
-        return None
-    try:
-        return SafetyChecker(opt.safety_checker, device)
-    except SafetyCheckerError as e:
-        sys.exit(f"error: {e}")
-
-
-def render_batch(model, opt: argparse.Namespace, prompt: str, init_latent: Optional[torch.Tensor],
-                 start_code: Optional[torch.Tensor], generator: torch.Generator) -> List[Image.Image]:
-    """One batch of --n_samples images of `prompt`: txt2img from start_code (or noise from `generator`), or img2img
-    (its encoding noise always from `generator`: --fixed_code fixes x_T only)."""
-    images = text_to_image(model, opt.n_samples * [prompt], None if init_latent is not None else start_code,
-                           sampler=opt.sampler, steps=opt.ddim_steps, scale=opt.scale, eta=opt.ddim_eta,
-                           init_latent=init_latent, strength=opt.strength, generator=generator, height=opt.H,
-                           width=opt.W, verbose=True)
-    return to_pil(images)
-
-
-def save_grids(rows: List[List[Image.Image]], scales: List[Optional[float]], captions: List[str],
-               opt: argparse.Namespace, outdir: Path, mark: Callable[[Image.Image], Image.Image]) -> List[Path]:
-    """The run's grid (one row per sweep scale) and, with --gif, the sweep's animation, under the next free number;
-    returns their paths."""
-    sweep = scales[0] is not None
-    labels = captions if opt.label else None
-    row_labels = [f"scale {s:g}" for s in scales] if sweep and opt.label else None
-    names, writers = [], []
-    if not opt.skip_grid:
-        n_cols = len(rows[0]) if sweep else opt.n_rows or opt.n_samples
-        grid = mark(image_grid([im for row in rows for im in row], n_cols, labels and labels * len(rows), row_labels))
-        names.append("grid-{:04}.png")
-        writers.append(lambda tmp: grid.save(tmp, format="PNG"))
-    if opt.gif:  # GIF's 256-colour palette would not keep the watermark: the frames go unmarked
-        texts = row_labels or [None] * len(rows)
-        frames = [image_grid(row, len(row), labels, text and [text]) for row, text in zip(rows, texts)]
-        names.append("sweep-{:04}.gif")
-        writers.append(lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                                                  duration=700, loop=0))
-    return save_numbered(outdir, names, writers) if names else []
-
-
-def save_samples(images: List[Image.Image], sample_dir: Path, mark: Callable[[Image.Image], Image.Image]
-                 ) -> List[Path]:
-    """Save `images` watermarked as new numbered PNGs of `sample_dir`, each under the next free number (never over
-    an existing file, also with other runs writing into the same folder)."""
-    return [save_numbered(sample_dir, ["{:05}.png"], [lambda tmp, im=mark(im): im.save(tmp, format="PNG")])[0]
-            for im in images]
-
-
-def render_all(model, opt: argparse.Namespace, prompts: List[str], scales: List[Optional[float]],
-               checker: Optional[SafetyChecker], mark: Callable[[Image.Image], Image.Image]
-               ) -> Tuple[List[List[Image.Image]], List[str], List[Path]]:
-    """Every prompt x --n_iter batch at every sweep scale, samples saved; returns grid rows, captions, saved paths."""
-    device = model.betas.device
-    use_autocast = opt.precision == "autocast" or (opt.precision is None and device.type == "cuda")
-    precision_scope = torch.autocast(device.type) if use_autocast else nullcontext()
-    generator = torch.Generator(device=device).manual_seed(opt.seed)
-    shape = (opt.n_samples, *model.latent_shape(opt.H, opt.W))
-    start_code = torch.randn(shape, generator=generator, device=device) if opt.fixed_code else None
-    init_latent = load_init_latent(model, opt, device) if opt.init_img else None
-    rows, captions, written = [[] for _ in scales], [], []
-    for prompt in prompts:
-        for _ in range(opt.n_iter):
-            state = generator.get_state()  # every sweep scale starts from the same noise
-            for row, scale in zip(rows, scales):
-                set_sweep_scale(model, opt, scale)
-                generator.set_state(state)
-                with torch.no_grad(), precision_scope:
-                    images = render_batch(model, opt, prompt, init_latent, start_code, generator)
-                images = images if checker is None else checker(images)
-                row.extend(images)
-                if not opt.skip_save:
-                    written += save_samples(images, Path(opt.outdir) / "samples", mark)
-            captions += [f"{prompt}\nseed {opt.seed}, #{len(captions) + i}" for i in range(opt.n_samples)]
-    return rows, captions, written
 
 
 def main(argv: Optional[List[str]] = None) -> List[Path]:
     opt = parse_args(argv)
-    check_options(opt)
-    scales = sweep_scales(opt)
-    prompts = read_prompts(opt)
-    device = pick_device()
-    model = load_model(opt, device)
+    options, device = read_options(opt), pick_device()
+    model, plan = load(opt, options, device)
     apply_fast_paths(model.unet, device, compile=opt.compile)  # TF32 on CUDA; --compile
-    mark, checker = make_watermarker(opt), make_safety_checker(opt, device)
-    outdir = Path(opt.outdir)
-    rows, captions, written = render_all(model, opt, prompts, scales, checker, mark)
+    try:
+        mark = make_watermarker(plan.watermark)
+        checker = SafetyChecker(plan.safety_checker, device) if plan.safety_checker else None
+    except (ImportError, SafetyCheckerError) as e:
+        sys.exit(f"error: {e}")
+    written = render(model, plan, checker, mark)
     if checker is not None:
         log.info("safety checker: %d of %d images flagged and saved black", checker.flagged, checker.checked)
-    written += save_grids(rows, scales, captions, opt, outdir, mark)
-    print(f"Your samples are ready and waiting for you here:\n{outdir.resolve()}\nEnjoy.")
+    print(f"Your samples are ready and waiting for you here:\n{plan.outdir.resolve()}\nEnjoy.")
     return written
 
 

@@ -18,6 +18,7 @@ import main_dream_booth
 import sample
 from conftest import REPO, TINY_CONFIG, build_tiny
 from ldm.checkpoint import load_state_dict, save_state_dict
+from ldm.models.sampling_plan import load_model
 from ldm.modules.adapters import adapter_groups, adapter_state_dict, load_adapter_from_dir
 from ldm.util import instantiate_from_config
 from scripts import convert_lora
@@ -517,7 +518,7 @@ def test_text_encoder_lora_run_resume_reload_export_and_sample(world, tmp_path):
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight" in keys
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
     opt = sample.parse_args(["--config", str(TINY_CONFIG), "--ckpt", str(world["ckpt"]), "--adapter_path", str(kohya)])
-    sampled = sample.load_model(opt, torch.device("cpu"))
+    sampled = load_model(sample.model_source(opt), torch.device("cpu"))
     assert "adapter1" in adapter_groups(sampled.cond_stage_model)
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(outputs_of(sampled), want))
 
@@ -527,15 +528,15 @@ def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
     import contextlib
     from types import SimpleNamespace
     from ldm.callbacks import ImageLogger
-    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.sampler import Sampler
     seen = {}
-    real = DDIMSampler.sample
+    real = Sampler.sample
 
     def spy(self, *args, **kwargs):
         seen.update(kwargs)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(DDIMSampler, "sample", spy)
+    monkeypatch.setattr(Sampler, "sample", spy)
     trainer = SimpleNamespace(datamodule=None, precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
     images = ImageLogger(max_images=2, prompts=["a red star"], ddim_steps=2, scale=5.0).sample(trainer, tiny_model)
     assert images.shape == (2, 3, 32, 32)
@@ -544,15 +545,15 @@ def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
 
 def test_samplers_of_the_image_logger_and_class_images_come_from_the_config(world, monkeypatch):
     """lightning.callbacks.image_logger.params.sampler and data.params.class_image_sampler.sampler pick the samplers."""
-    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.sampler import Sampler
     used = []
-    real = DDIMSampler.sample
+    real = Sampler.sample
 
     def spy(self, *args, **kwargs):
         used.append(type(self).__name__)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(DDIMSampler, "sample", spy)
+    monkeypatch.setattr(Sampler, "sample", spy)
     main_dream_booth.main(argv(world, "--max_steps", "1", "lightning.callbacks.image_logger.params.sampler=plms",
                                "data.params.class_image_sampler.sampler=dpm++2m"))
     assert used == ["DPMSolverSampler"] * 2 + ["PLMSSampler"]  # 4 class images in batches of 2, the step-0 grid

@@ -1,5 +1,5 @@
 """The model config of a base checkpoint when none is given, which of the project's configs a checkpoint fits when
-the given one does not, and the image size and steps a model can sample.
+the given one does not.
 
 Looked for in this order: `<checkpoint stem>.yaml` or `config.yaml` beside the file; the config the file names in its
 safetensors metadata (`config`: a path, relative to the working directory or the repository; the tiny model's file
@@ -168,25 +168,3 @@ def adapter_config_from_file(path: str) -> Dict[str, Any]:
                           "model.params.unet_config.params.adapter_config, or adapter_config: with "
                           f"{' / '.join(SECTIONS)}")
     return found
-
-
-def sampling_size(model: Any, C: Optional[int], f: Optional[int], H: Optional[int], W: Optional[int], steps: int,
-                  sampler: str) -> Tuple[int, int, int, int]:
-    """(C, f, H, W) for sampling `model` (a LatentDiffusion, on the meta device will do): C and f are the model's
-    (another value is refused), H and W default to its image size and must be multiples of f times the UNet's own
-    downsampling (64 for SD v1); `steps` must fit its training timesteps. A ConfigError names the flag."""
-    for flag, given, own, what in (("--C", C, model.channels, "latent channels"),
-                                   ("--f", f, model.downsampling_factor, "autoencoder downsampling factor")):
-        if given is not None and given != own:
-            raise ConfigError(f"{flag} {given} differs from the model's {what} {own}: drop {flag} (it defaults to "
-                              f"the model's)")
-    f, unet = model.downsampling_factor, 2 ** (len(model.unet.channel_mult) - 1)  # each UNet level halves
-    H, W = H or model.pixel_size, W or model.pixel_size
-    if H % (f * unet) or W % (f * unet):
-        raise ConfigError(f"--H and --W must be multiples of {f * unet} (--f {f} x the UNet's downsampling {unet}), "
-                          f"got {H}x{W}")
-    most = model.num_timesteps - (1 if sampler == "dpm++2m" else 0)  # DPM-Solver's grid excludes t = N
-    if steps > most:
-        raise ConfigError(f"--ddim_steps {steps} is more than the {most} steps {sampler} can take on the model's "
-                          f"{model.num_timesteps} training timesteps: 20-50 is usual")
-    return model.channels, f, H, W

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.sampler import Sampler
 
 
 def make_dpm_timesteps(num_steps: int, num_ddpm_steps: int) -> np.ndarray:
@@ -28,13 +28,17 @@ def half_log_snr(alpha_cumprod: float) -> float:
     return 0.5 * math.log(alpha_cumprod / (1.0 - alpha_cumprod))
 
 
-class DPMSolverSampler(DDIMSampler):
-    """DPM-Solver++(2M): DDIM's schedule layout and guided noise estimate, with a second-order multistep update.
+class DPMSolverSampler(Sampler):
+    """DPM-Solver++(2M): the guided noise estimate on its own time grid, with a second-order multistep update.
 
     The first step is first order (it equals DDIM), as is the last one when there are fewer than 10 steps (the
     official `lower_order_final`, which steadies guided sampling at very few steps). `order=1` is DPM-Solver++1,
     i.e. DDIM on this sampler's time grid.
     """
+
+    TITLE = "DPM-Solver++(2M)"
+    ALIASES = ("dpm_solver",)  # its earlier name (scripts/evaluate.py --sampler dpm_solver)
+    SHORTHAND = "--dpm_solver"
 
     def __init__(self, model, order: int = 2):
         if order not in (1, 2):
@@ -42,10 +46,9 @@ class DPMSolverSampler(DDIMSampler):
         super().__init__(model)
         self.order = order
 
-    def make_schedule(self, ddim_num_steps: int, ddim_eta: float = 0.0) -> None:
-        if ddim_eta != 0:
-            raise ValueError("DPM-Solver++ is deterministic: ddim_eta must be 0")
-        super().make_schedule(ddim_num_steps, 0.0)
+    @classmethod
+    def max_steps(cls, num_timesteps: int) -> int:
+        return num_timesteps - 1  # its grid spans t = N-1 .. 0: at most N-1 steps land on distinct timesteps
 
     def timesteps(self, num_steps: int) -> np.ndarray:
         return make_dpm_timesteps(num_steps, self.model.num_timesteps)

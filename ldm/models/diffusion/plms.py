@@ -1,17 +1,27 @@
 """PLMS sampling (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds")."""
+from typing import Optional, Tuple
+
+import numpy as np
 import torch
 
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddim import ddim_update, make_ddim_timesteps
 from ldm.models.diffusion.guidance import guided_eps
+from ldm.models.diffusion.sampler import Sampler
 
 
-class PLMSSampler(DDIMSampler):
-    """Linear multistep noise estimates on DDIM's update; the first step uses the pseudo improved Euler method."""
+class PLMSSampler(Sampler):
+    """Linear multistep noise estimates on DDIM's grid and update; the first step uses the pseudo improved Euler
+    method."""
 
-    def make_schedule(self, ddim_num_steps: int, ddim_eta: float = 0.0) -> None:
-        if ddim_eta != 0:
-            raise ValueError("PLMS is deterministic: ddim_eta must be 0")
-        super().make_schedule(ddim_num_steps, 0.0)
+    TITLE = "PLMS"
+    SHORTHAND = "--plms"
+
+    def timesteps(self, num_steps: int) -> np.ndarray:
+        return make_ddim_timesteps(num_steps, self.model.num_timesteps)
+
+    def _step(self, x: torch.Tensor, e_t: torch.Tensor, index: int, generator: Optional[torch.Generator]
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+        return ddim_update(x, e_t, float(self.ddim_alphas[index]), float(self.ddim_alphas_prev[index]))
 
     def _reset(self) -> None:
         self.old_eps = []

@@ -2,34 +2,54 @@
 
 sample.py, evaluation, the image logger and class-image generation all draw through `text_to_image_batches`. Each
 keeps its own noise policy and hands the noise in: a tensor (`seeds_noise`, or its own), or a generator to draw it
-from. Adding a sampler is one class with DDIMSampler's interface and one line in SAMPLERS.
+from. Adding a sampler is one `Sampler` subclass (ldm/models/diffusion/sampler.py) and one line in SAMPLERS; what it
+can do (eta, img2img, its step range, aliases) is asked of its class, never listed here.
 """
 import math
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
+from ldm.models.diffusion.sampler import Sampler
 
-SAMPLERS: Dict[str, Type[DDIMSampler]] = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm++2m": DPMSolverSampler}
-ALIASES = {"dpm_solver": "dpm++2m"}  # earlier names, still accepted (scripts/evaluate.py --sampler dpm_solver)
-SAMPLER_NAMES: Tuple[str, ...] = (*SAMPLERS, *ALIASES)  # every name make_sampler takes
-IMG2IMG_SAMPLERS = ("ddim",)  # img2img noises to a DDIM step and denoises from it (tested for DDIM only)
-ETA_SAMPLERS = ("ddim",)  # samplers with DDIM's eta (stochastic steps); the others are deterministic
+SAMPLERS: Dict[str, Type[Sampler]] = {"ddim": DDIMSampler, "plms": PLMSSampler, "dpm++2m": DPMSolverSampler}
+DEFAULT_SAMPLER = "ddim"
+
+
+def sampler_names() -> Tuple[str, ...]:
+    """Every name make_sampler takes: the registry's, then the aliases its samplers declare."""
+    return (*SAMPLERS, *(alias for cls in SAMPLERS.values() for alias in cls.ALIASES))
+
+
+SAMPLER_NAMES: Tuple[str, ...] = sampler_names()  # (at import: the registry as the project defines it)
 
 
 def sampler_name(name: str) -> str:
     """The registry name of `name` (an alias resolved); a ValueError listing the names when it is unknown."""
-    if ALIASES.get(name, name) not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; choose from {', '.join(SAMPLER_NAMES)}")
-    return ALIASES.get(name, name)
+    if name in SAMPLERS:
+        return name
+    found = [key for key, cls in SAMPLERS.items() if name in cls.ALIASES]
+    if not found:
+        raise ValueError(f"unknown sampler '{name}'; choose from {', '.join(sampler_names())}")
+    return found[0]
 
 
-def make_sampler(name: str, model: torch.nn.Module) -> DDIMSampler:
-    """The sampler `name` ("ddim", "plms", "dpm++2m") over `model`."""
-    return SAMPLERS[sampler_name(name)](model)
+def sampler_class(name: str) -> Type[Sampler]:
+    """The sampler class of `name` (or an alias), to ask what it can do."""
+    return SAMPLERS[sampler_name(name)]
+
+
+def samplers_with(capability: str) -> List[str]:
+    """The registry names of the samplers whose class attribute `capability` (e.g. "IMG2IMG") is true."""
+    return [name for name, cls in SAMPLERS.items() if getattr(cls, capability)]
+
+
+def make_sampler(name: str, model: torch.nn.Module) -> Sampler:
+    """The sampler `name` (a key of SAMPLERS or an alias) over `model`."""
+    return sampler_class(name)(model)
 
 
 def seed_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
@@ -53,12 +73,13 @@ def check_request(n_prompts: int, noise: Optional[torch.Tensor], sampler: str, i
         raise ValueError(f"give one noise tensor per prompt: {len(noise)} for {n_prompts} prompts")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if eta and sampler_name(sampler) not in ETA_SAMPLERS:
-        raise ValueError(f"the {sampler} sampler is deterministic: eta must be 0 (it is DDIM's), got {eta}")
+    cls = sampler_class(sampler)
+    if eta and not cls.ETA:
+        raise ValueError(f"the {sampler} sampler {cls.without_eta()}: eta must be 0 (it is DDIM's), got {eta}")
     if init_latent is None:
         return
-    if sampler_name(sampler) not in IMG2IMG_SAMPLERS:
-        raise ValueError(f"img2img works with the {', '.join(IMG2IMG_SAMPLERS)} sampler, not '{sampler}'")
+    if not cls.IMG2IMG:
+        raise ValueError(f"img2img works with the {', '.join(samplers_with('IMG2IMG'))} sampler, not '{sampler}'")
     if not 0.0 < strength <= 1.0:  # also refuses NaN
         raise ValueError(f"img2img strength must be in (0, 1], got {strength}")
     if len(init_latent) not in (1, n_prompts):
@@ -66,7 +87,7 @@ def check_request(n_prompts: int, noise: Optional[torch.Tensor], sampler: str, i
 
 
 def text_to_image_batches(model: torch.nn.Module, prompts: Sequence[str], noise: Optional[torch.Tensor] = None, *,
-                          sampler: str = "ddim", steps: int = 50, scale: float = 7.5, eta: float = 0.0,
+                          sampler: str = DEFAULT_SAMPLER, steps: int = 50, scale: float = 7.5, eta: float = 0.0,
                           batch_size: Optional[int] = None, init_latent: Optional[torch.Tensor] = None,
                           strength: float = 0.75, generator: Optional[torch.Generator] = None,
                           height: Optional[int] = None, width: Optional[int] = None, verbose: bool = False
@@ -102,7 +123,7 @@ def text_to_image_batches(model: torch.nn.Module, prompts: Sequence[str], noise:
                                          verbose=verbose)
                 else:
                     x0 = init_latent[start:start + len(texts)] if len(init_latent) > 1 else init_latent
-                    t_enc = max(1, int(strength * steps))  # DDIM steps from the noised init latent down to 0
+                    t_enc = max(1, int(strength * steps))  # grid steps from the noised init latent down to 0
                     z = chosen.stochastic_encode(x0.expand(len(texts), -1, -1, -1), t_enc - 1, generator, x)
                     z = chosen.decode(z, c, t_enc, scale, uc, generator, verbose)
                 yield model.decode_first_stage(z)
