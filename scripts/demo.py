@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from ldm.checks import ArgumentParser, OutputPathError, fresh_dir, positive_int, seed_int
 from ldm.tinyworld.demo import run_demo
-from ldm.util import setup_logging
+from ldm.util import setup_logging, use_idle_cores
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -31,7 +31,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         outdir = fresh_dir(opt.outdir, "--outdir")
     except OutputPathError as e:
         sys.exit(f"error: {e}")
-    print(f"writing the demo to {outdir}")
+    threads = use_idle_cores()
+    print(f"writing the demo to {outdir} ({threads} CPU thread{'s' if threads > 1 else ''})")
     result = run_demo(outdir, opt.steps, opt.seed, opt.n)
     width = max(map(len, result["metrics"]))
     print("\ntiny-world metrics (probe features; see README 'The tiny world'):")

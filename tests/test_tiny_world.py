@@ -468,3 +468,23 @@ def test_tinyworld_backend_scores_right_prompts_above_wrong_ones():
     assert subject_fidelity(metric, images[:1], images[:1]) == pytest.approx(1.0, abs=1e-5)
     subject = torch.stack([to01(render(subject_scene(random.Random(i)))) for i in range(8)])
     assert metric.subject_rate(subject) >= 0.75 and metric.subject_rate(images) <= 0.1
+
+
+def test_the_demo_uses_the_cores_other_work_leaves_idle(monkeypatch):
+    """On 2 cores with another job on one (load 1.2), 1 thread; idle, 2; a thread count the user set is kept."""
+    import ldm.util as util
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(util.os, "sched_getaffinity", lambda pid: {0, 1})
+    try:
+        for var in util.THREAD_VARS:
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(util.os, "getloadavg", lambda: (1.2, 1.0, 0.5))
+        assert util.use_idle_cores() == 1 == torch.get_num_threads() and os.environ["OMP_NUM_THREADS"] == "1"
+        for var in util.THREAD_VARS:
+            monkeypatch.delenv(var)
+        monkeypatch.setattr(util.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+        assert util.use_idle_cores() == 2 == torch.get_num_threads()
+        monkeypatch.setattr(util.os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+        assert util.use_idle_cores() == 2  # the user's (here: the last call's) setting is kept
+    finally:
+        torch.set_num_threads(threads)
