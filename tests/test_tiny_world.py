@@ -205,6 +205,10 @@ def test_the_autoencoder_product_starts_a_later_run(tmp_path):
     ("checkpoint_minutes", 0, "checkpoint_minutes must be a finite number > 0"),
     ("data.world", "mars", "data.world must be one of base, closeup"),
     ("init", [3], "init must be a base model file or a list of them"),
+    ("diffusion.offset_noise", 1.5, "diffusion.offset_noise must be"),
+    ("diffusion.offset_noise", float("nan"), "diffusion.offset_noise must be"),
+    ("diffusion.ema_warmup", "yes", "diffusion.ema_warmup must be one of True, False, got 'yes'"),
+    ("diffusion.ema_warmup", 1, "diffusion.ema_warmup must be one of True, False, got 1"),
 ])
 def test_v3_training_keys_are_checked(tmp_path, key, value, message):
     config = _v3_config(tmp_path)
@@ -325,6 +329,38 @@ def test_diffusion_loss_is_the_model_s_loss_without_gamma_and_weighted_with_it()
     weighted = diffusion_loss(model, z, cond, 5.0)
     assert torch.allclose(weighted, (min_snr_weights(model.alphas_cumprod, t, 5.0) * per_sample).mean(), rtol=1e-6)
     assert weighted <= plain
+
+
+def test_offset_noise_adds_one_constant_per_image_and_channel():
+    from ldm.tinyworld.base import noisy
+    z = torch.zeros(2000, 4, 16, 16)
+    torch.manual_seed(0)
+    plain = torch.randn_like(z)
+    torch.manual_seed(0)
+    offset = noisy(z, 0.3) - plain  # the same first draw, then the offsets
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset), atol=1e-6)  # one value per image, channel
+    assert offset[:, :, 0, 0].std().item() == pytest.approx(0.3, rel=0.05)
+    model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
+    z, cond = torch.randn(6, 4, 8, 8), model.get_learned_conditioning(6 * ["a red star"])
+    torch.manual_seed(3)
+    t = torch.randint(0, model.num_timesteps, (6,))
+    expected = model.p_losses(z, cond, t, noisy(z, 0.3))[1]
+    torch.manual_seed(3)
+    assert torch.equal(diffusion_loss(model, z, cond, None, 0.3), expected)
+
+
+def test_ema_warmup_keeps_little_of_the_initial_weights(tmp_path):
+    """With ema_warmup the shipped EMA after a few steps is near the trained weights; without, near the start."""
+    from ldm.tinyworld.base import StageState
+    results = {}
+    for warm in (False, True):
+        config = _train_config(tmp_path / str(warm), diffusion=4)
+        config.diffusion.ema_decay, config.diffusion.ema_warmup = 0.999, warm
+        train_base(config, torch.device("cpu"))
+        state = StageState(tmp_path / str(warm) / "w", "diffusion").load()
+        key = "model.diffusion_model.input_blocks.0.0.weight"
+        results[warm] = (state["ema"][key] - state["nets"][key]).abs().mean() / state["nets"][key].abs().mean()
+    assert results[True] < 0.2 * results[False]
 
 
 @pytest.mark.parametrize("gamma,message", [(0, "got 0"), (-1.0, "got -1"), (float("nan"), "got nan"),

@@ -271,14 +271,26 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float)
 
 
 def diffusion_loss(model: torch.nn.Module, z: torch.Tensor, cond: torch.Tensor,
-                   min_snr_gamma: Optional[float] = None) -> torch.Tensor:
-    """The eps loss at uniformly drawn timesteps, drawn as `LatentDiffusion.forward` draws them (None: exactly its
-    loss); with `min_snr_gamma`, each sample's loss weighted by `min_snr_weights`."""
+                   min_snr_gamma: Optional[float] = None, offset_noise: Optional[float] = None) -> torch.Tensor:
+    """The eps loss at uniformly drawn timesteps, drawn as `LatentDiffusion.forward` draws them (None, None: exactly
+    its loss); with `min_snr_gamma`, each sample's loss weighted by `min_snr_weights`; with `offset_noise`, the noise
+    gets a per-image, per-channel constant of that standard deviation (see `offset_noise`)."""
     t = torch.randint(0, model.num_timesteps, (z.shape[0],), device=z.device)
-    per_sample, loss = model.p_losses(z, cond, t)
+    per_sample, loss = model.p_losses(z, cond, t, noisy(z, offset_noise) if offset_noise else None)
     if min_snr_gamma is None:
         return loss
     return (min_snr_weights(model.alphas_cumprod, t, min_snr_gamma) * per_sample).mean()
+
+
+def noisy(z: torch.Tensor, offset: float) -> torch.Tensor:
+    """Gaussian noise plus a constant per image and channel of std `offset` ("offset noise", Guttenberg 2023).
+
+    SD v1's schedule leaves signal at its last timestep (sqrt(alpha_bar) = 0.068), and in a 16 x 16 latent the noise's
+    mean has a std of only 1/16, so a model can read an image's mean colour (the background, in the tiny world) from
+    the noisy latent itself, and at sampling time it reads it from the starting noise instead of the prompt: v3 without
+    offset noise drew the prompted background in 9% of samples (chance 10%) while it drew shapes and colours in
+    80-90%. A per-channel offset of std 0.3 makes that mean uninformative, so the prompt decides it."""
+    return torch.randn_like(z) + offset * torch.randn(z.shape[0], z.shape[1], 1, 1, device=z.device, dtype=z.dtype)
 
 
 @torch.no_grad()
@@ -323,12 +335,15 @@ def train_diffusion(model: torch.nn.Module, moments: torch.Tensor, scenes: List[
         idx = torch.randint(len(moments), (cfg.batch_size,), generator=g)
         z = model.scale_factor * DiagonalGaussianDistribution(moments[idx]).sample(g).to(device)
         cond = model.get_learned_conditioning(captions_for(scenes, idx, rng, cfg.p_uncond, world))
-        loss = diffusion_loss(model, z, cond, cfg.get("min_snr_gamma"))
+        loss = diffusion_loss(model, z, cond, cfg.get("min_snr_gamma"), cfg.get("offset_noise"))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        update_ema(ema, nets.state_dict(), cfg.ema_decay)
+        # with ema_warmup, the decay grows as (1 + step) / (10 + step) up to ema_decay (CompVis' LitEma): early
+        # averages do not keep the random initial weights
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.get("ema_warmup") else cfg.ema_decay
+        update_ema(ema, nets.state_dict(), decay)
         if step % 25 == 0 or step + 1 == cfg.steps:  # .item() waits for the GPU: not every step
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or sitting.save_due():

@@ -29,10 +29,12 @@ NUMBERS: Dict[str, tuple] = {
 # checkpoint_minutes: how much wall clock a kill may lose (default 5)
 OPTIONAL_NUMBERS: Dict[str, tuple] = {"diffusion.min_snr_gamma": (0, None, False, True),
                                       "vae.crop": (LATENT_FACTOR, None, True), "decoder.crop": (LATENT_FACTOR, None, True),
-                                      "checkpoint_minutes": (0, None, False, True)}
+                                      "checkpoint_minutes": (0, None, False, True),
+                                      "diffusion.offset_noise": (0, 1)}
 PATHS = ("model_config", "out", "work_dir")
-CHOICES = {"vae.world": ("base", "probe", "closeup"), "data.world": ("base", "closeup")}
-OPTIONAL = ("init", "vae.world", "data.world", "decoder", *OPTIONAL_NUMBERS)  # may be left out (decoder: null skips 3)
+CHOICES = {"vae.world": ("base", "probe", "closeup"), "data.world": ("base", "closeup"),
+           "diffusion.ema_warmup": (True, False)}
+OPTIONAL = ("init", "vae.world", "data.world", "diffusion.ema_warmup", "decoder", *OPTIONAL_NUMBERS)  # may be left out (decoder: null skips 3)
 
 
 def known_keys() -> List[str]:
@@ -76,8 +78,8 @@ def check_base_config(config: DictConfig) -> None:
             raise ConfigError(f"{key} must be a multiple of {LATENT_FACTOR} and at most data.size ({size}), got {crop}")
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(config, key)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+        if value is not None and (value not in allowed or type(value) not in {type(a) for a in allowed}):
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
     _check_files(data)
 
 
