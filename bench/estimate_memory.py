@@ -164,11 +164,13 @@ def measure(resident, step, granule: int) -> Dict[str, int]:
     with live:
         with torch.profiler.record_function("step 1"):  # markers for the validation's profiler
             step()
-        first = live.peak
+        first, casts = live.peak, live.casts_at_peak
         live.reset_peak()
         with torch.profiler.record_function("step 2"):
             step()
-    return {"resident": resident_bytes, "peak": max(first, live.peak), "steady": live.peak, "op": live.peak_op}
+    casts = casts if first > live.peak else live.casts_at_peak
+    return {"resident": resident_bytes, "peak": max(first, live.peak), "steady": live.peak, "op": live.peak_op,
+            "casts": casts}
 
 
 def estimate(spec: SimpleNamespace, target: str) -> Dict:
@@ -226,13 +228,16 @@ def row(spec: SimpleNamespace, r: Dict, stamp: str) -> str:
     goal = "" if spec.checkpointing or spec.variant == "pack" else \
         ("yes" if gib["peak"] <= GOAL_GIB else "**no**") + f" (12 GB = {GOAL_GIB:.2f} GiB)"
     notes = (f"models + batch {gib['resident']:.2f} GiB; after the cache is filled {gib['steady']:.2f} GiB; "
-             f"{r['trained']:,} trained params; forward checked op for op ({getattr(spec, 'checked_ops', 0)} ops)")
-    return (f"| {stamp} | {what} | {spec.dtype} autocast | {'on' if spec.checkpointing else 'off'} | "
+             f"cast copies of weights alive at the peak {r['casts'] / 2**30:.2f} GiB; "
+             f"{r['trained']:,} trained params; " + (f"forward checked op for op ({spec.checked_ops} ops)"
+                                                     if hasattr(spec, "checked_ops") else "no autocast to check"))
+    dtype = "fp32, no autocast" if spec.dtype == "fp32" else f"{spec.dtype} autocast"
+    return (f"| {stamp} | {what} | {dtype} | {'on' if spec.checkpointing else 'off'} | "
             f"{k} + {k}, {spec.latent * 8} px | **{gib['peak']:.2f}** | {goal} | {notes} |")
 
 
-HEADER = ("| date, commit, torch | variant | dtype | gradient checkpointing | batch | estimated peak GiB | one run <= 12 "
-          "GB | notes |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
+HEADER = ("| date, commit, torch | variant | dtype | gradient checkpointing | batch | estimated peak GiB | "
+          "one run <= 12 GB | notes |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n")
 
 
 def section(lines: List[str], args: argparse.Namespace) -> str:

@@ -124,6 +124,7 @@ class LiveBytes(TorchDispatchMode):
         self.refs: List[weakref.ref] = []
         self.current = self.peak = 0
         self.peak_op = ""
+        self.casts = self.casts_at_peak = 0  # bytes of cast copies of parameters (autocast's), alive / at the peak
 
     def add(self, *objs: Any) -> None:
         """Count tensors alive before the mode starts (modules: their parameters and buffers)."""
@@ -145,14 +146,22 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, n: int) -> None:
         self.current -= n
 
+    def _free_cast(self, n: int) -> None:
+        self.casts -= n
+
     def reset_peak(self) -> None:
-        self.peak, self.peak_op = self.current, ""
+        self.peak, self.peak_op, self.casts_at_peak = self.current, "", self.casts
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        new = isinstance(out, torch.Tensor) and out.untyped_storage() not in self.seen
         tree_map_only(torch.Tensor, self._track, out)
+        if new and func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.nn.Parameter):
+            n = self.seen[out.untyped_storage()]
+            self.casts += n
+            self.refs.append(weakref.ref(out.untyped_storage(), lambda _, n=n: self._free_cast(n)))
         if self.current > self.peak:
-            self.peak, self.peak_op = self.current, func.overloadpacket.__name__
+            self.peak, self.peak_op, self.casts_at_peak = self.current, func.overloadpacket.__name__, self.casts
         return out
 
 

@@ -56,6 +56,8 @@ def test_fake_estimate_counts_what_a_real_step_allocates(s):
     adds = est["peak"] - est["resident"]
     assert adds == pytest.approx(real["counted"], rel=0.01)  # fake tensors allocate what real ones do
     assert 0.9 < adds / real["allocator"] < 1.1  # the CPU allocator's own peak (profiler memory events)
+    # autocast's copies of the (frozen, fp32) weights: none without autocast; with it, part of what the step adds
+    assert (est["casts"] > 0) == (s.dtype != "fp32") and est["casts"] < adds
 
 
 def test_rows_and_pack(tmp_path):
@@ -69,7 +71,8 @@ def test_rows_and_pack(tmp_path):
     peaks = [float(line.split("**")[1]) for line in lines]
     trained = [int(line.split(" trained params")[0].rsplit(" ", 1)[1].replace(",", "")) for line in lines]
     assert peaks[1] >= peaks[0] > 0 and trained[1] == 2 * trained[0]  # a pack of 2: two adapter sets, batch 2+2
-    assert "yes (12 GB" in lines[0] and "pack of 2" in lines[1]
+    assert "yes (12 GB" in lines[0] and "pack of 2" in lines[1] and "| bf16 autocast |" in lines[0]
+    assert all("cast copies of weights alive at the peak" in line for line in lines)
 
 
 def test_bad_options_are_refused():
