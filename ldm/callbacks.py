@@ -1,16 +1,18 @@
-"""Lightning callbacks and plugins of the training runs: sample grids, adapter directories, atomic checkpoints, stats."""
+"""Lightning callbacks and plugins of the training runs: sample grids, adapter directories, atomic checkpoints, stats,
+fp16 mixed precision on every device."""
 import json
 import logging
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 
 from ldm.checkpoint import atomic_write, read_training_checkpoint
 from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image
@@ -30,6 +32,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path: str, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
         return read_training_checkpoint(path)  # on the CPU; Lightning moves the states where they belong
+
+
+FP16_MIXED = ("16-mixed", "16")  # Lightning's names of fp16 autocast + GradScaler ("16" is its old alias)
+
+
+def _runs_on_cpu(accelerator: Any) -> bool:
+    """Whether Lightning will run on the CPU for this accelerator flag ('auto' picks an accelerator it finds)."""
+    if str(accelerator) == "auto":
+        found = (pl.accelerators.CUDAAccelerator, pl.accelerators.MPSAccelerator, pl.accelerators.XLAAccelerator)
+        return not any(a.is_available() for a in found)
+    return str(accelerator) == "cpu"
+
+
+def precision_plugins(trainer_kw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Precision]]:
+    """Trainer arguments and precision plugins in which 16-mixed means fp16 autocast with a GradScaler on every device.
+
+    Lightning swaps 16-mixed for bf16-mixed on the CPU; torch's CPU autocast runs float16 and `torch.amp.GradScaler`
+    scales on the CPU, so there the same plugin Lightning builds for a GPU is built for the CPU instead: CI then runs
+    the fp16 path of GPUs without bf16 (scaled loss, unscaled gradients, steps skipped on inf/NaN). Other precisions
+    and devices are left to Lightning."""
+    if str(trainer_kw.get("precision")) not in FP16_MIXED or not _runs_on_cpu(trainer_kw.get("accelerator", "auto")):
+        return trainer_kw, []
+    return {k: v for k, v in trainer_kw.items() if k != "precision"}, [MixedPrecision("16-mixed", "cpu")]
 
 
 def _every(step: int, frequency: int) -> bool:

@@ -21,7 +21,8 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.callbacks import AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint, StepProgressBar, TrainStats
+from ldm.callbacks import (AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint, StepProgressBar, TrainStats,
+                           precision_plugins)
 from ldm.checkpoint import CheckpointError, atomic_write, check_file, read_training_checkpoint
 from ldm.config import apply_flags, apply_override, check_targets, load_configs
 from ldm.data.class_images import ensure_class_images
@@ -180,9 +181,9 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, logdir: Path) -> 
     # rows are appended at every logging step, so a killed session keeps its metrics
     loggers = [pl.loggers.CSVLogger(str(logdir), name="csv", version=session, flush_logs_every_n_steps=1),
                pl.loggers.TensorBoardLogger(str(logdir), name="tensorboard", version="")]
-    kw = trainer_kwargs(config, opt)
+    kw, precision = precision_plugins(trainer_kwargs(config, opt))
     try:
-        return pl.Trainer(default_root_dir=str(logdir), logger=loggers, plugins=[AtomicCheckpointIO()],
+        return pl.Trainer(default_root_dir=str(logdir), logger=loggers, plugins=[AtomicCheckpointIO(), *precision],
                           callbacks=callbacks(config, logdir, kw.get("enable_progress_bar", True)), **kw)
     except (TypeError, ValueError, MisconfigurationException) as e:
         raise ConfigError(f"lightning.trainer or a Lightning flag was rejected: {e}") from None
