@@ -235,7 +235,7 @@ def test_named_groups_scales_and_state_dict_keys(base, inputs, base_out, tmp_pat
 def test_int_scale_and_dict_or_list_sections_are_accepted():
     specs = parse_adapter_config({"resblock_adp_config": [{"din": "resi", "dout": "reso", "mid_dim": 7, "scale": 1}],
                                   "transformer_adp_config": {"din": "attn2o", "dout": "ffni", "mid_dim": 60}})
-    assert [(s.kind, s.scale, s.init, dict(s.options)["method"]) for s in specs] == [
+    assert [(s.kind, s.scale, s.init, s.options.method) for s in specs] == [
         ("transformer", 1.0, "zero", "default"), ("resblock", 1.0, "zero", "default")]
 
 

@@ -2,6 +2,7 @@
 the claim of docs/architecture.md that a new form is one class plus one registry line: a toy form added in this file
 alone works through injection, switches, training, directories and merging, with nothing else changed."""
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,23 @@ from ldm.modules.adapters import (FORMS, POSITIONS, AdapterConfigError, Projecti
                                   load_adapter_from_dir, merge_adapters, planned_parameter_count, remove_adapters,
                                   save_adapter_to_dir)
 from ldm.modules.adapters import schema
-from ldm.modules.adapters.spec import check_number
+from ldm.modules.adapters.base import ProjectionOptions
+from ldm.modules.adapters.options import number_option
 
 # One config per form of the registry, on the tiny UNet (each must cover its form; the test below checks that).
 ONE_OF_EACH = {
     "inout/transformer": {"transformer_adp_config": [{"din": "attn2o", "dout": "ffni", "mid_dim": 4}]},
     "inout/resblock": {"resblock_adp_config": {"din": "resi", "dout": "reso", "mid_dim": 2}},
     "lora": {"projection_adp_config": [{"type": "lora", "target": ["to_q", "proj_in"], "rank": 2}]},
+    "locon": {"projection_adp_config": [{"type": "locon", "target": ["to_v", "in_layers.2", "op"], "rank": 2},
+                                        {"type": "locon", "target": ["out_layers.3"], "rank": 2, "tucker": True}]},
+    "loha": {"projection_adp_config": [{"type": "loha", "target": ["to_k", "proj_out", "in_layers.2"], "rank": 2,
+                                        "alpha": 1.0}, {"type": "loha", "target": ["out_layers.3"], "rank": 1,
+                                                        "tucker": True}]},
+    "lokr": {"projection_adp_config": [{"type": "lokr", "target": ["to_out.0", "emb_layers.1", "op"], "rank": 2},
+                                       {"type": "lokr", "target": ["in_layers.2"], "rank": 1, "decompose_both": True,
+                                        "tucker": True}]},
+    "dora": {"projection_adp_config": [{"type": "dora", "target": ["to_q", "in_layers.2"], "rank": 2, "alpha": 4.0}]},
     "ia3": {"projection_adp_config": [{"type": "ia3", "target": ["to_k", "ff.net.2"], "learn_biases": True}]},
 }
 
@@ -68,24 +79,24 @@ def test_blocks_name_exactly_the_positions_of_their_kind(tiny_model):
 
 
 # ---- a new form in one class and one registry line ---------------------------------------------------------------
+@dataclass(frozen=True)
+class GainOptions(ProjectionOptions):
+    bound: float = number_option(1.0, low=0, low_open=True, help="the largest gain")
+
+
 class Gain(ProjectionForm):
     """A toy form: y + g * y with a learned per-output gain g (zero at init)."""
     NAME = "gain"
     TITLE = "gain"
-    OPTIONS = {**ProjectionForm.OPTIONS, "bound": 1.0}
+    Options = GainOptions
 
     @classmethod
-    def check(cls, options, where):
-        options = super().check(options, where)
-        return {**options, "bound": check_number(options["bound"], f"{where}.bound", low=0, low_open=True)}
-
-    @classmethod
-    def parameter_count(cls, spec, dim_in, dim_out):
+    def parameter_count(cls, spec, dim_in, dim_out, kernel=()):
         return dim_out
 
     def __init__(self, spec, host):
         super().__init__()
-        self.bound = spec.option("bound")
+        self.bound = spec.options.bound
         self.g = nn.Parameter(torch.zeros(host.weight.shape[0]))
 
     def zero_init_(self):
