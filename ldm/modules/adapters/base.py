@@ -135,6 +135,7 @@ class Update:
     KOHYA_OPTIONAL: frozenset = frozenset()  # tensor names it may also have
     DIFFUSERS_SUFFIXES: Dict[str, str] = {}  # diffusers / peft key suffix -> kohya tensor name
     PEFT_TYPE = ""  # the peft_type of the peft folders that hold it ("" when peft has none we read)
+    PEFT_DORA = False  # whether its peft config has use_dora
     MIXABLE = False  # whether cloneofsimo's LoRA + LoRA arithmetic (lpl, exact) applies
 
     @classmethod

@@ -50,6 +50,7 @@ class DoRAFactors(LoRAFactors):
     KOHYA_TENSORS = LoRAFactors.KOHYA_TENSORS | {"dora_scale"}
     DIFFUSERS_SUFFIXES = {".lora_magnitude_vector": "dora_scale", ".lora_magnitude_vector.weight": "dora_scale"}
     MIXABLE = False
+    PEFT_DORA = True
 
     @classmethod
     def from_tensors(cls, tensors: Dict[str, torch.Tensor], host: nn.Module, where: str) -> "DoRAFactors":
