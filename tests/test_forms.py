@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ldm.modules.adapters import (FORMS, POSITIONS, AdapterConfigError, ProjectionForm, adapter_blocks,
                                   adapter_parameters, adapters_enable, freeze_except_adapters, inject_adapters,
                                   load_adapter_from_dir, merge_adapters, planned_parameter_count, remove_adapters,
-                                  save_adapter_to_dir)
+                                  save_adapter_to_dir, save_lora_file, set_adapter_scale)
 from ldm.modules.adapters import schema
 from ldm.modules.adapters.base import ProjectionOptions
 from ldm.modules.adapters.options import number_option
@@ -160,3 +160,80 @@ def test_an_adapter_directory_written_before_the_package_moved_still_loads(tiny_
         text_out = tiny_model.cond_stage_model(["a photo of sks dog", "a painting"])
     assert (unet_out - expected["unet_out"]).abs().max() < 1e-5
     assert (text_out - expected["text_out"]).abs().max() < 1e-5
+
+
+# ---- behaviour over every form of the registry (as peft tests every method) -------------------------------------
+def randomized(model, seed=0):
+    """Non-zero adapter weights (a zero-initialised form shows nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def unet_out(unet, x):
+    with torch.no_grad():
+        return unet(*x)
+
+
+@pytest.mark.parametrize("name", ONE_OF_EACH)
+def test_each_form_is_the_identity_at_init_and_trains_only_itself(tiny_model, name):
+    unet, x = tiny_model.unet, inputs()
+    base = unet_out(unet, x)
+    inject_adapters(unet, ONE_OF_EACH[name])
+    assert (unet_out(unet, x) - base).abs().max() < 1e-6  # DoRA: W' = W up to the rounding of its norm
+    trained = freeze_except_adapters(unet)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    torch.optim.SGD(trained, lr=0.1).zero_grad()
+    unet(*x).square().mean().backward()
+    assert all(p.grad is not None for p in trained)
+    torch.optim.SGD(trained, lr=0.1).step()
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(".adapters." in k for k in changed)
+
+
+@pytest.mark.parametrize("name", ONE_OF_EACH)
+def test_each_form_switches_scales_and_round_trips_a_directory(tiny_model, name, tmp_path):
+    unet, x = tiny_model.unet, inputs()
+    base = unet_out(unet, x)
+    inject_adapters(unet, ONE_OF_EACH[name])
+    tuned = unet_out(randomized(unet), x)
+    assert (tuned - base).abs().max() > 1e-3
+    adapters_enable(unet, False)
+    assert torch.equal(unet_out(unet, x), base)
+    adapters_enable(unet, True)
+    set_adapter_scale(unet, 0.0)
+    assert torch.equal(unet_out(unet, x), base)
+    set_adapter_scale(unet, 1.0)
+    save_adapter_to_dir(unet, str(tmp_path / name))
+    other = copy.deepcopy(tiny_model)
+    remove_adapters(other.unet)
+    load_adapter_from_dir(other.unet, str(tmp_path / name))
+    assert torch.equal(unet_out(other.unet, x), tuned)
+
+
+MERGEABLE = [n for n in ONE_OF_EACH if n not in ("inout/transformer", "inout/resblock", "ia3")]  # ia3: learn_biases
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+@pytest.mark.parametrize("scale", [1.0, 0.6])
+def test_linear_forms_merge_into_the_base_at_any_strength(tiny_model, name, scale):
+    unet, x = tiny_model.unet, inputs()
+    inject_adapters(unet, ONE_OF_EACH[name])
+    set_adapter_scale(randomized(unet), scale)
+    tuned = unet_out(unet, x)
+    assert merge_adapters(unet) > 0 and not adapter_parameters(unet)
+    assert (unet_out(unet, x) - tuned).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_linear_forms_round_trip_a_kohya_file(tiny_model, name, tmp_path):
+    unet, x = tiny_model.unet, inputs()
+    inject_adapters(unet, ONE_OF_EACH[name])
+    tuned = unet_out(randomized(unet), x)
+    save_lora_file(unet, str(tmp_path / "f.safetensors"))
+    other = copy.deepcopy(tiny_model)
+    remove_adapters(other.unet)
+    load_adapter_from_dir(other.unet, str(tmp_path / "f.safetensors"))
+    assert (unet_out(other.unet, x) - tuned).abs().max() < 1e-5

@@ -56,12 +56,15 @@ def match_targets(model: nn.Module, target: Union[str, Tuple[str, ...]], where: 
             if not hits:
                 raise AdapterConfigError(f"{where}: no module of this {type(model).__name__} is named {name!r}; its "
                                          f"{form.HOSTS} modules are e.g. {examples}")
-            bad = [(p, m) for p, m in hits if not form.takes(m)]
+            # modules without weights of that name (the Identity skip_connection of a ResBlock that keeps its
+            # width) are passed over, as long as the name finds some module the form takes
+            bad = [(p, m) for p, m in hits if not form.takes(m) and (hasattr(m, "weight") or
+                                                                     not any(form.takes(h) for _, h in hits))]
             if bad:
                 raise AdapterConfigError(f"{where}: {bad[0][0]} is {_kind_of(bad[0][1])}, not a {form.HOSTS}; "
                                          f"{form.TITLE or 'projection forms'} go{'es' if form.TITLE else ''} on "
                                          f"those, e.g. {examples}" + _conv_hint(form, bad[0][1]))
-            found.update(p for p, _ in hits)
+            found.update(p for p, m in hits if form.takes(m))
     return [(p, m) for p, m in modules if p in found]
 
 

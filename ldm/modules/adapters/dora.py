@@ -47,18 +47,30 @@ class DoRAFactors(LoRAFactors):
     magnitude: Optional[torch.Tensor] = None
     axis: str = "output"
 
-    KOHYA_TENSORS = LoRAFactors.KOHYA_TENSORS | {"dora_scale"}
-    DIFFUSERS_SUFFIXES = {".lora_magnitude_vector": "dora_scale", ".lora_magnitude_vector.weight": "dora_scale"}
+    KOHYA_OPTIONAL = LoRAFactors.KOHYA_OPTIONAL | {"dora_scale", "lora_magnitude_vector"}
+    DIFFUSERS_SUFFIXES = {".lora_magnitude_vector": "lora_magnitude_vector"}  # peft's: (out,), convs (1, out, 1, 1)
     MIXABLE = False
     PEFT_DORA = True
 
     @classmethod
+    def claims(cls, names: frozenset) -> bool:
+        """LoRA tensors and one magnitude: kohya / LyCORIS `dora_scale` or peft's `lora_magnitude_vector`."""
+        return super().claims(names) and len(names & {"dora_scale", "lora_magnitude_vector"}) == 1
+
+    @classmethod
     def from_tensors(cls, tensors: Dict[str, torch.Tensor], host: nn.Module, where: str) -> "DoRAFactors":
         lora = LoRAFactors.from_tensors(tensors, host, where)
-        m, (n_out, n_in) = tensors["dora_scale"], host.weight.shape[:2]
+        n_out, n_in = host.weight.shape[:2]
         ones = [1] * (host.weight.dim() - 2)
-        if tuple(m.shape) in ((n_out,), (n_out, 1, *ones)):  # peft: (out,); LyCORIS: (out, 1, ...)
-            axis, m = "output", m.reshape(n_out, 1, *ones)
+        if "lora_magnitude_vector" in tensors:  # peft: per output channel, (out,) or for convs (1, out, 1, 1)
+            m = tensors["lora_magnitude_vector"]
+            if m.numel() != n_out:
+                raise AdapterDirError(f"{where}: peft's DoRA magnitude of shape {tuple(m.shape)} does not fit a module "
+                                      f"with {n_out} outputs: the file was made for another model")
+            return cls(lora.down, lora.up, lora.alpha, lora.mid, m.reshape(n_out, 1, *ones), "output")
+        m = tensors["dora_scale"]
+        if tuple(m.shape) == (n_out, 1, *ones):  # LyCORIS wd_on_out (its default)
+            axis = "output"
         elif tuple(m.shape) == (1, n_in, *ones):
             axis = "input"
         else:
@@ -82,7 +94,9 @@ class DoRAFactors(LoRAFactors):
         if self.axis != "output":
             raise AdapterConfigError(f"{key}: peft's DoRA normalises per output channel; this one (axis input) has no "
                                      "peft form: write it as a kohya / LyCORIS file")
-        return {**super().diffusers_tensors(key), f"{key}.lora_magnitude_vector": self.magnitude.flatten()}
+        m = self.magnitude.flatten()  # peft's shape: (out,) for a Linear, (1, out, 1, 1) for a convolution
+        m = m if self.magnitude.dim() == 2 else m.view(1, -1, *[1] * (self.magnitude.dim() - 2))
+        return {**super().diffusers_tensors(key), f"{key}.lora_magnitude_vector": m}
 
     def peft_config(self) -> Dict[str, Any]:
         return {"use_dora": True}

@@ -13,7 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ldm.modules.adapters.base import KEEP_AS_DIRECTORY, ProjectionForm, ProjectionOptions, Update, weight_forward
+from ldm.modules.adapters.base import (KEEP_AS_DIRECTORY, ProjectionForm, ProjectionOptions, Update, is_weight_layer,
+                                       weight_forward)
 from ldm.modules.adapters.options import bool_option
 from ldm.modules.adapters.spec import AdapterConfigError, AdapterDirError, AdapterSpec
 
@@ -73,10 +74,11 @@ class IA3Options(ProjectionOptions):
 
 
 class IA3(ProjectionForm):
-    """Rescales a Linear's or 1x1 Conv2d's output channels by 1 + w (input channels with `on_input: true`)."""
+    """Rescales a Linear's or Conv2d's output channels by 1 + w (input channels with `on_input: true`)."""
     NAME = "ia3"
     TITLE = "(IA)^3"
     Options = IA3Options
+    HOSTS = "Linear or Conv2d"
     INITS = ("zero",)  # the method's init: w = 0 is the identity
     READS_BASE = "rescales that module's base output"
     UPDATE = IA3Vector
@@ -85,6 +87,10 @@ class IA3(ProjectionForm):
     def parameter_count(cls, spec: AdapterSpec, dim_in: int, dim_out: int, kernel: Tuple[int, ...] = ()) -> int:
         width = dim_in if spec.options.on_input else dim_out
         return width * (2 if spec.options.learn_biases else 1)
+
+    @classmethod
+    def takes(cls, m: nn.Module) -> bool:
+        return is_weight_layer(m)
 
     def __init__(self, spec: AdapterSpec, host: nn.Module):
         super().__init__()

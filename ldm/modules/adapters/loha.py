@@ -86,7 +86,8 @@ class HadaFactors(Update):
         return {f"{key}.hada_{n}": v for n, v in w.items()}
 
     def peft_config(self) -> Dict[str, Any]:
-        return {"use_effective_conv2d": self.tucker}
+        conv = any(k != 1 for k in self.shape[2:])  # peft's effective conv only changes kxk convolutions
+        return {"use_effective_conv2d": self.tucker} if conv else {}
 
     def layout(self) -> tuple:
         return "loha", self.rank, self.alpha, self.tucker

@@ -2,11 +2,12 @@
 LyCORIS, Yeh et al. 2023, arXiv 2309.14859) as a projection form of the adapter design space:
 ΔW = alpha / rank * w1 ⊗ w2, the Kronecker product of a small (a, c) matrix and a large (b, d) one, out = a·b, in = c·d.
 
-The split of out and in into a·b and c·d is LyCORIS' `factorization(dim, factor)` (the pair of divisors nearest each
-other, or `factor` and dim / factor), the smaller part going to w1. w2 is low rank, w2_a (b, rank) @ w2_b (rank, d·kh·kw),
+The split of out and in into a·b and c·d is `factorization(dim, factor)`: the pair of divisors nearest each other, or
+`factor` and dim / factor, the smaller part going to w1 (LyCORIS; `split: lycoris`) or `factor` going to w1 (peft;
+`split: peft`); the two differ only when factor > sqrt(dim). w2 is low rank, w2_a (b, rank) @ w2_b (rank, d·kh·kw),
 unless rank >= max(b, d) / 2, where it is full (b, d[, kh, kw]); w1 is full unless `decompose_both` and rank <
 max(a, c) / 2 (then w1_a (a, rank) @ w1_b (rank, c)); `tucker` rebuilds a kxk w2 from t2 (rank, rank, kh, kw), w2_a
-(rank, b), w2_b (rank, d). These are LyCORIS' and peft's rules, so the same options give both libraries' shapes. Init
+(rank, b), w2_b (rank, d). These are LyCORIS' and peft's rules, so the same options give either library's shapes. Init
 as LyCORIS: w1 (or its factors) and w2_a kaiming-uniform, w2_b (or a full w2) zero, the identity.
 Keys: `<module>.adapters.<group>.<i>.w1` ... `.t2`; in kohya / LyCORIS files `lokr_w1` ... `lokr_t2` and `alpha`, in
 peft folders the same names.
@@ -20,18 +21,23 @@ import torch.nn as nn
 
 from ldm.modules.adapters.base import ProjectionForm, Update, is_weight_layer, weight_forward
 from ldm.modules.adapters.lora import LowRankOptions, tucker_option
-from ldm.modules.adapters.options import bool_option, custom_option
+from ldm.modules.adapters.options import bool_option, choice_option, custom_option
 from ldm.modules.adapters.spec import AdapterConfigError, AdapterDirError, AdapterSpec
 
 NAMES = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")  # ours; files prefix them with lokr_
 Shapes = Dict[str, Tuple[int, ...]]
 
 
-def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
-    """(m, n) with m * n = dimension and m <= n: `factor` and dimension / factor when factor divides it, else the
-    divisor pair nearest each other with m <= factor (-1: no bound). LyCORIS' and peft's rule, restated."""
+SPLITS = ("lycoris", "peft")
+
+
+def factorization(dimension: int, factor: int = -1, split: str = "lycoris") -> Tuple[int, int]:
+    """(m, n) with m * n = dimension: `factor` and dimension / factor when factor divides it (sorted, m <= n, by
+    LyCORIS; in that order by peft), else the divisor pair nearest each other with m <= n and m <= factor (-1: no
+    bound). LyCORIS' and peft's rules, restated."""
     if factor > 0 and dimension % factor == 0:
-        return min(factor, dimension // factor), max(factor, dimension // factor)
+        pair = (factor, dimension // factor)
+        return pair if split == "peft" else (min(pair), max(pair))
     factor = dimension if factor < 0 else factor
     m, n = 1, dimension
     while m < n:
@@ -43,9 +49,11 @@ def factorization(dimension: int, factor: int = -1) -> Tuple[int, int]:
     return min(m, n), max(m, n)
 
 
-def lokr_shapes(shape: Tuple[int, ...], rank: int, factor: int, decompose_both: bool, tucker: bool) -> Shapes:
+def lokr_shapes(shape: Tuple[int, ...], rank: int, factor: int, decompose_both: bool, tucker: bool,
+                split: str = "lycoris") -> Shapes:
     """The parameter shapes of a LoKr of a weight of `shape` (out, in[, kh, kw])."""
-    (a, b), (c, d), kernel = factorization(shape[0], factor), factorization(shape[1], factor), tuple(shape[2:])
+    (a, b), (c, d) = factorization(shape[0], factor, split), factorization(shape[1], factor, split)
+    kernel = tuple(shape[2:])
     shapes: Shapes = {}
     if decompose_both and rank < max(a, c) / 2:
         shapes.update(w1_a=(a, rank), w1_b=(rank, c))
@@ -78,7 +86,7 @@ def kron_delta(t: Dict[str, torch.Tensor], shape: Tuple[int, ...]) -> torch.Tens
 @dataclass(frozen=True)
 class KronFactors(Update):
     """One module's LoKr update: its factors by our names (w1 ... t2), the scale of w1 ⊗ w2, the host weight's shape,
-    and the options that give these shapes (rank, factor, decompose_both, tucker)."""
+    and the options that give these shapes (rank, factor, decompose_both, tucker, split)."""
     factors: Dict[str, torch.Tensor]
     scale: float
     shape: Tuple[int, ...]
@@ -86,6 +94,7 @@ class KronFactors(Update):
     factor: int
     decompose_both: bool
     tucker: bool
+    split: str = "lycoris"
 
     KOHYA_TENSORS = frozenset()
     KOHYA_OPTIONAL = frozenset({"alpha"} | {f"lokr_{n}" for n in NAMES})
@@ -117,10 +126,10 @@ class KronFactors(Update):
         if "w2_b" in factors and "t2" not in factors:
             factors["w2_b"] = factors["w2_b"].flatten(1)
         shape = tuple(host.weight.shape)
-        rank, factor, both, tucker = _infer_options(factors, shape, where)
+        rank, factor, both, tucker, split = _infer_options(factors, shape, where)
         dim = _lycoris_dim(tensors)
         scale = 1.0 if dim is None or "alpha" not in tensors else float(tensors["alpha"]) / dim
-        return cls(factors, scale, shape, rank, factor, both, tucker)
+        return cls(factors, scale, shape, rank, factor, both, tucker, split)
 
     def _folded(self) -> Dict[str, torch.Tensor]:
         w = dict(self.factors)
@@ -133,19 +142,25 @@ class KronFactors(Update):
         return {**{f"{key}.{n}": v for n, v in w.items()}, f"{key}.alpha": torch.tensor(float(_lycoris_dim(w) or 1))}
 
     def peft_tensors(self, key: str) -> Dict[str, torch.Tensor]:
+        peft = lokr_shapes(self.shape, self.rank, self.factor, self.decompose_both, self.tucker, "peft")
+        if peft != {n: tuple(v.shape) for n, v in self.factors.items()}:
+            raise AdapterConfigError(f"{key}: this LoKr splits its dimensions as LyCORIS does (factor {self.factor} > "
+                                     "sqrt(dim) puts the smaller part in w1), which peft's factorisation cannot "
+                                     "state: train it with split: peft, or write a kohya / LyCORIS file")
         return {f"{key}.lokr_{n}": v for n, v in self._folded().items()}
 
     def peft_config(self) -> Dict[str, Any]:
+        conv = any(k != 1 for k in self.shape[2:])  # peft's effective conv only changes kxk convolutions
         return {"decompose_both": self.decompose_both, "decompose_factor": self.factor,
-                "use_effective_conv2d": self.tucker}
+                **({"use_effective_conv2d": self.tucker} if conv else {})}
 
     def layout(self) -> tuple:
-        return "lokr", self.rank, self.scale * self.rank, self.factor, self.decompose_both, self.tucker
+        return "lokr", self.rank, self.scale * self.rank, self.factor, self.decompose_both, self.tucker, self.split
 
     def config_entry(self, targets: list) -> Dict[str, Any]:
-        _, rank, alpha, factor, both, tucker = self.layout()
+        _, rank, alpha, factor, both, tucker, split = self.layout()
         return {"type": "lokr", "target": targets, "rank": rank, "alpha": alpha, "factor": factor,
-                "decompose_both": both, "tucker": tucker}
+                "decompose_both": both, "tucker": tucker, "split": split}
 
     def adapter_tensors(self, host: nn.Module) -> Dict[str, torch.Tensor]:
         return dict(self.factors)
@@ -163,8 +178,9 @@ def _lycoris_dim(tensors: Dict[str, torch.Tensor]) -> Optional[int]:
     return None
 
 
-def _infer_options(f: Dict[str, torch.Tensor], shape: Tuple[int, ...], where: str) -> Tuple[int, int, bool, bool]:
-    """(rank, factor, decompose_both, tucker) whose lokr_shapes are the shapes of factors `f`, or an error."""
+def _infer_options(f: Dict[str, torch.Tensor], shape: Tuple[int, ...], where: str
+                   ) -> Tuple[int, int, bool, bool, str]:
+    """(rank, factor, decompose_both, tucker, split) whose lokr_shapes are the shapes of factors `f`, or an error."""
     tucker, both = "t2" in f, "w1_a" in f
     a, c = (f["w1"].shape if "w1" in f else (f["w1_a"].shape[0], f["w1_b"].shape[1]))
     if "w1_a" in f:
@@ -174,10 +190,10 @@ def _infer_options(f: Dict[str, torch.Tensor], shape: Tuple[int, ...], where: st
     else:  # both full: any rank >= max(b, d) / 2 gives that
         rank = max(shape[0] // a, shape[1] // c)
     got = {n: tuple(v.shape) for n, v in f.items()}
-    for factor in dict.fromkeys((-1, a, c, max(a, c), min(a, c), shape[0] // a, shape[1] // c)):
-        if factor >= 1 or factor == -1:
-            if lokr_shapes(shape, rank, factor, both, tucker) == got:
-                return rank, factor, both, tucker
+    for split in SPLITS:
+        for factor in dict.fromkeys((-1, a, c, max(a, c), min(a, c), shape[0] // a, shape[1] // c)):
+            if (factor >= 1 or factor == -1) and lokr_shapes(shape, rank, factor, both, tucker, split) == got:
+                return rank, factor, both, tucker, split
     raise AdapterDirError(f"{where}: LoKr factors {got} do not fit a weight of shape {shape} under LyCORIS' and peft's "
                           "factorisation rules (e.g. LyCORIS' unbalanced_factorization, or a file made for another "
                           "model)")
@@ -196,6 +212,8 @@ class LoKrOptions(LowRankOptions):
                                 help="split out and in as factor x dim/factor (-1: the divisors nearest each other)")
     decompose_both: bool = bool_option(False, help="also write the small factor w1 as a rank-`rank` product")
     tucker: bool = tucker_option()
+    split: str = choice_option(SPLITS, "lycoris", help="with factor > sqrt(dim): the smaller part goes to w1 "
+                                                       "(lycoris) or factor does (peft)")
 
 
 class LoKr(ProjectionForm):
@@ -214,7 +232,7 @@ class LoKr(ProjectionForm):
     @classmethod
     def shapes(cls, spec: AdapterSpec, shape: Tuple[int, ...]) -> Shapes:
         o = spec.options
-        return lokr_shapes(shape, o.rank, o.factor, o.decompose_both, o.tucker)
+        return lokr_shapes(shape, o.rank, o.factor, o.decompose_both, o.tucker, o.split)
 
     @classmethod
     def parameter_count(cls, spec: AdapterSpec, dim_in: int, dim_out: int, kernel: Tuple[int, ...] = ()) -> int:
@@ -244,4 +262,4 @@ class LoKr(ProjectionForm):
     def update(self, scale: float = 1.0, host: Optional[nn.Module] = None) -> KronFactors:
         o = self.spec.options
         return KronFactors(self.factors(), self.scaling * scale, self.shape, o.rank, o.factor, o.decompose_both,
-                           o.tucker)
+                           o.tucker, o.split)

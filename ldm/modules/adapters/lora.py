@@ -116,6 +116,9 @@ class LoRAFactors(Update):
     def peft_tensors(self, key: str) -> Dict[str, torch.Tensor]:
         return self.diffusers_tensors(key)
 
+    def peft_config(self) -> Dict[str, Any]:
+        return {"use_dora": False}
+
     def layout(self) -> tuple:
         conv = self.mid is not None or any(k != 1 for k in self.down.shape[2:])
         return ("locon" if conv else "lora"), self.rank, self.alpha, self.mid is not None

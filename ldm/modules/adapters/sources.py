@@ -8,6 +8,8 @@ File types (`read_lora_source`):
   a peft folder                     `adapter_config.json` + `adapter_model.safetensors` (or `.bin`):
                                     `PeftModel.save_pretrained` of one network; peft types LORA (use_dora too),
                                     LOHA, LOKR
+  a folder of peft folders          `unet/` and / or `text_encoder/`, each a peft folder (as
+                                    `ldm.modules.adapters.folders` writes a group on both networks, and diffengine)
   a diffusers folder                `pytorch_lora_weights.safetensors` (or `.bin`): `save_lora_weights`
 
 Strength. ΔW = alpha / rank * up @ down (peft: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with `use_rslora`;
@@ -39,6 +41,7 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 FILE_SUFFIXES = (".safetensors",) + TORCH_SUFFIXES
 PEFT_CONFIG = "adapter_config.json"
+PEFT_NETWORKS = ("unet", "text_encoder")  # the subfolders of a folder of peft folders
 FOLDER_WEIGHTS = {"peft": ("adapter_model.safetensors", "adapter_model.bin"),
                   "diffusers": ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")}
 PEFT_DEFAULT_ALPHA = 8  # peft's lora_alpha / alpha when a config leaves it out
@@ -61,18 +64,36 @@ class LoraSource:
 
 
 def folder_kind(path: Path) -> Optional[str]:
-    """"peft" or "diffusers" for a folder those tools write a LoRA into, else None."""
+    """"peft", "peft networks" (unet/ and / or text_encoder/ peft folders) or "diffusers" for a folder those tools
+    write an adapter into, else None."""
     if not path.is_dir():
         return None
     if (path / PEFT_CONFIG).is_file():
         return "peft"
+    if any((path / n / PEFT_CONFIG).is_file() for n in PEFT_NETWORKS):
+        return "peft networks"
     return "diffusers" if any((path / f).is_file() for f in FOLDER_WEIGHTS["diffusers"]) else None
 
 
+def _read_peft_networks(path: Path) -> LoraSource:
+    """A folder of per-network peft folders as one source: keys and configs under "unet." / "text_encoder."."""
+    tensors, configs = {}, {}
+    for head in PEFT_NETWORKS:
+        if (path / head / PEFT_CONFIG).is_file():
+            part = read_lora_source(str(path / head))
+            prefix = "base_model.model."
+            tensors.update({f"{head}.{k[len(prefix):] if k.startswith(prefix) else k}": v
+                            for k, v in part.tensors.items()})
+            configs[head] = part.configs[""]
+    return LoraSource(tensors, f"peft folders '{path}/{{{','.join(configs)}}}'", configs)
+
+
 def read_lora_source(path: str) -> LoraSource:
-    """The tensors and LoRA configs of a LoRA file or a peft / diffusers LoRA folder, read safely."""
+    """The tensors and configs of a LoRA file or a peft / diffusers folder, read safely."""
     path = Path(path)
     kind = folder_kind(path)
+    if kind == "peft networks":
+        return _read_peft_networks(path)
     if kind is not None:
         file = next((path / f for f in FOLDER_WEIGHTS[kind] if (path / f).is_file()), None)
         if file is None:
