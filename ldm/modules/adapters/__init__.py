@@ -33,6 +33,7 @@ from ldm.modules.adapters.dora import DoRA, DoRAFactors
 from ldm.modules.adapters.loha import HadaFactors, LoHa
 from ldm.modules.adapters.lokr import KronFactors, LoKr
 from ldm.modules.adapters.options import Options
+from ldm.modules.adapters.folders import save_peft_folder
 from ldm.modules.adapters.files import (FORMATS, external_names, kohya_name, load_lora_file, lora_state_dict,
                                         projection_updates, read_lora_state_dict, save_lora_file)
 from ldm.modules.adapters.ia3 import IA3, IA3Vector
@@ -59,6 +60,6 @@ __all__ = [
     "inject_adapters", "is_added_key", "is_projection", "is_valid_pair", "kohya_name", "load_adapter_from_dir",
     "load_lora_file", "lora_state_dict", "match_targets", "merge_adapters", "merge_into_checkpoint", "mix_factors",
     "network", "options_help", "parse_adapter_config", "planned_parameter_count", "projection_updates", "read_lora_state_dict",
-    "remove_adapters", "restored_on_error", "save_adapter_to_dir", "save_base_checkpoint", "save_lora_file",
+    "remove_adapters", "restored_on_error", "save_adapter_to_dir", "save_base_checkpoint", "save_lora_file", "save_peft_folder",
     "section_value", "set_adapter_scale", "stack_factors", "valid_pairs",
 ]
