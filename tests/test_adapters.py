@@ -362,8 +362,11 @@ def test_save_is_atomic_and_never_clobbers(base, saved, tmp_path, monkeypatch):
 
 
 # ---- configs and sample.py ---------------------------------------------------------------------------------------
-def test_configs_are_up_to_date(tmp_path):
-    written = make_adapter_configs.main(["--outdir", str(tmp_path)])
+def test_configs_and_the_forms_doc_are_up_to_date(tmp_path):
+    """`make configs` regenerates both; a stale committed file fails here."""
+    written = make_adapter_configs.main(["--outdir", str(tmp_path), "--docs", str(tmp_path / "forms.md")])
+    assert (tmp_path / "forms.md").read_text() == (REPO / "docs" / "adapter-forms.md").read_text(), \
+        "rerun make configs (docs/adapter-forms.md)"
     committed = REPO / "configs" / "sd-inject-dreambooth"
     assert sorted(p.name for p in written) == sorted(p.name for p in committed.glob("*.yaml"))
     assert {f"{p.stem}" for p in written} >= set(PAPER_PAIRS)

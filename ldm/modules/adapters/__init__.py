@@ -29,6 +29,8 @@ from ldm.modules.adapters.attach import (adapter_blocks, adapter_carriers, adapt
                                          restored_on_error, set_adapter_scale)
 from ldm.modules.adapters.base import AdapterForm, ProjectionForm, ProjectionOptions, Update, is_projection
 from ldm.modules.adapters.bottleneck import METHODS, InOutAdapter, ResInOutAdapter
+from ldm.modules.adapters.budget import (PAPER_RESBLOCK_PARAMETERS, PAPER_TRANSFORMER_MID_DIM, fit_budget,
+                                         paper_mid_dim, with_size)
 from ldm.modules.adapters.dora import DoRA, DoRAFactors
 from ldm.modules.adapters.loha import HadaFactors, LoHa
 from ldm.modules.adapters.lokr import KronFactors, LoKr
@@ -49,6 +51,7 @@ from ldm.modules.adapters.spec import (DEFAULT_GROUP, INITS, AdapterConfigError,
                                        describe)
 
 __all__ = [
+    "PAPER_RESBLOCK_PARAMETERS", "PAPER_TRANSFORMER_MID_DIM", "fit_budget", "paper_mid_dim", "with_size",
     "CONFIG_FILE", "DEFAULT_GROUP", "FORMATS", "FORMS", "IA3", "KIND_FIELDS", "INITS", "METHODS", "MODES", "POSITIONS", "PROJECTION",
     "SECTION", "SECTION_OF", "SECTIONS", "STREAM", "WEIGHTS_FILE", "AdapterConfigError", "AdapterDirError", "AdapterForm",
     "AdapterSpec", "DoRA", "DoRAFactors", "HadaFactors", "KronFactors", "LoCon", "LoHa", "LoKr", "Options",

@@ -183,7 +183,7 @@ def build_adapter(spec: AdapterSpec, dims: Optional[Dict[str, int]] = None, host
     return adapter
 
 
-def _placement(model: nn.Module, specs: List[AdapterSpec]
+def placement(model: nn.Module, specs: List[AdapterSpec]
                ) -> List[Tuple[nn.Module, List[AdapterSpec], Optional[Dict[str, int]]]]:
     """(host, its specs in config order, position widths or None) for every module the specs go on."""
     blocks = adapter_blocks(model)
@@ -227,7 +227,7 @@ def inject_adapters(model: nn.Module, adapter_config: Any, name: str = DEFAULT_G
         raise AdapterConfigError(f"adapter group name must be a Python identifier, got {name!r}")
     if name in getattr(model, "adapter_specs", {}):
         raise AdapterConfigError(f"the model already has an adapter group {name!r}; give the new one another name")
-    plan = _placement(model, specs)  # every error before anything is attached
+    plan = placement(model, specs)  # every error before anything is attached
     base = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in adapter_parameters(model))
     added = 0
     for host, mine, dims in plan:
@@ -320,13 +320,14 @@ def restored_on_error(model: nn.Module, name: str) -> Iterator[None]:
 def planned_parameter_count(model: nn.Module, adapter_config: Any) -> int:
     """The parameters `adapter_config` would add to `model`, computed by the forms without building anything."""
     total = 0
-    for host, specs, dims in _placement(model, parse_adapter_config(adapter_config)):
+    for host, specs, dims in placement(model, parse_adapter_config(adapter_config)):
         for s in specs:
-            total += form_of(s).parameter_count(s, *_dims(s, host, dims))
+            total += form_of(s).parameter_count(s, *host_dims(s, host, dims))
     return total
 
 
-def _dims(spec: AdapterSpec, host: nn.Module, dims: Optional[Dict[str, int]]) -> Tuple[int, int, Tuple[int, ...]]:
+def host_dims(spec: AdapterSpec, host: nn.Module, dims: Optional[Dict[str, int]]
+              ) -> Tuple[int, int, Tuple[int, ...]]:
     """(dim_in, dim_out, kernel) a form's parameter_count takes: the block's widths at din and dout, or the host
     weight's in, out and kernel size."""
     if dims is not None:

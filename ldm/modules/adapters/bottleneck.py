@@ -23,7 +23,8 @@ class BottleneckOptions(Options):
 
 
 class BottleneckForm(AdapterForm):
-    """Config fields of the paper's `inout` forms: bottleneck width and activation."""
+    """The paper's bottleneck `inout`: Linear-act-Linear in transformer blocks, GroupNorm-SiLU-conv-act-conv in ResBlocks.
+    """
     NAME = "inout"
     Options = BottleneckOptions
     SIZE = "mid_dim"

@@ -10,9 +10,6 @@ rank (scale 1). A group on both networks is written as `<folder>/unet` and `<fol
 """
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Dict, List
@@ -21,6 +18,7 @@ import torch.nn as nn
 
 from ldm.checkpoint import save_state_dict
 from ldm.modules.adapters.files import external_names, projection_updates
+from ldm.modules.adapters.io import write_dir
 from ldm.modules.adapters.sources import ALPHA_KEY, FOLDER_WEIGHTS, PEFT_CONFIG
 from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError
 
@@ -71,14 +69,12 @@ def _rank(update: Any) -> int:
 
 def save_peft_folder(model: nn.Module, path: str, name: str = DEFAULT_GROUP) -> List[Path]:
     """Write group `name` as a peft folder (one network) or as `<path>/unet` and `<path>/text_encoder`; returns the
-    folders written. Everything is written into a temporary sibling that is renamed into place, so a killed write
-    leaves no folder that loads; `path` must not exist or be an empty folder (nothing is overwritten)."""
+    folders written, atomically (`write_dir`); `path` must not exist or be an empty folder (nothing is overwritten)."""
     contents, path = peft_folder_contents(model, name), Path(path)
     if path.exists() and not (path.is_dir() and not any(path.iterdir())):
         raise AdapterConfigError(f"'{path}' exists and is not an empty folder; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
-    try:
+
+    def write(tmp: Path) -> None:
         for head, (config, tensors) in contents.items():
             folder = tmp if len(contents) == 1 else tmp / head
             folder.mkdir(exist_ok=True)
@@ -86,14 +82,5 @@ def save_peft_folder(model: nn.Module, path: str, name: str = DEFAULT_GROUP) -> 
             (folder / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
             log.info("wrote a peft %s folder for the %s (%d modules)", config["peft_type"], head,
                      len(config["target_modules"]))
-        os.chmod(tmp, 0o777 & ~_umask())  # a plain mkdir's permissions, not mkdtemp's 0700
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_dir(path, write)
     return [path] if len(contents) == 1 else [path / head for head in contents]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

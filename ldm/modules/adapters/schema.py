@@ -157,7 +157,8 @@ def options_help(markdown: bool = False) -> str:
             continue
         seen.add(form.Options)
         names = ", ".join(f"{f.NAME} ({f.KIND})" for f in FORMS if f.Options is form.Options)
-        tables.append((f"{names}: {(form.__doc__ or '').splitlines()[0].rstrip('.')}", form.Options.help_rows()))
+        owner = next(c for c in form.__mro__ if "Options" in vars(c))  # the class that declares these fields
+        tables.append((f"{names}: {(owner.__doc__ or '').splitlines()[0].rstrip('.')}", form.Options.help_rows()))
     return "\n".join(_render(title, rows, markdown) for title, rows in tables)
 
 
