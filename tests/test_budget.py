@@ -93,3 +93,22 @@ def test_a_bad_budget_is_refused(budget):
     spec = yaml.safe_load(FORMS_SWEEP.read_text())
     with pytest.raises(SweepError, match="'budget' must be a positive integer"):
         check_spec({**spec, "budget": budget})
+
+
+def test_the_form_study_is_analysed_with_form_as_its_factor(tmp_path):
+    """The form study's table as scripts/evaluate.py writes it (one row per run: form, seed, trainable_parameters,
+    metrics), with a planted effect of one form, goes through scripts/anova.py with the sweep's factors: form."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+    from scripts import anova as anova_script
+    spec, rng = load_spec(FORMS_SWEEP), np.random.default_rng(0)
+    runs = expand(spec, root=REPO).runs
+    table = pd.DataFrame([{"run": r.name, **r.levels, "trainable_parameters": spec["budget"],
+                           "dino_i": 0.5 + (0.2 if r.levels["form"] == "loha" else 0.0) + rng.normal(0, 0.01)}
+                          for r in runs for _ in range(2)])
+    table.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.json").write_text(json.dumps({"spec": spec}))
+    report = anova_script.main([str(tmp_path / "results.csv"), "--metrics", "dino_i"]).read_text()
+    assert "Factors: form. Blocks: seed." in report and "**form drives dino_i**" in report
