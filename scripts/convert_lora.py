@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 from ldm.checkpoint import CheckpointError
 from ldm.checks import ArgumentParser, ConfigError, OutputPathError, check_output
 from ldm.config import build_base_model, load_configs
-from ldm.modules.adapters import (FORMATS, AdapterConfigError, load_adapter_from_dir, save_adapter_to_dir, save_lora_file,
-                                  save_peft_folder)
+from ldm.modules.adapters import (FORMATS, AdapterConfigError, load_adapter_from_dir, save_adapter_to_dir,
+                                  save_lora_file, save_peft_folder)
 
 
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for in a directory

@@ -295,3 +295,24 @@ def test_dora_files_need_the_base_weights(tiny_model, tmp_path):
         convert_lora.main(["--config", str(TINY_CONFIG), "--input", str(tmp_path / "a"), "--output",
                            str(tmp_path / "k.safetensors"), "--to", "kohya"])
     assert not (tmp_path / "k.safetensors").exists()
+
+
+SD_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+SD_COUNTS = [  # the README's table of parameters at SD v1 size
+    ({"type": "lora", "target": SD_ATTN, "rank": 4}, 797_184),
+    ({"type": "dora", "target": SD_ATTN, "rank": 4}, 897_024),
+    ({"type": "loha", "target": SD_ATTN, "rank": 4}, 1_594_368),
+    ({"type": "lokr", "target": SD_ATTN, "rank": 4}, 106_496),
+    ({"type": "lokr", "target": SD_ATTN, "rank": 8, "factor": 8}, 207_488),
+    ({"type": "locon", "target": SD_ATTN + ["in_layers.2", "out_layers.3", "skip_connection", "op", "conv"],
+      "rank": 4}, 3_111_424),
+]
+
+
+def test_sd_size_parameter_counts_of_the_readme():
+    from conftest import REPO
+    from ldm.config import load_configs
+    from ldm.sweep.budget import _network
+    unet = _network(load_configs([REPO / "configs/stable-diffusion/v1-inference.yaml"]), "unet")
+    for entry, count in SD_COUNTS:
+        assert planned_parameter_count(unet, {"projection_adp_config": [entry]}) == count, entry

@@ -179,7 +179,7 @@ def test_one_dir_for_unet_and_text_encoder(tiny_model, inputs, tmp_path):
     (proj(lora(target=["to_z"])), r"projection_adp_config\[0\]\.target: no module of this UNetModel is named 'to_z'"),
     (proj(lora(target=["attn1"])), r"attn1 is a CrossAttention, not a Linear or 1x1 Conv2d"),
     (proj(lora(target=["in_layers.2"])), r"in_layers.2 is a 3x3 Conv2d, not a Linear or 1x1 Conv2d; LoRA goes on "
-                                         r"those, .* \(type locon, loha, lokr, dora take it\)"),
+                                         r"those, .* \(type locon, loha, lokr, dora, ia3 take it\)"),
     (proj(ia3(), lora(target=r"nowhere\..*")), r"\[1\]\.target: the regex 'nowhere\\\\\.\.\*' matches no Linear"),
     (proj(lora(target="(")), r"is not a valid regular expression"),
     (proj(lora(target=[])), r"target must be a list of module names"),

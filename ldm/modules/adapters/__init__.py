@@ -1,5 +1,6 @@
 """The adapter design space (Xiang et al. 2023, "A Closer Look at Parameter-Efficient Tuning in Diffusion Models",
-arXiv 2303.18181), plus LoRA, LoCon, LoHa, LoKr, DoRA and (IA)^3: one package, each idea in one module, imports running down this list.
+arXiv 2303.18181), plus LoRA, LoCon, LoHa, LoKr, DoRA and (IA)^3: one package, each idea in one module, imports
+running down this list.
 
     positions.py   the named points of the blocks, valid din -> dout pairs, the config sections
     spec.py        AdapterSpec (one validated entry), the errors
@@ -51,18 +52,18 @@ from ldm.modules.adapters.spec import (DEFAULT_GROUP, INITS, AdapterConfigError,
                                        describe)
 
 __all__ = [
-    "PAPER_RESBLOCK_PARAMETERS", "PAPER_TRANSFORMER_MID_DIM", "fit_budget", "paper_mid_dim", "with_size",
-    "CONFIG_FILE", "DEFAULT_GROUP", "FORMATS", "FORMS", "IA3", "KIND_FIELDS", "INITS", "METHODS", "MODES", "POSITIONS", "PROJECTION",
-    "SECTION", "SECTION_OF", "SECTIONS", "STREAM", "WEIGHTS_FILE", "AdapterConfigError", "AdapterDirError", "AdapterForm",
-    "AdapterSpec", "DoRA", "DoRAFactors", "HadaFactors", "KronFactors", "LoCon", "LoHa", "LoKr", "Options",
-    "ProjectionForm", "ProjectionOptions", "Update",
-    "IA3Vector", "InOutAdapter", "LoRA", "LoRAFactors", "ResInOutAdapter", "adapter_blocks", "adapter_carriers",
-    "adapter_groups", "adapter_networks", "adapter_parameters", "adapter_state_dict", "adapters_enable",
-    "block_kind", "build_adapter", "check_merge_output", "combine_loras", "combine_updates", "config_from_specs", "describe",
-    "external_names", "form_fields", "form_of", "forms", "freeze_except_adapters", "group_adapters",
-    "inject_adapters", "is_added_key", "is_projection", "is_valid_pair", "kohya_name", "load_adapter_from_dir",
-    "load_lora_file", "lora_state_dict", "match_targets", "merge_adapters", "merge_into_checkpoint", "mix_factors",
-    "network", "options_help", "parse_adapter_config", "planned_parameter_count", "projection_updates", "read_lora_state_dict",
-    "remove_adapters", "restored_on_error", "save_adapter_to_dir", "save_base_checkpoint", "save_lora_file", "save_peft_folder",
-    "section_value", "set_adapter_scale", "stack_factors", "valid_pairs",
+    "CONFIG_FILE", "DEFAULT_GROUP", "FORMATS", "FORMS", "IA3", "INITS", "KIND_FIELDS", "METHODS", "MODES",
+    "PAPER_RESBLOCK_PARAMETERS", "PAPER_TRANSFORMER_MID_DIM", "POSITIONS", "PROJECTION", "SECTION", "SECTIONS",
+    "SECTION_OF", "STREAM", "WEIGHTS_FILE", "AdapterConfigError", "AdapterDirError", "AdapterForm", "AdapterSpec",
+    "DoRA", "DoRAFactors", "HadaFactors", "IA3Vector", "InOutAdapter", "KronFactors", "LoCon", "LoHa", "LoKr",
+    "LoRA", "LoRAFactors", "Options", "ProjectionForm", "ProjectionOptions", "ResInOutAdapter", "Update",
+    "adapter_blocks", "adapter_carriers", "adapter_groups", "adapter_networks", "adapter_parameters",
+    "adapter_state_dict", "adapters_enable", "block_kind", "build_adapter", "check_merge_output", "combine_loras",
+    "combine_updates", "config_from_specs", "describe", "external_names", "fit_budget", "form_fields", "form_of",
+    "forms", "freeze_except_adapters", "group_adapters", "inject_adapters", "is_added_key", "is_projection",
+    "is_valid_pair", "kohya_name", "load_adapter_from_dir", "load_lora_file", "lora_state_dict", "match_targets",
+    "merge_adapters", "merge_into_checkpoint", "mix_factors", "network", "options_help", "paper_mid_dim",
+    "parse_adapter_config", "planned_parameter_count", "projection_updates", "read_lora_state_dict",
+    "remove_adapters", "restored_on_error", "save_adapter_to_dir", "save_base_checkpoint", "save_lora_file",
+    "save_peft_folder", "section_value", "set_adapter_scale", "stack_factors", "valid_pairs", "with_size",
 ]

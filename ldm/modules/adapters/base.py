@@ -162,8 +162,8 @@ class Update:
 
     def diffusers_tensors(self, key: str) -> Dict[str, torch.Tensor]:
         raise AdapterConfigError(f"diffusers' loaders take LoRA only: write {type(self).__name__} updates as a kohya "
-                                 f"file (A1111, ComfyUI, LyCORIS read it), as a peft folder where peft has the form, or "
-                                 f"{KEEP_AS_DIRECTORY}")
+                                 f"file (A1111, ComfyUI, LyCORIS read it), as a peft folder where peft has the form, "
+                                 f"or {KEEP_AS_DIRECTORY}")
 
     def peft_tensors(self, key: str) -> Dict[str, torch.Tensor]:
         """The tensors of a peft folder (keys `<key>.<peft name>`), the strength folded in (the config says scale 1)."""

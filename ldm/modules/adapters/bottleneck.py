@@ -1,5 +1,5 @@
-"""The paper's block adapters (Xiang et al. 2023, arXiv 2303.18181): a bottleneck `inout` form for transformer blocks and
-one for ResBlocks. Nonlinear, so they have neither a merged weight nor a LoRA file form (the base class says so).
+"""The paper's block adapters (Xiang et al. 2023, arXiv 2303.18181): a bottleneck `inout` form for transformer blocks
+and one for ResBlocks. Nonlinear, so they have neither a merged weight nor a LoRA file form (the base class says so).
 """
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
@@ -23,8 +23,7 @@ class BottleneckOptions(Options):
 
 
 class BottleneckForm(AdapterForm):
-    """The paper's bottleneck `inout`: Linear-act-Linear in transformer blocks, GroupNorm-SiLU-conv-act-conv in ResBlocks.
-    """
+    """The paper's bottleneck `inout`: Linear-act-Linear in transformer blocks, norm-SiLU-conv-act-conv in ResBlocks."""
     NAME = "inout"
     Options = BottleneckOptions
     SIZE = "mid_dim"

@@ -87,8 +87,8 @@ class DoRAFactors(LoRAFactors):
         return {**super().kohya_tensors(key), f"{key}.dora_scale": self.magnitude}
 
     def diffusers_tensors(self, key: str) -> Dict[str, torch.Tensor]:
-        raise AdapterConfigError(f"{key}: diffusers' LoRA loader does not take DoRA: write it as a kohya / LyCORIS file "
-                                 "or a peft folder")
+        raise AdapterConfigError(f"{key}: diffusers' LoRA loader does not take DoRA: write it as a kohya / LyCORIS "
+                                 "file or a peft folder")
 
     def peft_tensors(self, key: str) -> Dict[str, torch.Tensor]:
         if self.axis != "output":

@@ -32,17 +32,20 @@ def peft_folder_contents(model: nn.Module, name: str = DEFAULT_GROUP) -> Dict[st
     names, by_network = external_names(model), defaultdict(dict)
     for path, u in projection_updates(model, name).items():
         if path not in names:
-            raise AdapterConfigError(f"{path} has no diffusers name (peft folders here name the modules of SD v1's UNet "
-                                     "and CLIP text encoder); keep this group as an adapter directory")
+            raise AdapterConfigError(f"{path} has no diffusers name (peft folders here name the modules of SD v1's "
+                                     "UNet and CLIP text encoder); keep this group as an adapter directory")
         head, local = names[path].split(".", 1)
         by_network[head][local] = u
     return {head: _folder(updates, head) for head, updates in by_network.items()}
 
 
 def _folder(updates: Dict[str, Any], head: str) -> tuple:
+    for path, u in updates.items():
+        if not type(u).PEFT_TYPE:
+            u.peft_tensors(path)  # an update peft has no form for refuses with its reason
     types = {type(u).PEFT_TYPE for u in updates.values()}
     extra: Dict[str, Any] = {}
-    agree = len(types) == 1 and "" not in types
+    agree = len(types) == 1
     for u in updates.values():  # every update's peft fields (those it does not care about left out) must agree
         for k, v in u.peft_config().items():
             agree = agree and extra.setdefault(k, v) == v

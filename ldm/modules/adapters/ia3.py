@@ -61,6 +61,11 @@ class IA3Vector(Update):
     def adapter_tensors(self, host: nn.Module) -> Dict[str, torch.Tensor]:
         return {"weight": self.weight}
 
+    def peft_tensors(self, key: str) -> Dict[str, torch.Tensor]:
+        raise AdapterConfigError(f"{key}: peft's IA3 folders name their modules feedforward or not, a choice our "
+                                 "(IA)^3 files leave to on_input; write (IA)^3 as a kohya / A1111 file or keep the "
+                                 "adapter directory")
+
     def scaled(self, s: float) -> "IA3Vector":
         return replace(self, weight=self.weight * s)
 

@@ -108,8 +108,8 @@ class LoRAFactors(Update):
 
     def diffusers_tensors(self, key: str) -> Dict[str, torch.Tensor]:
         if self.mid is not None:
-            raise AdapterConfigError(f"{key}: a LoCon with a Tucker mid weight (lora_mid) has no diffusers / peft form; "
-                                     "write it as a kohya / LyCORIS file")
+            raise AdapterConfigError(f"{key}: a LoCon with a Tucker mid weight (lora_mid) has no diffusers / peft "
+                                     "form; write it as a kohya / LyCORIS file")
         f = self.folded()  # peft's files carry no alpha: alpha / rank goes into lora_B
         return {f"{key}.lora_A.weight": f.down, f"{key}.lora_B.weight": f.up}
 
@@ -231,7 +231,7 @@ class LoRA(ProjectionForm):
         nn.init.zeros_(self.up.weight)  # down (and mid) keep PyTorch's kaiming init, as in the paper
 
     def lora(self, x: torch.Tensor) -> torch.Tensor:
-        """(alpha / rank) * up(mid(down(dropout(x)))): (..., in) -> (..., out); convs: (b, c, h, w) -> (b, c', h', w')."""
+        """(alpha / rank) * up(mid(down(dropout(x)))): (..., in) -> (..., out); convs (b, c, h, w) -> (b, c', h', w')"""
         h = self.down(self.dropout(x))
         return self.scaling * self.up(h if self.mid is None else self.mid(h))
 

@@ -137,9 +137,11 @@ def config_from_specs(specs: List[AdapterSpec]) -> Dict[str, List[Dict[str, Any]
 
 # ---- help -------------------------------------------------------------------------------------------------------
 COMMON_HELP = {"type": "the form (see below); block sections default to inout",
-               "din": "the block position the adapter reads (transformer: attn1i ... transo, attn2c; ResBlock: resi, reso)",
+               "din": "the block position the adapter reads (transformer: attn1i ... transo, attn2c; ResBlock: resi, "
+                      "reso)",
                "dout": "the block position it adds to, at or downstream of din",
-               "scale": "multiplies the form's output (its strength); set_adapter_scale multiplies it again at run time",
+               "scale": "multiplies the form's output (its strength); set_adapter_scale multiplies it again at run "
+                        "time",
                "init": "zero: a fresh adapter leaves the model unchanged; default: PyTorch's init (the paper's code)"}
 
 

@@ -218,9 +218,9 @@ def fill_alphas(modules: Dict[str, Dict[str, torch.Tensor]], classes: Mapping[st
                                   f"{peft_type(config)}: the file contradicts itself")
         says = bool(config.get("use_dora"))
         if says != cls.PEFT_DORA:
-            raise AdapterDirError(f"{source}: {name}: its peft config {'says' if says else 'does not say'} use_dora but "
-                                  f"its tensors {'have no' if says else 'have a'} DoRA magnitude (lora_magnitude_vector): "
-                                  "the file contradicts itself")
+            raise AdapterDirError(f"{source}: {name}: its peft config {'says' if says else 'does not say'} use_dora "
+                                  f"but its tensors {'have no' if says else 'have a'} DoRA magnitude "
+                                  "(lora_magnitude_vector): the file contradicts itself")
         scale = config_scale(config, local, rank, f"{source}: {name}")
         if "alpha" in tensors and rank is not None and not math.isclose(float(tensors["alpha"]), scale * rank,
                                                                        rel_tol=1e-6):
