@@ -316,3 +316,16 @@ def test_sd_size_parameter_counts_of_the_readme():
     unet = _network(load_configs([REPO / "configs/stable-diffusion/v1-inference.yaml"]), "unet")
     for entry, count in SD_COUNTS:
         assert planned_parameter_count(unet, {"projection_adp_config": [entry]}) == count, entry
+
+
+@pytest.mark.parametrize("name", ["lora", "locon", "loha", "lokr", "dora"])
+def test_each_update_states_the_forms_weight_change(tiny_model, name):
+    """The plain-tensor update (what files hold) gives the same ΔW as the built form it came from."""
+    from ldm.modules.adapters import group_adapters
+    inject_adapters(tiny_model.unet, ONE_OF_EACH[name])
+    randomized(tiny_model.unet)
+    for _, host, group in group_adapters(tiny_model.unet):
+        for a in group:
+            u = a.update(1.0, host)
+            delta = u.delta_of(host.weight) if name == "dora" else u.delta()
+            assert (delta - a.delta_weight(host)).abs().max() < 1e-6

@@ -79,9 +79,12 @@ class DoRAFactors(LoRAFactors):
                                   "for another model")
         return cls(lora.down, lora.up, lora.alpha, lora.mid, m, axis)
 
+    def delta(self) -> torch.Tensor:
+        raise AdapterConfigError("a DoRA update's ΔW depends on the base weight: use delta_of(weight)")
+
     def delta_of(self, weight: torch.Tensor) -> torch.Tensor:
-        """W' - W for the base weight `weight`."""
-        return decomposed(weight, super().delta(), self.magnitude.float(), self.axis)
+        """W' - W for the base weight `weight` (fp32)."""
+        return decomposed(weight, LoRAFactors.delta(self), self.magnitude.float(), self.axis)
 
     def kohya_tensors(self, key: str) -> Dict[str, torch.Tensor]:
         return {**super().kohya_tensors(key), f"{key}.dora_scale": self.magnitude}
