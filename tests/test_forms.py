@@ -329,3 +329,46 @@ def test_each_update_states_the_forms_weight_change(tiny_model, name):
             u = a.update(1.0, host)
             delta = u.delta_of(host.weight) if name == "dora" else u.delta()
             assert (delta - a.delta_weight(host)).abs().max() < 1e-6
+
+
+def test_dora_is_the_identity_when_the_base_loads_after_injection(tiny_model_session, tmp_path):
+    """A UNet built from a config injects its adapters before the checkpoint loads: DoRA's magnitude, an offset from
+    ||W||, still starts as the identity on the loaded weights."""
+    from omegaconf import OmegaConf
+    from conftest import TINY_CONFIG
+    from ldm.checkpoint import save_state_dict
+    from ldm.util import instantiate_from_config
+    save_state_dict(tiny_model_session.state_dict(), str(tmp_path / "base.safetensors"))
+    config = OmegaConf.load(TINY_CONFIG).model
+    config.params.unet_config.params.adapter_config = ONE_OF_EACH["dora"]
+    model = instantiate_from_config(config).eval()
+    model.init_from_ckpt(str(tmp_path / "base.safetensors"))
+    x = inputs()
+    assert (unet_out(model.unet, x) - unet_out(tiny_model_session.unet, x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["locon", "loha", "lokr", "dora"])
+def test_each_new_form_trains_with_main_dream_booth(name, tmp_path, tiny_model_session):
+    """Two DreamBooth steps of the form (config-language override of the adapter config): its adapters are saved,
+    changed by training, and load back into the base model."""
+    import json
+    import main_dream_booth
+    from ldm.checkpoint import save_state_dict
+    from test_train import argv, write_images
+    save_state_dict(tiny_model_session.state_dict(), str(tmp_path / "base.safetensors"))
+    world = {"ckpt": tmp_path / "base.safetensors", "data": write_images(tmp_path / "subject"), "reg": tmp_path / "r",
+             "logs": tmp_path / "logs"}
+    override = "model.params.unet_config.params.adapter_config=" + json.dumps(
+        {"transformer_adp_config": [], **ONE_OF_EACH[name]})
+    logdir = main_dream_booth.main(argv(world, "--max_steps", "2", override, reg=False))
+    (saved,) = sorted((Path(logdir) / "checkpoints").glob("*-adapters"))
+    model = copy.deepcopy(tiny_model_session)
+    load_adapter_from_dir(model, str(saved))
+    assert {s.type for s in adapter_groups_of(model)} == {name}
+    x = inputs()  # a fresh form is the identity: a changed output means training moved its zero-initialised parts
+    assert not torch.equal(unet_out(model.unet, x), unet_out(tiny_model_session.unet, x))
+
+
+def adapter_groups_of(model):
+    from ldm.modules.adapters import adapter_groups
+    return adapter_groups(model)["default"]
