@@ -8,9 +8,12 @@
 #   scripts/tiny_world_study.sh                        # runs from any folder; rerun to continue after a stop
 #   scripts/tiny_world_study.sh --parallel 2           # extra arguments go to scripts/sweep.py
 #   PYTHON="nice -n 15 .venv/bin/python" SWEEP_DIR=/tmp/sw REPORT_DIR=/tmp/report scripts/tiny_world_study.sh
+#   SPEC=configs/sweeps/tiny-world-forms.yaml FACTORS=form SWEEP_DIR=outputs/tiny-world-forms/sweep \
+#     REPORT_DIR=docs/tiny-world-forms scripts/tiny_world_study.sh     # the forms at one parameter budget
 #
 # Resumable: the sweep skips finished runs and retries failed ones, evaluation skips runs already in results.csv, and
-# the report is redrawn from the whole table. Settings (environment): PYTHON (default python), SPEC, PROMPTS,
+# the report is redrawn from the whole table. Settings (environment): PYTHON (default python), SPEC, FACTORS (the
+# sweep's factors the ANOVA tests, default "din dout"), PROMPTS,
 # SWEEP_DIR (default outputs/tiny-world-study/sweep), REPORT_DIR (default docs/tiny-world-study), EVAL_SEEDS; relative
 # paths are taken from the repository root.
 set -euo pipefail
@@ -18,6 +21,7 @@ cd "$(dirname "$0")/.."  # the sweep file's relative paths are taken from the re
 
 PYTHON=${PYTHON:-python}
 SPEC=${SPEC:-configs/sweeps/tiny-world-position-pairs.yaml}
+FACTORS=${FACTORS:-din dout}
 PROMPTS=${PROMPTS:-configs/sweeps/tiny-world-prompts.txt}
 SWEEP_DIR=${SWEEP_DIR:-outputs/tiny-world-study/sweep}
 REPORT_DIR=${REPORT_DIR:-docs/tiny-world-study}
@@ -49,8 +53,9 @@ run $PYTHON scripts/evaluate.py "$SWEEP_DIR" --metric tinyworld --prompts "$PROM
     --steps 25 --scale 5.0 --batch_size 64
 # anova.py never overwrites: when REPORT_DIR exists it writes a fresh folder beside it (REPORT_DIR-2, ...) and says
 # which; the table goes into that folder too.
-echo "+ $PYTHON scripts/anova.py $SWEEP_DIR/results.csv --factors din dout --out $REPORT_DIR" >&2
-report_md=$($PYTHON scripts/anova.py "$SWEEP_DIR/results.csv" --factors din dout --out "$REPORT_DIR" |
+echo "+ $PYTHON scripts/anova.py $SWEEP_DIR/results.csv --factors $FACTORS --out $REPORT_DIR" >&2
+# shellcheck disable=SC2086  # FACTORS is a list of words
+report_md=$($PYTHON scripts/anova.py "$SWEEP_DIR/results.csv" --factors $FACTORS --out "$REPORT_DIR" |
             sed -n 's/^report in //p')
 [[ -n $report_md && -f $report_md ]] || { echo "error: scripts/anova.py did not say where it wrote the report" >&2; exit 1; }
 run cp -n "$SWEEP_DIR/results.csv" "$(dirname "$report_md")/results.csv"

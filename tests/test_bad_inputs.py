@@ -313,6 +313,12 @@ CONVERT = [
                                                "dir"], r"is not an adapter directory"),
     S("config-missing", "file", "convert_lora", ["--config", "{T}/none.yaml", "--input", "{W}/lora", "--output",
                                                  "{T}/o", "--to", "dir"], r"config file not found"),
+    S("out-exists-peft-dir", "output", "convert_lora", KOHYA + ["--output", "{T}/p", "--to", "peft"], OUT_ERR,
+      text("p/notes.md", "mine")),
+    S("ckpt-missing", "file", "convert_lora", DIR_IN + ["--ckpt", "{T}/none.ckpt", "--output", "{T}/o.safetensors",
+                                                        "--to", "kohya"], r"checkpoint not found"),
+    S("ia3-to-peft", "file", "convert_lora", ["--config", CFG, "--input", "{W}/ia3", "--output", "{T}/p", "--to",
+                                              "peft"], r"write \(IA\)\^3 as a kohya / A1111 file"),
 ]
 
 EXPORT = ["--config", CFG, "--ckpt", "{W}/base.safetensors"]

@@ -18,6 +18,8 @@ A sweep file is YAML:
     rules:                                   # optional: settings for some combinations of levels
       - when: {din: resi}
         set: {mid_dim: 7}
+    budget: 30000                            # optional: every run's sizes (mid_dim, rank) set for ~30,000 adapter
+                                             # parameters (ldm/sweep/budget.py)
 
 A factor key is a dotted config key that exists in the merged config (list items by index), a flag above, or an
 alias of the config language (`ldm.config`): every adapter form's fields (`din`, `dout`, `method`, `mid_dim`, `rank`,
@@ -41,6 +43,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, PATH_FLAGS, apply_flags, load_configs, set_key
+from ldm.sweep.budget import apply_budget
 from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
 from ldm.checks import ConfigError, yaml_number
 from ldm.util import parse_yaml_value
@@ -52,7 +55,7 @@ class SweepError(ValueError):
     """A sweep file or sweep folder that cannot be used as it is."""
 
 
-SPEC_FIELDS = ("name", "base", "overrides", "factors", "rules")
+SPEC_FIELDS = ("name", "base", "overrides", "factors", "rules", "budget")
 CLI_FLAGS = ("seed", "scale_lr", "gpus", "accelerator", "devices", "num_nodes", "strategy", "precision")
 
 
@@ -101,6 +104,9 @@ def check_spec(spec: Any, where: str = "sweep") -> Dict[str, Any]:
         raise SweepError(f"{where}: 'factors' must map factor names to {{key: ..., levels: [...]}}")
     for name, factor in factors.items():
         factor_levels(str(name), factor)
+    budget = spec.get("budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise SweepError(f"{where}: 'budget' must be a positive integer (adapter parameters per run), got {budget!r}")
     return dict(spec)
 
 
@@ -149,6 +155,10 @@ def expand(spec: Mapping, root: Optional[Path] = None) -> Grid:
             for key, value in setting.items():
                 apply_setting(config, flags, key, value, root)
         reason = invalid_reason(config)
+        if not reason and spec.get("budget"):
+            size, count = _sweep_errors(apply_budget, config, spec["budget"])
+            log.info("%s: size %s, %s adapter parameters (budget %s)", levels, size, f"{count:,}",
+                     f"{spec['budget']:,}")
         if reason:
             log.info("dropped %s: %s", levels, reason)
             dropped.append((levels, reason))
