@@ -12,7 +12,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import TQDMProgressBar
 
-from ldm.checkpoint import atomic_write, read_training_checkpoint
+from ldm.checkpoint import atomic_write, check_finite, read_training_checkpoint, training_tensors
 from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image
 from ldm.modules.adapters import adapter_groups, save_adapter_to_dir
 from ldm.util import image_grid, to_pil
@@ -25,6 +25,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: str, storage_options: Optional[Any] = None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        check_finite(training_tensors(checkpoint), f"'{path}'", writing=True)
         atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path: str, map_location: Optional[Any] = None,

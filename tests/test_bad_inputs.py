@@ -878,6 +878,7 @@ def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tm
     """Run 0 is held by the test (as another evaluation would hold it), so both processes put it off and then wait
     for it; runs 1 and 2 go to whichever claims them first. Each run is evaluated by exactly one process."""
     from ldm.checks import file_lock
+    from ldm.evaluation.evaluate import EVAL_LOCK
     runs = [write_run(tmp_path / f"run{i}", world / "base.safetensors", world / "subject", seed=i) for i in range(3)]
     (tmp_path / "p.txt").write_text("photo of a {token} {class_word}\n")
     argv = [sys.executable, str(REPO / "scripts" / "evaluate.py"), *map(str, runs), "--metric", "tinyworld",
@@ -885,7 +886,7 @@ def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tm
             "--prompts", str(tmp_path / "p.txt"), "--device", "cpu"]
     logs = [tmp_path / f"eval{i}.log" for i in range(2)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with file_lock(runs[0] / "config.yaml") as held:
+    with file_lock(runs[0] / EVAL_LOCK) as held:
         assert held
         procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
                  for log in logs]
