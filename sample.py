@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError, load_trained_parameters
+from ldm.checkpoint import CheckpointError, DiskFullError, load_trained_parameters
 from ldm.config import build_base_model, load_configs, pop_adapter_configs
 from ldm.models.base_config import adapter_config_from_file, config_fix, find_config, sampling_size
 from ldm.models.diffusion.sampling import ETA_SAMPLERS, IMG2IMG_SAMPLERS, SAMPLERS, text_to_image
@@ -27,7 +27,7 @@ from ldm.modules.fastpaths import apply_fast_paths
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.modules.watermark import Watermarker
 from ldm.checks import (ArgumentParser, ConfigError, check_output_dir, finite_float, float_in, int_in,
-                        non_negative_int, positive_int)
+                        non_negative_int, positive_int, read_text)
 from ldm.data.dreambooth import check_image_file
 from ldm.util import image_grid, load_model_from_config, pick_device, save_numbered, setup_logging, to_pil
 
@@ -116,7 +116,10 @@ def read_prompts(opt: argparse.Namespace) -> List[str]:
     path = Path(opt.from_file)
     if not path.is_file():
         sys.exit(f"error: prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip()]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not prompts:
         sys.exit(f"error: prompt file {path} is empty: put one prompt per line")
     return prompts
@@ -335,6 +338,15 @@ def render_all(model, opt: argparse.Namespace, prompts: List[str], scales: List[
     return rows, captions, written
 
 
+def kept(outdir: Path, before: set) -> str:
+    """The files this run wrote into `outdir` (all complete: every file is written atomically), in words."""
+    new = sorted(p for p in (set(outdir.rglob("*")) if outdir.is_dir() else set()) - before if p.is_file())
+    if not new:
+        return "no image was written"
+    names = f"{new[0].relative_to(outdir)}" + (f" ... {new[-1].relative_to(outdir)}" if len(new) > 1 else "")
+    return f"the {len(new)} file(s) written before it are kept in '{outdir}' ({names})"
+
+
 def main(argv: Optional[List[str]] = None) -> List[Path]:
     opt = parse_args(argv)
     check_options(opt)
@@ -345,10 +357,14 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
     apply_fast_paths(model.unet, device, compile=opt.compile)  # TF32 on CUDA; --compile
     mark, checker = make_watermarker(opt), make_safety_checker(opt, device)
     outdir = Path(opt.outdir)
-    rows, captions, written = render_all(model, opt, prompts, scales, checker, mark)
-    if checker is not None:
-        log.info("safety checker: %d of %d images flagged and saved black", checker.flagged, checker.checked)
-    written += save_grids(rows, scales, captions, opt, outdir, mark)
+    before = set(outdir.rglob("*")) if outdir.is_dir() else set()
+    try:
+        rows, captions, written = render_all(model, opt, prompts, scales, checker, mark)
+        if checker is not None:
+            log.info("safety checker: %d of %d images flagged and saved black", checker.flagged, checker.checked)
+        written += save_grids(rows, scales, captions, opt, outdir, mark)
+    except DiskFullError as e:
+        sys.exit(f"error: {e}; {kept(outdir, before)}; free some space and run again")
     print(f"Your samples are ready and waiting for you here:\n{outdir.resolve()}\nEnjoy.")
     return written
 
