@@ -162,11 +162,11 @@ WRITER_SECTIONS = ("lightning.modelcheckpoint.params", "lightning.trainer")
 PATH_PARAM = re.compile(r"dir|path|file|root|folder|out")
 
 
-def path_settings(config: DictConfig) -> Iterator[Tuple[str, str, Path]]:
+def path_settings(config: DictConfig, logdir: Path) -> Iterator[Tuple[str, str, Path]]:
     """(key, value, where it points) for every string setting of a writer section or a lightning.callbacks entry's
-    params whose name says it is a place to write. A file name is taken within its section's folder setting (else the
-    run dir is assumed, which refuses any '..' out of it); other paths are taken from the current folder, as Lightning
-    takes them."""
+    params whose name says it is a place to write. A file name is taken within its section's folder setting (else
+    within the run dir `logdir`, which refuses any '..' out of it); other paths are taken from the current folder, as
+    Lightning takes them."""
     callbacks = OmegaConf.select(config, "lightning.callbacks", default=None) or {}
     sections = [*WRITER_SECTIONS, *(f"lightning.callbacks.{name}.params" for name in callbacks)]
     for section in sections:
@@ -176,7 +176,7 @@ def path_settings(config: DictConfig) -> Iterator[Tuple[str, str, Path]]:
         values = {str(k): v for k, v in params.items() if PATH_PARAM.search(str(k)) and isinstance(v, str)}
         folder = next((v for k, v in values.items() if "file" not in k), None)
         for key, value in values.items():
-            base = Path(folder) if "file" in key and folder else Path.cwd()
+            base = (Path(folder) if folder else Path(logdir)) if "file" in key else Path.cwd()
             yield f"{section}.{key}", value, Path(os.path.abspath(base / value))
 
 
@@ -186,7 +186,7 @@ def check_confined(config: DictConfig, logdir: Path, given: Sequence[str] = ()) 
     links followed), unless that key or a section above it was given on the command line (`given`: the keys of the
     KEY=VALUE overrides), which writes there on purpose."""
     root = Path(logdir).resolve()
-    for key, value, where in path_settings(config):
+    for key, value, where in path_settings(config, logdir):
         if any(key == g or key.startswith(g + ".") for g in given):
             continue
         where = where.resolve()
