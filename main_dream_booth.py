@@ -83,8 +83,9 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
     except TrainingInterrupted as e:  # Ctrl-C / SIGTERM during training: its step is written
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C before training started
-        print("interrupted before training started: nothing was trained; run the command again", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (setup, class images)
+        print("interrupted by Ctrl-C outside the training steps: run the command again (-r LOGDIR continues a run "
+              "that has a checkpoint)", file=sys.stderr)
         sys.exit(130)
     print(f"outputs in {logdir}")
     return logdir

@@ -136,7 +136,8 @@ class StopOnSignal(pl.Callback):
                 signal.signal(signum, self._handle)
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if self.received is not None and self.stopped_at is None:
+        finished = 0 < trainer.max_steps <= trainer.global_step  # a signal in the final step: the run ends as usual
+        if self.received is not None and self.stopped_at is None and not finished:
             trainer.should_stop = True
             self.stopped_at = trainer.global_step
 

@@ -305,7 +305,8 @@ def file_lock(path: PathLike, blocking: bool = True) -> Iterator[bool]:
         yield False
         return
     except OSError as e:
-        raise OutputPathError(f"cannot take the lock '{path}' ({e.strerror or e}): the folder must be writable") from None
+        raise OutputPathError(f"cannot take the lock '{path}' ({e.strerror or e}): the folder must be "
+                              "writable") from None
     try:
         yield True
     finally:

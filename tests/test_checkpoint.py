@@ -161,4 +161,5 @@ def test_a_full_disk_leaves_no_partial_file_and_keeps_the_previous_one(tmp_path)
         atomic_write(tmp_path / "old.bin", fills_the_disk)
     with pytest.raises(RuntimeError, match="unexpected pos"):  # with free space, not a full disk: passed on as it is
         atomic_write(tmp_path / "old.bin", torch_full_disk)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"] and (tmp_path / "old.bin").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"]
+    assert (tmp_path / "old.bin").read_text() == "previous"

@@ -113,7 +113,19 @@ def world(tmp_path_factory) -> Path:
     torch.save({**kohya, "x": SystemCall()}, w / "kohya-code.pt")
     write_images(w / "subject")
     (w / "empty").mkdir()
+    train_once(w)
     return w
+
+
+def train_once(w: Path) -> None:
+    """w/trained: a tiny run trained 2 steps (config.yaml, last.ckpt with its optimizer state, 1-adapters)."""
+    import main_dream_booth
+    logdir = main_dream_booth.main([fill(a, w, w) for a in TRAIN] + [
+        "-t", "--max_steps", "2", "lightning.callbacks.image_logger.params.disabled=true"])
+    logdir.rename(w / "trained")
+    (w / "logs").rmdir()
+    config = OmegaConf.load(w / "trained" / "config.yaml")  # -r: the run dir's own config names its folder nowhere
+    assert config.model.params.ckpt_path == str(w / "base.safetensors")
 
 
 def snapshot(*folders: Path) -> Dict[str, str]:
@@ -166,16 +178,29 @@ def a_run(callbacks: Optional[dict] = None, ckpt: Optional[Callable[[Path], dict
     return setup
 
 
-def last_ckpt(w: Path, value: float = float("nan"), where: str = "state_dict") -> dict:
-    """A training checkpoint of the tiny run's adapters at step 2, with `value` in its weights or optimizer state."""
+def unet_trained(w: Path) -> dict:
+    """A checkpoint of a run that trained the whole UNet (train_level [unet]), one UNet value NaN."""
     from safetensors.torch import load_file
-    state = {f"model.diffusion_model.{k}": v for k, v in load_file(str(w / "lora" / "adapters.safetensors")).items()}
-    moments = {0: {"step": torch.tensor(2.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}}
-    if where == "state_dict":
-        state = poisoned(state, value=value)
-    else:
-        moments[0]["exp_avg_sq"][1] = value
-    return {"state_dict": state, "global_step": 2, "optimizer_states": [{"state": moments, "param_groups": []}]}
+    unet = {k: v for k, v in load_file(str(w / "base.safetensors")).items() if k.startswith("model.diffusion_model.")}
+    return {"state_dict": poisoned(unet, POISON), "global_step": 2}
+
+
+def trained_run(value: float, where: str = "state_dict", code: bool = False) -> Callable[[Path, Path], None]:
+    """T/run: a copy of the world's trained run whose last.ckpt holds `value` once in its weights (`where`
+    "state_dict") or its optimizer state ("optimizer"), or pickled code."""
+    def setup(w: Path, t: Path) -> None:
+        import shutil
+        shutil.copytree(w / "trained", t / "run")
+        ckpt = torch.load(t / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+        if where == "state_dict":
+            ckpt["state_dict"] = poisoned(ckpt["state_dict"], value=value)
+        else:
+            moments = next(s for s in ckpt["optimizer_states"][0]["state"].values())
+            moments["exp_avg_sq"].view(-1)[0] = value
+        if code:
+            ckpt["x"] = SystemCall()
+        torch.save(ckpt, t / "run" / "checkpoints" / "last.ckpt")
+    return setup
 
 
 def sweep_file(text_: str) -> Callable[[Path, Path], None]:
@@ -304,20 +329,20 @@ WEIGHTS = [
                                                          "{T}/o"], INF),
     E("export-half-overflow", "weights", "export_diffusers", ["--config", CFG, "--ckpt", "{W}/base-big.safetensors",
                                                               "--half", "--outdir", "{T}/o"], NOT_WRITTEN),
-    E("export-adapter-nan", "weights", "export_diffusers", ["--config", CFG, "--ckpt", "{W}/base.safetensors",
-                                                            "--adapter_path", "{W}/lora-nan", "--outdir", "{T}/o"], NAN),
+    E("export-adapter-nan", "weights", "export_diffusers",
+      ["--config", CFG, "--ckpt", "{W}/base.safetensors", "--adapter_path", "{W}/lora-nan", "--outdir", "{T}/o"], NAN),
     E("sample-adapter-nan", "weights", "sample", SAMPLE + ["--adapter_path", "{W}/lora-nan"], NAN),
     E("sample-adapter-inf", "weights", "sample", SAMPLE + ["--adapter_path", "{W}/lora-inf"], INF),
     E("sample-kohya-nan", "weights", "sample", SAMPLE + ["--adapter_path", "{W}/kohya-nan.safetensors"], NAN),
     E("sample-ckpt-nan", "weights", "sample", replace(SAMPLE, "--ckpt", "{W}/base-nan.safetensors"), NAN),
     E("sample-trained-ckpt-nan", "weights", "sample", SAMPLE + ["--trained_ckpt", "{T}/run/checkpoints/last.ckpt"],
-      NAN, a_run(ckpt=last_ckpt)),
+      NAN, a_run(ckpt=unet_trained)),
     E("train-base-nan", "weights", "main_dream_booth", replace(TRAIN, "--actual_resume", "{W}/base-nan.safetensors"),
       NAN),
-    E("train-resume-ckpt-nan", "weights", "main_dream_booth", RESUME, NAN, a_run(ckpt=last_ckpt)),
+    E("train-resume-ckpt-nan", "weights", "main_dream_booth", RESUME, NAN, trained_run(float("nan"))),
     E("train-resume-optimizer-inf", "weights", "main_dream_booth", RESUME,
-      r"holds non-finite weights: tensor 'optimizer_states.0.state.0.exp_avg_sq' has 0 NaN and 1 inf",
-      a_run(ckpt=lambda w: last_ckpt(w, float("inf"), "optimizer"))),
+      r"holds non-finite weights: tensor 'optimizer_states\.0\.state\.\d+\.exp_avg_sq' has 0 NaN and 1 inf",
+      trained_run(float("inf"), "optimizer")),
     E("evaluate-adapters-nan", "weights", "evaluate", EVAL, r"1 run\(s\) could not be evaluated: run \(.*" + NAN,
       evaluated_run),
     A("read-diffusers-folder-nan", "weights", lambda w, t: __import__("ldm.modules.diffusers_folder", fromlist=["x"])
@@ -335,9 +360,16 @@ PICKLE = [
                                                                  "{T}/o"], CODE,
       lambda w, t: (t / "p.ckpt").write_bytes(__import__("pickle").dumps({"x": SystemCall()}))),
     E("train-resume-ckpt-code", "pickle", "main_dream_booth", RESUME, CODE,
-      a_run(ckpt=lambda w: {**last_ckpt(w, 0.0), "x": SystemCall()})),
+      trained_run(0.0, code=True)),
     E("train-base-code", "pickle", "main_dream_booth", replace(TRAIN, "--actual_resume", "{W}/base-code.ckpt"), CODE),
 ]
+
+def linked_out(w: Path, t: Path) -> None:
+    """T/run whose ModelCheckpoint writes to run/link/x, where run/link is a symbolic link to T/elsewhere."""
+    a_run({"ckpt": {**CHECKPOINT, "params": {**CHECKPOINT["params"], "dirpath": str(t / "run" / "link" / "x")}}})(w, t)
+    (t / "elsewhere").mkdir()
+    (t / "run" / "link").symlink_to(t / "elsewhere")
+
 
 CHECKPOINT = {"target": "pytorch_lightning.callbacks.ModelCheckpoint",
               "params": {"dirpath": "{T}/elsewhere", "every_n_train_steps": 1, "save_top_k": -1}}
@@ -359,14 +391,11 @@ CONFINEMENT = [
       a_run(lightning__modelcheckpoint__params__dirpath="{T}/elsewhere")),
     E("resume-default-root-dir", "confinement", "main_dream_booth", RESUME,
       r"lightning\.trainer\.default_root_dir " + OUTSIDE, a_run(lightning__trainer__default_root_dir="{T}/elsewhere")),
-    E("resume-symlink-escape", "confinement", "main_dream_booth", RESUME, OUTSIDE,
-      lambda w, t: (a_run({"ckpt": {**CHECKPOINT, "params": {**CHECKPOINT["params"], "dirpath": str(t / "run" / "link"
-                                                                                                        / "x")}}})(w, t),
-                    (t / "elsewhere").mkdir(), (t / "run" / "link").symlink_to(t / "elsewhere"))),
+    E("resume-symlink-escape", "confinement", "main_dream_booth", RESUME, OUTSIDE, linked_out),
     E("base-config-callback-outside", "confinement", "main_dream_booth",
       ["--base", *TRAIN_BASES, "{T}/extra.yaml", *TRAIN[1 + len(TRAIN_BASES):]], OUTSIDE,
-      text("extra.yaml", "lightning:\n  callbacks:\n    ckpt:\n      target: pytorch_lightning.callbacks.ModelCheckpoint"
-                         "\n      params: {dirpath: ../elsewhere, every_n_train_steps: 1}\n")),
+      text("extra.yaml", "lightning:\n  callbacks:\n    ckpt:\n      target: pytorch_lightning.callbacks."
+                         "ModelCheckpoint\n      params: {dirpath: ../elsewhere, every_n_train_steps: 1}\n")),
     E("resume-trainer-logger", "confinement", "main_dream_booth", RESUME,
       r"lightning\.trainer or a Lightning flag was rejected: .*logger",
       a_run(lightning__trainer__logger=False)),
@@ -423,7 +452,8 @@ TEXTS = [
     E("sample-from-file-latin1-line-3", "text", "sample", SAMPLE + ["--from-file", "{T}/p.txt"],
       r"byte 0xe9 on line 3", text("p.txt", b"one\ntwo\n" + LATIN1)),
     E("train-caption-latin1", "text", "main_dream_booth",
-      replace(TRAIN, "--data_root", "{T}/images"), r"caption file '.*a.txt' is not UTF-8 text: byte 0xe9", images_with("a.png", "b.png", bomb=False, caption=LATIN1)),
+      replace(TRAIN, "--data_root", "{T}/images"), r"caption file '.*a.txt' is not UTF-8 text: byte 0xe9",
+      images_with("a.png", "b.png", bomb=False, caption=LATIN1)),
     A("captions-metadata-latin1", "text", lambda w, t: __import__("ldm.data.captions", fromlist=["x"]).read_metadata(
         t / "metadata.jsonl"), r"captions file '.*metadata.jsonl' is not UTF-8 text: byte 0xe9 on line 2",
       text("metadata.jsonl", b'{"file_name": "a.png", "text": "x"}\n{"file_name": "b.png", "text": "caf\xe9"}\n')),
@@ -503,7 +533,8 @@ def test_bad_input(row: Row, world, tmp_path, capsys, caplog, monkeypatch):
         said = caplog.text + err
         assert outcome == "ok", f"{outcome if outcome == 'traceback' else 'unclear'}: refused a usable input: {message}"
         assert re.search(row.message, said), f"silent: no warning matching {row.message!r}: {said[-1500:]}"
-        assert {p: h for p, h in before.items() if p in snapshot(world, tmp_path)} == before, "unclear: an input changed"
+        after = snapshot(world, tmp_path)
+        assert {p: after.get(p) for p in before} == before, "unclear: an input changed"
         return
     assert outcome != "ok", "silent: the input was accepted"
     assert outcome == "error", f"traceback: {message}"
@@ -565,7 +596,8 @@ def test_a_signal_during_a_step_writes_that_step_and_says_how_to_resume(world, t
     logdir = Path(re.search(RESUME_LINE, last).group(1))
     assert step_of(logdir) == 3 and (logdir / "checkpoints" / "2-adapters").is_dir() and temporaries(logdir) == []
     import main_dream_booth
-    main_dream_booth.main(["-r", str(logdir), "-t", "lightning.callbacks.sig.params.step=100"])
+    main_dream_booth.main(["-r", str(logdir), "-t", "--allow_any_target",
+                           "lightning.callbacks.sig.params.step=100"])
     assert step_of(logdir) == 6
     stats = json.loads((logdir / "train_stats.json").read_text())
     assert [(s["start_step"], s["end_step"]) for s in stats["sessions"]] == [(0, 3), (3, 6)]
@@ -621,7 +653,8 @@ def test_a_full_disk_during_training_says_so_names_what_was_kept_and_leaves_no_p
     assert temporaries(logdir) == [] and step_of(logdir) in (2, 4)  # what was kept loads
     if where == "ckpt":  # space freed: the run resumes from the kept step
         import main_dream_booth
-        main_dream_booth.main(["-r", str(logdir), "-t", "lightning.callbacks.full.params.where=none"])
+        main_dream_booth.main(["-r", str(logdir), "-t", "--allow_any_target",
+                               "lightning.callbacks.full.params.where=none"])
         assert step_of(logdir) == 6
 
 
@@ -670,8 +703,8 @@ def test_torch_save_on_a_really_full_file_system_is_a_disk_full_error(tmp_path):
 
 
 # ---- the lock of a run, a sweep run, a results table: the filelock package -------------------------------------------
-HOLD = "import sys, time; from ldm.checks import file_lock\nwith file_lock(sys.argv[1]):\n    print('held', flush=True)\n" \
-       "    time.sleep(600)\n"
+HOLD = ("import sys, time; from ldm.checks import file_lock\nwith file_lock(sys.argv[1]):\n"
+        "    print('held', flush=True)\n    time.sleep(600)\n")
 
 
 def test_a_lock_held_by_another_process_is_refused_and_freed_when_it_is_killed(tmp_path):
