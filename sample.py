@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm.checkpoint import CheckpointError, DiskFullError, load_trained_parameters
+from ldm.checkpoint import CheckpointError, DiskFullError, is_disk_full, load_trained_parameters
 from ldm.config import build_base_model, load_configs, pop_adapter_configs
 from ldm.models.base_config import adapter_config_from_file, config_fix, find_config, sampling_size
 from ldm.models.diffusion.sampling import ETA_SAMPLERS, IMG2IMG_SAMPLERS, SAMPLERS, text_to_image
@@ -363,8 +363,11 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
         if checker is not None:
             log.info("safety checker: %d of %d images flagged and saved black", checker.flagged, checker.checked)
         written += save_grids(rows, scales, captions, opt, outdir, mark)
-    except DiskFullError as e:
-        sys.exit(f"error: {e}; {kept(outdir, before)}; free some space and run again")
+    except OSError as e:  # DiskFullError from our writes; ENOSPC from a folder made on the way
+        if not is_disk_full(e):
+            raise
+        what = str(e) if isinstance(e, DiskFullError) else f"no space left on the device ({e})"
+        sys.exit(f"error: {what}; {kept(outdir, before)}; free some space and run again")
     print(f"Your samples are ready and waiting for you here:\n{outdir.resolve()}\nEnjoy.")
     return written
 

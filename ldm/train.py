@@ -7,6 +7,7 @@ config.yaml (the merged config, enough to resume), checkpoints/ (<step>-adapters
 only), images/, tensorboard/, csv/<session>/, train_stats.json (all sessions) and .lock.
 """
 import argparse
+import errno
 import logging
 import os
 import time
@@ -344,9 +345,9 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.Lightning
     except Exception as e:  # noqa: BLE001 - a full disk shows as OSError, or as a library's own error (atomic_write)
         if not is_disk_full(e):
             raise
-        raise DiskFullError(e.errno if isinstance(e, OSError) and e.errno else 28,
-                            f"{e}; {describe_kept(logdir)}; free some space, then resume with: "
-                            f"{resume_command(logdir)}") from None
+        what = str(e) if isinstance(e, DiskFullError) else f"no space left on the device while training ({e})"
+        raise DiskFullError(errno.ENOSPC, f"{what}; {describe_kept(logdir)}; free some space, then resume with: "
+                                          f"{resume_command(logdir)}") from None
     finally:
         os.environ.pop(LOGDIR_ENV, None)
         csv = next((lg for lg in trainer.loggers if isinstance(lg, pl.loggers.CSVLogger)), None)

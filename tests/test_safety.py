@@ -634,7 +634,8 @@ def test_a_second_ctrl_c_stops_at_once_and_still_says_how_to_resume(world, tmp_p
 @pytest.mark.parametrize("where,what", [("ckpt", r"writing '.*checkpoints/last.ckpt' \(the previous file is kept"),
                                         ("adapters", r"writing '.*adapters.safetensors' \(no file was written"),
                                         ("image", r"writing '.*images/step-000004.png' \(no file was written"),
-                                        ("csv", r"No space left on device")])
+                                        ("csv", r"no space left on the device while training \(\[Errno 28\] No "
+                                                r"space left on device\)")])
 def test_a_full_disk_during_training_says_so_names_what_was_kept_and_leaves_no_partial_file(world, tmp_path, where,
                                                                                            what):
     """The disk fills up inside a write of step 4 (simulated in the training process: the writer fails with what it
