@@ -63,7 +63,6 @@ class SendSignal(pl.Callback):
                 os.kill(os.getpid(), self.signum)
 
 
-
 class FillDisk(pl.Callback):
     """The disk fills up inside a write of step `step`: `where` "ckpt" (torch.save of last.ckpt: half written, then
     ENOSPC), "adapters" (safetensors' own error for an adapter file, as it reports ENOSPC), "image" (a sample grid PNG:

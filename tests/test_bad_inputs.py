@@ -119,7 +119,8 @@ def build_world(w: Path) -> Path:
 
 
 def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file (and a marker for every folder) under `folders`."""
+    """Path -> content hash of every file (and a marker for every folder) under `folders`, empty lock files aside (an
+    evaluation claims a run with its dedicated `.eval.lock`, whose content is never written)."""
     found = {}
     for folder in folders:
         for root, dirs, files in os.walk(folder):
@@ -127,6 +128,8 @@ def snapshot(*folders: Path) -> Dict[str, str]:
                 found[os.path.join(root, d)] = "dir"
             for f in files:
                 p = os.path.join(root, f)
+                if f.endswith(".lock") and os.path.isfile(p) and os.path.getsize(p) == 0:
+                    continue
                 found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else "special"
     return found
 

@@ -28,7 +28,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf
 
 from conftest import REPO, TINY_CONFIG, build_tiny
@@ -129,16 +128,16 @@ def train_once(w: Path) -> None:
 
 
 def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file and a marker for every folder, lock files aside (an evaluation claims its
-    run with a lock file)."""
+    """Path -> content hash of every file and a marker for every folder, empty lock files aside (an evaluation claims
+    its run with its dedicated `.eval.lock`, whose content is never written)."""
     found = {}
     for folder in folders:
         for root, dirs, files in os.walk(folder):
             for d in dirs:
                 found[os.path.join(root, d)] = "dir"
             for f in files:
-                if not f.endswith(".lock"):
-                    p = os.path.join(root, f)
+                p = os.path.join(root, f)
+                if not (f.endswith(".lock") and os.path.getsize(p) == 0):
                     found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
     return found
 
@@ -363,6 +362,7 @@ PICKLE = [
       trained_run(0.0, code=True)),
     E("train-base-code", "pickle", "main_dream_booth", replace(TRAIN, "--actual_resume", "{W}/base-code.ckpt"), CODE),
 ]
+
 
 def linked_out(w: Path, t: Path) -> None:
     """T/run whose ModelCheckpoint writes to run/link/x, where run/link is a symbolic link to T/elsewhere."""
