@@ -119,7 +119,8 @@ def build_world(w: Path) -> Path:
 
 
 def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file (and a marker for every folder) under `folders`."""
+    """Path -> content hash of every file (and a marker for every folder) under `folders`, empty lock files aside (an
+    evaluation claims a run with its dedicated `.eval.lock`, whose content is never written)."""
     found = {}
     for folder in folders:
         for root, dirs, files in os.walk(folder):
@@ -127,6 +128,8 @@ def snapshot(*folders: Path) -> Dict[str, str]:
                 found[os.path.join(root, d)] = "dir"
             for f in files:
                 p = os.path.join(root, f)
+                if f.endswith(".lock") and os.path.isfile(p) and os.path.getsize(p) == 0:
+                    continue
                 found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else "special"
     return found
 
@@ -884,6 +887,7 @@ def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tm
     """Run 0 is held by the test (as another evaluation would hold it), so both processes put it off and then wait
     for it; runs 1 and 2 go to whichever claims them first. Each run is evaluated by exactly one process."""
     from ldm.checks import file_lock
+    from ldm.evaluation.evaluate import EVAL_LOCK
     runs = [write_run(tmp_path / f"run{i}", world / "base.safetensors", world / "subject", seed=i) for i in range(3)]
     (tmp_path / "p.txt").write_text("photo of a {token} {class_word}\n")
     argv = [sys.executable, str(REPO / "scripts" / "evaluate.py"), *map(str, runs), "--metric", "tinyworld",
@@ -891,7 +895,7 @@ def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tm
             "--prompts", str(tmp_path / "p.txt"), "--device", "cpu"]
     logs = [tmp_path / f"eval{i}.log" for i in range(2)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with file_lock(runs[0] / "config.yaml") as held:
+    with file_lock(runs[0] / EVAL_LOCK) as held:
         assert held
         procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
                  for log in logs]

@@ -180,6 +180,12 @@ def prepare(table: pd.DataFrame, metric: str, factors: Sequence[str], blocks: Se
                             f"{', '.join(map(str, table.columns))}")
     if set(factors) & set(blocks) or len(set(columns)) < len(columns):
         raise AnalysisError(f"a column is named twice among the metric, factors and blocks: {', '.join(columns)}")
+    for f in [*factors, *blocks]:
+        empty = table[f].isna().to_numpy() | (table[f].astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            lines = ", ".join(str(i + 2) for i in np.flatnonzero(empty)[:10])  # as in the file: the header is line 1
+            raise AnalysisError(f"column {f} is empty on line(s) {lines} of the results table: every run needs its "
+                                "level of each factor and block; fill the cells, or remove the rows")
     data = table[columns].copy()
     data[metric] = numeric_metric(table, metric)
     notes = []

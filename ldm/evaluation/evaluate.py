@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ("photo of a {token} {class_word}", "a {token} {class_word} on the beach",
                    "a {token} {class_word} in the snow", "a red {token} {class_word}")
 ADAPTER_DIR = re.compile(r"^(\d+)-adapters$")
+EVAL_LOCK = ".eval.lock"  # a run's evaluation claim (a dedicated file: a lock never touches config.yaml)
 STATS = {"seconds": "train_seconds", "steps": "train_steps", "steps_per_second": "train_steps_per_second",
          "peak_gpu_memory_bytes": "peak_gpu_memory_bytes", "peak_host_memory_bytes": "peak_host_memory_bytes"}
 
@@ -269,7 +270,7 @@ def evaluate_runs(runs: Sequence[Path], table: Path, metrics: Metrics, settings:
                   skip: Sequence[str] = (), force: bool = False) -> Dict[str, str]:
     """Evaluate each run not in `skip` and upsert its row into `table` as soon as it is done; returns the failures
     (run name -> reason). Another process evaluating the same runs is taken into account: each run is claimed by a
-    lock on its config.yaml while it is evaluated, a run claimed elsewhere is put off to the end, and (unless
+    lock (EVAL_LOCK in its folder) while it is evaluated, a run claimed elsewhere is put off to the end, and (unless
     `force`) a run whose row appeared meanwhile is skipped, so each run is evaluated and written once."""
     failed: Dict[str, str] = {}
     deferred = []
@@ -287,7 +288,7 @@ def evaluate_runs(runs: Sequence[Path], table: Path, metrics: Metrics, settings:
 def _claimed_evaluation(run_dir: Path, table: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
                         failed: Dict[str, str], force: bool, blocking: bool) -> bool:
     """Evaluate one run under its lock; False when another process holds the lock (and `blocking` is False)."""
-    with file_lock(Path(run_dir) / "config.yaml", blocking) as claimed:  # the run's own file: nothing is added
+    with file_lock(Path(run_dir) / EVAL_LOCK, blocking) as claimed:
         if not claimed:
             return False
         if not force and run_dir.name in done_runs(table):

@@ -3,6 +3,7 @@ factor with adjusted pairwise comparisons (`comparisons`), and the design points
 levels, e.g. the 20 position pairs) compared with each other on a one-way model with the same blocks; and the
 correlations between the metrics. `findings` turns it into sentences, `report` into files."""
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -13,6 +14,8 @@ from ldm.evaluation.anova import (CONSTANT_NOTE, AnalysisError, Model, Term, ano
                                   parse_interactions, prepare, type2)
 from ldm.evaluation.comparisons import level_table, pairwise
 from ldm.evaluation.table import higher_is_better, is_metric_column
+
+log = logging.getLogger(__name__)
 
 POINT = "design point"  # the column of the one-way model over the combinations of the factors' levels
 
@@ -62,7 +65,36 @@ def read_table(path: Path) -> pd.DataFrame:
         raise AnalysisError(f"'{path}' is not a CSV table ({str(e).splitlines()[0][:160]})") from None
     if table.empty:
         raise AnalysisError(f"results table '{path}' has no rows: evaluate some runs first")
-    return table
+    check_rows(table, path)
+    return without_infinities(table, path)
+
+
+def check_rows(table: pd.DataFrame, path: Path) -> None:
+    """Refuse a table that lists a run twice (it would be analysed as two runs), naming the rows (counted as in the
+    file, the header being line 1)."""
+    if "run" not in table.columns:
+        return
+    repeated = table[table["run"].duplicated(keep=False)]
+    if not repeated.empty:
+        run = repeated["run"].iloc[0]
+        lines = [str(i + 2) for i in repeated.index[repeated["run"] == run]]
+        more = repeated["run"].nunique() - 1
+        raise AnalysisError(f"results table '{path}' lists run {run} on lines {', '.join(lines)}"
+                            + (f" (and {more} more run(s) twice)" if more else "") + ": a run counts once; remove "
+                            "the repeated rows")
+
+
+def without_infinities(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The table with infinite numbers as missing values (left out of each analysis, as an empty cell is), each
+    column that held one named in a warning with its runs."""
+    numeric = table.select_dtypes("number")
+    infinite = numeric.apply(lambda column: column.abs() == float("inf"))
+    for column in infinite.columns[infinite.any()]:
+        rows = table.index[infinite[column]]
+        runs = ", ".join(str(table["run"].iloc[i]) if "run" in table.columns else f"line {i + 2}" for i in rows)
+        log.warning("%s: %s is infinite in %d row(s) (%s): left out of its analysis, as a missing value", path,
+                    column, len(rows), runs)
+    return table.mask(infinite.reindex(columns=table.columns, fill_value=False))
 
 
 def sweep_factors(table: Path) -> List[str]:

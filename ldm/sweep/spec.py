@@ -42,10 +42,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, PATH_FLAGS, apply_flags, load_configs, set_key
+from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, KEY_ALIASES, PATH_FLAGS, apply_flags, load_configs, set_key
 from ldm.sweep.budget import apply_budget
 from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
-from ldm.checks import ConfigError, yaml_number
+from ldm.checks import ConfigError, safe_load_unique, yaml_number
 from ldm.util import parse_yaml_value
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def load_spec(path: str) -> Dict[str, Any]:
     if not path.is_file():
         raise SweepError(f"sweep file not found: '{path}'")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = safe_load_unique(path.read_text())  # a key given twice is refused, as the config loader does
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = " ".join(str(e).strip().splitlines()[:3])
         raise SweepError(f"sweep file '{path}' is not valid YAML: {first}") from None
@@ -102,12 +102,28 @@ def check_spec(spec: Any, where: str = "sweep") -> Dict[str, Any]:
     factors = spec.get("factors")
     if not isinstance(factors, Mapping) or not factors:
         raise SweepError(f"{where}: 'factors' must map factor names to {{key: ..., levels: [...]}}")
+    setters: Dict[str, str] = {}
     for name, factor in factors.items():
-        factor_levels(str(name), factor)
+        for key in sorted({canonical_key(k) for _, setting in factor_levels(str(name), factor) for k in setting}):
+            if key in setters:
+                raise SweepError(f"{where}: factors '{setters[key]}' and '{name}' both set {key}: in every run one "
+                                 "would silently override the other; make them one factor, or drop one")
+            setters[key] = str(name)
     budget = spec.get("budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
         raise SweepError(f"{where}: 'budget' must be a positive integer (adapter parameters per run), got {budget!r}")
     return dict(spec)
+
+
+# what an alias or a flag sets, so two spellings of one setting are seen as one
+FLAG_KEYS = {"max_steps": "lightning.trainer.max_steps", "data_root": "data.params.train.params.data_root",
+             "reg_data_root": "data.params.reg.params.data_root", "actual_resume": "model.params.ckpt_path"}
+
+
+def canonical_key(key: str) -> str:
+    """The config key a sweep key sets (an alias or a flag resolved; adapter field aliases stay as they are)."""
+    key = KEY_ALIASES.get(key, key)
+    return FLAG_KEYS.get(key, key)
 
 
 def factor_levels(name: str, factor: Any) -> List[Tuple[Any, Dict[str, Any]]]:
