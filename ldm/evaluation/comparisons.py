@@ -16,6 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from ldm.evaluation.anova import POWER, Fit, Model
 
@@ -25,12 +26,13 @@ CORRELATION_COLUMNS = ["metric_a", "metric_b", "n", "r", "low", "high", "p", "p_
 
 
 def holm(p: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjusted p-values (Holm 1979): the i-th smallest times (m - i), made monotone, at most 1."""
+    """Holm's step-down adjusted p-values (Holm 1979), by statsmodels' `multipletests`: the i-th smallest times
+    (m - i), made monotone, at most 1. NaN (an untested comparison) stays NaN and does not count in m."""
     p = np.asarray(p, dtype=float)
-    order = np.argsort(p, kind="stable")
-    stepped = np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p))))
-    out = np.empty_like(p)
-    out[order] = np.minimum(stepped, 1.0)
+    out = np.full(p.shape, np.nan)
+    tested = np.isfinite(p)
+    if tested.any():
+        out[tested] = multipletests(p[tested], method="holm")[1]
     return out
 
 
@@ -70,10 +72,8 @@ def pairwise(model: Model, fit: Fit, factor: str, alpha: float) -> pd.DataFrame:
     ok, diff, se = contrasts(c[i] - c[j], fit)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = np.where(ok & (se > 0), 2 * stats.t.sf(np.abs(diff / se), fit.df_resid), np.nan)
-    tested = np.isfinite(p)
-    m = int(tested.sum())
-    p_holm = np.full(len(p), np.nan)
-    p_holm[tested] = holm(p[tested])
+    m = int(np.isfinite(p).sum())
+    p_holm = holm(p)
     t_crit = stats.t.ppf(1 - alpha / (2 * max(m, 1)), fit.df_resid)
     return pd.DataFrame({"level_a": np.array(levels)[i], "level_b": np.array(levels)[j], "estimable": ok,
                          "diff": diff, "se": se, "p": p, "p_holm": p_holm, "low": diff - t_crit * se,
@@ -117,9 +117,6 @@ def correlations(table: pd.DataFrame, metrics: Sequence[str], alpha: float) -> p
             row.update(r=float(result.statistic), low=interval.low, high=interval.high, p=float(result.pvalue))
         rows.append(row)
     out = pd.DataFrame(rows, columns=CORRELATION_COLUMNS[:7])
-    tested = out.p.notna()
-    out["p_holm"] = np.nan
-    if tested.any():
-        out.loc[tested, "p_holm"] = holm(out.loc[tested, "p"])
+    out["p_holm"] = holm(out.p)
     out["significant"] = out.p_holm < alpha
     return out[CORRELATION_COLUMNS]
