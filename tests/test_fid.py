@@ -7,10 +7,9 @@ import torch
 from PIL import Image
 
 from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, to_uint8
-from ldm.evaluation.evaluate import Metrics, compute_metrics
 from ldm.evaluation.fid import (FID_LAYER, FID_WEIGHTS, FrechetDistance, InceptionFeatures, fid_metric,
                                 frechet_distance, statistics)
-from ldm.evaluation.metrics import load_images
+from ldm.evaluation.metrics import Samples, load_images, measure
 from scripts import evaluate as evaluate_script
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
@@ -100,8 +99,8 @@ def test_fid_is_repeatable_order_independent_and_caches_the_reference(tmp_path):
     assert [restarted(b, str(reference)), restarted(a, str(reference))] == [first[1], first[0]]
     assert shared(a[torch.randperm(12)], str(reference)) == pytest.approx(first[0], rel=1e-6)  # sample order
     # three identical runs through one shared metric object in evaluation give one number (they drifted before)
-    metrics = Metrics(fid=shared, fid_reference=str(reference))
-    assert [compute_metrics(metrics, a, [], a)["fid"] for _ in range(3)] == [first[0]] * 3
+    samples = Samples(subject=a, references=a, fid_reference=str(reference))
+    assert [measure({}, samples, shared)["fid"] for _ in range(3)] == [first[0]] * 3
     # a changed reference folder is read again
     Image.new("RGB", (16, 16), (255, 0, 0)).save(reference / "new.png")
     assert shared(a, str(reference)) != first[0] and features.images == 20 + 8 * 12 + 21  # 21: the new folder, once

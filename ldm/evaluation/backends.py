@@ -5,10 +5,10 @@ A backend is built as `factory(weights: Optional[str], device: torch.device)` an
     image_features(images) -> (B, D)               images (B, 3, H, W) in [0, 1]; any size (the backend resizes)
     text_image_score(images, prompts) -> (B,)     cosine similarity of each image to its prompt; only when
                                                    `has_text` is True
+    subject_rate(images) -> float                  share of images that show the subject; only when `has_rate`
 
-Subject fidelity (DINO, CLIP-I of DreamBooth, Ruiz et al. 2023) is the mean cosine similarity of the samples'
-`image_features` to the instance images'; prompt fidelity (CLIP-T) is the mean `text_image_score`
-(`ldm.evaluation.metrics`).
+The metrics on them (subject fidelity: DINO, CLIP-I; prompt fidelity: CLIP-T; prior preservation, subject leakage,
+subject rate, FID) are the registry of `ldm.evaluation.metrics`.
 
 Preprocessing is the metric model's own: the `preprocessor_config.json` in its weights folder, applied as transformers
 5's image processors (torchvision backend) apply it (`ldm.evaluation.preprocess`), so scores are comparable with
@@ -82,7 +82,8 @@ def get_backend(name: str, weights: Optional[str] = None, device: Optional[torch
 
 class MetricBackend:
     """Base class of the backends: `prepare` gives the wrapped model's pixel_values by its `preprocess`."""
-    has_text = False
+    has_text = False  # text_image_score: prompt fidelity
+    has_rate = False  # subject_rate (a classifier that sees the subject): subject rate, and in class samples
     preprocess: Optional[Preprocess] = None
 
     def prepare(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -96,6 +97,9 @@ class MetricBackend:
 
     def text_image_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise EvaluationError(f"the {type(self).__name__} backend has no text model: it gives no prompt fidelity")
+
+    def subject_rate(self, images: torch.Tensor) -> float:
+        raise EvaluationError(f"the {type(self).__name__} backend has no subject classifier: it gives no subject rate")
 
 
 def require_path(weights: Optional[str], backend: str, what: str) -> Path:

@@ -16,7 +16,8 @@ import pandas as pd
 from ldm.evaluation.anova import CONSTANT_NOTE
 from ldm.evaluation.comparisons import ranking
 from ldm.evaluation.study import POINT, MetricAnalysis
-from ldm.evaluation.table import FID, METRIC_SUFFIXES, higher_is_better
+from ldm.evaluation.metrics import metric_of_column
+from ldm.evaluation.table import higher_is_better
 
 FACTOR_KINDS = ("factor", "interaction")
 
@@ -43,7 +44,8 @@ def confidence(alpha: float) -> str:
 
 def describe_metric(metric: str) -> str:
     """'tinyworld_i' -> 'subject fidelity, higher is better'."""
-    kind = next((k for s, k in METRIC_SUFFIXES.items() if metric.endswith(s)), "FID" if metric == FID else "")
+    found = metric_of_column(metric)
+    kind = found.title if found else ""
     direction = "higher is better" if higher_is_better(metric) else "lower is better"
     return f"{kind}, {direction}" if kind else direction
 

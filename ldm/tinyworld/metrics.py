@@ -50,6 +50,7 @@ class TinyWorldMetric:
 
     name = "tinyworld"
     has_text = True
+    has_rate = True  # subject_rate: the evaluation protocol's subject rate and subject rate in class samples
 
     def __init__(self, path: Union[str, Path, None] = DEFAULT_PROBE, device: Optional[torch.device] = None):
         self.probe = load_probe(Path(path or DEFAULT_PROBE))
