@@ -106,22 +106,24 @@ def pairwise(model: Model, fit: Fit, factor: str, alpha: float, at: Optional[Sli
 
 
 def slice_test(model: Model, fit: Fit, factor: str, at: Slice) -> Dict[str, float]:
-    """The simple effect of `factor` within the slice `at`: the F test that its levels' estimable cell means there
-    are equal (the general linear hypothesis L beta = 0 on the model's fit and residual variance)."""
+    """The simple effect of `factor` within the slice `at`: the F test that every estimable difference between its
+    levels there is zero (the general linear hypothesis L beta = 0 on the model's fit and residual variance; in a
+    rank-deficient design, levels the design cannot compare drop out instead of voiding the test)."""
     levels, c = emm_vectors(model, factor, at)
-    ok, _, _ = contrasts(c, fit)
-    c = c[ok]
-    nan = {"levels": int(ok.sum()), "df": 0, "F": np.nan, "p": np.nan}
-    if len(c) < 2 or fit.df_resid < 1:
+    nan = {"levels": 0, "df": 0, "F": np.nan, "p": np.nan}
+    if len(levels) < 2 or fit.df_resid < 1 or fit.mse <= 0:
         return nan
-    lmat = c[1:] - c[0]
+    i, j = np.array(list(itertools.combinations(range(len(levels)), 2))).T
+    ok, _, _ = contrasts(c[i] - c[j], fit)
+    lmat = (c[i] - c[j])[ok]
     middle = lmat @ fit.xtx_pinv @ lmat.T
-    df = int(np.linalg.matrix_rank(middle))
-    if df == 0 or fit.mse <= 0:
+    df = int(np.linalg.matrix_rank(middle)) if len(lmat) else 0
+    if df == 0:
         return nan
     est = lmat @ fit.beta
     f_value = float(est @ np.linalg.pinv(middle) @ est) / df / fit.mse
-    return {"levels": int(ok.sum()), "df": df, "F": f_value, "p": float(stats.f.sf(f_value, df, fit.df_resid))}
+    return {"levels": len(set(i[ok]) | set(j[ok])), "df": df, "F": f_value,
+            "p": float(stats.f.sf(f_value, df, fit.df_resid))}
 
 
 def ranking(levels: pd.DataFrame, pairs: pd.DataFrame, higher_is_better: bool = True) -> Dict:

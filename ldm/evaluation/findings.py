@@ -72,8 +72,8 @@ def term_sentence(r: MetricAnalysis, row: pd.Series) -> str:
         return (f"- **{name} {what}**: {test}; eta² {share(row.eta_sq)}, partial eta² "
                 f"{share(row.partial_eta_sq)}{interval}.{depends_text(r, row)}")
     if row.p < r.alpha:
-        return (f"- {name}: significant only before the correction for the study's {r.family} tests ({test}), so not "
-                f"called a driver.{depends_text(r, row)}")
+        return (f"- {name}: significant only before the correction for the study's {r.family} tests ({test}), so no "
+                f"claim is made on it.{depends_text(r, row)}")
     return (f"- {name}: not significant ({test}; eta² {share(row.eta_sq)}); with these runs the F test detects "
             f"(80% power) effects of partial eta² {share(row.detectable_partial_eta_sq)} or more."
             f"{depends_text(r, row)}")

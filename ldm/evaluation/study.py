@@ -18,7 +18,7 @@ import pandas as pd
 
 import numpy as np
 
-from ldm.evaluation.anova import (CONSTANT_NOTE, AnalysisError, Fit, Model, Term, anova_table, auto_interactions,
+from ldm.evaluation.anova import (BLOCK_NAMES, CONSTANT_NOTE, AnalysisError, Fit, Model, Term, anova_table, auto_interactions,
                                   check_alpha, default_blocks, parse_interactions, prepare, type2)
 from ldm.evaluation.comparisons import Slice, holm, level_table, pairwise, slice_test
 from ldm.evaluation.table import higher_is_better, is_metric_column
@@ -94,7 +94,8 @@ def read_table(path: Path) -> pd.DataFrame:
 
 
 def sweep_factors(table: Path) -> List[str]:
-    """The factors of the sweep whose folder holds the table, without seed (replicates, not a design factor)."""
+    """The factors of the sweep whose folder holds the table, without seed and subject (blocks, not design
+    factors)."""
     manifest = Path(table).parent / "sweep.json"
     if not manifest.is_file():
         raise AnalysisError(f"no --factors and no sweep.json beside '{table}': pass --factors")
@@ -106,7 +107,7 @@ def sweep_factors(table: Path) -> List[str]:
         raise AnalysisError(f"'{manifest}' has no spec.factors (it is not a sweep manifest): pass --factors") from None
     if not isinstance(factors, dict):
         raise AnalysisError(f"'{manifest}' has no spec.factors mapping (it is not a sweep manifest): pass --factors")
-    return [f for f in factors if f != "seed"]
+    return [f for f in factors if f not in BLOCK_NAMES]
 
 
 def point_model(model: Model) -> Model:
