@@ -424,3 +424,54 @@ def test_tiny_world_report_measures_through_the_registry():
     assert report["class_similarity_to_base"] == row["tinyworld_prior"]
     assert report["class_subject_rate"] == row["tinyworld_leak_rate"] > report["class_subject_rate_base"]
     assert row["tinyworld_leak"] > 0.05  # half the class samples are the subject now
+
+
+def draw_subject(folder, shape, colour, n=3):
+    """A subject folder drawn by the tiny world: one shape and colour in n settings."""
+    from dataclasses import replace
+    from ldm.data.synthetic import SUBJECT, render
+    folder.mkdir(parents=True)
+    for i, (background, position) in enumerate([("white", "center"), ("gray", "left"), ("green", "right")][:n]):
+        scene = replace(SUBJECT, shape=shape, colour=colour, texture="plain", second_colour=None, outline=False,
+                        background=background, position=position)
+        render(scene, 32).save(folder / f"{shape}-{i}.png")
+    return folder
+
+
+def test_a_study_over_several_subjects(tmp_path, base_ckpt, monkeypatch):
+    """Subjects as a sweep factor (a data folder and class word each, drawn here): each run is evaluated against its
+    own subject's images, the results table has a subject column, and the analysis takes subject as a block."""
+    import yaml
+    from ldm.evaluation.evaluate import EvalSettings, adapter_dir, draw, instance_images, load_run_model, run_config
+    from ldm.evaluation.sampling import prompt_seed_pairs
+    from ldm.sweep.runs import prepare
+    from scripts import anova as anova_script
+    subjects = {"red-star": draw_subject(tmp_path / "red-star", "star", "red"),
+                "blue-circle": draw_subject(tmp_path / "blue-circle", "circle", "blue")}
+    spec = {"base": [str(REPO / b) for b in BASES],
+            "overrides": [f"actual_resume={base_ckpt}", "max_steps=2",
+                          "lightning.callbacks.image_logger.params.disabled=true"],
+            "factors": {"subject": {"levels": {name: {"data_root": str(path), "class_word": name.split("-")[1]}
+                                               for name, path in subjects.items()}},
+                        "method": {"key": "method", "levels": ["relu", "silu"]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    for run in prepare(str(tmp_path / "s.yaml"), str(tmp_path / "sw")):
+        main_dream_booth.main(["-r", str(run.dir), "-t"])
+    monkeypatch.setitem(backends.BACKENDS, "mc", "test_evaluate.Pixels")
+    evaluate_script.main([str(tmp_path / "sw"), "--metric", "mc", "--seeds", "0,1", "--steps", "1",
+                          "--prompts", str(write_prompts(tmp_path)), "--prior_prompt", "none"])
+    rows = read_rows(tmp_path / "sw" / "results.csv")
+    assert sorted((r["subject"], r["method"]) for r in rows) == sorted(
+        (s, m) for s in subjects for m in ("relu", "silu"))
+    settings = EvalSettings(prompts=("photo of a {token} {class_word}",), seeds=(0, 1), steps=1)
+    for r in rows:  # each run against its own subject's images, with its own class word in the prompt
+        run_dir = tmp_path / "sw" / "runs" / r["run"]
+        config = run_config(run_dir)
+        assert config.data.params.train.params.data_root == str(subjects[r["subject"]])
+        model = load_run_model(config, adapter_dir(run_dir), torch.device("cpu"))
+        word = r["subject"].split("-")[1]
+        images = draw(model, prompt_seed_pairs([f"photo of a sks {word}"], (0, 1)), 32, settings)
+        assert float(r["mc_i"]) == pytest.approx(subject_fidelity(Pixels(), images, instance_images(config, 32)),
+                                                 abs=1e-6)
+    report = anova_script.main([str(tmp_path / "sw" / "results.csv"), "--metrics", "mc_i"]).read_text()
+    assert "Factors: method. Blocks: subject." in report  # the sweep's factors without the subject: a block
