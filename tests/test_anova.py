@@ -551,3 +551,17 @@ def test_planner_subject_variance_sets_a_floor_and_the_command_line(tmp_path, ca
     for bad in ("0", "-1", "nan"):
         with pytest.raises(SystemExit):
             anova_script.main([str(tmp_path / "results.csv"), "--factors", "din", "--plan", bad])
+
+
+def test_the_committed_study_findings_are_generated(tmp_path):
+    """docs/tiny-world-study/findings.md and the findings of report.md are exactly what the report machinery writes
+    from the committed results.csv with the study's settings (scripts/tiny_world_study.sh): no hand-edited claim."""
+    from conftest import REPO
+    docs = REPO / "docs" / "tiny-world-study"
+    anova_script.main([str(docs / "results.csv"), "--factors", "din", "dout", "--plan", "0.015", "--out",
+                       str(tmp_path / "a")])
+    assert (tmp_path / "a" / "findings.md").read_text() == (docs / "findings.md").read_text()
+    ours, committed = ((d / "report.md").read_text().split("\n## tinyworld_i")[0] for d in (tmp_path / "a", docs))
+    assert ours == committed
+    script = (REPO / "scripts" / "tiny_world_study.sh").read_text()
+    assert '--factors din dout --plan "$PLAN"' in script and "PLAN=${PLAN:-0.015}" in script
