@@ -565,3 +565,18 @@ def test_the_committed_study_findings_are_generated(tmp_path):
     assert ours == committed
     script = (REPO / "scripts" / "tiny_world_study.sh").read_text()
     assert '--factors din dout --plan "$PLAN"' in script and "PLAN=${PLAN:-0.015}" in script
+
+
+def test_difference_sentence_claims_only_what_the_interval_shows():
+    from scipy import stats
+    from ldm.evaluation.findings import difference_sentence
+    unet, adapter = [0.640, 0.636, 0.641], [0.568, 0.571, 0.566]
+    line = difference_sentence("subject fidelity", "whole UNet", unet, "adapter", adapter)
+    reference = stats.ttest_ind(unet, adapter, equal_var=False)
+    low, high = reference.confidence_interval(0.95)
+    assert line.startswith("- **whole UNet is higher than adapter on subject fidelity**: difference 0.0707 (95% CI ")
+    assert f"CI {low:.3g} to {high:.3g}" in line and f"Welch t({reference.df:.3g})" in line
+    # the README's class-similarity case: 0.750 vs 0.765 from two seeds each is no "better on every count"
+    close = difference_sentence("class similarity", "whole UNet", [0.74, 0.76], "adapter", [0.77, 0.76])
+    assert close.startswith("- whole UNet and adapter are not separated on class similarity: difference -0.015")
+    assert "too few for an interval" in difference_sentence("x", "a", [0.1], "b", [0.2, 0.3])

@@ -9,6 +9,8 @@
 - A level (or design point) is called "best" only when its adjusted comparisons separate it from every other one;
   otherwise it is the "top" one, "not separated from" the others it cannot be told from, with its lead over the
   runner-up and the difference that comparison could detect.
+- Two sets of runs (e.g. the whole UNet against an adapter) are called higher or lower only when Welch's interval of
+  their difference excludes 0.
 - Two metrics are called correlated only when the Holm-adjusted p of their Pearson r is below alpha, with r, its
   interval and p.
 """
@@ -16,6 +18,7 @@ from typing import List, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ldm.evaluation.anova import CONSTANT_NOTE
 from ldm.evaluation.comparisons import ranking
@@ -210,3 +213,22 @@ def correlation_sentences(table: pd.DataFrame, alpha: float) -> List[str]:
         else:
             lines.append(f"- {row.metric_a} and {row.metric_b}: no significant correlation ({numbers}).")
     return lines
+
+
+def difference_sentence(metric: str, a_name: str, a: Sequence[float], b_name: str, b: Sequence[float],
+                        alpha: float = 0.05) -> str:
+    """Two sets of runs compared on one metric (e.g. the whole UNet against an adapter, one value per training seed):
+    the difference of means with Welch's t interval and p; "higher" or "lower" only when the interval excludes 0,
+    otherwise "not separated", with what the runs could show."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return (f"- {a_name} vs {b_name} on {metric}: {len(a)} and {len(b)} run(s), too few for an interval "
+                "(2 or more each).")
+    test = stats.ttest_ind(a, b, equal_var=False)
+    low, high = test.confidence_interval(1 - alpha)
+    diff = a.mean() - b.mean()
+    numbers = (f"difference {num(diff)} ({confidence(alpha)} CI {num(low)} to {num(high)}, Welch t({num(test.df)}) = "
+               f"{num(test.statistic)}, {p_text(test.pvalue)}; {len(a)} vs {len(b)} runs)")
+    if low > 0 or high < 0:
+        return f"- **{a_name} is {'higher' if diff > 0 else 'lower'} than {b_name} on {metric}**: {numbers}."
+    return f"- {a_name} and {b_name} are not separated on {metric}: {numbers}."
