@@ -1,8 +1,10 @@
 """Analysis of variance of a design-space study (Xiang et al. 2023 use ANOVA to find the factor that matters).
 
-The model of a metric: OLS on the design's factors as categories, plus blocks (replicates such as the training
-`seed`: an additive term that takes out what every run of one seed shares; it is tested, but it is not a design
-factor), plus chosen interactions. Type II sums of squares: SS(T | every term that does not contain T), computed by
+The model of a metric: OLS on the design's factors as categories, plus blocks (the training `seed`, and the `subject`
+of a study over several subjects: an additive term that takes out what every run of one seed or subject shares; it
+is tested, but it is not a design factor), plus covariates (numeric columns, one slope each, e.g. the trainable
+parameters), plus interactions (by default every two-way interaction of the factors, and of each factor with the
+subject, that the design has the degrees of freedom for: `auto_interactions`). Type II sums of squares: SS(T | every term that does not contain T), computed by
 comparing nested least-squares fits with degrees of freedom from their ranks, so designs where some levels of
 different factors only occur together (the 20 position pairs: `attn2c` only with `attn2c`) get the right degrees of
 freedom and credit confounded variance to no single term; for full-rank designs this equals statsmodels'

@@ -29,7 +29,8 @@ from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics
 
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.data.dreambooth import DataError, list_images, usable_images
-from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, require_path, to_uint8
+from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, require_path
+from ldm.evaluation.preprocess import to_uint8
 from ldm.evaluation.metrics import load_images
 
 log = logging.getLogger(__name__)
