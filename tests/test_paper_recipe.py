@@ -105,3 +105,19 @@ def test_the_fragment_states_the_paper_recipe_and_trains(tmp_path):
 def test_paper_optimizer_refuses_8bit_adam():
     with pytest.raises(ConfigError, match="paper_optimizer reproduces torch's AdamW"):
         build(True, use_8bit_adam=True)
+
+
+def test_under_a_grad_scaler_the_duplicates_are_unscaled_twice():
+    """What the doubled registration also does under fp16 mixed precision (the paper trained with precision 16): the
+    grad scaler unscales each entry of the optimizer's list, so a transformer adapter's gradient is divided by the
+    loss scale twice; a ResBlock adapter's once. (torch's GradScaler on the CPU: the same unscale code as CUDA's.)"""
+    model = build(True)
+    transformer, resblock = kinds(model)
+    optimizer = model.configure_optimizers()["optimizer"]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.zeros(()))  # the scaler's scale is set by its first use
+    for p in transformer + resblock:
+        p.grad = torch.full_like(p, 1024.0 * 3.0)  # a scaled gradient of 3
+    scaler.unscale_(optimizer)
+    assert all(torch.allclose(p.grad, torch.full_like(p, 3.0 / 1024)) for p in transformer)
+    assert all(torch.allclose(p.grad, torch.full_like(p, 3.0)) for p in resblock)
