@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tiny-world design-space study (issue 7): the paper's 20 adapter position pairs x 2 seeds trained on the tiny base
-# model (configs/sweeps/tiny-world-position-pairs.yaml), each run evaluated with the tiny world's probe (the
+# model (configs/sweeps/tiny-world-position-pairs.yaml; SPEC=configs/sweeps/tiny-world-study-v3.yaml: x 4 subjects x 3
+# seeds on the v3 model), each run evaluated with the tiny world's probe (the
 # `tinyworld` metric backend) on configs/sweeps/tiny-world-prompts.txt, then a Type II ANOVA of the metrics on din
 # and dout (seed and subject as blocks, their interactions where the design has the df, Holm over the study, a plan
 # for detecting PLAN between two design points), written to docs/tiny-world-study/ (report.md, findings.md, PNGs,
@@ -41,6 +42,8 @@ base_model=$(sed -n 's/^ *- *actual_resume=\([^ #]*\).*/\1/p' "$SPEC")
 # every class-image folder: the override (reg_data_root=DIR) or a subject level's setting (reg_data_root: DIR)
 class_images=$(grep -v '^ *#' "$SPEC" | grep -o 'reg_data_root[=:] *[^ ,}#]*' | sed 's/reg_data_root[=:] *//' | sort -u)
 [[ -n $base_model ]] || { echo "error: $SPEC has no 'actual_resume=FILE' override (the base model)" >&2; exit 1; }
+[[ -f $base_model ]] || { echo "error: the base model '$base_model' of $SPEC does not exist: train it first, or" \
+                               "name another in its actual_resume override" >&2; exit 1; }
 digest=$(sha256sum "$base_model" | cut -d' ' -f1)
 # shellcheck disable=SC2086  # one folder per line, no spaces in these paths
 for dir in "$SWEEP_DIR" $class_images; do

@@ -580,3 +580,20 @@ def test_difference_sentence_claims_only_what_the_interval_shows():
     close = difference_sentence("class similarity", "whole UNet", [0.74, 0.76], "adapter", [0.77, 0.76])
     assert close.startswith("- whole UNet and adapter are not separated on class similarity: difference -0.015")
     assert "too few for an interval" in difference_sentence("x", "a", [0.1], "b", [0.2, 0.3])
+
+
+def test_tiny_world_report_compares_the_variants_with_adjusted_intervals():
+    """The tiny-world report's claims about its DreamBooth table (the whole UNet against the adapter, the prior on
+    against off) come from the seeds' values with Welch intervals, Bonferroni over all its comparisons: a planted
+    difference is claimed, a small one over few seeds is not."""
+    from ldm.tinyworld.report import ADAPTER, COLUMNS, NO_PRIOR, UNET, comparison_lines
+    rng = np.random.default_rng(3)
+
+    def rows(shift):
+        return [{k: 0.5 + (shift if k == "subject_fidelity" else 0.0) + rng.normal(0, 0.003) for k in COLUMNS}
+                for _ in range(4)]
+    lines = comparison_lines({"base model": rows(0.0)[:1], ADAPTER: rows(0.0), NO_PRIOR: rows(0.002), UNET: rows(0.07)})
+    assert len(lines) == 2 * len(COLUMNS) and all("(99.5% CI " in line for line in lines)
+    claims = [line for line in lines if line.startswith("- **")]
+    assert claims == [next(line for line in lines if f"is higher than {ADAPTER} on subject fidelity" in line)]
+    assert comparison_lines({ADAPTER: rows(0.0)}) == []  # nothing to compare

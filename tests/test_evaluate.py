@@ -82,6 +82,62 @@ class Rate(MeanColour):
         return float((images[:, 0].mean(dim=(1, 2)) > 0.5).float().mean())
 
 
+class NamedRate(Rate):
+    """A classifier that knows subjects' looks by their folder names: the colour channel that must be bright."""
+    LOOKS = {"red-star": {"channel": 0}, "green-thing": {"channel": 1}}
+
+    def subject_look(self, subject):
+        return self.LOOKS.get(subject)
+
+    def subject_rate(self, images, look=None):
+        channel = (look or {"channel": 0})["channel"]  # the default subject: red
+        return float((images[:, channel].mean(dim=(1, 2)) > 0.5).float().mean())
+
+
+def test_subject_rates_use_the_named_subjects_look(caplog):
+    """The subject rates ask the classifier for the run's subject by its folder name; an unknown subject gets no rate
+    (and a warning), never the default subject's."""
+    red, green = solid([1, 0, 0], 2), solid([0, 1, 0], 2)
+    samples = Samples(subject=green, class_tuned=torch.cat([red[:1], green[:1]]), class_base=red,
+                      subject_name="green-thing")
+    rates = {"rate_rate", "rate_leak_rate"}
+    values = measure({"rate": NamedRate()}, samples)
+    assert {k: values[k] for k in rates} == {"rate_rate": 1.0, "rate_leak_rate": 0.5}  # green's look
+    samples.subject_name = None  # no name: the backend's default subject (red)
+    values = measure({"rate": NamedRate()}, samples)
+    assert {k: values[k] for k in rates} == {"rate_rate": 0.0, "rate_leak_rate": 0.5}
+    samples.subject_name = "blue-circle"
+    with caplog.at_level("WARNING"):
+        values = measure({"rate": NamedRate()}, samples)
+    assert not rates & set(values) and "rate_i" not in values and "rate_prior" in values
+    assert "rate_rate not measured: the 'rate' backend knows no look for subject 'blue-circle'" in caplog.text
+
+
+def test_tiny_world_subject_rate_takes_a_subjects_look():
+    """The probe's subject rate counts the images that show the given look: the demo subject's by default and for its
+    folder name, another subject's when given; every committed subject folder has its look; a misspelt look is
+    refused."""
+    from dataclasses import replace
+    from ldm.data.synthetic import SUBJECT, SyntheticScenes, render
+    from ldm.tinyworld.metrics import DEMO_LOOK, SUBJECT_LOOKS, check_look, tinyworld_backend
+    probe = tinyworld_backend()
+    demo = torch.stack([SyntheticScenes(8, 64, 5, world="subject")[i]["image"] for i in range(8)]) / 2 + 0.5
+    striped = replace(SUBJECT, texture="striped", colour="green", second_colour=None)
+    scenes = [replace(striped, background=b) for b in ("white", "gray", "blue", "red", "black", "purple", "yellow")]
+    other = torch.stack([torch.from_numpy(np.array(render(s, 64))).permute(2, 0, 1).float() / 255 for s in scenes])
+    look = {"texture": "striped", "colour": "green", "outline": "yes"}
+    assert probe.subject_look("sks-star") == DEMO_LOOK and probe.subject_look("a-subject-it-never-saw") is None
+    assert probe.subject_rate(demo) == probe.subject_rate(demo, DEMO_LOOK) >= 0.75
+    assert probe.subject_rate(other, look) >= 0.7 and probe.subject_rate(demo, look) <= 0.25
+    assert probe.subject_rate(other) <= 0.3
+    folders = [p.name for p in (REPO / "assets" / "tiny-world").iterdir() if p.is_dir()]
+    assert "sks-star" in folders and not [f for f in folders if f not in SUBJECT_LOOKS], \
+        "a tiny-world subject folder without its look in ldm/tinyworld/metrics.py SUBJECT_LOOKS gets no subject rate"
+    for bad in ({"texture": "chequered"}, {"fill": "checkered"}, {}):
+        with pytest.raises(ValueError, match="look must name probe attributes"):
+            check_look(bad)
+
+
 def test_every_registry_metric_on_known_inputs():
     """Each metric of the protocol from samples whose answer is known, under its registry column."""
     red, green = solid([1, 0, 0], 2), solid([0, 1, 0], 2)
@@ -458,11 +514,13 @@ def test_a_study_over_several_subjects(tmp_path, base_ckpt, monkeypatch):
     for run in prepare(str(tmp_path / "s.yaml"), str(tmp_path / "sw")):
         main_dream_booth.main(["-r", str(run.dir), "-t"])
     monkeypatch.setitem(backends.BACKENDS, "mc", "test_evaluate.Pixels")
-    evaluate_script.main([str(tmp_path / "sw"), "--metric", "mc", "--seeds", "0,1", "--steps", "1",
-                          "--prompts", str(write_prompts(tmp_path)), "--prior_prompt", "none"])
+    monkeypatch.setitem(backends.BACKENDS, "rate", "test_evaluate.NamedRate")  # knows red-star's look, not the other
+    evaluate_script.main([str(tmp_path / "sw"), "--metric", "mc", "--metric", "rate", "--seeds", "0,1", "--steps",
+                          "1", "--prompts", str(write_prompts(tmp_path)), "--prior_prompt", "none"])
     rows = read_rows(tmp_path / "sw" / "results.csv")
     assert sorted((r["subject"], r["method"]) for r in rows) == sorted(
         (s, m) for s in subjects for m in ("relu", "silu"))
+    assert {r["subject"] for r in rows if r["rate_rate"] != ""} == {"red-star"}  # looked up by the folder's name
     settings = EvalSettings(prompts=("photo of a {token} {class_word}",), seeds=(0, 1), steps=1)
     for r in rows:  # each run against its own subject's images, with its own class word in the prompt
         run_dir = tmp_path / "sw" / "runs" / r["run"]

@@ -65,3 +65,29 @@ def test_study_script_with_several_subjects(tmp_path):
     base.write_bytes(b"other weights")  # a class-image folder made from another base model is refused
     done, _ = run_study(tmp_path, base)
     assert done.returncode == 1 and "was made from another base model" in done.stderr
+
+
+def test_the_v3_study_spec_has_four_subjects_by_their_folders(tmp_path):
+    """configs/sweeps/tiny-world-study-v3.yaml (issue 25's re-run): the 20 pairs x 4 subjects x 3 seeds, each subject
+    with its own folder (named as its level, the name its subject rate's look is found by), class word and class-image
+    folder; the study script refuses it while its base model is missing."""
+    from ldm.sweep.spec import expand, load_spec
+    grid = expand(load_spec(REPO / "configs/sweeps/tiny-world-study-v3.yaml"), root=REPO)
+    assert len(grid.runs) == 240 and len({(r.levels["din"], r.levels["dout"]) for r in grid.runs}) == 20
+    subjects = {}
+    for run in grid.runs:
+        train, reg = run.config.data.params.train.params, run.config.data.params.reg.params
+        subjects.setdefault(run.levels["subject"], set()).add((train.data_root, train.class_word, reg.data_root,
+                                                               reg.class_word))
+    assert len(subjects) == 4 and all(len(v) == 1 for v in subjects.values())
+    for name, ((folder, word, classes, reg_word),) in subjects.items():
+        assert os.path.basename(folder) == name and word == reg_word and word in name
+    assert len({classes for ((_, _, classes, _),) in subjects.values()}) == 4
+    assert {r.levels["seed"] for r in grid.runs} == {0, 1, 2}
+    assert grid.runs[0].config.model.params.ckpt_path == str(REPO / "models/ldm/tiny-sd-v1-f4/model.safetensors")
+    if not (REPO / "models/ldm/tiny-sd-v1-f4/model.safetensors").exists():
+        done = subprocess.run(["bash", str(REPO / "scripts" / "tiny_world_study.sh")], capture_output=True, text=True,
+                              env={**os.environ, "SPEC": "configs/sweeps/tiny-world-study-v3.yaml",
+                                   "SWEEP_DIR": str(tmp_path / "sweep")}, timeout=60)
+        assert done.returncode == 1 and "does not exist: train it first" in done.stderr
+        assert not (tmp_path / "sweep").exists()

@@ -5,7 +5,9 @@ A backend is built as `factory(weights: Optional[str], device: torch.device)` an
     image_features(images) -> (B, D)               images (B, 3, H, W) in [0, 1]; any size (the backend resizes)
     text_image_score(images, prompts) -> (B,)     cosine similarity of each image to its prompt; only when
                                                    `has_text` is True
-    subject_rate(images) -> float                  share of images that show the subject; only when `has_rate`
+    subject_rate(images, look=None) -> float       share of images that show the subject (`look`: what the
+                                                   classifier must see; None: its default subject); only when
+                                                   `has_rate`, with subject_look(folder name) -> look or None
 
 The metrics on them (subject fidelity: DINO, CLIP-I; prompt fidelity: CLIP-T; prior preservation, subject leakage,
 subject rate, FID) are the registry of `ldm.evaluation.metrics`.
@@ -97,7 +99,12 @@ class MetricBackend:
     def text_image_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise EvaluationError(f"the {type(self).__name__} backend has no text model: it gives no prompt fidelity")
 
-    def subject_rate(self, images: torch.Tensor) -> float:
+    def subject_look(self, subject: str) -> Optional[dict]:
+        """What the classifier must see for the subject whose instance images are in a folder named `subject`; None
+        when it does not know that subject (its subject rate is then not measured)."""
+        return None
+
+    def subject_rate(self, images: torch.Tensor, look: Optional[dict] = None) -> float:
         raise EvaluationError(f"the {type(self).__name__} backend has no subject classifier: it gives no subject rate")
 
 

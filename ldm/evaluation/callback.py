@@ -10,6 +10,7 @@ similarity), so runs can be compared by their learning curves. Wired through the
                    metrics: [subject_fidelity, prior_preservation, subject_leakage]}
 """
 import logging
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
@@ -43,6 +44,7 @@ class SubjectFidelity(pl.Callback):
         self.class_prompt = class_prompt
         self.backend: Optional[MetricBackend] = None
         self.references: Optional[torch.Tensor] = None
+        self.subject_name: Optional[str] = None
         self.size = 0
         self.history: List[Tuple[int, Dict[str, float]]] = []
 
@@ -63,6 +65,7 @@ class SubjectFidelity(pl.Callback):
             self.class_prompt = trainer.datamodule.dataset("reg").prompts[0]
         self.backend = get_backend(self.backend_name, self.weights, pl_module.device)
         self.references = load_images(dataset.paths, self.size)
+        self.subject_name = Path(dataset.data_root).name  # the subject rates' look
 
     def _draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prompts: Sequence[str]) -> torch.Tensor:
         return sample_images(pl_module, prompt_seed_pairs(prompts, self.seeds), self.size, self.ddim_steps, self.scale,
@@ -73,7 +76,7 @@ class SubjectFidelity(pl.Callback):
         """{column: value} of the chosen metrics on fresh samples."""
         was_training = pl_module.training
         pl_module.eval()
-        samples = Samples(references=self.references)
+        samples = Samples(references=self.references, subject_name=self.subject_name)
         try:
             if any(m.samples == SUBJECT for m in self.metrics):
                 samples.subject = self._draw(trainer, pl_module, self.prompts)

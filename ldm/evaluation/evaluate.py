@@ -228,7 +228,8 @@ def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device
         grid = image_grid(to_pil(images * 2 - 1), len(settings.seeds))
         atomic_write(str(run_dir / "eval" / f"samples-{adapters.name}.png"), lambda tmp: grid.save(tmp, format="PNG"))
     samples = Samples(subject=images, texts=[t for t in texts for _ in settings.seeds],
-                      references=instance_images(config, size), fid_reference=metrics.fid_reference)
+                      references=instance_images(config, size), fid_reference=metrics.fid_reference,
+                      subject_name=subject_name(config))
     if settings.prior_prompt:  # a fine-tuned UNet is compared with the base weights, not just with adapters off
         base_model = load_model_from_config(config).to(device).eval() if trains_unet(config) else None
         prompt = format_prompt(settings.prior_prompt, subject_fields(config))
@@ -241,7 +242,8 @@ def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device
 
 
 def subject_name(config: DictConfig) -> str:
-    """The subject of a run outside a sweep with a `subject` factor: the name of its instance-image folder."""
+    """The name of the run's instance-image folder: its subject outside a sweep with a `subject` factor, and the
+    name a classifier backend knows the subject's look by."""
     root = OmegaConf.select(config, "data.params.train.params.data_root") or ""
     return Path(str(root)).name
 

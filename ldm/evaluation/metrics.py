@@ -7,11 +7,11 @@ direction and their names from `METRICS`. Each entry says what it needs:
 | key | column | better | samples | backend must offer |
 | --- | --- | --- | --- | --- |
 | subject_fidelity | `<backend>_i` | higher | subject prompts, instance images | image features (DINO, CLIP-I) |
-| subject_rate | `<backend>_rate` | higher | subject prompts | `subject_rate` (a classifier: the tiny world's probe) |
+| subject_rate | `<backend>_rate` | higher | subject prompts, the subject's name | `subject_rate` (a classifier: the tiny world's probe) |
 | prompt_fidelity | `<backend>_t` | higher | subject prompts and their text | `text_image_score` (CLIP-T) |
 | prior_preservation | `<backend>_prior` | higher | class prompt, tuned and base model | image features |
 | subject_leakage | `<backend>_leak` | lower | class prompt, tuned and base model, instance images | image features |
-| class_subject_rate | `<backend>_leak_rate` | lower | class prompt, tuned model | `subject_rate` |
+| class_subject_rate | `<backend>_leak_rate` | lower | class prompt, tuned model, the subject's name | `subject_rate` |
 | fid | `fid` | lower | subject prompts, a reference folder | (FID's own Inception) |
 
 "Subject prompts" are the evaluation's prompt templates x seeds; "class prompt" is the prior prompt ("photo of a
@@ -19,8 +19,11 @@ direction and their names from `METRICS`. Each entry says what it needs:
 preservation is the pairs' mean feature similarity (1: the class word draws what the base model drew; lower: prior
 drift); subject leakage is how much closer to the instance images the class samples moved (the tuned class samples'
 subject fidelity minus the base model's: 0 for the base model, positive when the subject leaks into the class word,
-DreamBooth's concern). A new metric is one entry here and its test.
+DreamBooth's concern). The subject rates ask the backend's classifier for the look of the run's subject by its name
+(the instance-image folder's); a subject it does not know gets no subject rate, with a warning, never another
+subject's. A new metric is one entry here and its test.
 """
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +32,8 @@ import torch.nn.functional as F
 
 from ldm.data.dreambooth import load_image
 from ldm.evaluation.backends import EvaluationError, MetricBackend
+
+log = logging.getLogger(__name__)
 
 SUBJECT, CLASS = "subject", "class"  # the two sample sets of the protocol
 
@@ -70,6 +75,15 @@ def subject_leakage(backend: MetricBackend, images: torch.Tensor, base_images: t
     return subject_fidelity(backend, images, references) - subject_fidelity(backend, base_images, references)
 
 
+def subject_rate(backend: MetricBackend, images: torch.Tensor, subject: Optional[str] = None) -> Optional[float]:
+    """Share of `images` in which the backend's classifier sees the subject whose instance images are in the folder
+    named `subject` (None: the backend's default subject); None when the backend does not know that subject's look."""
+    if subject is None:
+        return backend.subject_rate(images)
+    look = backend.subject_look(subject)
+    return None if look is None else backend.subject_rate(images, look)
+
+
 def load_images(paths: Sequence, size: int) -> torch.Tensor:
     """Image files as (N, 3, size, size) in [0, 1], centre-cropped and resized by the training data's own loader."""
     if not paths:
@@ -88,6 +102,8 @@ class Samples:
     class_tuned: Optional[torch.Tensor] = None
     class_base: Optional[torch.Tensor] = None
     fid_reference: Optional[str] = None
+    subject_name: Optional[str] = None         # the instance-image folder's name (the subject rates' look); None:
+                                               # the backend's default subject
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,7 @@ class Metric:
     higher_is_better: bool
     needs: str
     reads: Tuple[str, ...]
-    compute: Callable[[Any, Samples], float]
+    compute: Callable[[Any, Samples], Optional[float]]  # None: this backend cannot measure it on these samples
     column_name: Optional[str] = None
 
     @property
@@ -126,7 +142,8 @@ FEATURES_OF_SUBJECT, CLASS_PAIRS = ("subject", "references"), ("class_tuned", "c
 METRICS: Dict[str, Metric] = {m.key: m for m in [
     Metric("subject_fidelity", "subject fidelity", "_i", True, "features", FEATURES_OF_SUBJECT,
            lambda b, s: subject_fidelity(b, s.subject, s.references)),
-    Metric("subject_rate", "subject rate", "_rate", True, "rate", ("subject",), lambda b, s: b.subject_rate(s.subject)),
+    Metric("subject_rate", "subject rate", "_rate", True, "rate", ("subject",),
+           lambda b, s: subject_rate(b, s.subject, s.subject_name)),
     Metric("prompt_fidelity", "prompt fidelity", "_t", True, "text", ("subject", "texts"),
            lambda b, s: prompt_fidelity(b, s.subject, s.texts)),
     Metric("prior_preservation", "prior preservation", "_prior", True, "features", CLASS_PAIRS,
@@ -134,7 +151,7 @@ METRICS: Dict[str, Metric] = {m.key: m for m in [
     Metric("subject_leakage", "subject leakage into class samples", "_leak", False, "features",
            CLASS_PAIRS + ("references",), lambda b, s: subject_leakage(b, s.class_tuned, s.class_base, s.references)),
     Metric("class_subject_rate", "subject rate in class samples", "_leak_rate", False, "rate", ("class_tuned",),
-           lambda b, s: b.subject_rate(s.class_tuned)),
+           lambda b, s: subject_rate(b, s.class_tuned, s.subject_name)),
     Metric("fid", "FID", "", False, "fid", ("subject", "fid_reference"), lambda fid, s: fid(s.subject, s.fid_reference),
            column_name="fid"),
 ]}
@@ -171,5 +188,11 @@ def measure(backends: Dict[str, Any], samples: Samples, fid: Optional[Callable] 
             continue
         for name, backend in backends.items():
             if metric.applies(backend):
-                out[metric.column(name)] = metric.compute(backend, samples)
+                value = metric.compute(backend, samples)
+                if value is None:
+                    log.warning("%s not measured: the '%s' backend knows no look for subject '%s' (the name of its "
+                                "instance-image folder)",
+                                metric.column(name), name, samples.subject_name)
+                    continue
+                out[metric.column(name)] = value
     return out
