@@ -85,6 +85,7 @@ class Rate(MeanColour):
 class NamedRate(Rate):
     """A classifier that knows subjects' looks by their folder names: the colour channel that must be bright."""
     LOOKS = {"red-star": {"channel": 0}, "green-thing": {"channel": 1}}
+    has_text = False
 
     def subject_look(self, subject):
         return self.LOOKS.get(subject)

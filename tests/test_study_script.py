@@ -84,6 +84,8 @@ def test_the_v3_study_spec_has_four_subjects_by_their_folders(tmp_path):
         assert os.path.basename(folder) == name and word == reg_word and word in name
     assert len({classes for ((_, _, classes, _),) in subjects.values()}) == 4
     assert {r.levels["seed"] for r in grid.runs} == {0, 1, 2}
+    prompts = (REPO / "configs/sweeps/tiny-world-prompts-v3.txt").read_text().splitlines()
+    assert len(prompts) == 4 and all(p.startswith("photo of a {token} {class_word}") for p in prompts)
     assert grid.runs[0].config.model.params.ckpt_path == str(REPO / "models/ldm/tiny-sd-v1-f4/model.safetensors")
     if not (REPO / "models/ldm/tiny-sd-v1-f4/model.safetensors").exists():
         done = subprocess.run(["bash", str(REPO / "scripts" / "tiny_world_study.sh")], capture_output=True, text=True,
