@@ -420,6 +420,14 @@ ANOVA = [
       r"interaction 'din-seed'"),
     S("blocks-unknown", "flags", "anova", ["{W}/results.csv", "--factors", "din", "--blocks", "batch"],
       r"no column\(s\) batch"),
+    S("plan-negative", "number", "anova", ["{W}/results.csv", "--factors", "din", "--plan", "-0.01"],
+      r"the difference to detect must be a positive number"),
+    S("plan-nan", "number", "anova", ["{W}/results.csv", "--factors", "din", "--plan", "nan"],
+      r"the difference to detect must be a positive number"),
+    S("covariate-text", "flags", "anova", ["{W}/results.csv", "--factors", "din", "--covariates", "run"],
+      r"covariate run is not a finite number"),
+    S("covariate-unknown", "flags", "anova", ["{W}/results.csv", "--factors", "din", "--covariates", "batch"],
+      r"no column\(s\) batch"),
 ]
 
 SPEC = ["{W}/spec.yaml", "--sweep_dir", "{T}/sw"]
