@@ -17,6 +17,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# The generated files: configs/sd-inject-dreambooth/*.yaml and docs/adapter-forms.md (a test fails when they are stale).
+configs: $(VENV)/.installed
+	$(PY) scripts/make_adapter_configs.py
+
 bench: $(VENV)/.installed
 	$(PY) bench/bench_unet.py
 
@@ -28,4 +32,4 @@ gpu-check: $(VENV)/.installed
 gpu-wheels: $(VENV)/.installed
 	PYTHON=$(PY) bash bench/gpu_run.sh wheels
 
-.PHONY: setup demo test bench gpu-check gpu-wheels
+.PHONY: setup demo test configs bench gpu-check gpu-wheels

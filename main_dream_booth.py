@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ldm.checkpoint import CheckpointError
+from ldm.callbacks import TrainingInterrupted
+from ldm.checkpoint import CheckpointError, DiskFullError
 from ldm.data.dreambooth import DataError
 from ldm.models.diffusion.dreambooth import NonFiniteLossError
 from ldm.modules.adapters import AdapterConfigError
@@ -20,7 +21,8 @@ from ldm.train import run
 from ldm.checks import ConfigError
 from ldm.util import setup_logging
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterConfigError, LayoutError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterConfigError, LayoutError, NonFiniteLossError,
+               DiskFullError)
 
 
 def str2bool(value: str) -> bool:
@@ -78,6 +80,13 @@ def main(argv: Optional[List[str]] = None) -> Optional[Path]:
         logdir = run(opt)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
+    except TrainingInterrupted as e:  # Ctrl-C / SIGTERM during training: its step is written
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training steps (setup, class images)
+        print("interrupted by Ctrl-C outside the training steps: run the command again (-r LOGDIR continues a run "
+              "that has a checkpoint)", file=sys.stderr)
+        sys.exit(130)
     print(f"outputs in {logdir}")
     return logdir
 

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ldm.checkpoint import CheckpointError
+from ldm.checkpoint import CheckpointError, DiskFullError, is_disk_full
 from ldm.models.base_config import config_fix
 from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS, sampler_class, samplers_with
 from ldm.models.sampling_plan import AdapterFile, ModelSource, SamplingPlan, build_model, load_weights, sampling_size
@@ -25,7 +25,7 @@ from ldm.modules.adapters import AdapterConfigError
 from ldm.modules.fastpaths import apply_fast_paths
 from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.checks import (ArgumentParser, ConfigError, check_output_dir, finite_float, float_in, int_in,
-                        non_negative_int, positive_int)
+                        non_negative_int, positive_int, read_text)
 from ldm.data.dreambooth import check_image_file
 from ldm.util import pick_device, setup_logging
 
@@ -115,7 +115,10 @@ def read_prompts(opt: argparse.Namespace) -> Tuple[str, ...]:
     path = Path(opt.from_file)
     if not path.is_file():
         sys.exit(f"error: prompt file not found: {path}")
-    prompts = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    try:
+        prompts = tuple(line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip())
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not prompts:
         sys.exit(f"error: prompt file {path} is empty: put one prompt per line")
     return prompts
@@ -229,6 +232,15 @@ def load(opt: argparse.Namespace, options: Dict[str, Any], device: torch.device
         sys.exit(f"error: {e}")
 
 
+def kept(outdir: Path, before: set) -> str:
+    """The files this run wrote into `outdir` (all complete: every file is written atomically), in words."""
+    new = sorted(p for p in (set(outdir.rglob("*")) if outdir.is_dir() else set()) - before if p.is_file())
+    if not new:
+        return "no image was written"
+    names = f"{new[0].relative_to(outdir)}" + (f" ... {new[-1].relative_to(outdir)}" if len(new) > 1 else "")
+    return f"the {len(new)} file(s) written before it are kept in '{outdir}' ({names})"
+
+
 def main(argv: Optional[List[str]] = None) -> List[Path]:
     opt = parse_args(argv)
     options, device = read_options(opt), pick_device()
@@ -239,7 +251,14 @@ def main(argv: Optional[List[str]] = None) -> List[Path]:
         checker = SafetyChecker(plan.safety_checker, device) if plan.safety_checker else None
     except (ImportError, SafetyCheckerError) as e:
         sys.exit(f"error: {e}")
-    written = render(model, plan, checker, mark)
+    before = set(plan.outdir.rglob("*")) if plan.outdir.is_dir() else set()
+    try:
+        written = render(model, plan, checker, mark)
+    except OSError as e:  # DiskFullError from our writes; ENOSPC from a folder made on the way
+        if not is_disk_full(e):
+            raise
+        what = str(e) if isinstance(e, DiskFullError) else f"no space left on the device ({e})"
+        sys.exit(f"error: {what}; {kept(plan.outdir, before)}; free some space and run again")
     if checker is not None:
         log.info("safety checker: %d of %d images flagged and saved black", checker.flagged, checker.checked)
     print(f"Your samples are ready and waiting for you here:\n{plan.outdir.resolve()}\nEnjoy.")

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
@@ -92,10 +92,9 @@ def lora_unet(ours: torch.nn.Module, config, device: torch.device) -> torch.nn.M
     return unet.train()
 
 
-def make_step(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Module], batch: Dict,
-              amp: Optional[torch.dtype], device: torch.device, optimizer_class: type = torch.optim.AdamW
-              ) -> Callable[[], None]:
-    """One optimiser step of the variant on `batch` (cached latents and contexts)."""
+def make_loss(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Module], batch: Dict,
+              device: torch.device) -> Tuple[Callable[[], torch.Tensor], List[torch.nn.Parameter]]:
+    """The variant's loss on `batch` (cached latents and contexts) and the parameters it trains."""
     if variant == "lora":
         params = [p for p in lora.parameters() if p.requires_grad]
         z, c = torch.cat([batch["z"], batch["z_reg"]]), torch.cat([batch["c"], batch["c_reg"]])
@@ -105,14 +104,19 @@ def make_step(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Modu
             noise = torch.randn_like(z)
             eps = lora(model.q_sample(z, t, noise), t, c).sample
             return torch.nn.functional.mse_loss(eps.float(), noise.float())
-    else:
-        params = model.trained_parameters()
-        model.train()
-        items = {part: {"image": batch["x"], "caption": batch[f"captions_{part}"], "index": torch.arange(len(batch["x"])),
-                        "flipped": torch.zeros(len(batch["x"]), dtype=torch.bool)} for part in ("instance", "reg")}
+        return loss_fn, params
+    model.train()
+    n = len(batch["x"])  # image indices as plain ints: the latent cache keys on them
+    items = {part: {"image": batch["x"], "caption": batch[f"captions_{part}"], "index": list(range(n)),
+                    "flipped": [False] * n} for part in ("instance", "reg")}
+    return (lambda: model.shared_step(items)[0]), model.trained_parameters()
 
-        def loss_fn():
-            return model.shared_step(items)[0]
+
+def make_step(variant: str, model: torch.nn.Module, lora: Optional[torch.nn.Module], batch: Dict,
+              amp: Optional[torch.dtype], device: torch.device, optimizer_class: type = torch.optim.AdamW
+              ) -> Callable[[], None]:
+    """One optimiser step of the variant on `batch` (cached latents and contexts)."""
+    loss_fn, params = make_loss(variant, model, lora, batch, device)
     optimizer = optimizer_class(params, lr=1e-5)
 
     def step():

@@ -1,20 +1,25 @@
-"""Lightning callbacks and plugins of the training runs: sample grids, adapter directories, atomic checkpoints, stats."""
+"""Lightning callbacks and plugins of the training runs: sample grids, adapter directories, atomic checkpoints, stats,
+fp16 mixed precision on every device, and a clean stop on Ctrl-C / SIGTERM."""
 import json
 import logging
 import resource
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 
-from ldm.checkpoint import atomic_write, read_training_checkpoint
+from ldm.checkpoint import atomic_write, check_finite, read_training_checkpoint, training_tensors
 from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image
 from ldm.modules.adapters import adapter_groups, save_adapter_to_dir
+from ldm.rundir import describe_kept, resume_command
 from ldm.util import image_grid, to_pil
 
 log = logging.getLogger(__name__)
@@ -43,11 +48,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path: str, storage_options: Optional[Any] = None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        check_finite(training_tensors(checkpoint), f"'{path}'", writing=True)
         atomic_write(str(path), lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path: str, map_location: Optional[Any] = None,
                         weights_only: Optional[bool] = None) -> Dict[str, Any]:
         return read_training_checkpoint(path)  # on the CPU; Lightning moves the states where they belong
+
+
+FP16_MIXED = ("16-mixed", "16")  # Lightning's names of fp16 autocast + GradScaler ("16" is its old alias)
+
+
+def _runs_on_cpu(accelerator: Any) -> bool:
+    """Whether Lightning will run on the CPU for this accelerator flag ('auto' picks an accelerator it finds)."""
+    if str(accelerator) == "auto":
+        found = (pl.accelerators.CUDAAccelerator, pl.accelerators.MPSAccelerator, pl.accelerators.XLAAccelerator)
+        return not any(a.is_available() for a in found)
+    return str(accelerator) == "cpu"
+
+
+def precision_plugins(trainer_kw: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Precision]]:
+    """Trainer arguments and precision plugins in which 16-mixed means fp16 autocast with a GradScaler on every device.
+
+    Lightning swaps 16-mixed for bf16-mixed on the CPU; torch's CPU autocast runs float16 and `torch.amp.GradScaler`
+    scales on the CPU, so there the same plugin Lightning builds for a GPU is built for the CPU instead: CI then runs
+    the fp16 path of GPUs without bf16 (scaled loss, unscaled gradients, steps skipped on inf/NaN). Other precisions
+    and devices are left to Lightning."""
+    if str(trainer_kw.get("precision")) not in FP16_MIXED or not _runs_on_cpu(trainer_kw.get("accelerator", "auto")):
+        return trainer_kw, []
+    return {k: v for k, v in trainer_kw.items() if k != "precision"}, [MixedPrecision("16-mixed", "cpu")]
 
 
 def _every(step: int, frequency: int) -> bool:
@@ -95,11 +124,87 @@ class RunCheckpoint(pl.callbacks.ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
+        if trainer.global_step == trainer.max_steps:
+            self._save_last(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Training that ends before max_steps (stopped by a signal, StopOnSignal, or by max_epochs) keeps its last step
+        # too, after that step's adapter directory (AdapterCheckpoint.on_train_end runs first).
+        self._save_last(trainer)
+
+    def _save_last(self, trainer: pl.Trainer) -> None:
         saved = getattr(self, "_last_global_step_saved", -1)  # Lightning's own record of the step it saved
-        if trainer.global_step == trainer.max_steps and saved != trainer.global_step:
+        if trainer.global_step > 0 and saved != trainer.global_step:
             trainer.save_checkpoint(str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"),
                                     weights_only=False)  # a full checkpoint, to resume from (and no log line)
             self._last_global_step_saved = trainer.global_step
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped by a signal, its last step written; `exit_code` is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal(pl.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM during training finishes the step in progress and stops training, so its end writes
+    that step's adapter directory and last.ckpt as usual (atomically, `RunCheckpoint.on_train_end`); the caller then
+    raises `TrainingInterrupted` (`raise_if_stopped`). A second signal acts at once (SIGINT: KeyboardInterrupt; SIGTERM:
+    the default, end the process); the temporary file of a write it cuts is removed then, or at the next session.
+    Handlers are installed in the main thread of one process only (not under DDP)."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None  # the signal, once one came
+        self.stopped_at: Optional[int] = None  # the step training stopped after
+        self._previous: Dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        log.warning("%s: stopping after the step in progress, then writing last.ckpt (send it again to stop at once)",
+                    signal.Signals(signum).name)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        finished = 0 < trainer.max_steps <= trainer.global_step  # a signal in the final step: the run ends as usual
+        if self.received is not None and self.stopped_at is None and not finished:
+            trainer.should_stop = True
+            self.stopped_at = trainer.global_step
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        if isinstance(exception, KeyboardInterrupt) and self.received is not None:  # a second signal
+            log.warning("stopped at once by a second signal: %s; resume with: %s",
+                        describe_kept(Path(trainer.default_root_dir)), resume_command(Path(trainer.default_root_dir)))
+
+    def raise_if_stopped(self, resume: str) -> None:
+        """TrainingInterrupted naming the signal, the step and the command `resume` that continues the run, when a
+        signal stopped training."""
+        if self.stopped_at is not None:
+            raise TrainingInterrupted(f"training stopped by {signal.Signals(self.received).name} after step "
+                                      f"{self.stopped_at}: its last.ckpt and adapter directory are written; resume "
+                                      f"with: {resume}", self.received)
 
 
 class ImageLogger(pl.Callback):

@@ -1,6 +1,7 @@
 """Checks of what a user hands in, shared by the scripts and the library: numbers in range (NaN and infinities
-refused), devices, and output paths that can be written without losing anything, with errors that name the problem
-and the fix; and the file lock two processes use not to do one job twice.
+refused), devices, text files that are UTF-8, YAML without repeated keys, and output paths that can be written without
+losing anything, with errors that name the problem and the fix; and the file lock two processes use not to do one job
+twice.
 
 Scripts parse with `ArgumentParser` (defaults in --help, one-line errors, no abbreviations) and the argparse `type=`
 functions (`int_in`, `float_in`, `finite_float`, `positive_int`, `seed_int`,
@@ -19,12 +20,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
+import filelock
 import torch
-
-try:
-    import fcntl
-except ImportError:  # not POSIX (Windows): file locks are not taken
-    fcntl = None
+import yaml
 
 PathLike = Union[str, os.PathLike]
 
@@ -166,6 +164,41 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+# ---- text files -------------------------------------------------------------------------------------------------
+def read_text(path: PathLike, what: str = "text file", error: type = ValueError) -> str:
+    """The content of a UTF-8 text file (a byte-order mark is dropped); a file in another encoding (Latin-1,
+    Windows-1252, UTF-16) is `error`, naming the line and the byte, rather than text decoded wrongly."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        guess = " (UTF-16?)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else " (Latin-1 or Windows-1252?)"
+        raise error(f"{what} '{path}' is not UTF-8 text: byte 0x{data[e.start]:02x} on line {line} cannot be "
+                    f"decoded{guess}; save it as UTF-8") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing a mapping that lists a key twice (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"found duplicate key {key!r}: a key given twice would silently keep only the last",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load_unique(text: str) -> Any:
+    """YAML `text` as yaml.safe_load reads it, but a key repeated in one mapping is a yaml.YAMLError (as the config
+    loader refuses it)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 # ---- output paths -----------------------------------------------------------------------------------------------
 def _is_within(path: Path, other: Path) -> bool:
     return path == other or other in path.parents
@@ -251,23 +284,30 @@ def fresh_dir(path: PathLike, what: str = "output folder") -> Path:
 
 
 # ---- one job, one process ---------------------------------------------------------------------------------------
+LOCK_SUFFIX = ".lock"
+
+
 @contextmanager
 def file_lock(path: PathLike, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive lock on the file `path` (an existing file is only opened for reading, so it is not changed and
-    may be read-only; a missing one is created); yields whether it was taken (always, when `blocking`). The lock goes
-    with the process, so a killed holder never leaves it taken; child processes do not inherit it."""
-    if not Path(path).exists():
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield True
+    """An exclusive lock on the dedicated lock file `path` (its name ends in .lock; it is created when missing, and
+    its content is never read or written); yields whether it was taken (always, when `blocking`). The lock goes with
+    the process, so a killed holder never leaves it taken; child processes do not inherit it. The `filelock` package
+    takes it (flock on POSIX, LockFileEx on Windows); a file of the user's is never locked, as a lock library may
+    truncate or, on Windows, remove the file it locks."""
+    path = Path(path)
+    if not path.name.endswith(LOCK_SUFFIX):
+        raise ValueError(f"file_lock takes a dedicated lock file named *{LOCK_SUFFIX}, got '{path}'")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = filelock.FileLock(str(path))
+        lock.acquire(timeout=-1 if blocking else 0)
+    except filelock.Timeout:
+        yield False
         return
-    with open(path, "r" if Path(path).exists() else "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except OSError as e:
+        raise OutputPathError(f"cannot take the lock '{path}' ({e.strerror or e}): the folder must be "
+                              "writable") from None
+    try:
+        yield True
+    finally:
+        lock.release()

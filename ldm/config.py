@@ -137,7 +137,7 @@ def adapter_entries(config: DictConfig, role: str) -> Dict[str, List[Dict[str, A
 def _has_field(section: str, entry: Dict[str, Any], field: str) -> bool:
     kind = SECTIONS[section]
     form = forms(kind).get(entry.get("type", KIND_FIELDS[kind]["type"]))
-    return field in KIND_FIELDS[kind] or (form is not None and field in form.OPTIONS)
+    return field in KIND_FIELDS[kind] or (form is not None and field in form.Options.names())
 
 
 def set_adapter_field(config: DictConfig, field: str, value: Any) -> None:

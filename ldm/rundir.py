@@ -1,6 +1,6 @@
 """A training run's log dir: created exclusively under --logdir, locked while a process trains it, cleared of what a
 killed write leaves behind (and of CSV session folders without rows), and removed again when the run's setup fails
-before anything was written into it.
+before anything was written into it. A config cannot make the run write outside it (`check_confined`).
 
 Only our own temporary names are ever removed: `atomic_write`'s `.tmp-<8 random characters><file name>` for the files
 a run writes (last.ckpt, config.yaml, train_stats.json, images/step-NNNNNN.png, the sweep markers) and the adapter
@@ -11,11 +11,14 @@ otherwise.
 import logging
 import os
 import re
+import shlex
 import shutil
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Any, Iterator, List, Mapping, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.checks import ConfigError, file_lock
 
@@ -32,6 +35,23 @@ OLD_ADAPTER_DIR = re.compile(r"\.old-(\d+-adapters(?:-.+)?)-[0-9a-f]{8}")
 
 def timestamp() -> str:
     return datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+
+
+def resume_command(logdir: Path) -> str:
+    """The command that continues the run in `logdir`."""
+    return f"python main_dream_booth.py -r {shlex.quote(str(logdir))} -t"
+
+
+def describe_kept(logdir: Path) -> str:
+    """What a stopped run keeps: its last.ckpt and adapter directories (the newest named)."""
+    ckpts = Path(logdir) / "checkpoints"
+    adapters = sorted((p.name for p in ckpts.glob("[0-9]*-adapters*") if p.is_dir()),
+                      key=lambda n: int(n.split("-")[0]))
+    parts = ["checkpoints/last.ckpt"] if (ckpts / "last.ckpt").is_file() else []
+    if adapters:
+        parts.append(f"{len(adapters)} adapter director{'y' if len(adapters) == 1 else 'ies'} (newest "
+                     f"checkpoints/{adapters[-1]})")
+    return "the run keeps " + (" and ".join(parts) if parts else "no checkpoint yet (none was written)")
 
 
 def check_run_name(name: str) -> str:
@@ -133,3 +153,49 @@ def prune_empty(folder: Path) -> bool:
         shutil.rmtree(folder)
         return True
     return False
+
+
+# ---- confinement ------------------------------------------------------------------------------------------------
+# The config sections whose parameters can name where something is written, and the parameter names that do
+# (ModelCheckpoint's dirpath and filename, a callback's save_dir / output_dir / root, the Trainer's default_root_dir).
+WRITER_SECTIONS = ("lightning.modelcheckpoint.params", "lightning.trainer")
+PATH_PARAM = re.compile(r"dir|path|file|root|folder|out")
+
+
+def path_settings(config: DictConfig, logdir: Path) -> Iterator[Tuple[str, str, Path]]:
+    """(key, value, where it points) for every string setting of a writer section or a lightning.callbacks entry's
+    params whose name says it is a place to write. A file name is taken within its section's folder setting (else
+    within the run dir `logdir`, which refuses any '..' out of it); other paths are taken from the current folder, as
+    Lightning takes them."""
+    callbacks = OmegaConf.select(config, "lightning.callbacks", default=None) or {}
+    sections = [*WRITER_SECTIONS, *(f"lightning.callbacks.{name}.params" for name in callbacks)]
+    for section in sections:
+        params = OmegaConf.select(config, section, default=None)
+        if not isinstance(params, Mapping):
+            continue
+        values = {str(k): v for k, v in params.items() if PATH_PARAM.search(str(k)) and isinstance(v, str)}
+        folder = next((v for k, v in values.items() if "file" not in k), None)
+        for key, value in values.items():
+            base = (Path(folder) if folder else Path(logdir)) if "file" in key else Path.cwd()
+            yield f"{section}.{key}", value, Path(os.path.abspath(base / value))
+
+
+def check_confined(config: DictConfig, logdir: Path, given: Sequence[str] = ()) -> None:
+    """Refuse a config that would make the run write outside its log dir `logdir`: every path setting of a callback,
+    of lightning.modelcheckpoint.params and of lightning.trainer (`path_settings`) must resolve inside it (symbolic
+    links followed), unless that key or a section above it was given on the command line (`given`: the keys of the
+    KEY=VALUE overrides), which writes there on purpose."""
+    root = Path(logdir).resolve()
+    for key, value, where in path_settings(config, logdir):
+        if any(key == g or key.startswith(g + ".") for g in given):
+            continue
+        where = where.resolve()
+        if where != root and root not in where.parents:
+            raise ConfigError(f"{key} is '{value}', outside the run dir '{logdir}': a config (a run's config.yaml, a "
+                              "--base file) may only make a run write inside its own folder; remove the setting, or "
+                              f"give it on the command line ({key}=...) to write there on purpose")
+
+
+def override_keys(overrides: Sequence[Any]) -> List[str]:
+    """The keys of KEY=VALUE command-line overrides."""
+    return [str(item).partition("=")[0].strip() for item in overrides]

@@ -7,6 +7,7 @@ config.yaml (the merged config, enough to resume), checkpoints/ (<step>-adapters
 only), images/, tensorboard/, csv/<session>/, train_stats.json (all sessions) and .lock.
 """
 import argparse
+import errno
 import logging
 import os
 import time
@@ -21,15 +22,17 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.callbacks import AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint, StepProgressBar, TrainStats
-from ldm.checkpoint import CheckpointError, atomic_write, check_file, read_training_checkpoint
+from ldm.callbacks import (AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint, StepProgressBar, StopOnSignal,
+                           TrainStats, precision_plugins)
+from ldm.checkpoint import (CheckpointError, DiskFullError, atomic_write, check_file, is_disk_full,
+                            read_training_checkpoint)
 from ldm.config import apply_flags, apply_override, check_targets, load_configs
 from ldm.data.class_images import ensure_class_images
 from ldm.data.dreambooth import DataError, format_prompt, usable_images
 from ldm.models.diffusion.dreambooth import scaled_learning_rate
 from ldm.modules.adapters import adapters_enable
-from ldm.rundir import (check_run_name, clean_temporaries, create_run_dir, discard, prune_empty, run_lock, slug,
-                        timestamp)
+from ldm.rundir import (check_confined, check_run_name, clean_temporaries, create_run_dir, describe_kept, discard,
+                        override_keys, prune_empty, resume_command, run_lock, slug, timestamp)
 from ldm.checks import ConfigError, check_number
 from ldm.util import any_target_allowed, check_keys, instantiate_from_config
 
@@ -159,11 +162,11 @@ def checkpoint_params(config: DictConfig) -> Dict[str, Any]:
 
 
 def callbacks(config: DictConfig, logdir: Path, progress_bar: bool = True) -> List[pl.Callback]:
-    """The lightning.callbacks of the config plus checkpointing (adapters + last.ckpt), run statistics and a progress
-    bar of steps."""
+    """The lightning.callbacks of the config plus checkpointing (adapters + last.ckpt), run statistics, a clean stop on
+    Ctrl-C / SIGTERM and a progress bar of steps."""
     params = checkpoint_params(config)
     params.update(dirpath=str(logdir / "checkpoints"), save_top_k=0, save_last=True, enable_version_counter=False)
-    result = [AdapterCheckpoint(params["every_n_train_steps"]), TrainStats(), RunCheckpoint(**params)]
+    result = [AdapterCheckpoint(params["every_n_train_steps"]), TrainStats(), RunCheckpoint(**params), StopOnSignal()]
     result += [StepProgressBar()] if progress_bar else []
     extra = OmegaConf.select(config, "lightning.callbacks", default=None) or {}
     return result + [instantiate_from_config(cfg) for cfg in extra.values()]
@@ -180,9 +183,9 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, logdir: Path) -> 
     # rows are appended at every logging step, so a killed session keeps its metrics
     loggers = [pl.loggers.CSVLogger(str(logdir), name="csv", version=session, flush_logs_every_n_steps=1),
                pl.loggers.TensorBoardLogger(str(logdir), name="tensorboard", version="")]
-    kw = trainer_kwargs(config, opt)
+    kw, precision = precision_plugins(trainer_kwargs(config, opt))
     try:
-        return pl.Trainer(default_root_dir=str(logdir), logger=loggers, plugins=[AtomicCheckpointIO()],
+        return pl.Trainer(default_root_dir=str(logdir), logger=loggers, plugins=[AtomicCheckpointIO(), *precision],
                           callbacks=callbacks(config, logdir, kw.get("enable_progress_bar", True)), **kw)
     except (TypeError, ValueError, MisconfigurationException) as e:
         raise ConfigError(f"lightning.trainer or a Lightning flag was rejected: {e}") from None
@@ -333,15 +336,26 @@ def setup(config: DictConfig, opt: argparse.Namespace, logdir: Path, checkpoint:
 
 def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.LightningDataModule, logdir: Path,
         ckpt: Optional[Path]) -> None:
-    """trainer.fit, resuming from `ckpt`; a CSV session folder that got no rows is removed afterwards."""
+    """trainer.fit, resuming from `ckpt`; a CSV session folder that got no rows is removed afterwards. A full disk is a
+    DiskFullError, and a stop by Ctrl-C / SIGTERM a TrainingInterrupted, both naming what the run keeps and how to
+    resume it."""
     os.environ[LOGDIR_ENV] = str(logdir)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    except Exception as e:  # noqa: BLE001 - a full disk shows as OSError, or as a library's own error (atomic_write)
+        if not is_disk_full(e):
+            raise
+        what = str(e) if isinstance(e, DiskFullError) else f"no space left on the device while training ({e})"
+        raise DiskFullError(errno.ENOSPC, f"{what}; {describe_kept(logdir)}; free some space, then resume with: "
+                                          f"{resume_command(logdir)}") from None
     finally:
         os.environ.pop(LOGDIR_ENV, None)
         csv = next((lg for lg in trainer.loggers if isinstance(lg, pl.loggers.CSVLogger)), None)
         if csv is not None and rank_zero_only.rank == 0:
             prune_empty(Path(csv.log_dir))
+    for callback in trainer.callbacks:
+        if isinstance(callback, StopOnSignal):
+            callback.raise_if_stopped(resume_command(logdir))
 
 
 def run(opt: argparse.Namespace) -> Path:
@@ -361,6 +375,7 @@ def _run(opt: argparse.Namespace) -> Path:
     first_rank = rank_zero_only.rank == 0
     logdir, created = (resume_logdir, []) if resume_logdir else make_logdir(opt)
     try:
+        check_confined(config, logdir, override_keys(opt.overrides))
         with run_lock(logdir) if first_rank else nullcontext():
             if resume_logdir and first_rank:
                 clean_temporaries(logdir)  # what killed writes left; nothing else is touched

@@ -49,8 +49,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--step", type=non_negative_int, help="evaluate checkpoints/<step>-adapters (default: the last)")
     p.add_argument("--prior_prompt", default="photo of a {class_word}",
-                   help="prior preservation: this prompt sampled with and without the adapters from the same seeds, "
-                        "compared pairwise (<metric>_prior column); 'none' to skip (default: %(default)s)")
+                   help="class-sample metrics: this prompt sampled with and without the adapters from the same seeds "
+                        "(prior preservation <metric>_prior, subject leakage <metric>_leak, ...); 'none' to skip "
+                        "(default: %(default)s)")
     p.add_argument("--fid", metavar="DIR", help="also FID against the images in DIR (torch-fidelity's Inception-v3 "
                                                 "path, as published FIDs; references resized to the samples' size)")
     p.add_argument("--fid_weights", metavar="FILE", help=f"Inception weights for --fid ({FID_WEIGHTS}; needs "

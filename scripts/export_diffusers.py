@@ -1,4 +1,6 @@
-"""Export a model (base weights, optionally with LoRA / (IA)^3 adapters merged in) as a diffusers model folder.
+"""Export a model (base weights, optionally with adapters merged in) as a diffusers model folder.
+
+Any linear form merges: LoRA, LoCon, LoHa, LoKr, DoRA, (IA)^3 without learn_biases.
 
 diffusers' `StableDiffusionPipeline.from_pretrained(folder)` loads the folder offline; no safety checker is written
 (`requires_safety_checker: false`). The folder layout is in ldm/modules/diffusers_folder.py.
@@ -33,8 +35,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="the model config (its adapter configs are ignored)")
     p.add_argument("--ckpt", required=True, help="base weights: an SD v1 .ckpt or .safetensors, or a diffusers folder")
     p.add_argument("--adapter_path", nargs="+", default=[], metavar="PATH",
-                   help="adapters to merge into the weights, in order: adapter directories or kohya / diffusers "
-                        "LoRA and (IA)^3 .safetensors files")
+                   help="adapters to merge into the weights, in order: adapter directories, kohya / LyCORIS / "
+                        "diffusers .safetensors files or peft folders of any linear form")
     p.add_argument("--alpha", type=finite_float, default=1.0, help="strength of each merged adapter")
     p.add_argument("--outdir", required=True, help="the folder to write; must not exist, or be empty (nothing is "
                                                     "overwritten)")

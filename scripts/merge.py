@@ -1,6 +1,6 @@
-"""Merge adapters as cloneofsimo/lora's `lora_add` does: a LoRA or (IA)^3 into a base SD checkpoint (upl), or two
-LoRAs into one (lpl: cloneofsimo's mix of the factors; exact: ΔW = α·ΔW1 + (1-α)·ΔW2). The formulas are in
-ldm/modules/adapters/merge.py.
+"""Merge adapters as cloneofsimo/lora's `lora_add` does: a LoRA, LoCon, LoHa, LoKr, DoRA or (IA)^3 into a base SD
+checkpoint (upl), or two LoRAs into one (lpl: cloneofsimo's mix of the factors; exact: ΔW = α·ΔW1 + (1-α)·ΔW2). The
+formulas are in ldm/modules/adapters/merge.py.
 
     python scripts/merge.py --mode upl --path_1 sd-v1-5.ckpt --path_2 logs/<run>/checkpoints/999-adapters \
         --alpha 1.0 --output_path sd-v1-5-merged.ckpt

@@ -235,7 +235,7 @@ def test_named_groups_scales_and_state_dict_keys(base, inputs, base_out, tmp_pat
 def test_int_scale_and_dict_or_list_sections_are_accepted():
     specs = parse_adapter_config({"resblock_adp_config": [{"din": "resi", "dout": "reso", "mid_dim": 7, "scale": 1}],
                                   "transformer_adp_config": {"din": "attn2o", "dout": "ffni", "mid_dim": 60}})
-    assert [(s.kind, s.scale, s.init, dict(s.options)["method"]) for s in specs] == [
+    assert [(s.kind, s.scale, s.init, s.options.method) for s in specs] == [
         ("transformer", 1.0, "zero", "default"), ("resblock", 1.0, "zero", "default")]
 
 
@@ -362,8 +362,11 @@ def test_save_is_atomic_and_never_clobbers(base, saved, tmp_path, monkeypatch):
 
 
 # ---- configs and sample.py ---------------------------------------------------------------------------------------
-def test_configs_are_up_to_date(tmp_path):
-    written = make_adapter_configs.main(["--outdir", str(tmp_path)])
+def test_configs_and_the_forms_doc_are_up_to_date(tmp_path):
+    """`make configs` regenerates both; a stale committed file fails here."""
+    written = make_adapter_configs.main(["--outdir", str(tmp_path), "--docs", str(tmp_path / "forms.md")])
+    assert (tmp_path / "forms.md").read_text() == (REPO / "docs" / "adapter-forms.md").read_text(), \
+        "rerun make configs (docs/adapter-forms.md)"
     committed = REPO / "configs" / "sd-inject-dreambooth"
     assert sorted(p.name for p in written) == sorted(p.name for p in committed.glob("*.yaml"))
     assert {f"{p.stem}" for p in written} >= set(PAPER_PAIRS)

@@ -119,7 +119,8 @@ def build_world(w: Path) -> Path:
 
 
 def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file (and a marker for every folder) under `folders`."""
+    """Path -> content hash of every file (and a marker for every folder) under `folders`, empty lock files aside (an
+    evaluation claims a run with its dedicated `.eval.lock`, whose content is never written)."""
     found = {}
     for folder in folders:
         for root, dirs, files in os.walk(folder):
@@ -127,6 +128,8 @@ def snapshot(*folders: Path) -> Dict[str, str]:
                 found[os.path.join(root, d)] = "dir"
             for f in files:
                 p = os.path.join(root, f)
+                if f.endswith(".lock") and os.path.isfile(p) and os.path.getsize(p) == 0:
+                    continue
                 found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else "special"
     return found
 
@@ -313,6 +316,12 @@ CONVERT = [
                                                "dir"], r"is not an adapter directory"),
     S("config-missing", "file", "convert_lora", ["--config", "{T}/none.yaml", "--input", "{W}/lora", "--output",
                                                  "{T}/o", "--to", "dir"], r"config file not found"),
+    S("out-exists-peft-dir", "output", "convert_lora", KOHYA + ["--output", "{T}/p", "--to", "peft"], OUT_ERR,
+      text("p/notes.md", "mine")),
+    S("ckpt-missing", "file", "convert_lora", DIR_IN + ["--ckpt", "{T}/none.ckpt", "--output", "{T}/o.safetensors",
+                                                        "--to", "kohya"], r"checkpoint not found"),
+    S("ia3-to-peft", "file", "convert_lora", ["--config", CFG, "--input", "{W}/ia3", "--output", "{T}/p", "--to",
+                                              "peft"], r"write \(IA\)\^3 as a kohya / A1111 file"),
 ]
 
 EXPORT = ["--config", CFG, "--ckpt", "{W}/base.safetensors"]
@@ -410,6 +419,14 @@ ANOVA = [
     S("interaction-bad", "flags", "anova", ["{W}/results.csv", "--factors", "din", "--interactions", "din-seed"],
       r"interaction 'din-seed'"),
     S("blocks-unknown", "flags", "anova", ["{W}/results.csv", "--factors", "din", "--blocks", "batch"],
+      r"no column\(s\) batch"),
+    S("plan-negative", "number", "anova", ["{W}/results.csv", "--factors", "din", "--plan", "-0.01"],
+      r"the difference to detect must be a positive number"),
+    S("plan-nan", "number", "anova", ["{W}/results.csv", "--factors", "din", "--plan", "nan"],
+      r"the difference to detect must be a positive number"),
+    S("covariate-text", "flags", "anova", ["{W}/results.csv", "--factors", "din", "--covariates", "run"],
+      r"covariate run is not a finite number"),
+    S("covariate-unknown", "flags", "anova", ["{W}/results.csv", "--factors", "din", "--covariates", "batch"],
       r"no column\(s\) batch"),
 ]
 
@@ -878,6 +895,7 @@ def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tm
     """Run 0 is held by the test (as another evaluation would hold it), so both processes put it off and then wait
     for it; runs 1 and 2 go to whichever claims them first. Each run is evaluated by exactly one process."""
     from ldm.checks import file_lock
+    from ldm.evaluation.evaluate import EVAL_LOCK
     runs = [write_run(tmp_path / f"run{i}", world / "base.safetensors", world / "subject", seed=i) for i in range(3)]
     (tmp_path / "p.txt").write_text("photo of a {token} {class_word}\n")
     argv = [sys.executable, str(REPO / "scripts" / "evaluate.py"), *map(str, runs), "--metric", "tinyworld",
@@ -885,7 +903,7 @@ def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tm
             "--prompts", str(tmp_path / "p.txt"), "--device", "cpu"]
     logs = [tmp_path / f"eval{i}.log" for i in range(2)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with file_lock(runs[0] / "config.yaml") as held:
+    with file_lock(runs[0] / EVAL_LOCK) as held:
         assert held
         procs = [subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
                  for log in logs]

@@ -159,13 +159,20 @@ def test_diffusers_pipeline_on_the_export_matches_ours(exported, ours):
     assert torch.allclose(pipe.scheduler.betas, ours.betas, rtol=1e-5, atol=0)  # diffusers computes in float32
 
 
-def test_export_merges_adapters(tmp_path):
-    """Base + a LoRA on UNet and text encoder, merged: diffusers' pipeline gives the unmerged model's outputs."""
+EXPORTED_FORMS = {  # the UNet's targets: LoRA on projections, the other linear forms on 3x3 convolutions too
+    "lora": ["to_q", "to_v", "proj_in"], "locon": ["to_q", "in_layers.2", "op"], "loha": ["to_v", "out_layers.3"],
+    "lokr": ["to_q", "in_layers.2"], "dora": ["to_out.0", "in_layers.2"]}
+
+
+@pytest.mark.parametrize("form", EXPORTED_FORMS)
+def test_export_merges_adapters(tmp_path, form):
+    """Base + adapters of each linear form on UNet and text encoder, merged: diffusers' pipeline gives the unmerged
+    model's outputs."""
     model = build_tiny()
     save_state_dict(model.state_dict(), str(tmp_path / "base.safetensors"))
-    inject_adapters(model.unet, {"projection_adp_config": [{"type": "lora", "target": ["to_q", "to_v", "proj_in"],
+    inject_adapters(model.unet, {"projection_adp_config": [{"type": form, "target": EXPORTED_FORMS[form],
                                                             "rank": 2, "alpha": 3.0}]})
-    inject_adapters(model.cond_stage_model, {"projection_adp_config": [{"type": "lora", "target": ["q_proj", "fc1"],
+    inject_adapters(model.cond_stage_model, {"projection_adp_config": [{"type": form, "target": ["q_proj", "fc1"],
                                                                         "rank": 2}]})
     with torch.no_grad():
         for p in adapter_parameters(model):

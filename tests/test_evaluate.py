@@ -17,7 +17,8 @@ from ldm.evaluation import backends
 from ldm.evaluation.backends import (EvaluationError, MetricBackend, WeightsNotFoundError, backend_names,
                                      get_backend)
 from ldm.evaluation.fid import fid_metric
-from ldm.evaluation.metrics import cosine_matrix, prior_preservation, prompt_fidelity, subject_fidelity
+from ldm.evaluation.metrics import (METRICS, Metric, Samples, cosine_matrix, measure, metric_of_column,
+                                    prior_preservation, prompt_fidelity, subject_fidelity, subject_leakage)
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.evaluation.table import read_rows, upsert_row
 from scripts import evaluate as evaluate_script
@@ -71,6 +72,117 @@ def test_metrics_on_known_inputs():
     assert prior_preservation(b, half, half.flip(0)) == pytest.approx(0.0)  # pairwise, not set against set
     with pytest.raises(EvaluationError, match="pairs samples"):
         prior_preservation(b, half, red)
+
+
+class Rate(MeanColour):
+    """A classifier backend: an image shows the subject when it is mostly red."""
+    has_rate = True
+
+    def subject_rate(self, images):
+        return float((images[:, 0].mean(dim=(1, 2)) > 0.5).float().mean())
+
+
+class NamedRate(Rate):
+    """A classifier that knows subjects' looks by their folder names: the colour channel that must be bright."""
+    LOOKS = {"red-star": {"channel": 0}, "green-thing": {"channel": 1}}
+    has_text = False
+
+    def subject_look(self, subject):
+        return self.LOOKS.get(subject)
+
+    def subject_rate(self, images, look=None):
+        channel = (look or {"channel": 0})["channel"]  # the default subject: red
+        return float((images[:, channel].mean(dim=(1, 2)) > 0.5).float().mean())
+
+
+def test_subject_rates_use_the_named_subjects_look(caplog):
+    """The subject rates ask the classifier for the run's subject by its folder name; an unknown subject gets no rate
+    (and a warning), never the default subject's."""
+    red, green = solid([1, 0, 0], 2), solid([0, 1, 0], 2)
+    samples = Samples(subject=green, class_tuned=torch.cat([red[:1], green[:1]]), class_base=red,
+                      subject_name="green-thing")
+    rates = {"rate_rate", "rate_leak_rate"}
+    values = measure({"rate": NamedRate()}, samples)
+    assert {k: values[k] for k in rates} == {"rate_rate": 1.0, "rate_leak_rate": 0.5}  # green's look
+    samples.subject_name = None  # no name: the backend's default subject (red)
+    values = measure({"rate": NamedRate()}, samples)
+    assert {k: values[k] for k in rates} == {"rate_rate": 0.0, "rate_leak_rate": 0.5}
+    samples.subject_name = "blue-circle"
+    with caplog.at_level("WARNING"):
+        values = measure({"rate": NamedRate()}, samples)
+    assert not rates & set(values) and "rate_i" not in values and "rate_prior" in values
+    assert "rate_rate not measured: the 'rate' backend knows no look for subject 'blue-circle'" in caplog.text
+
+
+def test_tiny_world_subject_rate_takes_a_subjects_look():
+    """The probe's subject rate counts the images that show the given look: the demo subject's by default and for its
+    folder name, another subject's when given; every committed subject folder has its look; a misspelt look is
+    refused."""
+    from dataclasses import replace
+    from ldm.data.synthetic import SUBJECT, SyntheticScenes, render
+    from ldm.tinyworld.metrics import DEMO_LOOK, SUBJECT_LOOKS, check_look, tinyworld_backend
+    probe = tinyworld_backend()
+    demo = torch.stack([SyntheticScenes(8, 64, 5, world="subject")[i]["image"] for i in range(8)]) / 2 + 0.5
+    striped = replace(SUBJECT, texture="striped", colour="green", second_colour=None)
+    scenes = [replace(striped, background=b) for b in ("white", "gray", "blue", "red", "black", "purple", "yellow")]
+    other = torch.stack([torch.from_numpy(np.array(render(s, 64))).permute(2, 0, 1).float() / 255 for s in scenes])
+    look = {"texture": "striped", "colour": "green", "outline": "yes"}
+    assert probe.subject_look("sks-star") == DEMO_LOOK and probe.subject_look("a-subject-it-never-saw") is None
+    assert probe.subject_rate(demo) == probe.subject_rate(demo, DEMO_LOOK) >= 0.75
+    assert probe.subject_rate(other, look) >= 0.7 and probe.subject_rate(demo, look) <= 0.25
+    assert probe.subject_rate(other) <= 0.3
+    folders = [p.name for p in (REPO / "assets" / "tiny-world").iterdir() if p.is_dir()]
+    assert "sks-star" in folders and not [f for f in folders if f not in SUBJECT_LOOKS], \
+        "a tiny-world subject folder without its look in ldm/tinyworld/metrics.py SUBJECT_LOOKS gets no subject rate"
+    for bad in ({"texture": "chequered"}, {"fill": "checkered"}, {}):
+        with pytest.raises(ValueError, match="look must name probe attributes"):
+            check_look(bad)
+
+
+def test_every_registry_metric_on_known_inputs():
+    """Each metric of the protocol from samples whose answer is known, under its registry column."""
+    red, green = solid([1, 0, 0], 2), solid([0, 1, 0], 2)
+    half = torch.cat([red[:1], green[:1]])
+    samples = Samples(subject=half, texts=["red", "red"], references=red[:1], class_tuned=half, class_base=green)
+    values = measure({"mc": MeanColour(), "rate": Rate()}, samples)
+    assert values == pytest.approx({
+        "mc_i": 0.5, "rate_i": 0.5,             # one of two samples is the subject
+        "rate_rate": 0.5,                       # ... and the classifier sees it in one
+        "mc_t": 0.5, "rate_t": 0.5,             # one of two matches its prompt
+        "mc_prior": 0.5, "rate_prior": 0.5,     # one class sample kept the base model's look
+        "mc_leak": 0.5, "rate_leak": 0.5,       # class samples moved from 0 to 0.5 similarity to the subject
+        "rate_leak_rate": 0.5})                 # the subject is seen in half of the class samples
+    assert subject_leakage(MeanColour(), green, green, red) == 0.0  # the base model leaks nothing into itself
+    assert set(measure({"mc": MeanColour()}, Samples(subject=half, texts=["red", "red"], references=red))) == \
+        {"mc_i", "mc_t"}  # no class samples drawn: no class-sample metric
+    assert set(measure({"mc": MeanColour()}, Samples(subject=half, references=red))) == {"mc_i"}  # no texts
+    for column, key in [("dino_i", "subject_fidelity"), ("clip_t", "prompt_fidelity"), ("x_leak", "subject_leakage"),
+                        ("tinyworld_leak_rate", "class_subject_rate"), ("tinyworld_rate", "subject_rate"),
+                        ("fid", "fid"), ("a_b_prior", "prior_preservation")]:
+        assert metric_of_column(column).key == key
+    assert metric_of_column("train_seconds") is None and metric_of_column("_i") is None
+    assert [m.key for m in METRICS.values() if not m.higher_is_better] == ["subject_leakage", "class_subject_rate",
+                                                                          "fid"]
+    with pytest.raises(EvaluationError, match="unknown metric"):
+        measure({}, samples, keys=["subject_fidelty"])
+
+
+def test_a_new_metric_is_one_registry_entry(monkeypatch):
+    """The recipe of docs/architecture.md: one METRICS entry, and the metric reaches the row, the table's metric
+    columns and the ANOVA with its direction and name."""
+    import pandas as pd
+    from ldm.evaluation.findings import describe_metric
+    from ldm.evaluation.study import analyse, default_metrics
+    brightness = Metric("brightness", "brightness", "_bright", False, "features", ("subject",),
+                        lambda b, s: float(s.subject.mean()))
+    monkeypatch.setitem(METRICS, "brightness", brightness)
+    row = measure({"mc": MeanColour()}, Samples(subject=solid([0.5, 0.5, 0.5], 2), references=solid([1, 0, 0])))
+    assert row["mc_bright"] == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"run": range(12), "din": ["a", "b", "c"] * 4, "mc_bright": rng.normal(size=12)})
+    assert default_metrics(table) == ["mc_bright"] and describe_metric("mc_bright") == "brightness, lower is better"
+    (result,) = analyse(table, None, ["din"])
+    assert result.metric == "mc_bright" and not result.higher_is_better
 
 
 def test_dino_and_clip_backends_from_local_folders(tiny_dino, tiny_clip):
@@ -198,6 +310,8 @@ def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
     assert row["adapter"].startswith("attn2o->ffni")
     for key in ("dino_i", "clip_i", "clip_t", "dino_prior", "clip_prior"):
         assert -1.0 <= float(row[key]) <= 1.0 + 1e-6
+    assert -2.0 <= float(row["dino_leak"]) <= 2.0 and "dino_rate" not in row  # DINO has no subject classifier
+    assert row["subject"] == "subject"  # the instance-image folder's name, for a run outside a sweep
     assert (logdir / "eval" / "samples-1-adapters.png").is_file()
     # prior preservation compares the adapters on and off: off (scale 0) is the base itself, a strong one drifts
     from ldm.evaluation.evaluate import EvalSettings, Metrics, adapter_dir, load_run_model, prior_metrics, run_config
@@ -288,14 +402,23 @@ def write_prompts(tmp_path):
 
 
 def test_subject_fidelity_callback_logs_during_training(tmp_path, base_ckpt, tiny_dino):
+    """The callback logs the registry's metrics: subject fidelity by default, class-sample metrics when asked (the
+    class prompt from the class data; the adapters off as the base, so step 0, with zero-initialised adapters, has
+    prior preservation 1 and no leakage)."""
     callback = ("lightning.callbacks.fidelity={target: ldm.evaluation.callback.SubjectFidelity, params: "
-                f"{{every_n_train_steps: 1, backend: dino, weights: {tiny_dino}, ddim_steps: 2, seeds: [0, 1]}}}}")
-    logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt, callback))
+                f"{{every_n_train_steps: 1, backend: dino, weights: {tiny_dino}, ddim_steps: 2, seeds: [0, 1], "
+                "metrics: [subject_fidelity, prior_preservation, subject_leakage]}}")
+    classes = write_images(tmp_path / "class", n=4)
+    logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt, callback, "--reg_data_root", str(classes),
+                                              "--class_word", "cat"))
     files = sorted((logdir / "csv").glob("*/metrics.csv"))
     with open(files[-1]) as f:
         rows = [r for r in csv.DictReader(f) if r.get("eval/dino_i")]
     assert [int(r["step"]) for r in rows] == [0, 1, 2]  # before training, then every step
     assert all(-1.0 <= float(r["eval/dino_i"]) <= 1.0 for r in rows)
+    assert float(rows[0]["eval/dino_prior"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(rows[0]["eval/dino_leak"]) == pytest.approx(0.0, abs=1e-5)
+    assert all(r["eval/dino_leak"] != "" for r in rows)
 
 
 # ---- the analysis of a results table: regressions found running the tiny-world study on a stand-in model -------------
@@ -337,3 +460,77 @@ def test_anova_credits_nothing_to_a_term_confounded_with_the_others():
     assert anova.loc[["din", "dout"], "p"].isna().all() and "rank-deficient" in result.notes[0]
     assert "- din: no degree of freedom of its own (confounded with the other terms), so not tested." in \
         metric_findings(result)
+
+
+def test_tiny_world_report_measures_through_the_registry():
+    """The tiny-world report's DreamBooth numbers are the protocol's: the same values as `measure` gives under the
+    tinyworld backend's columns (subject rate and subject rate in class samples included)."""
+    from ldm.data.synthetic import SyntheticScenes
+    from ldm.tinyworld.evaluate import dreambooth_metrics
+    from ldm.tinyworld.metrics import tinyworld_backend
+    probe = tinyworld_backend()
+    subject = torch.stack([SyntheticScenes(6, 64, 5, world="subject")[i]["image"] for i in range(6)]) / 2 + 0.5
+    scenes = torch.stack([SyntheticScenes(6, 64, 9)[i]["image"] for i in range(6)]) / 2 + 0.5
+    before = {"subject": scenes, "class": scenes, "context": scenes}
+    after = {"subject": subject, "class": torch.cat([subject[:3], scenes[3:]]), "context": subject}
+    references = subject[:2]
+    report = dreambooth_metrics(probe, before, after, references)
+    samples = Samples(subject=subject, references=references, class_tuned=after["class"], class_base=scenes)
+    row = measure({"tinyworld": probe}, samples)
+    assert report["subject_fidelity"] == row["tinyworld_i"] and report["subject_rate"] == row["tinyworld_rate"]
+    assert report["class_similarity_to_base"] == row["tinyworld_prior"]
+    assert report["class_subject_rate"] == row["tinyworld_leak_rate"] > report["class_subject_rate_base"]
+    assert row["tinyworld_leak"] > 0.05  # half the class samples are the subject now
+
+
+def draw_subject(folder, shape, colour, n=3):
+    """A subject folder drawn by the tiny world: one shape and colour in n settings."""
+    from dataclasses import replace
+    from ldm.data.synthetic import SUBJECT, render
+    folder.mkdir(parents=True)
+    for i, (background, position) in enumerate([("white", "center"), ("gray", "left"), ("green", "right")][:n]):
+        scene = replace(SUBJECT, shape=shape, colour=colour, texture="plain", second_colour=None, outline=False,
+                        background=background, position=position)
+        render(scene, 32).save(folder / f"{shape}-{i}.png")
+    return folder
+
+
+def test_a_study_over_several_subjects(tmp_path, base_ckpt, monkeypatch):
+    """Subjects as a sweep factor (a data folder and class word each, drawn here): each run is evaluated against its
+    own subject's images, the results table has a subject column, and the analysis takes subject as a block."""
+    import yaml
+    from ldm.evaluation.evaluate import EvalSettings, adapter_dir, draw, instance_images, load_run_model, run_config
+    from ldm.evaluation.sampling import prompt_seed_pairs
+    from ldm.sweep.runs import prepare
+    from scripts import anova as anova_script
+    subjects = {"red-star": draw_subject(tmp_path / "red-star", "star", "red"),
+                "blue-circle": draw_subject(tmp_path / "blue-circle", "circle", "blue")}
+    spec = {"base": [str(REPO / b) for b in BASES],
+            "overrides": [f"actual_resume={base_ckpt}", "max_steps=2",
+                          "lightning.callbacks.image_logger.params.disabled=true"],
+            "factors": {"subject": {"levels": {name: {"data_root": str(path), "class_word": name.split("-")[1]}
+                                               for name, path in subjects.items()}},
+                        "method": {"key": "method", "levels": ["relu", "silu"]}}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    for run in prepare(str(tmp_path / "s.yaml"), str(tmp_path / "sw")):
+        main_dream_booth.main(["-r", str(run.dir), "-t"])
+    monkeypatch.setitem(backends.BACKENDS, "mc", "test_evaluate.Pixels")
+    monkeypatch.setitem(backends.BACKENDS, "rate", "test_evaluate.NamedRate")  # knows red-star's look, not the other
+    evaluate_script.main([str(tmp_path / "sw"), "--metric", "mc", "--metric", "rate", "--seeds", "0,1", "--steps",
+                          "1", "--prompts", str(write_prompts(tmp_path)), "--prior_prompt", "none"])
+    rows = read_rows(tmp_path / "sw" / "results.csv")
+    assert sorted((r["subject"], r["method"]) for r in rows) == sorted(
+        (s, m) for s in subjects for m in ("relu", "silu"))
+    assert {r["subject"] for r in rows if r["rate_rate"] != ""} == {"red-star"}  # looked up by the folder's name
+    settings = EvalSettings(prompts=("photo of a {token} {class_word}",), seeds=(0, 1), steps=1)
+    for r in rows:  # each run against its own subject's images, with its own class word in the prompt
+        run_dir = tmp_path / "sw" / "runs" / r["run"]
+        config = run_config(run_dir)
+        assert config.data.params.train.params.data_root == str(subjects[r["subject"]])
+        model = load_run_model(config, adapter_dir(run_dir), torch.device("cpu"))
+        word = r["subject"].split("-")[1]
+        images = draw(model, prompt_seed_pairs([f"photo of a sks {word}"], (0, 1)), 32, settings)
+        assert float(r["mc_i"]) == pytest.approx(subject_fidelity(Pixels(), images, instance_images(config, 32)),
+                                                 abs=1e-6)
+    report = anova_script.main([str(tmp_path / "sw" / "results.csv"), "--metrics", "mc_i"]).read_text()
+    assert "Factors: method. Blocks: subject." in report  # the sweep's factors without the subject: a block

@@ -7,10 +7,9 @@ import torch
 from PIL import Image
 
 from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, to_uint8
-from ldm.evaluation.evaluate import Metrics, compute_metrics
 from ldm.evaluation.fid import (FID_LAYER, FID_WEIGHTS, FrechetDistance, InceptionFeatures, fid_metric,
                                 frechet_distance, statistics)
-from ldm.evaluation.metrics import load_images
+from ldm.evaluation.metrics import Samples, load_images, measure
 from scripts import evaluate as evaluate_script
 
 torch_fidelity = pytest.importorskip("torch_fidelity")
@@ -100,8 +99,8 @@ def test_fid_is_repeatable_order_independent_and_caches_the_reference(tmp_path):
     assert [restarted(b, str(reference)), restarted(a, str(reference))] == [first[1], first[0]]
     assert shared(a[torch.randperm(12)], str(reference)) == pytest.approx(first[0], rel=1e-6)  # sample order
     # three identical runs through one shared metric object in evaluation give one number (they drifted before)
-    metrics = Metrics(fid=shared, fid_reference=str(reference))
-    assert [compute_metrics(metrics, a, [], a)["fid"] for _ in range(3)] == [first[0]] * 3
+    samples = Samples(subject=a, references=a, fid_reference=str(reference))
+    assert [measure({}, samples, shared)["fid"] for _ in range(3)] == [first[0]] * 3
     # a changed reference folder is read again
     Image.new("RGB", (16, 16), (255, 0, 0)).save(reference / "new.png")
     assert shared(a, str(reference)) != first[0] and features.images == 20 + 8 * 12 + 21  # 21: the new folder, once
@@ -134,6 +133,24 @@ def test_frechet_distance_by_hand():
     mu, sigma = statistics(x)
     np.testing.assert_allclose(sigma, np.cov(x.double().numpy(), rowvar=False))
     assert mu.dtype == sigma.dtype == np.float64
+
+
+def previous_fid(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The statistics and distance fid.py computed by hand before it called torch-fidelity's functions."""
+    a, b = (z.detach().cpu().double().numpy() for z in (x, y))
+    (mu_a, s_a), (mu_b, s_b) = (a.mean(axis=0), np.cov(a, rowvar=False)), (b.mean(axis=0), np.cov(b, rowvar=False))
+    diff = mu_a - mu_b
+    root_trace = np.sqrt(np.linalg.eigvals(s_a @ s_b).astype(complex)).real.sum()
+    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * root_trace)
+
+
+@pytest.mark.parametrize("n,d,dtype", [(40, 8, torch.float32), (12, 30, torch.float32), (64, 64, torch.float64)])
+def test_fid_through_torch_fidelity_equals_the_previous_numbers(n, d, dtype):
+    """torch-fidelity's statistics and distance give exactly the numbers of the hand-written code they replace, on
+    float32 and float64 features, more samples than dimensions and fewer (a singular covariance)."""
+    g = torch.Generator().manual_seed(n + d)
+    x, y = torch.randn(n, d, generator=g, dtype=dtype), 0.7 * torch.randn(n, d, generator=g, dtype=dtype) + 0.2
+    assert frechet_distance(statistics(x), statistics(y)) == previous_fid(x, y)
 
 
 def test_fid_errors(tmp_path, inception_weights, capsys):

@@ -178,7 +178,8 @@ def test_one_dir_for_unet_and_text_encoder(tiny_model, inputs, tmp_path):
 @pytest.mark.parametrize("config,message", [
     (proj(lora(target=["to_z"])), r"projection_adp_config\[0\]\.target: no module of this UNetModel is named 'to_z'"),
     (proj(lora(target=["attn1"])), r"attn1 is a CrossAttention, not a Linear or 1x1 Conv2d"),
-    (proj(lora(target=["in_layers.2"])), r"in_layers.2 is a Conv2d, not a Linear or 1x1 Conv2d"),
+    (proj(lora(target=["in_layers.2"])), r"in_layers.2 is a 3x3 Conv2d, not a Linear or 1x1 Conv2d; LoRA goes on "
+                                         r"those, .* \(type locon, loha, lokr, dora, ia3 take it\)"),
     (proj(ia3(), lora(target=r"nowhere\..*")), r"\[1\]\.target: the regex 'nowhere\\\\\.\.\*' matches no Linear"),
     (proj(lora(target="(")), r"is not a valid regular expression"),
     (proj(lora(target=[])), r"target must be a list of module names"),
@@ -188,7 +189,7 @@ def test_one_dir_for_unet_and_text_encoder(tiny_model, inputs, tmp_path):
     (proj(lora(dropout=1.0)), r"dropout must be a finite number in \[0, 1\)"),
     (proj(ia3(init="default")), r"init: unknown init 'default'; allowed: zero"),
     (proj(ia3(on_input="yes")), r"on_input must be true or false"),
-    (proj({"target": ["to_q"], "rank": 4}), r"missing field type; allowed: lora, ia3"),
+    (proj({"target": ["to_q"], "rank": 4}), r"missing field type; allowed: lora, locon, loha, lokr, dora, ia3"),
     (proj({"type": "lora", "rank": 4}), r"missing field\(s\) target"),
     (proj(lora(din="attn1i")), r"unknown field\(s\) din"),
     ({"transformer_adp_config": [lora()]}, r"unknown adapter type 'lora' for transformer blocks; allowed: inout "
@@ -374,10 +375,12 @@ def test_file_errors(lora_model, tiny_model_session, tmp_path):
                       r"lora_unet_input_blocks_4_1_transformer_"),
              "wide": ({k: torch.cat([v, v], dim=-1) if k.endswith("lora_down.weight") and v.dim() == 2 else v
                        for k, v in sd.items()},
-                      r"lora_down \(\d, 64\) and lora_up \(\d+, \d\) do not fit a Linear with 32 inputs and \d+ "
+                      r"lora_down \(\d, 64\), lora_up \(\d+, \d\) do not fit a Linear with 32 inputs and \d+ "
                       r"outputs: the file was made for another model"),
              "loha": ({"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a": torch.ones(1)},
-                      r"LyCORIS LoHa / LoKr / DoRA"),
+                      r"tensors hada_w1_a are none of the updates read here"),
+             "glora": ({"lora_unet_mid_block_attentions_0_proj_in.a1.weight": torch.ones(1)},
+                       r"tensors a1.weight are a GLoRA module, which is not supported here"),
              "junk": ({"model.diffusion_model.out.2.weight": torch.ones(1)}, r"is neither kohya")}
     for name, (bad, message) in cases.items():
         save_file(bad, tmp_path / f"{name}.safetensors")

@@ -266,7 +266,7 @@ def test_a_bigger_sd_v1_file_is_named_by_network_not_another_architecture(tiny_m
     assert "architecture" not in text and "SDXL" not in text
 
 
-def test_sdxl_and_conv_lora_files_say_so(tiny_model_session, tmp_path):
+def test_sdxl_files_say_so_and_conv_lora_files_load(tiny_model_session, tmp_path):
     sd = save_ours(tiny_model_session, tmp_path / "k.safetensors")
     te2 = {k.replace("lora_te_", "lora_te2_"): v for k, v in sd.items() if k.startswith("lora_te_")}
     save_file({**sd, **{k: v.clone() for k, v in te2.items()}}, tmp_path / "sdxl.safetensors")
@@ -274,8 +274,13 @@ def test_sdxl_and_conv_lora_files_say_so(tiny_model_session, tmp_path):
     conv = {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(2, 32, 3, 3),
             "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 2, 1, 1)}
     save_file({**sd, **conv}, tmp_path / "locon.safetensors")
-    load_error(tiny_model_session, tmp_path / "locon.safetensors",
-               "e.g. lora_unet_down_blocks_0_resnets_0_conv1 (a 3x3 Conv2d): LoRA on convolutions (LoCon")
+    model = copy.deepcopy(tiny_model_session)
+    load_adapter_from_dir(model, str(tmp_path / "locon.safetensors"))  # LoCon: a 3x3 conv's LoRA loads
+    assert "locon" in {s.type for s in adapter_groups(model)["default"]}
+    norm = {"lora_unet_down_blocks_0_resnets_0_norm1.w_norm": torch.zeros(32)}
+    save_file({**sd, **norm}, tmp_path / "norm.safetensors")
+    load_error(tiny_model_session, tmp_path / "norm.safetensors",
+               "e.g. lora_unet_down_blocks_0_resnets_0_norm1 (a GroupNorm32): updates of Linear and Conv2d modules load")
 
 
 def test_torch_files_are_read_safely_or_refused_with_what_is_expected(tiny_model_session, inputs, tmp_path):
@@ -299,8 +304,11 @@ def test_peft_configs_read_wrong_are_refused(tiny_model_session, tmp_path):
     sd = lora_state_dict(model, fmt="diffusers")
     (tmp_path / "p").mkdir()
     save_file(sd, tmp_path / "p" / "adapter_model.safetensors")
-    for config, message in (({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": True}, "uses DoRA"),
-                            ({"peft_type": "LOHA", "r": 2}, "is a peft LOHA adapter"),
+    for config, message in (({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_dora": True},
+                             "says use_dora but its tensors have no DoRA magnitude"),
+                            ({"peft_type": "LOHA", "r": 2}, "holds LoRAFactors tensors but its peft config is of type "
+                                                            "LOHA"),
+                            ({"peft_type": "IA3"}, "is a peft IA3 adapter; peft adapters read here are LoRA"),
                             ({"peft_type": "LORA", "r": 2, "lora_alpha": float("nan")}, "lora_alpha must be a "
                                                                                         "positive number"),
                             ({"peft_type": "LORA", "r": 4, "lora_alpha": 4}, "its tensors have rank 2, its LoRA "

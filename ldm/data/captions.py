@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ldm.checks import read_text
 from ldm.data.dreambooth import IMAGE_EXTENSIONS, DataError, DreamBoothDataset, PathLike
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ METADATA_FILE = "metadata.jsonl"
 def read_metadata(path: Path, caption_key: str = "text") -> Dict[str, str]:
     """file_name -> caption of a metadata.jsonl; errors name the line and what is wrong with it."""
     captions: Dict[str, str] = {}
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "captions file", DataError).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"'{path}' line {number}"

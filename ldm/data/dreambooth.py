@@ -1,5 +1,6 @@
 """DreamBooth data (Ruiz et al. 2023): a folder of subject images, or of class images for prior preservation."""
 import logging
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -7,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ldm.checks import read_text
 from ldm.util import check_ranges
 
 log = logging.getLogger(__name__)
@@ -88,34 +90,52 @@ def load_image(path: PathLike, size: int, center_crop: bool = True) -> torch.Ten
     return _to_float(_uint8_chw(path, size, center_crop))
 
 
-def check_images(paths: Sequence[Path]) -> Tuple[List[Path], List[Path]]:
-    """Split paths into (readable, unreadable): PIL's integrity check, then a cheap (JPEG draft) decode to RGB."""
-    ok, bad = [], []
+def image_problem(path: PathLike) -> Optional[str]:
+    """None when PIL reads the image (its integrity check, then a cheap JPEG-draft decode to RGB); else what is wrong:
+    'too large' (more pixels than PIL decodes: a decompression bomb, or far more than training needs) or unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        open_rgb(path, draft=64)  # verify() leaves the file unusable and misses truncated JPEGs and odd modes
+    except Image.DecompressionBombError as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "too many pixels"
+        return f"too large ({size}; PIL decodes at most {2 * Image.MAX_IMAGE_PIXELS:,}): resize it"
+    except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...) on bad files
+        return "unreadable (unknown format, truncated or corrupt)"
+    return None
+
+
+def check_images(paths: Sequence[Path]) -> Tuple[List[Path], Dict[Path, str]]:
+    """Split paths into (readable, {unreadable: what is wrong}) by `image_problem`."""
+    ok, bad = [], {}
     for p in paths:
-        try:
-            with Image.open(p) as img:
-                img.verify()
-            open_rgb(p, draft=64)  # verify() leaves the file unusable and misses truncated JPEGs and odd modes
+        problem = image_problem(p)
+        if problem:
+            bad[p] = problem
+        else:
             ok.append(p)
-        except Exception:  # noqa: BLE001 - PIL raises many types (OSError, SyntaxError, struct.error...) on bad files
-            bad.append(p)
     return ok, bad
 
 
 def check_image_file(path: PathLike, what: str = "image") -> None:
-    """A ValueError unless `path` is an image file PIL can read (the check_images test)."""
+    """A ValueError unless `path` is an image file PIL can read (`image_problem`)."""
     if not Path(path).is_file():
         raise ValueError(f"{what} not found: '{path}'")
-    if check_images([Path(path)])[1]:
+    problem = image_problem(path)
+    if problem and problem.startswith("too large"):
+        raise ValueError(f"{what} '{path}' is {problem}")
+    if problem:
         raise ValueError(f"{what} '{path}' is not an image PIL can read (unknown format, truncated or corrupt): pass "
                          "a PNG or JPEG")
 
 
 def usable_images(folder: PathLike) -> List[Path]:
-    """list_images(folder) without unreadable files, which are logged in one warning."""
+    """list_images(folder) without unreadable files, which are logged in one warning (with what is wrong with each)."""
     ok, bad = check_images(list_images(folder))
     if bad:
-        log.warning("skipping %d unreadable image(s) in '%s': %s", len(bad), folder, ", ".join(p.name for p in bad))
+        log.warning("skipping %d unusable image(s) in '%s': %s", len(bad), folder,
+                    "; ".join(f"{p.name} is {why}" for p, why in bad.items()))
     return ok
 
 
@@ -175,7 +195,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.repeats, self.flip_p, self.center_crop, self.cache_images = repeats, flip_p, center_crop, cache_images
         self.paths = usable_images(self.data_root)
         if not self.paths:
-            raise DataError(f"image folder '{self.data_root}' holds no readable images: every file failed to decode")
+            raise DataError(f"image folder '{self.data_root}' holds no usable images: each is unreadable or too large "
+                            "(see the warning above)")
         check_image_sizes(self.paths, size, center_crop)
         if not (class_templates if reg else templates):
             raise ValueError("need at least one prompt template")
@@ -188,7 +209,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     @staticmethod
     def _caption_file(path: Path) -> Optional[str]:
         txt = path.with_suffix(".txt")
-        caption = txt.read_text(encoding="utf-8-sig").strip() if txt.is_file() else ""
+        caption = read_text(txt, "caption file", DataError).strip() if txt.is_file() else ""
         return caption or None
 
     def __len__(self) -> int:

@@ -1,8 +1,10 @@
 """Analysis of variance of a design-space study (Xiang et al. 2023 use ANOVA to find the factor that matters).
 
-The model of a metric: OLS on the design's factors as categories, plus blocks (replicates such as the training
-`seed`: an additive term that takes out what every run of one seed shares; it is tested, but it is not a design
-factor), plus chosen interactions. Type II sums of squares: SS(T | every term that does not contain T), computed by
+The model of a metric: OLS on the design's factors as categories, plus blocks (the training `seed`, and the `subject`
+of a study over several subjects: an additive term that takes out what every run of one seed or subject shares; it
+is tested, but it is not a design factor), plus covariates (numeric columns, one slope each, e.g. the trainable
+parameters), plus interactions (by default every two-way interaction of the factors, and of each factor with the
+subject, that the design has the degrees of freedom for: `auto_interactions`). Type II sums of squares: SS(T | every term that does not contain T), computed by
 comparing nested least-squares fits with degrees of freedom from their ranks, so designs where some levels of
 different factors only occur together (the 20 position pairs: `attn2c` only with `attn2c`) get the right degrees of
 freedom and credit confounded variance to no single term; for full-rank designs this equals statsmodels'
@@ -28,14 +30,19 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-ANOVA_COLUMNS = ["term", "kind", "df", "sum_sq", "F", "p", "eta_sq", "partial_eta_sq", "partial_eta_sq_low",
+ANOVA_COLUMNS = ["term", "kind", "df", "sum_sq", "F", "p", "p_holm", "eta_sq", "partial_eta_sq", "partial_eta_sq_low",
                  "partial_eta_sq_high", "detectable_partial_eta_sq"]
 CONSTANT_NOTE = "the metric has the same value in every run: there is no variance for the factors to explain"
 RANK_NOTE = ("the design is rank-deficient (some levels of different factors only occur together, or interaction "
              "cells are empty): Type II tests come from nested fits with degrees of freedom from their ranks; "
              "confounded effects are credited to no single term")
 POWER = 0.8  # the power at which detectable effects and differences are stated
-BLOCK_NAMES = ("seed",)  # columns taken as blocks when present with two or more levels (scripts/anova.py --blocks)
+# Columns taken as blocks when present with two or more levels and not a factor (scripts/anova.py --blocks): the
+# training seed, and the subject (a study over several subjects analyses them as a block, i.e. a fixed additive
+# effect: the factor tests and comparisons are about these subjects, adjusted for how they differ).
+BLOCK_NAMES = ("seed", "subject")
+SUBJECT_BLOCKS = ("subject",)  # blocks whose interaction with each factor is tested when the design has the df
+MIN_RESIDUAL_DF = 1  # an automatic interaction is kept only when the error term keeps at least this many df
 Term = Tuple[str, ...]
 
 
@@ -86,12 +93,17 @@ def levels_of(values: pd.Series) -> List[str]:
         return levels
 
 
-def design_matrix(frame: pd.DataFrame, terms: Sequence[Term], levels: Dict[str, List[str]]) -> np.ndarray:
+def design_matrix(frame: pd.DataFrame, terms: Sequence[Term], levels: Dict[str, List[str]],
+                  centers: Optional[Dict[str, float]] = None) -> np.ndarray:
     """An intercept and, per term, the indicators of every combination of its factors' levels. Redundant on
     purpose: least squares only needs the span, which equals that of any full coding (treatment, sum) of the same
-    terms, and a combination absent from the data is a zero column, so what depends on it is not estimable."""
+    terms, and a combination absent from the data is a zero column, so what depends on it is not estimable. A
+    covariate (a name in `centers`) is one column: its values minus its center (the runs' mean)."""
     columns = [np.ones((len(frame), 1))]
     for t in terms:
+        if centers and t[0] in centers:
+            columns.append((frame[t[0]].to_numpy(float) - centers[t[0]])[:, None])
+            continue
         cell, size = np.zeros(len(frame), dtype=int), 1
         for name in t:
             position = {lv: i for i, lv in enumerate(levels[name])}
@@ -109,13 +121,20 @@ class Model:
     factors: Tuple[str, ...]
     blocks: Tuple[str, ...] = ()
     interactions: Tuple[Term, ...] = ()
+    covariates: Tuple[str, ...] = ()  # numeric columns with one slope each (e.g. trainable_parameters)
     _matrices: Dict[Tuple[Term, ...], np.ndarray] = field(default_factory=dict, repr=False)
     _levels: Dict[str, List[str]] = field(default_factory=dict, repr=False)
     _grid: Dict[str, object] = field(default_factory=dict, repr=False)
 
     @property
     def terms(self) -> List[Term]:
-        return [(b,) for b in self.blocks] + [(f,) for f in self.factors] + list(self.interactions)
+        return ([(b,) for b in self.blocks] + [(c,) for c in self.covariates] + [(f,) for f in self.factors]
+                + list(self.interactions))
+
+    @property
+    def centers(self) -> Dict[str, float]:
+        """The covariates' means: the design codes them centred, and the reference grid holds them there."""
+        return {c: float(self.data[c].astype(float).mean()) for c in self.covariates}
 
     @property
     def y(self) -> np.ndarray:
@@ -128,13 +147,15 @@ class Model:
         return self._levels
 
     def kind(self, t: Term) -> str:
-        return "block" if t[0] in self.blocks else "factor" if len(t) == 1 else "interaction"
+        if len(t) > 1:
+            return "interaction"
+        return "block" if t[0] in self.blocks else "covariate" if t[0] in self.covariates else "factor"
 
     def matrix(self, terms: Sequence[Term]) -> np.ndarray:
         """The design matrix of a set of terms (cached: the design is fixed, the metric values may vary)."""
         key = tuple(terms)
         if key not in self._matrices:
-            self._matrices[key] = design_matrix(self.data, terms, self.levels)
+            self._matrices[key] = design_matrix(self.data, terms, self.levels, self.centers)
         return self._matrices[key]
 
     def fit(self, terms: Optional[Sequence[Term]] = None, y: Optional[np.ndarray] = None) -> Fit:
@@ -144,7 +165,8 @@ class Model:
         """The reference grid (every combination of the levels of the factors and blocks) and its design matrix."""
         if "grid" not in self._grid:
             frame = pd.DataFrame(list(itertools.product(*self.levels.values())), columns=list(self.levels))
-            self._grid.update(grid=frame, matrix=design_matrix(frame, self.terms, self.levels))
+            frame = frame.assign(**self.centers)
+            self._grid.update(grid=frame, matrix=design_matrix(frame, self.terms, self.levels, self.centers))
         return self._grid["grid"], self._grid["matrix"]
 
     def full_rank(self) -> bool:
@@ -165,23 +187,51 @@ def parse_interactions(items: Sequence[str], factors: Sequence[str]) -> List[Ter
     return out
 
 
+def auto_interactions(data: pd.DataFrame, metric: str, factors: Sequence[str], blocks: Sequence[str],
+                      covariates: Sequence[str] = (), with_blocks: Sequence[str] = SUBJECT_BLOCKS) -> List[Term]:
+    """The two-way interactions the design has the degrees of freedom for: every pair of factors, then every factor
+    with each block of `with_blocks` (e.g. subject: does the effect differ between subjects?), each kept when it
+    adds a degree of freedom and leaves at least MIN_RESIDUAL_DF for the error term."""
+    candidates = list(itertools.combinations(factors, 2))
+    candidates += [(f, b) for b in with_blocks if b in blocks for f in factors]
+    kept: List[Term] = []
+    for term in candidates:
+        model = Model(data, metric, tuple(factors), tuple(blocks), tuple(kept), tuple(covariates))
+        before = model.fit()
+        model = Model(data, metric, tuple(factors), tuple(blocks), tuple(kept + [term]), tuple(covariates))
+        after = model.fit()
+        if after.rank > before.rank and after.df_resid >= MIN_RESIDUAL_DF:
+            kept.append(term)
+    return kept
+
+
 def default_blocks(table: pd.DataFrame, factors: Sequence[str]) -> List[str]:
     """The replicate columns (BLOCK_NAMES, e.g. seed) the table has with two or more levels, when not a factor."""
     return [b for b in BLOCK_NAMES if b in table.columns and b not in factors and table[b].nunique() > 1]
 
 
-def prepare(table: pd.DataFrame, metric: str, factors: Sequence[str], blocks: Sequence[str] = ()
-            ) -> Tuple[pd.DataFrame, List[str]]:
-    """The rows with a value of `metric`, factors and blocks as strings; notes on what was left out."""
-    columns = [metric, *factors, *blocks]
+def prepare(table: pd.DataFrame, metric: str, factors: Sequence[str], blocks: Sequence[str] = (),
+            covariates: Sequence[str] = ()) -> Tuple[pd.DataFrame, List[str]]:
+    """The rows with a value of `metric`, factors and blocks as strings, covariates as numbers; notes on what was
+    left out."""
+    columns = [metric, *factors, *blocks, *covariates]
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise AnalysisError(f"the results table has no column(s) {', '.join(missing)}; it has "
                             f"{', '.join(map(str, table.columns))}")
     if set(factors) & set(blocks) or len(set(columns)) < len(columns):
-        raise AnalysisError(f"a column is named twice among the metric, factors and blocks: {', '.join(columns)}")
+        raise AnalysisError(f"a column is named twice among the metric, factors, blocks and covariates: "
+                            f"{', '.join(columns)}")
+    for f in [*factors, *blocks]:
+        empty = table[f].isna().to_numpy() | (table[f].astype(str).str.strip() == "").to_numpy()
+        if empty.any():
+            lines = ", ".join(str(i + 2) for i in np.flatnonzero(empty)[:10])  # as in the file: the header is line 1
+            raise AnalysisError(f"column {f} is empty on line(s) {lines} of the results table: every run needs its "
+                                "level of each factor and block; fill the cells, or remove the rows")
     data = table[columns].copy()
     data[metric] = numeric_metric(table, metric)
+    for c in covariates:
+        data[c] = numeric_covariate(table, c)
     notes = []
     dropped = int(data[metric].isna().sum())
     if dropped:
@@ -194,6 +244,20 @@ def prepare(table: pd.DataFrame, metric: str, factors: Sequence[str], blocks: Se
         raise AnalysisError(f"column(s) {', '.join(single)} have fewer than 2 levels among the runs with {metric}: "
                             "leave them out of --factors / --blocks")
     return data, notes
+
+
+def numeric_covariate(table: pd.DataFrame, name: str) -> pd.Series:
+    """A covariate column as floats: every run needs a finite number (a run without one cannot be adjusted)."""
+    values = pd.to_numeric(table[name], errors="coerce").replace([np.inf, -np.inf], np.nan)
+    if values.isna().any():
+        i = int(np.flatnonzero(values.isna().to_numpy())[0])
+        where = f"run {table['run'].iloc[i]}" if "run" in table.columns else f"row {i + 1}"
+        raise AnalysisError(f"covariate {name} is not a finite number in {where} ('{table[name].iloc[i]}'): a "
+                            "covariate needs a number in every run; fix the table or leave it out of --covariates")
+    if values.nunique() < 2:
+        raise AnalysisError(f"covariate {name} has the same value in every run: it explains nothing; leave it out of "
+                            "--covariates")
+    return values
 
 
 MISSING_TEXT = ("", "nan", "na", "n/a", "none", "null", "inf", "+inf", "-inf", "infinity", "-infinity")
@@ -301,10 +365,11 @@ def anova_table(model: Model, alpha: float = 0.05) -> Tuple[pd.DataFrame, Fit, L
         raise AnalysisError(f"{len(model.y)} runs are too few to estimate {', '.join(map(':'.join, model.terms))} "
                             "and an error term: add runs (e.g. seeds), or leave factors or blocks out")
     notes = [] if model.full_rank() else [RANK_NOTE]
+    table["p_holm"] = np.nan  # filled by the study's Holm adjustment (ldm.evaluation.study.adjust_study)
     y = model.y
     if is_constant(y):  # round-off would pass for sums of squares, F and effect sizes
         table.loc[:, ["sum_sq", "F", "p"]] = [0.0, np.nan, np.nan]
-        for c in ANOVA_COLUMNS[6:]:
+        for c in ANOVA_COLUMNS[7:]:
             table[c] = np.nan
         return table[ANOVA_COLUMNS], full, notes + [CONSTANT_NOTE]
     with warnings.catch_warnings():  # scipy's ncf warns on extreme tails it still evaluates

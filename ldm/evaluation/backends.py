@@ -5,21 +5,23 @@ A backend is built as `factory(weights: Optional[str], device: torch.device)` an
     image_features(images) -> (B, D)               images (B, 3, H, W) in [0, 1]; any size (the backend resizes)
     text_image_score(images, prompts) -> (B,)     cosine similarity of each image to its prompt; only when
                                                    `has_text` is True
+    subject_rate(images, look=None) -> float       share of images that show the subject (`look`: what the
+                                                   classifier must see; None: its default subject); only when
+                                                   `has_rate`, with subject_look(folder name) -> look or None
 
-Subject fidelity (DINO, CLIP-I of DreamBooth, Ruiz et al. 2023) is the mean cosine similarity of the samples'
-`image_features` to the instance images'; prompt fidelity (CLIP-T) is the mean `text_image_score`
-(`ldm.evaluation.metrics`).
+The metrics on them (subject fidelity: DINO, CLIP-I; prompt fidelity: CLIP-T; prior preservation, subject leakage,
+subject rate, FID) are the registry of `ldm.evaluation.metrics`.
 
-Preprocessing follows the metric models' own image processors in transformers (the torchvision backend, transformers
-5's default), so scores are comparable with numbers computed that way (`Preprocess`): samples in [0, 1] are first
-rounded to uint8, as a PNG of them would be. (transformers' PIL backend, the default before version 5, resizes with
-PIL: on the test images up to one 8-bit level per pixel apart.)
-- dino (DreamBooth's DINO score, Ruiz et al. 2023: the CLS token of DINO ViT-S/16): the preprocessor_config.json of
-  facebook/dino-vits16 (ViTImageProcessor): resize to 224x224 (bilinear, antialiased; no crop, the aspect ratio is
-  not kept), ImageNet mean/std. The DreamBooth paper does not publish its preprocessing; the DINO repository's own
-  evaluation is another protocol (shorter side to 256, bicubic, centre crop 224).
-- clip (CLIP-I, CLIP-T): CLIPImageProcessor's: resize the shorter side to 224 (bicubic, antialiased), centre crop
-  224x224, CLIP's mean/std. 224 is the model's `image_size` (336 for the -336 CLIPs) in both.
+Preprocessing is the metric model's own: the `preprocessor_config.json` in its weights folder, applied as transformers
+5's image processors (torchvision backend) apply it (`ldm.evaluation.preprocess`), so scores are comparable with
+numbers computed that way; samples in [0, 1] are first rounded to uint8, as a PNG of them would be. A folder without
+that file is preprocessed as the published weights are, with a warning:
+- dino (DreamBooth's DINO score, Ruiz et al. 2023: the CLS token of DINO ViT-S/16): facebook/dino-vits16's file
+  (ViTImageProcessor): resize to 224x224 (bilinear, antialiased; no crop, the aspect ratio is not kept), ImageNet
+  mean/std. The DreamBooth paper does not publish its preprocessing; the DINO repository's own evaluation is another
+  protocol (shorter side to 256, bicubic, centre crop 224).
+- clip (CLIP-I, CLIP-T): CLIPImageProcessor's defaults: resize the shorter side to 224 (bicubic, antialiased), centre
+  crop 224x224, CLIP's mean/std. 224 is the model's `image_size` (336 for the -336 CLIPs) in both.
 
 A new backend is one line in BACKENDS: its name and the dotted path of its class or factory, imported only when the
 backend is asked for (so the tiny world's probe, `ldm.tinyworld.metrics`, and transformers load on demand); its
@@ -29,17 +31,16 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
-from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
 from ldm.checks import ConfigError
+from ldm.evaluation.preprocess import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess,  # noqa: F401
+                                       clip_default, dino_default, folder_preprocess, to_uint8)
+from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
 from ldm.util import get_obj_from_str
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ BACKENDS: Dict[str, str] = {
     "clip": "ldm.evaluation.backends.ClipBackend",
     "tinyworld": "ldm.tinyworld.metrics.tinyworld_backend",
 }
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # facebook/dino-vits16 (Caron et al. 2021): the architecture of a bare weights file without its config.json
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # transformers' names
 DINO_VITS16 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
@@ -82,55 +81,10 @@ def get_backend(name: str, weights: Optional[str] = None, device: Optional[torch
     return factory(weights=weights, device=torch.device(device or "cpu"))
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> uint8, rounded as ldm.util.to_pil rounds an image saved as PNG."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """A metric model's image preprocessing as transformers' image processors do it (torchvision backend): resize
-    uint8 images (to size x size, or the shorter side to size), optionally centre-crop size x size, then rescale by
-    1/255 and normalise, fused as transformers fuses them."""
-    size: int
-    shortest_edge: bool
-    interpolation: InterpolationMode
-    crop: bool
-    mean: Tuple[float, float, float]
-    std: Tuple[float, float, float]
-
-    def resized(self, height: int, width: int) -> Tuple[int, int]:
-        """The (height, width) after the resize; the longer side is truncated as transformers truncates it."""
-        if not self.shortest_edge:
-            return self.size, self.size
-        if width <= height:
-            return int(self.size * height / width), self.size
-        return self.size, int(self.size * width / height)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> the model's pixel_values (on the CPU, where transformers' processors run)."""
-        x = TF.resize(to_uint8(images.cpu()), list(self.resized(*images.shape[-2:])), self.interpolation,
-                      antialias=True)
-        if self.crop:
-            top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
-            x = x[..., top:top + self.size, left:left + self.size]
-        mean, std = torch.tensor(self.mean) * 255.0, torch.tensor(self.std) * 255.0
-        return (x.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
-
-
-def dino_preprocess(size: int = 224) -> Preprocess:
-    """facebook/dino-vits16's preprocessor_config.json: size x size bilinear, no crop, ImageNet mean/std."""
-    return Preprocess(size, False, InterpolationMode.BILINEAR, False, IMAGENET_MEAN, IMAGENET_STD)
-
-
-def clip_preprocess(size: int = 224) -> Preprocess:
-    """CLIPImageProcessor: shorter side to size (bicubic), centre crop size x size, CLIP mean/std."""
-    return Preprocess(size, True, InterpolationMode.BICUBIC, True, CLIP_MEAN, CLIP_STD)
-
-
 class MetricBackend:
     """Base class of the backends: `prepare` gives the wrapped model's pixel_values by its `preprocess`."""
-    has_text = False
+    has_text = False  # text_image_score: prompt fidelity
+    has_rate = False  # subject_rate (a classifier that sees the subject): subject rate, and in class samples
     preprocess: Optional[Preprocess] = None
 
     def prepare(self, images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -145,6 +99,14 @@ class MetricBackend:
     def text_image_score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         raise EvaluationError(f"the {type(self).__name__} backend has no text model: it gives no prompt fidelity")
 
+    def subject_look(self, subject: str) -> Optional[dict]:
+        """What the classifier must see for the subject whose instance images are in a folder named `subject`; None
+        when it does not know that subject (its subject rate is then not measured)."""
+        return None
+
+    def subject_rate(self, images: torch.Tensor, look: Optional[dict] = None) -> float:
+        raise EvaluationError(f"the {type(self).__name__} backend has no subject classifier: it gives no subject rate")
+
 
 def require_path(weights: Optional[str], backend: str, what: str) -> Path:
     """The weights path, or an error naming the missing file and how to pass it."""
@@ -156,6 +118,14 @@ def require_path(weights: Optional[str], backend: str, what: str) -> Path:
         raise WeightsNotFoundError(f"weights of the '{backend}' metric not found: '{path}' does not exist; put "
                                    f"{what} there, or pass --metric {backend}=PATH with the right place")
     return path
+
+
+def read_preprocess(path: Path, default: dict, backend: str) -> Preprocess:
+    """The preprocessing in the preprocessor_config.json beside the weights (or `default`, with a warning)."""
+    try:
+        return folder_preprocess(path if path.is_dir() else path.parent, default, backend)
+    except ValueError as e:
+        raise EvaluationError(f"the '{backend}' metric's preprocessing: {e}") from None
 
 
 def _pooled(output) -> torch.Tensor:
@@ -211,7 +181,7 @@ class DinoBackend(MetricBackend):
         self.device = torch.device(device or "cpu")
         self.model = _load_transformers("ViTModel", path, "dino", DINO_VITS16, add_pooling_layer=False)
         self.model.to(self.device)
-        self.preprocess = dino_preprocess(self.model.config.image_size)
+        self.preprocess = read_preprocess(path, dino_default(self.model.config.image_size), "dino")
 
     @torch.no_grad()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -228,7 +198,7 @@ class ClipBackend(MetricBackend):
                                              "pytorch_model.bin) of a CLIP model, e.g. openai/clip-vit-large-patch14")
         self.device = torch.device(device or "cpu")
         self.model = _load_transformers("CLIPModel", path, "clip").to(self.device)
-        self.preprocess = clip_preprocess(self.model.config.vision_config.image_size)
+        self.preprocess = read_preprocess(path, clip_default(self.model.config.vision_config.image_size), "clip")
         context = self.model.config.text_config.max_position_embeddings
         self.tokenizer = CLIPTokenizer(context_length=context)  # the offline BPE vocabulary of SD's text encoder
 

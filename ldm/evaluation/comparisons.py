@@ -11,7 +11,7 @@
 - Correlations between metrics over runs: Pearson r with its Fisher-z interval and p, Holm-adjusted over the pairs.
 """
 import itertools
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -25,21 +25,44 @@ CORRELATION_COLUMNS = ["metric_a", "metric_b", "n", "r", "low", "high", "p", "p_
 
 
 def holm(p: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjusted p-values (Holm 1979): the i-th smallest times (m - i), made monotone, at most 1."""
+    """Holm's step-down adjusted p-values (Holm 1979): the i-th smallest times (m - i), made monotone, at most 1;
+    NaN (an untested comparison) stays NaN and does not count in m.
+
+    Equal to statsmodels' `multipletests(p, method="holm")` (tested), which is not called: its Holm branch runs a full
+    `gc.collect()` on every call, 1.0-1.3 s in an anova.py process here (it imports torch), and a study's report
+    adjusts some fifty families."""
     p = np.asarray(p, dtype=float)
-    order = np.argsort(p, kind="stable")
-    stepped = np.maximum.accumulate(p[order] * (len(p) - np.arange(len(p))))
-    out = np.empty_like(p)
-    out[order] = np.minimum(stepped, 1.0)
+    out = np.full(p.shape, np.nan)
+    tested = np.flatnonzero(np.isfinite(p))
+    order = tested[np.argsort(p[tested], kind="stable")]
+    out[order] = np.minimum(np.maximum.accumulate(p[order] * (len(order) - np.arange(len(order)))), 1.0)
     return out
 
 
-def emm_vectors(model: Model, factor: str) -> Tuple[List[str], np.ndarray]:
+Slice = Dict[str, str]  # {other factor: its level}: the comparisons within that level (simple effects)
+
+
+def emm_vectors(model: Model, factor: str, at: Optional[Slice] = None) -> Tuple[List[str], np.ndarray]:
     """The levels and the matrix C (one row per level) with EMMs = C @ beta: the mean design row of the grid at that
-    level."""
+    level (within the slice `at`, e.g. {"dout": "ffni"}: the cell means there). Within a slice, only the levels with
+    runs in it."""
     grid, x = model.grid()
+    inside = np.ones(len(grid), dtype=bool)
+    for name, level in (at or {}).items():
+        inside &= (grid[name] == level).to_numpy()
     levels = model.levels[factor]
-    return levels, np.stack([x[(grid[factor] == lv).to_numpy()].mean(axis=0) for lv in levels])
+    if at:
+        seen = model.data[in_slice(model.data, at)][factor]
+        levels = [lv for lv in levels if (seen == lv).any()]
+    return levels, np.stack([x[(grid[factor] == lv).to_numpy() & inside].mean(axis=0) for lv in levels])
+
+
+def in_slice(data: pd.DataFrame, at: Optional[Slice]) -> np.ndarray:
+    """The runs of the slice `at` (all runs without one)."""
+    mask = np.ones(len(data), dtype=bool)
+    for name, level in (at or {}).items():
+        mask &= (data[name] == level).to_numpy()
+    return mask
 
 
 def contrasts(c: np.ndarray, fit: Fit) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,10 +74,11 @@ def contrasts(c: np.ndarray, fit: Fit) -> Tuple[np.ndarray, np.ndarray, np.ndarr
     return ok, estimate, np.where(ok, np.sqrt(np.maximum(variance, 0.0)), np.nan)
 
 
-def level_table(model: Model, fit: Fit, factor: str, alpha: float) -> pd.DataFrame:
+def level_table(model: Model, fit: Fit, factor: str, alpha: float, at: Optional[Slice] = None) -> pd.DataFrame:
     """Per level: runs, mean and its interval, and the EMM and its interval (empty when not estimable)."""
-    levels, c = emm_vectors(model, factor)
-    groups = pd.Series(model.y).groupby(model.data[factor].to_numpy())
+    levels, c = emm_vectors(model, factor, at)
+    mask = in_slice(model.data, at)
+    groups = pd.Series(model.y[mask]).groupby(model.data[factor].to_numpy()[mask])
     n, mean = groups.size()[levels].to_numpy(), groups.mean()[levels].to_numpy()
     t_crit = stats.t.ppf(1 - alpha / 2, fit.df_resid)
     half = t_crit * np.sqrt(fit.mse / n)
@@ -63,22 +87,43 @@ def level_table(model: Model, fit: Fit, factor: str, alpha: float) -> pd.DataFra
                          "emm_low": emm - t_crit * se, "emm_high": emm + t_crit * se}, columns=LEVEL_COLUMNS)
 
 
-def pairwise(model: Model, fit: Fit, factor: str, alpha: float) -> pd.DataFrame:
+def pairwise(model: Model, fit: Fit, factor: str, alpha: float, at: Optional[Slice] = None) -> pd.DataFrame:
     """Every pair of levels: the EMM difference a - b, Holm-adjusted p, Bonferroni interval, detectable difference."""
-    levels, c = emm_vectors(model, factor)
+    levels, c = emm_vectors(model, factor, at)
+    if len(levels) < 2:
+        return pd.DataFrame(columns=PAIR_COLUMNS)
     i, j = np.array(list(itertools.combinations(range(len(levels)), 2))).T
     ok, diff, se = contrasts(c[i] - c[j], fit)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = np.where(ok & (se > 0), 2 * stats.t.sf(np.abs(diff / se), fit.df_resid), np.nan)
-    tested = np.isfinite(p)
-    m = int(tested.sum())
-    p_holm = np.full(len(p), np.nan)
-    p_holm[tested] = holm(p[tested])
+    m = int(np.isfinite(p).sum())
+    p_holm = holm(p)
     t_crit = stats.t.ppf(1 - alpha / (2 * max(m, 1)), fit.df_resid)
     return pd.DataFrame({"level_a": np.array(levels)[i], "level_b": np.array(levels)[j], "estimable": ok,
                          "diff": diff, "se": se, "p": p, "p_holm": p_holm, "low": diff - t_crit * se,
                          "high": diff + t_crit * se, "mdd": (t_crit + stats.t.ppf(POWER, fit.df_resid)) * se,
                          "separated": p_holm < alpha}, columns=PAIR_COLUMNS)
+
+
+def slice_test(model: Model, fit: Fit, factor: str, at: Slice) -> Dict[str, float]:
+    """The simple effect of `factor` within the slice `at`: the F test that every estimable difference between its
+    levels there is zero (the general linear hypothesis L beta = 0 on the model's fit and residual variance; in a
+    rank-deficient design, levels the design cannot compare drop out instead of voiding the test)."""
+    levels, c = emm_vectors(model, factor, at)
+    nan = {"levels": 0, "df": 0, "F": np.nan, "p": np.nan}
+    if len(levels) < 2 or fit.df_resid < 1 or fit.mse <= 0:
+        return nan
+    i, j = np.array(list(itertools.combinations(range(len(levels)), 2))).T
+    ok, _, _ = contrasts(c[i] - c[j], fit)
+    lmat = (c[i] - c[j])[ok]
+    middle = lmat @ fit.xtx_pinv @ lmat.T
+    df = int(np.linalg.matrix_rank(middle)) if len(lmat) else 0
+    if df == 0:
+        return nan
+    est = lmat @ fit.beta
+    f_value = float(est @ np.linalg.pinv(middle) @ est) / df / fit.mse
+    return {"levels": len(set(i[ok]) | set(j[ok])), "df": df, "F": f_value,
+            "p": float(stats.f.sf(f_value, df, fit.df_resid))}
 
 
 def ranking(levels: pd.DataFrame, pairs: pd.DataFrame, higher_is_better: bool = True) -> Dict:
@@ -117,9 +162,6 @@ def correlations(table: pd.DataFrame, metrics: Sequence[str], alpha: float) -> p
             row.update(r=float(result.statistic), low=interval.low, high=interval.high, p=float(result.pvalue))
         rows.append(row)
     out = pd.DataFrame(rows, columns=CORRELATION_COLUMNS[:7])
-    tested = out.p.notna()
-    out["p_holm"] = np.nan
-    if tested.any():
-        out.loc[tested, "p_holm"] = holm(out.loc[tested, "p"])
+    out["p_holm"] = holm(out.p)
     out["significant"] = out.p_holm < alpha
     return out[CORRELATION_COLUMNS]

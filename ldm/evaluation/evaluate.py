@@ -1,4 +1,5 @@
-"""Evaluating trained runs: sample a fixed prompt set with fixed seeds, compute the metrics, add a row to the table.
+"""Evaluating trained runs: sample a fixed prompt set with fixed seeds, compute the protocol's metrics (the registry of
+`ldm.evaluation.metrics`), add a row to the table. Every sample is drawn by `draw`.
 
 A run is a folder holding the merged config.yaml of its training and checkpoints/<step>-adapters (a sweep's run
 folder, or any main_dream_booth.py log dir). The model is rebuilt from that config (base weights from its
@@ -20,9 +21,9 @@ from ldm.config import load_yaml_config
 from ldm.data.dreambooth import format_prompt, usable_images
 from ldm.evaluation.backends import EvaluationError, MetricBackend
 from ldm.evaluation.fid import FrechetDistance
-from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
+from ldm.evaluation.metrics import CLASS, METRICS, Samples, load_images, measure
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
-from ldm.evaluation.table import FID, PRIOR, PROMPT, SUBJECT, done_runs, metric_column, upsert_row
+from ldm.evaluation.table import SUBJECT_COLUMN, done_runs, upsert_row
 from ldm.modules.adapters import (WEIGHTS_FILE, adapter_groups, adapter_parameters, adapters_enable, describe,
                                   load_adapter_from_dir)
 from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ("photo of a {token} {class_word}", "a {token} {class_word} on the beach",
                    "a {token} {class_word} in the snow", "a red {token} {class_word}")
 ADAPTER_DIR = re.compile(r"^(\d+)-adapters$")
+EVAL_LOCK = ".eval.lock"  # a run's evaluation claim (a dedicated file: a lock never touches config.yaml)
 STATS = {"seconds": "train_seconds", "steps": "train_steps", "steps_per_second": "train_steps_per_second",
          "peak_gpu_memory_bytes": "peak_gpu_memory_bytes", "peak_host_memory_bytes": "peak_host_memory_bytes"}
 
@@ -185,37 +187,34 @@ def adapter_size(adapters: Path, model: torch.nn.Module) -> Dict[str, Any]:
             "adapter": describe(groups.get("default", []))}
 
 
-def compute_metrics(metrics: Metrics, images: torch.Tensor, texts: Sequence[str], references: torch.Tensor
-                    ) -> Dict[str, float]:
-    """{<backend>_i: subject fidelity, <backend>_t: prompt fidelity (text backends), fid} of one run's samples."""
-    out = {}
-    for name, backend in metrics.backends.items():
-        out[metric_column(name, SUBJECT)] = subject_fidelity(backend, images, references)
-        if backend.has_text:
-            out[metric_column(name, PROMPT)] = prompt_fidelity(backend, images, texts)
-    if metrics.fid is not None:
-        out[FID] = metrics.fid(images, metrics.fid_reference)
-    return out
+def draw(model: torch.nn.Module, pairs: Sequence[Tuple[str, int]], size: int, settings: EvalSettings
+         ) -> torch.Tensor:
+    """The samples of (prompt, seed) pairs: every image evaluation measures is drawn here."""
+    return sample_images(model, pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
+
+
+def class_samples(model: torch.nn.Module, prompt: str, size: int, settings: EvalSettings,
+                  base_model: Optional[torch.nn.Module] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The class prompt sampled by the fine-tuned model and by the base model from the same seeds (DreamBooth's
+    prior). Without `base_model` the base is `model` with its adapters off (right when only adapters trained)."""
+    pairs = prompt_seed_pairs([prompt], settings.seeds)
+    tuned = draw(model, pairs, size, settings)
+    if base_model is not None:
+        return tuned, draw(base_model, pairs, size, settings)
+    adapters_enable(model, False)
+    try:
+        return tuned, draw(model, pairs, size, settings)
+    finally:
+        adapters_enable(model, True)
 
 
 def prior_metrics(model: torch.nn.Module, metrics: Metrics, prompt: str, size: int, settings: EvalSettings,
-                  base_model: Optional[torch.nn.Module] = None) -> Dict[str, float]:
-    """{<backend>_prior}: the class prompt sampled by the fine-tuned model and by the base model from the same seeds,
-    compared pairwise (DreamBooth's prior preservation; a drifting class word scores low). Without `base_model` the
-    base is `model` with its adapters off (right when only adapters trained)."""
-    pairs = prompt_seed_pairs([prompt], settings.seeds)
-    options = (pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
-    tuned = sample_images(model, *options)
-    if base_model is not None:
-        base = sample_images(base_model, *options)
-    else:
-        adapters_enable(model, False)
-        try:
-            base = sample_images(model, *options)
-        finally:
-            adapters_enable(model, True)
-    return {metric_column(name, PRIOR): prior_preservation(backend, tuned, base)
-            for name, backend in metrics.backends.items()}
+                  base_model: Optional[torch.nn.Module] = None, references: Optional[torch.Tensor] = None
+                  ) -> Dict[str, float]:
+    """The registry's class-sample metrics (`<backend>_prior`, and with `references` `<backend>_leak`, ...)."""
+    tuned, base = class_samples(model, prompt, size, settings, base_model)
+    keys = [k for k, m in METRICS.items() if m.samples == CLASS]
+    return measure(metrics.backends, Samples(references=references, class_tuned=tuned, class_base=base), keys=keys)
 
 
 def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device: torch.device) -> Dict[str, Any]:
@@ -224,22 +223,30 @@ def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device
     config, adapters = run_config(run_dir), adapter_dir(run_dir, settings.step)
     model = load_run_model(config, adapters, device)
     prompts, texts = prompts_for(config, settings.prompts)
-    pairs = prompt_seed_pairs(prompts, settings.seeds)
     size = image_size(config)
-    images = sample_images(model, pairs, size, settings.steps, settings.scale, settings.sampler, settings.batch_size)
+    images = draw(model, prompt_seed_pairs(prompts, settings.seeds), size, settings)
     if settings.save_grid:  # replaces the grid of an earlier evaluation of this step (--force), atomically
         grid = image_grid(to_pil(images * 2 - 1), len(settings.seeds))
         atomic_write(str(run_dir / "eval" / f"samples-{adapters.name}.png"), lambda tmp: grid.save(tmp, format="PNG"))
-    plain = [t for t in texts for _ in settings.seeds]
-    row = {"run": run_dir.name, **run_levels(run_dir)}
-    row.update(compute_metrics(metrics, images, plain, instance_images(config, size)))
+    samples = Samples(subject=images, texts=[t for t in texts for _ in settings.seeds],
+                      references=instance_images(config, size), fid_reference=metrics.fid_reference,
+                      subject_name=subject_name(config))
     if settings.prior_prompt:  # a fine-tuned UNet is compared with the base weights, not just with adapters off
         base_model = load_model_from_config(config).to(device).eval() if trains_unet(config) else None
-        row.update(prior_metrics(model, metrics, format_prompt(settings.prior_prompt, subject_fields(config)), size,
-                                 settings, base_model))
+        prompt = format_prompt(settings.prior_prompt, subject_fields(config))
+        samples.class_tuned, samples.class_base = class_samples(model, prompt, size, settings, base_model)
+    row = {"run": run_dir.name, SUBJECT_COLUMN: subject_name(config), **run_levels(run_dir)}
+    row.update(measure(metrics.backends, samples, metrics.fid))
     row.update(adapter_size(adapters, model), adapter_step=int(adapters.name.split("-")[0]), n_samples=len(images))
     row.update(train_stats(run_dir))
     return row
+
+
+def subject_name(config: DictConfig) -> str:
+    """The name of the run's instance-image folder: its subject outside a sweep with a `subject` factor, and the
+    name a classifier backend knows the subject's look by."""
+    root = OmegaConf.select(config, "data.params.train.params.data_root") or ""
+    return Path(str(root)).name
 
 
 def run_levels(run_dir: Path) -> Dict[str, Any]:
@@ -269,7 +276,7 @@ def evaluate_runs(runs: Sequence[Path], table: Path, metrics: Metrics, settings:
                   skip: Sequence[str] = (), force: bool = False) -> Dict[str, str]:
     """Evaluate each run not in `skip` and upsert its row into `table` as soon as it is done; returns the failures
     (run name -> reason). Another process evaluating the same runs is taken into account: each run is claimed by a
-    lock on its config.yaml while it is evaluated, a run claimed elsewhere is put off to the end, and (unless
+    lock (EVAL_LOCK in its folder) while it is evaluated, a run claimed elsewhere is put off to the end, and (unless
     `force`) a run whose row appeared meanwhile is skipped, so each run is evaluated and written once."""
     failed: Dict[str, str] = {}
     deferred = []
@@ -287,7 +294,7 @@ def evaluate_runs(runs: Sequence[Path], table: Path, metrics: Metrics, settings:
 def _claimed_evaluation(run_dir: Path, table: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
                         failed: Dict[str, str], force: bool, blocking: bool) -> bool:
     """Evaluate one run under its lock; False when another process holds the lock (and `blocking` is False)."""
-    with file_lock(Path(run_dir) / "config.yaml", blocking) as claimed:  # the run's own file: nothing is added
+    with file_lock(Path(run_dir) / EVAL_LOCK, blocking) as claimed:
         if not claimed:
             return False
         if not force and run_dir.name in done_runs(table):

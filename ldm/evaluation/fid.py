@@ -3,10 +3,13 @@
 Features: torch-fidelity's `FeatureExtractorInceptionV3` (the TF-1.x Inception-v3 of the original FID code, weights
 `pt_inception-2015-12-05-6726825d.pth`), fed uint8 images (samples in [0, 1] are rounded to 8 bits as a PNG of them
 would be) which it resizes to 299x299 with its own TF-1.x-exact bilinear interpolation; the 2048-d pool3 features.
-Statistics: the features' mean and covariance (unbiased, N - 1) in float64. Distance: |mu1 - mu2|² + tr(S1) + tr(S2)
-- 2 tr((S1 S2)^1/2), the trace of the square root from the eigenvalues of S1 S2, as torch-fidelity computes it. The
-result equals `torch_fidelity.calculate_metrics(fid=True)` on the same images (tested). `--fid_features NAME` puts the
-same distance in a metric backend's feature space instead (not comparable with published FID).
+Statistics and distance are torch-fidelity's own functions (`fid_features_to_statistics`, `fid_statistics_to_metric`):
+the features' mean and covariance (unbiased, N - 1) in float64, and |mu1 - mu2|² + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2)
+with the trace of the square root from the eigenvalues of S1 S2. What stays here is what torch-fidelity does not offer
+as a function on tensors: featurising samples already in memory in fixed batches, and keeping each reference folder's
+statistics. The result equals `torch_fidelity.calculate_metrics(fid=True)` on the same images (tested).
+`--fid_features NAME` puts the same distance in a metric backend's feature space instead (not comparable with
+published FID).
 
 Repeatable: the reference statistics are computed once per reference folder and image size and kept (keyed by the
 folder's file names, sizes and modification times), never accumulated again; each call computes the samples' own
@@ -21,10 +24,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 from ldm.checkpoint import CheckpointError, load_state_dict
 from ldm.data.dreambooth import DataError, list_images, usable_images
-from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, require_path, to_uint8
+from ldm.evaluation.backends import EvaluationError, MetricBackend, WeightsNotFoundError, require_path
+from ldm.evaluation.preprocess import to_uint8
 from ldm.evaluation.metrics import load_images
 
 log = logging.getLogger(__name__)
@@ -43,10 +49,6 @@ class InceptionFeatures:
         path = require_path(weights, "fid", f"torch-fidelity's Inception weights file {FID_WEIGHTS}")
         if not path.is_file():
             raise WeightsNotFoundError(f"'{path}' is not a file: the FID metric needs {FID_WEIGHTS} itself")
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise EvaluationError("FID on Inception-v3 needs torch-fidelity: pip install torch-fidelity") from None
         try:  # the project's safe reader (tensors only): torch-fidelity itself would unpickle anything
             state = load_state_dict(str(path))
         except CheckpointError as e:
@@ -70,18 +72,18 @@ class InceptionFeatures:
 
 
 def statistics(features: torch.Tensor) -> Statistics:
-    """Mean and covariance (N - 1) of (N, D) features, in float64."""
-    x = features.detach().cpu().double().numpy()
-    return x.mean(axis=0), np.cov(x, rowvar=False)
+    """Mean and covariance (N - 1) of (N, D) features, in float64: torch-fidelity's own function. It keeps the
+    features' dtype, so they are made float64 first (as FID's reference code computes)."""
+    stats = fid_features_to_statistics(features.detach().cpu().double())
+    return stats["mu"], stats["sigma"]
 
 
 def frechet_distance(a: Statistics, b: Statistics) -> float:
-    """|mu_a - mu_b|² + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2), the trace of the root from the eigenvalues of the
-    product (its negative round-off contributes nothing), in float64."""
+    """|mu_a - mu_b|² + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^1/2): torch-fidelity's own function (the trace of the root
+    from the eigenvalues of the product), so the number is its number."""
     (mu_a, s_a), (mu_b, s_b) = a, b
-    diff = mu_a - mu_b
-    root_trace = np.sqrt(np.linalg.eigvals(s_a @ s_b).astype(complex)).real.sum()
-    return float(diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * root_trace)
+    return fid_statistics_to_metric({"mu": mu_a, "sigma": s_a}, {"mu": mu_b, "sigma": s_b},
+                                    verbose=False)[KEY_METRIC_FID]
 
 
 class FrechetDistance:

@@ -1,10 +1,16 @@
 """The sentences of a design-space report, generated from the numbers so that no claim outruns its uncertainty.
 
-- A factor "drives" a metric only when its Type II test is significant at alpha; the sentence gives F, p, eta² and
-  partial eta² with its interval. Otherwise it says the test was not significant and what effect it could detect.
+- A factor "drives" a metric only when its Type II test is significant at alpha after the Holm adjustment over all
+  the study's tests; the sentence gives F, the unadjusted and the adjusted p, eta² and partial eta² with its
+  interval. A test significant only before the correction is said to be so, and not called a driver; otherwise the
+  sentence says what effect the test could detect.
+- Where an interaction is significant, the main-effect sentences of its factors say so, and the claims about levels
+  are made within each level of the other factor (simple effects) instead of on the average.
 - A level (or design point) is called "best" only when its adjusted comparisons separate it from every other one;
   otherwise it is the "top" one, "not separated from" the others it cannot be told from, with its lead over the
   runner-up and the difference that comparison could detect.
+- Two sets of runs (e.g. the whole UNet against an adapter) are called higher or lower only when Welch's interval of
+  their difference excludes 0.
 - Two metrics are called correlated only when the Holm-adjusted p of their Pearson r is below alpha, with r, its
   interval and p.
 """
@@ -12,13 +18,15 @@ from typing import List, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ldm.evaluation.anova import CONSTANT_NOTE
 from ldm.evaluation.comparisons import ranking
-from ldm.evaluation.study import POINT, MetricAnalysis
-from ldm.evaluation.table import FID, METRIC_SUFFIXES, higher_is_better
+from ldm.evaluation.study import POINT, MetricAnalysis, SimpleEffect, significant
+from ldm.evaluation.metrics import metric_of_column
+from ldm.evaluation.table import higher_is_better
 
-FACTOR_KINDS = ("factor", "interaction")
+FACTOR_KINDS = ("factor", "covariate", "interaction")
 
 
 def num(value: float, digits: int = 3) -> str:
@@ -43,24 +51,63 @@ def confidence(alpha: float) -> str:
 
 def describe_metric(metric: str) -> str:
     """'tinyworld_i' -> 'subject fidelity, higher is better'."""
-    kind = next((k for s, k in METRIC_SUFFIXES.items() if metric.endswith(s)), "FID" if metric == FID else "")
+    found = metric_of_column(metric)
+    kind = found.title if found else ""
     direction = "higher is better" if higher_is_better(metric) else "lower is better"
     return f"{kind}, {direction}" if kind else direction
 
 
+def holm_text(r: MetricAnalysis, p: float) -> str:
+    return f"Holm-adjusted over the study's {r.family} tests {num(p, 2)}"
+
+
 def term_sentence(r: MetricAnalysis, row: pd.Series) -> str:
-    """Whether a factor (or interaction) drives the metric, with the numbers that say so."""
+    """Whether a factor, covariate or interaction drives the metric, with the numbers that say so."""
     name = f"the {row.term} interaction" if row.kind == "interaction" else row.term
     if row.df == 0:
         return f"- {name}: no degree of freedom of its own (confounded with the other terms), so not tested."
-    test = f"F({int(row.df)}, {int(r.term('Residual').df)}) = {num(row.F)}, {p_text(row.p)}"
-    if row.p < r.alpha:
+    test = f"F({int(row.df)}, {int(r.term('Residual').df)}) = {num(row.F)}, {p_text(row.p)}, {holm_text(r, row.p_holm)}"
+    if row.p_holm < r.alpha:
         interval = (f" ({confidence(2 * r.alpha)} CI {share(row.partial_eta_sq_low)} to "
                     f"{share(row.partial_eta_sq_high)})") if r.alpha < 0.5 else ""
-        return (f"- **{name} drives {r.metric}**: {test}; eta² {share(row.eta_sq)}, partial eta² "
-                f"{share(row.partial_eta_sq)}{interval}.")
+        what = (f"is significant for {r.metric}: the effect of {row.term.split(':')[0]} depends on "
+                f"{' and '.join(row.term.split(':')[1:])}") if row.kind == "interaction" else f"drives {r.metric}"
+        return (f"- **{name} {what}**: {test}; eta² {share(row.eta_sq)}, partial eta² "
+                f"{share(row.partial_eta_sq)}{interval}.{depends_text(r, row)}")
+    if row.p < r.alpha:
+        return (f"- {name}: significant only before the correction for the study's {r.family} tests ({test}), so no "
+                f"claim is made on it.{depends_text(r, row)}")
     return (f"- {name}: not significant ({test}; eta² {share(row.eta_sq)}); with these runs the F test detects "
-            f"(80% power) effects of partial eta² {share(row.detectable_partial_eta_sq)} or more.")
+            f"(80% power) effects of partial eta² {share(row.detectable_partial_eta_sq)} or more."
+            f"{depends_text(r, row)}")
+
+
+def interacting(r: MetricAnalysis, factor: str) -> List[str]:
+    """The other terms of the significant two-way interactions that contain `factor`."""
+    return [b for (a, b) in r.simple if a == factor]
+
+
+def depends_text(r: MetricAnalysis, row: pd.Series) -> str:
+    """For a main effect whose factor is in a significant interaction: say so, and where its claims are."""
+    others = interacting(r, row.term) if row.kind == "factor" else []
+    if not others:
+        return ""
+    return (f" Its effect depends on {' and '.join(others)} (significant interaction), so this test averages over "
+            f"{'them' if len(others) > 1 else 'its levels'}; its levels are compared within each level of "
+            f"{' and '.join(others)} below (simple effects).")
+
+
+def simple_lines(r: MetricAnalysis, factor: str, by: str, slices: Sequence[SimpleEffect]) -> List[str]:
+    """The simple effects of `factor` within each level of `by`, and the top level within each significant one."""
+    df2 = int(r.term("Residual").df)
+    parts = [f"{s.where}: F({int(s.test['df'])}, {df2}) = {num(s.test['F'])}, {p_text(s.test['p'])}, Holm "
+             f"{num(s.test['p_holm'], 2)}{' (significant)' if s.test['p_holm'] < r.alpha else ''}" for s in slices]
+    lines = [f"- Simple effects of {factor} within each level of {by} (Holm-adjusted over the {len(slices)} levels "
+             f"where {factor} varies): " + "; ".join(parts) + "."]
+    for s in slices:
+        if s.test["p_holm"] < r.alpha and len(s.levels) > 1:
+            lines.append("  " + ranking_sentence(r, f"{factor} within {s.where}", s.levels, s.pairs))
+    return lines
 
 
 def block_sentence(r: MetricAnalysis, row: pd.Series) -> str:
@@ -132,17 +179,20 @@ def metric_findings(r: MetricAnalysis) -> List[str]:
     lines += [term_sentence(r, row) for _, row in terms.iterrows()]
     lines += [block_sentence(r, row) for _, row in r.anova[r.anova.kind == "block"].iterrows()]
     for f in r.model.factors:
-        if r.term(f).p < r.alpha:
+        if interacting(r, f):
+            for by in interacting(r, f):
+                lines += simple_lines(r, f, by, r.simple[(f, by)])
+        elif significant(r, f):
             lines.append(ranking_sentence(r, f, r.levels[f], r.pairs[f]))
             lines.append(separated_sentence(f"Pairs of {f}", r.pairs[f], r.alpha))
     if r.points is not None:
         test = r.point_test
-        verdict = "differ" if test.p < r.alpha else "do not differ significantly"
+        verdict = "differ" if test.p_holm < r.alpha else "do not differ significantly"
         what = ' / '.join(r.model.factors)
         lines.append(f"- The {len(r.points)} design points ({what}) {verdict} (one-way F({int(test.df)}, "
-                     f"{int(test.df_resid)}) = {num(test.F)}, {p_text(test.p)}).")
+                     f"{int(test.df_resid)}) = {num(test.F)}, {p_text(test.p)}, {holm_text(r, test.p_holm)}).")
         lines.append(ranking_sentence(r, f"{POINT} ({what})", r.points, r.point_pairs))
-        if test.p < r.alpha:
+        if test.p_holm < r.alpha:
             lines.append(separated_sentence("Pairs of design points", r.point_pairs, r.alpha, limit=0))
     return lines + [""]
 
@@ -163,3 +213,22 @@ def correlation_sentences(table: pd.DataFrame, alpha: float) -> List[str]:
         else:
             lines.append(f"- {row.metric_a} and {row.metric_b}: no significant correlation ({numbers}).")
     return lines
+
+
+def difference_sentence(metric: str, a_name: str, a: Sequence[float], b_name: str, b: Sequence[float],
+                        alpha: float = 0.05) -> str:
+    """Two sets of runs compared on one metric (e.g. the whole UNet against an adapter, one value per training seed):
+    the difference of means with Welch's t interval and p; "higher" or "lower" only when the interval excludes 0,
+    otherwise "not separated", with what the runs could show."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        return (f"- {a_name} vs {b_name} on {metric}: {len(a)} and {len(b)} run(s), too few for an interval "
+                "(2 or more each).")
+    test = stats.ttest_ind(a, b, equal_var=False)
+    low, high = test.confidence_interval(1 - alpha)
+    diff = a.mean() - b.mean()
+    numbers = (f"difference {num(diff)} ({confidence(alpha)} CI {num(low)} to {num(high)}, Welch t({num(test.df)}) = "
+               f"{num(test.statistic)}, {p_text(test.pvalue)}; {len(a)} vs {len(b)} runs)")
+    if low > 0 or high < 0:
+        return f"- **{a_name} is {'higher' if diff > 0 else 'lower'} than {b_name} on {metric}**: {numbers}."
+    return f"- {a_name} and {b_name} are not separated on {metric}: {numbers}."

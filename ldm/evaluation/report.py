@@ -1,6 +1,7 @@
-"""The report of a design-space analysis: the findings as sentences generated from the numbers (`findings`), tables
-as Markdown and CSV, plots as PNG (matplotlib, Agg), and one report.md that links them all with relative paths.
-Every file is written atomically."""
+"""The report of a design-space analysis: the findings as sentences generated from the numbers (`findings`), the plan
+of a next study from this one's variances (`planning`), tables as Markdown and CSV, plots as PNG (matplotlib, Agg),
+one report.md that links them all with relative paths, and findings.md with the generated findings alone (what the
+docs link to instead of quoting numbers by hand). Every file is written atomically."""
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -10,9 +11,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from ldm.checkpoint import atomic_write
-from ldm.evaluation.anova import levels_of
+from ldm.evaluation.anova import AnalysisError, levels_of
 from ldm.evaluation.comparisons import correlations
-from ldm.evaluation.findings import confidence, correlation_sentences, metric_findings
+from ldm.evaluation.findings import confidence, correlation_sentences, metric_findings, num
+from ldm.evaluation.planning import pilot, pilot_text, plan_table, smallest_plans
 from ldm.evaluation.study import POINT, MetricAnalysis
 
 PARAMETERS = "trainable_parameters"
@@ -147,8 +149,7 @@ def comparison_lines(r: MetricAnalysis, name: str, levels: pd.DataFrame, pairs: 
     return lines
 
 
-def metric_section(table: pd.DataFrame, r: MetricAnalysis, pairs: Sequence[Tuple[str, str]],
-                   outdir: Path) -> List[str]:
+def metric_section(table: pd.DataFrame, r: MetricAnalysis, outdir: Path) -> List[str]:
     """The Markdown of one metric: ANOVA, levels and comparisons, design points, plots; writes their files."""
     m, factors = r.metric, r.model.factors
     write_table(r.anova, outdir / f"anova-{m}")
@@ -156,12 +157,14 @@ def metric_section(table: pd.DataFrame, r: MetricAnalysis, pairs: Sequence[Tuple
     lines = [f"## {m}", "", f"Type II ANOVA on {r.n} runs{blocks} (`anova-{m}.csv`):", "", markdown_table(r.anova),
              ""]
     lines += [f"> Note: {n}" for n in r.notes] + ([""] if r.notes else [])
+    lines += simple_effect_lines(r, outdir)
     for f in factors if not r.constant else ():
         lines += comparison_lines(r, f, r.levels[f], r.pairs[f], outdir)
     if r.points is not None:
         lines += comparison_lines(r, POINT, r.points, r.point_pairs, outdir)
     plots = [plot_levels(table, m, f, outdir / "plots" / f"{m}-by-{f}.png", r.levels.get(f), confidence(r.alpha))
              for f in factors]
+    pairs = [t for t in r.model.interactions if len(t) == 2] or ([factors[:2]] if len(factors) > 1 else [])
     plots += [plot_interaction(table, m, a, b, outdir / "plots" / f"{m}-{a}-x-{b}.png") for a, b in pairs]
     if PARAMETERS in table.columns:
         plots.append(plot_parameters(table, m, factors[0], outdir / "plots" / f"{m}-vs-parameters.png"))
@@ -169,37 +172,117 @@ def metric_section(table: pd.DataFrame, r: MetricAnalysis, pairs: Sequence[Tuple
     return lines
 
 
-METHOD = """How to read it: each metric is fitted by least squares on the factors as categories{blocks}. A factor
-*drives* a metric only when its Type II F test is significant at alpha; eta² is its share of the metric's variance,
-partial eta² its share after the other terms, with a 1 - 2 alpha interval from the noncentral F distribution (above 0
-exactly when the test is significant). A level is called
-*best* only when its comparisons (differences of estimated marginal means, adjusted for the other terms,
-Holm-adjusted over the factor's pairs) separate it from every other level; otherwise it is the *top* one, not
-separated from the others. Pairs the design cannot estimate (levels that only occur together with one level of
-another factor) are reported as such. Correlations are Pearson's r over runs, Holm-adjusted over the pairs of
-metrics."""
+METHOD = """How to read it: each metric is fitted by least squares on the factors as categories{blocks}{covariates},
+with the two-way interactions {interactions}. The study's {family} tests (every factor, covariate and interaction test
+and the design-point test of every metric) are one family: their p-values are Holm-adjusted together, and a factor
+*drives* a metric only when its Type II F test is significant at alpha after that correction (the unadjusted p is
+given beside it). eta² is a term's share of the metric's variance, partial eta² its share after the other terms, with
+a 1 - 2 alpha interval from the noncentral F distribution (above 0 exactly when the unadjusted test is significant).
+Where an interaction is significant, a main effect averages over the other factor, so its levels are compared within
+each level of the other factor instead (simple effects: an F test per level, Holm-adjusted over the levels). A level
+is called *best* only when its comparisons (differences of estimated marginal means on the model with the
+significant interactions, adjusted for the other terms, Holm-adjusted over the factor's pairs) separate it from every
+other level; otherwise it is the *top* one, not separated from the others. Pairs the design cannot estimate (levels
+that only occur together with one level of another factor) are reported as such. Correlations are Pearson's r over
+runs, Holm-adjusted over the pairs of metrics."""
+BLOCK_TEXT = {"seed": "the training seed: replicates", "subject": "the subject: a fixed block, so the claims are about "
+              "these subjects, and a factor x subject interaction tests whether an effect differs between them"}
 
 
-def write_report(table: pd.DataFrame, results: Sequence[MetricAnalysis], factors: Sequence[str],
-                 interactions: Sequence[Tuple[str, ...]], outdir: Path, source: str = "",
-                 alpha: float = 0.05) -> Path:
-    """report.md with every table and plot under `outdir`; returns its path."""
-    outdir.mkdir(parents=True, exist_ok=True)
-    pairs = [(i[0], i[1]) for i in interactions] or ([(factors[0], factors[1])] if len(factors) > 1 else [])
-    blocks = results[0].model.blocks if results else ()
-    block_text = (f" plus the block(s) {', '.join(blocks)} (replicates: an additive shift per level, not a design "
-                  "factor)") if blocks else ""
-    lines = ["# Design-space analysis", "", f"Results: {source or 'the results table'} ({len(table)} runs). Factors: "
-             f"{', '.join(factors)}. Blocks: {', '.join(blocks) or 'none'}. Significance level {alpha}; intervals "
-             f"at {confidence(alpha)}.", "", METHOD.format(blocks=block_text).replace("\n", " "), "", "## Findings",
-             ""]
-    for r in results:
-        lines += metric_findings(r)
+def method_text(results: Sequence[MetricAnalysis]) -> str:
+    """METHOD filled in for this study."""
+    model = results[0].model
+    blocks = "; ".join(BLOCK_TEXT.get(b, b) for b in model.blocks)
+    interactions = sorted({":".join(t) for r in results for t in r.model.interactions})
+    return METHOD.format(
+        blocks=f" plus the block(s) {', '.join(model.blocks)} (an additive shift per level, tested but not a design "
+               f"factor: {blocks})" if model.blocks else "",
+        covariates=f", and the covariate(s) {', '.join(model.covariates)} (one slope each)" if model.covariates else "",
+        interactions=(f"{', '.join(interactions)} (every one the design has the degrees of freedom for, unless "
+                      "--interactions names them)") if interactions else "none (additive model)",
+        family=results[0].family).replace("\n", " ")
+
+
+def findings_lines(table: pd.DataFrame, results: Sequence[MetricAnalysis], alpha: float, outdir: Path,
+                   diff: Optional[float] = None) -> List[str]:
+    """The generated findings: per metric, the correlations, and the plan from this study as a pilot."""
+    lines = [line for r in results for line in metric_findings(r)]
     if len(results) > 1:
         corr = correlations(table, [r.metric for r in results], alpha)
         write_table(corr, outdir / "correlations")
         lines += ["**Correlations between metrics** over runs (`correlations.csv`):", "",
                   *correlation_sentences(corr, alpha), ""]
+    return lines + planning_lines(results, alpha, outdir, diff)
+
+
+def planning_lines(results: Sequence[MetricAnalysis], alpha: float, outdir: Path,
+                   diff: Optional[float] = None) -> List[str]:
+    """This study as a pilot: the difference between two design points that S subjects x R seeds detect."""
+    lines = ["## Planning the next study", "", PLANNING.replace("\n", " "), ""]
     for r in results:
-        lines += metric_section(table, r, pairs, outdir)
+        if r.constant:
+            continue
+        try:
+            p = pilot(r)
+        except AnalysisError as e:
+            lines += [f"- {r.metric}: {e}.", ""]
+            continue
+        grid = plan_table(p, alpha, diff=diff)
+        write_table(grid, outdir / f"plan-{r.metric}")
+        lines += [f"- {pilot_text(p)}.", "", markdown_table(grid.pivot(index="subjects", columns="seeds",
+                                                                       values="mdd").reset_index()), ""]
+        if diff is not None:
+            lines += plan_sentences(p, diff, alpha) + [""]
+    return lines
+
+
+PLANNING = """The differences between two design points (mdd, 80% power, Holm's strictest step over all pairs of
+design points) that a study with S subjects (rows) x R training seeds (columns) per design point detects, from this
+study's seed-to-seed and subject-to-subject variances (`ldm/evaluation/planning.py` states the formula; `plan-*.csv`
+has the standard errors and degrees of freedom)."""
+
+
+def plan_sentences(p, diff: float, alpha: float, subjects: Sequence[int] = (1, 2, 3, 4, 6, 8, 12)) -> List[str]:
+    """The fewest seeds for each number of subjects that detect `diff`."""
+    plans = smallest_plans(p, diff, alpha, subjects)
+    found = plans[plans.detects]
+    if found.empty:
+        return [f"- To detect {num(diff)} on {p.metric}: no plan with up to {max(subjects)} subjects and 64 seeds "
+                "per design point does."]
+    listed = "; ".join(f"{int(r.subjects)} subject(s) x {int(r.seeds)} seeds ({int(r.runs)} runs, mdd {num(r.mdd)})"
+                       for r in found.itertuples())
+    assumed = "" if p.tau2 is not None else " (no subject-to-subject variance in the pilot: taken as 0)"
+    return [f"- To detect {num(diff)} on {p.metric} between two design points{assumed}: {listed}."]
+
+
+def simple_effect_lines(r: MetricAnalysis, outdir: Path) -> List[str]:
+    """The simple-effect tests of a metric, one table per (factor, other term), and their levels and pairs."""
+    lines = []
+    for (factor, by), slices in r.simple.items():
+        stem = file_stem(f"{r.metric}-{factor}-within-{by}")
+        tests = pd.DataFrame([{by: s.at[by], **s.test} for s in slices])
+        write_table(tests, outdir / f"simple-{stem}")
+        write_table(pd.concat([s.levels.assign(**{by: s.at[by]}) for s in slices]), outdir / f"levels-{stem}")
+        write_table(pd.concat([s.pairs.assign(**{by: s.at[by]}) for s in slices]), outdir / f"pairs-{stem}")
+        lines += [f"Simple effects of {factor} within each level of {by} (F test of {factor}'s cell means there on "
+                  f"the model with the significant interactions, Holm over the levels; `simple-{stem}.csv`, levels "
+                  f"and pairs within each in `levels-{stem}.csv`, `pairs-{stem}.csv`):", "", markdown_table(tests), ""]
+    return lines
+
+
+def write_report(table: pd.DataFrame, results: Sequence[MetricAnalysis], outdir: Path, source: str = "",
+                 alpha: float = 0.05, diff: Optional[float] = None) -> Path:
+    """report.md (and findings.md, its generated findings alone) with every table and plot under `outdir`; returns
+    report.md's path."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    model = results[0].model
+    header = [f"Results: {source or 'the results table'} ({len(table)} runs). Factors: {', '.join(model.factors)}. "
+              f"Blocks: {', '.join(model.blocks) or 'none'}. Covariates: {', '.join(model.covariates) or 'none'}. "
+              f"Significance level {alpha}; intervals at {confidence(alpha)}.", "", method_text(results), ""]
+    findings = findings_lines(table, results, alpha, outdir, diff)
+    write_text(outdir / "findings.md", "\n".join(["# Findings (generated from the numbers by scripts/anova.py)", "",
+                                                  *header, "## Findings", "", *findings]))
+    lines = ["# Design-space analysis", "", *header, "## Findings", "", *findings]
+    for r in results:
+        lines += metric_section(table, r, outdir)
     return write_text(outdir / "report.md", "\n".join(lines))

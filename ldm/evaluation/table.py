@@ -1,8 +1,9 @@
 """The results table: one CSV row per run, rewritten atomically under a lock, so a crash never leaves half a table
 and two evaluations writing one table lose nothing. A file that is not a results table is never written.
 
-Its metric columns are named here, once: `<backend>_i` subject fidelity (DINO, CLIP-I), `<backend>_t` prompt fidelity
-(CLIP-T), `<backend>_prior` prior preservation, and `fid` (lower is better; every other metric is higher-is-better).
+Its metric columns, their names and directions are the registry's (`ldm.evaluation.metrics.METRICS`): e.g.
+`<backend>_i` subject fidelity, `<backend>_t` prompt fidelity, `<backend>_prior` prior preservation,
+`<backend>_leak` subject leakage (lower is better), `fid` (lower is better).
 """
 import csv
 import io
@@ -13,28 +14,22 @@ from typing import Any, Dict, Iterator, List
 from ldm.checkpoint import atomic_write
 from ldm.checks import OutputPathError, check_writable_place, file_lock
 from ldm.evaluation.backends import EvaluationError
+from ldm.evaluation.metrics import metric_of_column
 
 RUN = "run"  # the key column
-SUBJECT, PROMPT, PRIOR = "_i", "_t", "_prior"  # suffixes of a backend's metric columns
-METRIC_SUFFIXES = {SUBJECT: "subject fidelity", PROMPT: "prompt fidelity", PRIOR: "prior preservation"}
-FID = "fid"
-
-
-def metric_column(backend: str, suffix: str) -> str:
-    """The column of one backend's metric, e.g. ('dino', SUBJECT) -> 'dino_i'."""
-    if suffix not in METRIC_SUFFIXES:
-        raise ValueError(f"unknown metric suffix '{suffix}'; known: {', '.join(METRIC_SUFFIXES)}")
-    return f"{backend}{suffix}"
+SUBJECT_COLUMN = "subject"  # the subject a run was trained on: a sweep's `subject` level, else its data folder's name
 
 
 def is_metric_column(name: str) -> bool:
-    """Whether a column holds a metric that evaluation writes (<backend>_i, _t, _prior, or fid)."""
-    return name == FID or (name.endswith(tuple(METRIC_SUFFIXES)) and name not in METRIC_SUFFIXES)
+    """Whether a column holds a metric of the registry (<backend>_i, _t, _prior, _leak, ..., fid)."""
+    return metric_of_column(name) is not None
 
 
 def higher_is_better(name: str) -> bool:
-    """The direction of a metric: FID is a distance (lower is better); similarities and rates are higher-is-better."""
-    return name != FID
+    """The direction of a metric column, from the registry (similarities and rates up, leakage and FID down); a
+    column that is no registry metric counts as higher-is-better."""
+    metric = metric_of_column(name)
+    return metric.higher_is_better if metric else True
 
 
 def read_rows(path: Path) -> List[Dict[str, str]]:

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ldm.modules.adapters.positions import STREAM
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
 from ldm.util import default
 
@@ -85,8 +86,7 @@ class BasicTransformerBlock(nn.Module):
     def adapter_widths(self) -> Dict[str, int]:
         """The width of the tensor at each named point: the residual stream's, and the context's at attn2c."""
         dim = self.norm1.normalized_shape[0]
-        points = ("attn1i", "attn1o", "attn2i", "attn2o", "ffni", "ffno", "transo")
-        return {**{p: dim for p in points}, "attn2c": self.attn2.to_k.in_features}
+        return {**{p: dim for p in STREAM}, "attn2c": self.attn2.to_k.in_features}
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
         return checkpoint(self._forward, x, context, flag=self.checkpoint)

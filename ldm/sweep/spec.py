@@ -18,6 +18,8 @@ A sweep file is YAML:
     rules:                                   # optional: settings for some combinations of levels
       - when: {din: resi}
         set: {mid_dim: 7}
+    budget: 30000                            # optional: every run's sizes (mid_dim, rank) set for ~30,000 adapter
+                                             # parameters (ldm/sweep/budget.py)
 
 A factor key is a dotted config key that exists in the merged config (list items by index), a flag above, or an
 alias of the config language (`ldm.config`): every adapter form's fields (`din`, `dout`, `method`, `mid_dim`, `rank`,
@@ -40,9 +42,10 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, PATH_FLAGS, apply_flags, load_configs, set_key
+from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, KEY_ALIASES, PATH_FLAGS, apply_flags, load_configs, set_key
+from ldm.sweep.budget import apply_budget
 from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
-from ldm.checks import ConfigError, yaml_number
+from ldm.checks import ConfigError, safe_load_unique, yaml_number
 from ldm.util import parse_yaml_value
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ class SweepError(ValueError):
     """A sweep file or sweep folder that cannot be used as it is."""
 
 
-SPEC_FIELDS = ("name", "base", "overrides", "factors", "rules")
+SPEC_FIELDS = ("name", "base", "overrides", "factors", "rules", "budget")
 CLI_FLAGS = ("seed", "scale_lr", "gpus", "accelerator", "devices", "num_nodes", "strategy", "precision")
 
 
@@ -79,7 +82,7 @@ def load_spec(path: str) -> Dict[str, Any]:
     if not path.is_file():
         raise SweepError(f"sweep file not found: '{path}'")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = safe_load_unique(path.read_text())  # a key given twice is refused, as the config loader does
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = " ".join(str(e).strip().splitlines()[:3])
         raise SweepError(f"sweep file '{path}' is not valid YAML: {first}") from None
@@ -99,9 +102,28 @@ def check_spec(spec: Any, where: str = "sweep") -> Dict[str, Any]:
     factors = spec.get("factors")
     if not isinstance(factors, Mapping) or not factors:
         raise SweepError(f"{where}: 'factors' must map factor names to {{key: ..., levels: [...]}}")
+    setters: Dict[str, str] = {}
     for name, factor in factors.items():
-        factor_levels(str(name), factor)
+        for key in sorted({canonical_key(k) for _, setting in factor_levels(str(name), factor) for k in setting}):
+            if key in setters:
+                raise SweepError(f"{where}: factors '{setters[key]}' and '{name}' both set {key}: in every run one "
+                                 "would silently override the other; make them one factor, or drop one")
+            setters[key] = str(name)
+    budget = spec.get("budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+        raise SweepError(f"{where}: 'budget' must be a positive integer (adapter parameters per run), got {budget!r}")
     return dict(spec)
+
+
+# what an alias or a flag sets, so two spellings of one setting are seen as one
+FLAG_KEYS = {"max_steps": "lightning.trainer.max_steps", "data_root": "data.params.train.params.data_root",
+             "reg_data_root": "data.params.reg.params.data_root", "actual_resume": "model.params.ckpt_path"}
+
+
+def canonical_key(key: str) -> str:
+    """The config key a sweep key sets (an alias or a flag resolved; adapter field aliases stay as they are)."""
+    key = KEY_ALIASES.get(key, key)
+    return FLAG_KEYS.get(key, key)
 
 
 def factor_levels(name: str, factor: Any) -> List[Tuple[Any, Dict[str, Any]]]:
@@ -149,6 +171,10 @@ def expand(spec: Mapping, root: Optional[Path] = None) -> Grid:
             for key, value in setting.items():
                 apply_setting(config, flags, key, value, root)
         reason = invalid_reason(config)
+        if not reason and spec.get("budget"):
+            size, count = _sweep_errors(apply_budget, config, spec["budget"])
+            log.info("%s: size %s, %s adapter parameters (budget %s)", levels, size, f"{count:,}",
+                     f"{spec['budget']:,}")
         if reason:
             log.info("dropped %s: %s", levels, reason)
             dropped.append((levels, reason))

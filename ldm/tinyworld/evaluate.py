@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from ldm.data.dreambooth import list_images
 from ldm.data.synthetic import (COLOURS, SHAPES, SIZES, POSITIONS, SUBJECT_CLASS, TEXTURES, Scene, SyntheticScenes,
                                 caption, random_scene, render_uint8, scene_rng)
-from ldm.evaluation.metrics import load_images, prior_preservation, prompt_fidelity, subject_fidelity
+from ldm.evaluation.metrics import METRICS, Samples, load_images, prompt_fidelity, subject_fidelity
 from ldm.evaluation.sampling import sample_images
 from ldm.modules.adapters import load_adapter_from_dir
 from ldm.tinyworld.metrics import TinyWorldMetric, prompt_attributes
@@ -103,19 +103,23 @@ def model_samples(model: torch.nn.Module, n: int = 16, steps: int = 25, scale: f
 
 def dreambooth_metrics(metric: TinyWorldMetric, before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor],
                        references: torch.Tensor) -> Dict[str, float]:
-    """Subject fidelity, subject rate, prompt fidelity and prior preservation from `model_samples` of two models."""
+    """Subject fidelity, subject rate, prompt fidelity and prior preservation from `model_samples` of two models, by
+    the evaluation protocol's registry (`ldm.evaluation.metrics.METRICS`)."""
     n = len(after["context"])
     context_prompts = [CONTEXT_PROMPTS[i % len(CONTEXT_PROMPTS)] for i in range(n)]
+
+    def value(key: str, **samples: torch.Tensor) -> float:
+        return METRICS[key].compute(metric, Samples(references=references, texts=context_prompts, **samples))
     return {
-        "subject_fidelity_base": subject_fidelity(metric, before["subject"], references),
-        "subject_fidelity": subject_fidelity(metric, after["subject"], references),
-        "subject_rate_base": metric.subject_rate(before["subject"]),
-        "subject_rate": metric.subject_rate(after["subject"]),
-        "prompt_fidelity_base": prompt_fidelity(metric, before["context"], context_prompts),
-        "prompt_fidelity": prompt_fidelity(metric, after["context"], context_prompts),
-        "class_similarity_to_base": prior_preservation(metric, after["class"], before["class"]),
-        "class_subject_rate_base": metric.subject_rate(before["class"]),
-        "class_subject_rate": metric.subject_rate(after["class"]),
+        "subject_fidelity_base": value("subject_fidelity", subject=before["subject"]),
+        "subject_fidelity": value("subject_fidelity", subject=after["subject"]),
+        "subject_rate_base": value("subject_rate", subject=before["subject"]),
+        "subject_rate": value("subject_rate", subject=after["subject"]),
+        "prompt_fidelity_base": value("prompt_fidelity", subject=before["context"]),
+        "prompt_fidelity": value("prompt_fidelity", subject=after["context"]),
+        "class_similarity_to_base": value("prior_preservation", class_tuned=after["class"], class_base=before["class"]),
+        "class_subject_rate_base": value("class_subject_rate", class_tuned=before["class"]),
+        "class_subject_rate": value("class_subject_rate", class_tuned=after["class"]),
     }
 
 

@@ -2,8 +2,9 @@
 
 - subject fidelity (like DINO / CLIP-I): mean cosine similarity of probe features to the instance images
   (`ldm.evaluation.metrics.subject_fidelity` with this backend);
-- subject rate: the fraction of images in which the probe sees the subject's look (checkered fill and an outline),
-  a direct check a person can verify by eye;
+- subject rate: the fraction of images in which the probe sees the subject's look (for the demo subject a checkered
+  fill and an outline; other subjects' looks by their folder's name in `SUBJECT_LOOKS`), a direct check a person can
+  verify by eye;
 - prompt fidelity (like CLIP-T): the fraction of the attributes a prompt names that the probe reads in the image;
 - prior preservation: paired feature similarity of class-prompt samples to the base model's samples from the same
   noise, and the rate at which the subject leaks into class samples (language drift).
@@ -20,7 +21,12 @@ import torch.nn.functional as F
 from ldm.data.synthetic import SUBJECTS
 from ldm.tinyworld.probe import ATTRIBUTES, DEFAULT_PROBE, load_probe
 
-DEMO_LOOK = dict(SUBJECTS["sks-star"].look)  # checkered and outlined
+# What the probe must read in an image for it to show a subject: probe attribute -> value.
+DEMO_LOOK: Dict[str, str] = dict(SUBJECTS["sks-star"].look)  # the demo subject (assets/tiny-world/sks-star)
+# The subjects whose looks the probe knows, by the name of their instance-image folder (assets/tiny-world/<name>): the
+# evaluation looks a run's subject up here by its data_root's name. A subject not listed gets no subject rate (a
+# warning says so) rather than another subject's.
+SUBJECT_LOOKS: Dict[str, Dict[str, str]] = {name: dict(s.look) for name, s in SUBJECTS.items()}
 
 _WORDS = {k: set(v) for k, v in ATTRIBUTES.items() if k in ("shape", "texture", "size")}
 _POSITION = re.compile(r"\b(?:at the|on the|in the) (left|right|top|bottom|center)\b")
@@ -53,6 +59,7 @@ class TinyWorldMetric:
 
     name = "tinyworld"
     has_text = True
+    has_rate = True  # subject_rate: the evaluation protocol's subject rate and subject rate in class samples
 
     def __init__(self, path: Union[str, Path, None] = DEFAULT_PROBE, device: Optional[torch.device] = None):
         self.probe = load_probe(Path(path or DEFAULT_PROBE))
@@ -81,12 +88,28 @@ class TinyWorldMetric:
             scores.append(sum(pred[k] == v for k, v in named.items()) / len(named) if named else 1.0)
         return torch.tensor(scores)
 
+    def subject_look(self, subject: str) -> Optional[Dict[str, str]]:
+        """The look of the subject whose instance images are in a folder named `subject` (`SUBJECT_LOOKS`), or None
+        when the probe does not know it."""
+        look = SUBJECT_LOOKS.get(subject)
+        return check_look(look) if look is not None else None
+
     def subject_rate(self, images: torch.Tensor, look: Optional[Dict[str, str]] = None) -> float:
         """Fraction of images showing a subject's `look` (probe attribute -> value; default the demo subject's: a
         checkered fill with an outline)."""
-        look = look or DEMO_LOOK
+        look = check_look(look or DEMO_LOOK)
         preds = self.predict(images)
         return sum(all(p[k] == v for k, v in look.items()) for p in preds) / max(len(preds), 1)
+
+
+def check_look(look: Dict[str, str]) -> Dict[str, str]:
+    """A look names probe attributes and values the probe can read (a misspelt one would match no image)."""
+    wrong = [f"{k}={v}" for k, v in look.items() if v not in ATTRIBUTES.get(k, ())]
+    if wrong or not look:
+        known = "; ".join(f"{k}: {'/'.join(v)}" for k, v in ATTRIBUTES.items())
+        raise ValueError(f"a subject's look must name probe attributes and their values ({known}), got "
+                         f"{', '.join(wrong) or 'nothing'}")
+    return dict(look)
 
 
 def tinyworld_backend(weights: Optional[str] = None, device: Optional[torch.device] = None) -> TinyWorldMetric:

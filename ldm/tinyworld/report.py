@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ldm.evaluation.evaluate import adapter_dir, load_run_model, run_config
+from ldm.evaluation.findings import difference_sentence
 from ldm.tinyworld.demo import train, upscaled
 from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, autoencoder_quality, base_quality, dreambooth_metrics,
                                     load_references, load_tiny_model, model_samples, model_world, quality_prompts,
@@ -50,6 +51,12 @@ def quality_summary(quality: Dict[str, Dict[str, float]], autoencoder: Dict[str,
     return rows
 
 
+ADAPTER, NO_PRIOR = "adapter, with prior preservation", "adapter, no prior preservation"
+UNET = "whole UNet (DreamBooth baseline), with prior"
+# The claims the DreamBooth table invites, each made only from the runs' values with an interval (findings.py).
+COMPARED = ((UNET, ADAPTER), (ADAPTER, NO_PRIOR))
+
+
 def table(header: List[str], rows: List[List[str]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -63,9 +70,7 @@ def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir
     references = load_references()
     base = model_samples(base_model, n)
     runs: Dict[str, List[Dict[str, float]]] = {"base model": [dreambooth_metrics(metric, base, base, references)]}
-    variants = [("adapter, with prior preservation", "prior", True, ()),
-                ("adapter, no prior preservation", "noprior", False, ()),
-                ("whole UNet (DreamBooth baseline), with prior", "unet", True, WHOLE_UNET)]
+    variants = [(ADAPTER, "prior", True, ()), (NO_PRIOR, "noprior", False, ()), (UNET, "unet", True, WHOLE_UNET)]
     for label, name, prior, overrides in variants:
         for seed in seeds:
             start = time.time()
@@ -75,6 +80,16 @@ def dreambooth_rows(metric: TinyWorldMetric, base_model: torch.nn.Module, outdir
             row["seconds"] = time.time() - start
             runs.setdefault(label, []).append(row)
     return runs
+
+
+def comparison_lines(runs: Dict[str, List[Dict[str, float]]], alpha: float = 0.05) -> List[str]:
+    """The whole UNet against the adapter and the prior on against off, on every column: the difference of the means
+    over training seeds with Welch's interval, Bonferroni-adjusted over all these comparisons (a difference is
+    claimed only when its interval excludes 0)."""
+    pairs = [(a, b) for a, b in COMPARED if a in runs and b in runs]
+    m = len(pairs) * len(COLUMNS)
+    return [difference_sentence(k.replace("_", " "), a, [r[k] for r in runs[a]], b, [r[k] for r in runs[b]],
+                                alpha / max(m, 1)) for a, b in pairs for k in COLUMNS]
 
 
 def base_samples_figure(model: torch.nn.Module, n: int = 12, seed: int = 4242, world: str = "base") -> Image.Image:
@@ -96,7 +111,7 @@ def mean(rows: List[Dict[str, float]], key: str) -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n: int = 32,
+def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24, 25, 26), n: int = 32,
                  quality_n: int = 200, config: Path = BASE_CONFIG, ckpt: Path = BASE_CKPT) -> Path:
     """Run everything on the base model `config` + `ckpt` (the shipped one by default) and write
     outdir/tiny-world-report.md (+ .json); no seeds: no DreamBooth runs. Returns the Markdown path."""
@@ -131,7 +146,11 @@ def write_report(outdir: Path, steps: int = 400, seeds: List[int] = (23, 24), n:
             f"{n} samples per prompt (mean over seeds)",
             table(["model", *COLUMNS, "subject_rate_base"],
                   [[label, *[f"{mean(rows, k):.3f}" for k in COLUMNS], f"{mean(rows, 'subject_rate_base'):.3f}"]
-                   for label, rows in runs.items()])]
+                   for label, rows in runs.items()]),
+            f"Differences over the training seeds (Welch; {100 * (1 - 0.05 / (len(COMPARED) * len(COLUMNS))):.1f}% "
+            f"intervals: Bonferroni over the {len(COMPARED) * len(COLUMNS)} comparisons, so a claim holds at 95% "
+            "jointly):",
+            "\n".join(comparison_lines(runs))]
     md = outdir / "tiny-world-report.md"
     md.write_text("\n\n".join(parts) + "\n")
     (outdir / "tiny-world-report.json").write_text(json.dumps(

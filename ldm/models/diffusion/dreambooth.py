@@ -8,13 +8,14 @@ trained ones stay fp32 under mixed precision.
 """
 import logging
 import math
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.modules.adapters import (SECTION, AdapterConfigError, adapter_carriers, adapter_groups, adapter_networks,
-                                  adapter_parameters, config_from_specs, is_added_key)
+from ldm.modules.adapters import (SECTION, AdapterConfigError, adapter_blocks, adapter_carriers, adapter_groups,
+                                  adapter_networks, adapter_parameters, config_from_specs, is_added_key)
 from ldm.checks import ConfigError, check_number
 from ldm.modules.fastpaths import adamw_options, apply_fast_paths
 from ldm.util import check_ranges
@@ -40,7 +41,8 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
                  cache_latents: bool = True, gradient_checkpointing: bool = False, use_8bit_adam: bool = False,
                  adam_betas: Sequence[float] = (0.9, 0.999), adam_weight_decay: float = 1e-2,
                  adam_epsilon: float = 1e-8, lr_warmup_steps: int = 0, text_encoder_lr: Optional[float] = None,
-                 compile: bool = False, channels_last: bool = False, allow_tf32: bool = True, **kwargs: Any):
+                 compile: bool = False, channels_last: bool = False, allow_tf32: bool = True,
+                 paper_optimizer: bool = False, **kwargs: Any):
         # checked before LatentDiffusion builds the networks and loads the base weights
         check_ranges(DreamBoothLatentDiffusion, locals())
         if isinstance(train_level, str) or not train_level or sorted(set(train_level) - set(TRAIN_LEVELS)):
@@ -49,11 +51,15 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {adam_betas!r}")
         for beta in adam_betas:
             check_number(beta, "each of adam_betas", 0, 1, high_open=True)
+        if paper_optimizer and use_8bit_adam:
+            raise ConfigError("paper_optimizer reproduces torch's AdamW as the adapter paper's code ran it: set "
+                              "model.params.use_8bit_adam=false")
         super().__init__(*args, **kwargs)
         self.reg_weight, self.train_level, self.cache_latents = float(reg_weight), tuple(train_level), cache_latents
         self.use_8bit_adam, self.lr_warmup_steps = use_8bit_adam, int(lr_warmup_steps)
         self.text_encoder_lr = text_encoder_lr  # its own rate for the text encoder's adapters (as kohya's scripts)
         self.adam = dict(betas=tuple(adam_betas), weight_decay=adam_weight_decay, eps=adam_epsilon)
+        self.paper_optimizer = bool(paper_optimizer)  # the paper's doubled AdamW registration (`paper_duplicates`)
         # speed options (ldm.modules.fastpaths), applied in on_fit_start, once the device is known
         self.fast_paths = dict(compile=bool(compile), channels_last=bool(channels_last), tf32=bool(allow_tf32))
         self.learning_rate = 1e-4  # set by main_dream_booth.py from model.base_learning_rate (and --scale_lr)
@@ -194,10 +200,27 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         text = [p for p in params if id(p) in in_text_encoder]
         return [g for g in ({"params": unet}, {"params": text, "lr": self.text_encoder_lr}) if g["params"]]
 
+    def paper_duplicates(self) -> List[torch.nn.Parameter]:
+        """What the adapter paper's code (github.com/Xiang-cd/unet-finetune, ddpm_dream.py) registers twice in AdamW:
+        its optimizer collects every module whose name contains "adapter" and is an AdapterForward or a Sequential,
+        and a transformer block's AdapterForward and its inner Sequential both match, so each transformer-block
+        adapter parameter is listed twice and every step moves it twice; a ResBlock adapter matches once."""
+        return [p for _, block, kind, _ in adapter_blocks(self.unet) if kind == "transformer"
+                for p in getattr(block, "adapters", torch.nn.ModuleList()).parameters() if p.requires_grad]
+
     def configure_optimizers(self) -> Dict[str, Any]:
         groups = self.param_groups()
-        options = {} if self.use_8bit_adam else adamw_options(p for g in groups for p in g["params"])
-        optimizer = self._optimizer_class()(groups, lr=self.learning_rate, **self.adam, **options)
+        if self.paper_optimizer:
+            # Reproduced exactly: the duplicates are listed again (so AdamW's per-parameter loop, and under fp16 the
+            # grad scaler's unscale, meet them twice, as in the paper's torch 1.10), on the per-parameter loop that
+            # torch 1.10's AdamW was (foreach and fused kernels would apply both updates from one state read).
+            groups[0]["params"] = groups[0]["params"] + self.paper_duplicates()
+            options = {"foreach": False, "fused": False}
+        else:
+            options = {} if self.use_8bit_adam else adamw_options(p for g in groups for p in g["params"])
+        with warnings.catch_warnings():  # torch warns about the duplicates the paper recipe lists on purpose
+            warnings.filterwarnings("ignore", message="optimizer contains a parameter group with duplicate")
+            optimizer = self._optimizer_class()(groups, lr=self.learning_rate, **self.adam, **options)
         warmup = self.lr_warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -219,6 +242,10 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         apply_fast_paths(self.unet, self.device, **self.fast_paths)
         log.info("training %s with lr %.3g; reg_weight %.3g", self.describe_trained(), self.learning_rate,
                  self.reg_weight)
+        if self.paper_optimizer:
+            log.info("paper_optimizer: %d transformer-adapter parameters are registered twice in AdamW (each step "
+                     "moves them twice), as the adapter paper's code does", sum(p.numel() for p in
+                                                                                 self.paper_duplicates()))
         bad = [n for n, p in self.named_parameters() if p.requires_grad and p.dtype != torch.float32]
         if bad:  # half-precision trained weights break the AMP grad scaler ("Attempting to unscale FP16 gradients")
             raise TypeError(f"trained parameters must be fp32 under mixed precision; {bad[0]} is not")

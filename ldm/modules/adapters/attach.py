@@ -7,7 +7,8 @@ class attribute `ADAPTER_KIND` ("transformer", "resblock"), reports the width at
 an `AdapterSet` of named groups (one group per adapter config, e.g. one per loaded directory), so their keys are
 `<block>.adapters.<group>.<i>.<param>`.
 
-Projection forms (LoRA, (IA)^3) sit on the Linear and 1x1 Conv2d modules their `target` names. Such a module keeps its
+Projection forms (LoRA, (IA)^3, ...) sit on the Linear and 1x1 Conv2d modules their `target` names (LoCon, LoHa, LoKr
+and DoRA also on other convolutions). Such a module keeps its
 weights and keys and carries `module.adapters` the same way; a forward hook returns y + sum(scale * a(x, y, module)),
 every form seeing the base x and y. Every added key contains ".adapters." (`is_added_key`), so base checkpoints load
 unchanged. A network that takes adapters (the UNet, the text encoder) names its role by `ADAPTER_ROLE`. Nothing here
@@ -16,13 +17,14 @@ imports a network class: blocks and networks are found by what they expose.
 import logging
 import re
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 
+from ldm.modules.adapters.base import ProjectionForm
 from ldm.modules.adapters.positions import PROJECTION
-from ldm.modules.adapters.schema import form_of, parse_adapter_config
+from ldm.modules.adapters.schema import form_of, forms, parse_adapter_config
 from ldm.modules.adapters.spec import (DEFAULT_GROUP, AdapterConfigError, AdapterDirError, AdapterSpec, check_number,
                                       describe)
 
@@ -36,23 +38,16 @@ def is_added_key(key: str) -> bool:
     return ADDED_KEY in key
 
 
-def is_projection(m: nn.Module) -> bool:
-    """A Linear, or a Conv2d that acts as one on every pixel (1x1 kernel, stride 1, no padding, one group)."""
-    if isinstance(m, nn.Linear):
-        return True
-    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.dilation == (1, 1)
-            and m.padding in ((0, 0), "valid") and m.groups == 1)
-
-
-def match_targets(model: nn.Module, target: Union[str, Tuple[str, ...]], where: str = "target"
-                  ) -> List[Tuple[str, nn.Module]]:
-    """(path, module) of the projections of `model` that `target` names, in model order; an error names a miss."""
+def match_targets(model: nn.Module, target: Union[str, Tuple[str, ...]], where: str = "target",
+                  form: Type[ProjectionForm] = ProjectionForm) -> List[Tuple[str, nn.Module]]:
+    """(path, module) of the modules of `model` that `target` names and `form` takes (by default: Linear and 1x1
+    Conv2d), in model order; an error names a miss."""
     modules = [(p, m) for p, m in model.named_modules() if p and "adapters" not in p.split(".")]
-    examples = ", ".join([p for p, m in modules if is_projection(m)][:6])
+    examples = ", ".join([p for p, m in modules if form.takes(m)][:6])
     if isinstance(target, str):
-        found = {p for p, m in modules if is_projection(m) and re.fullmatch(target, p)}
+        found = {p for p, m in modules if form.takes(m) and re.fullmatch(target, p)}
         if not found:
-            raise AdapterConfigError(f"{where}: the regex {target!r} matches no Linear or 1x1 Conv2d path of this "
+            raise AdapterConfigError(f"{where}: the regex {target!r} matches no {form.HOSTS} path of this "
                                      f"{type(model).__name__}; its paths are e.g. {examples}")
     else:
         found = set()
@@ -60,13 +55,31 @@ def match_targets(model: nn.Module, target: Union[str, Tuple[str, ...]], where: 
             hits = [(p, m) for p, m in modules if p == name or p.endswith("." + name)]
             if not hits:
                 raise AdapterConfigError(f"{where}: no module of this {type(model).__name__} is named {name!r}; its "
-                                         f"Linear and 1x1 Conv2d modules are e.g. {examples}")
-            bad = [(p, m) for p, m in hits if not is_projection(m)]
+                                         f"{form.HOSTS} modules are e.g. {examples}")
+            # modules without weights of that name (the Identity skip_connection of a ResBlock that keeps its
+            # width) are passed over, as long as the name finds some module the form takes
+            bad = [(p, m) for p, m in hits if not form.takes(m) and (hasattr(m, "weight") or
+                                                                     not any(form.takes(h) for _, h in hits))]
             if bad:
-                raise AdapterConfigError(f"{where}: {bad[0][0]} is a {type(bad[0][1]).__name__}, not a Linear or 1x1 "
-                                         f"Conv2d; projection forms go on those, e.g. {examples}")
-            found.update(p for p, _ in hits)
+                raise AdapterConfigError(f"{where}: {bad[0][0]} is {_kind_of(bad[0][1])}, not a {form.HOSTS}; "
+                                         f"{form.TITLE or 'projection forms'} go{'es' if form.TITLE else ''} on "
+                                         f"those, e.g. {examples}" + _conv_hint(form, bad[0][1]))
+            found.update(p for p, m in hits if form.takes(m))
     return [(p, m) for p, m in modules if p in found]
+
+
+def _kind_of(m: nn.Module) -> str:
+    """"a 3x3 Conv2d", "a Linear", ... for messages."""
+    size = getattr(m, "kernel_size", None)
+    if size:
+        return f"a {'x'.join(map(str, size))} {type(m).__name__}"
+    return f"{'an' if type(m).__name__[0] in 'AEIOU' else 'a'} {type(m).__name__}"
+
+
+def _conv_hint(form: Type[ProjectionForm], m: nn.Module) -> str:
+    """Which forms take the module a form refused, when some do."""
+    others = [f.NAME for f in forms(PROJECTION).values() if f.takes(m)]
+    return f" (type {', '.join(others)} take{'s' if len(others) == 1 else ''} it)" if others else ""
 
 
 # ---- attaching adapters -----------------------------------------------------------------------------------------
@@ -111,6 +124,11 @@ def _projection_hook(host: nn.Module, args: Tuple[torch.Tensor, ...], y: torch.T
         return None
     x = args[0]
     return y + sum(s * a(x, y, host) for a, s in active)
+
+
+def _is_block(m: nn.Module) -> bool:
+    """A block that taps its named points itself (the others carry projection forms through a forward hook)."""
+    return bool(getattr(m, "ADAPTER_KIND", None))
 
 
 def adapter_blocks(net: nn.Module) -> List[Tuple[str, nn.Module, str, Dict[str, int]]]:
@@ -165,7 +183,7 @@ def build_adapter(spec: AdapterSpec, dims: Optional[Dict[str, int]] = None, host
     return adapter
 
 
-def _placement(model: nn.Module, specs: List[AdapterSpec]
+def placement(model: nn.Module, specs: List[AdapterSpec]
                ) -> List[Tuple[nn.Module, List[AdapterSpec], Optional[Dict[str, int]]]]:
     """(host, its specs in config order, position widths or None) for every module the specs go on."""
     blocks = adapter_blocks(model)
@@ -176,7 +194,7 @@ def _placement(model: nn.Module, specs: List[AdapterSpec]
             if mine]
     hosts: Dict[str, Tuple[nn.Module, List[AdapterSpec]]] = {}
     for i, s in enumerate(s for s in specs if s.kind == PROJECTION):
-        for path, m in match_targets(model, s.option("target"), f"projection_adp_config[{i}].target"):
+        for path, m in match_targets(model, s.options.target, f"projection_adp_config[{i}].target", form_of(s)):
             hosts.setdefault(path, (m, []))[1].append(s)
     return plan + [(m, mine, None) for m, mine in hosts.values()]
 
@@ -184,7 +202,7 @@ def _placement(model: nn.Module, specs: List[AdapterSpec]
 def _attach(host: nn.Module, name: str, group: AdapterGroup) -> None:
     if getattr(host, "adapters", None) is None:
         host.adapters = AdapterSet()
-        if is_projection(host):
+        if not _is_block(host):
             host._adapter_hook = host.register_forward_hook(_projection_hook)
     host.adapters[name] = group
 
@@ -193,7 +211,7 @@ def _detach(host: nn.Module, name: str) -> None:
     del host.adapters[name]
     if len(host.adapters):
         return
-    if is_projection(host):  # back to a plain module: no hook, no attribute
+    if not _is_block(host):  # back to a plain module: no hook, no attribute
         host._adapter_hook.remove()
         del host._adapter_hook, host.adapters
     else:
@@ -209,7 +227,7 @@ def inject_adapters(model: nn.Module, adapter_config: Any, name: str = DEFAULT_G
         raise AdapterConfigError(f"adapter group name must be a Python identifier, got {name!r}")
     if name in getattr(model, "adapter_specs", {}):
         raise AdapterConfigError(f"the model already has an adapter group {name!r}; give the new one another name")
-    plan = _placement(model, specs)  # every error before anything is attached
+    plan = placement(model, specs)  # every error before anything is attached
     base = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in adapter_parameters(model))
     added = 0
     for host, mine, dims in plan:
@@ -302,8 +320,16 @@ def restored_on_error(model: nn.Module, name: str) -> Iterator[None]:
 def planned_parameter_count(model: nn.Module, adapter_config: Any) -> int:
     """The parameters `adapter_config` would add to `model`, computed by the forms without building anything."""
     total = 0
-    for host, specs, dims in _placement(model, parse_adapter_config(adapter_config)):
+    for host, specs, dims in placement(model, parse_adapter_config(adapter_config)):
         for s in specs:
-            d_in, d_out = (host.weight.shape[1], host.weight.shape[0]) if dims is None else (dims[s.din], dims[s.dout])
-            total += form_of(s).parameter_count(s, d_in, d_out)
+            total += form_of(s).parameter_count(s, *host_dims(s, host, dims))
     return total
+
+
+def host_dims(spec: AdapterSpec, host: nn.Module, dims: Optional[Dict[str, int]]
+              ) -> Tuple[int, int, Tuple[int, ...]]:
+    """(dim_in, dim_out, kernel) a form's parameter_count takes: the block's widths at din and dout, or the host
+    weight's in, out and kernel size."""
+    if dims is not None:
+        return dims[spec.din], dims[spec.dout], ()
+    return host.weight.shape[1], host.weight.shape[0], tuple(host.weight.shape[2:])

@@ -1,39 +1,42 @@
-"""The paper's block adapters (Xiang et al. 2023, arXiv 2303.18181): a bottleneck `inout` form for transformer blocks and
-one for ResBlocks. Nonlinear, so they have neither a merged weight nor a LoRA file form (the base class says so).
+"""The paper's block adapters (Xiang et al. 2023, arXiv 2303.18181): a bottleneck `inout` form for transformer blocks
+and one for ResBlocks. Nonlinear, so they have neither a merged weight nor a LoRA file form (the base class says so).
 """
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ldm.modules.adapters.base import KEEP_AS_DIRECTORY, AdapterForm
-from ldm.modules.adapters.spec import REQUIRED, AdapterConfigError, AdapterSpec, check_positive_int
+from ldm.modules.adapters.options import Options, choice_option, int_option
+from ldm.modules.adapters.spec import AdapterConfigError, AdapterSpec
 from ldm.modules.diffusionmodules.util import normalization
 
 METHODS = {"relu": nn.ReLU, "sig": nn.Sigmoid, "silu": nn.SiLU, "ident": nn.Identity, "default": nn.ReLU}
 
 
+@dataclass(frozen=True)
+class BottleneckOptions(Options):
+    """The paper's bottleneck: its width and activation."""
+    mid_dim: int = int_option(help="bottleneck width (the paper: 60 in transformer blocks; ResBlocks 6, 7, 9)")
+    method: str = choice_option(tuple(METHODS), "default", help="activation between the two layers (default: ReLU)")
+
+
 class BottleneckForm(AdapterForm):
-    """Config fields of the paper's `inout` forms: bottleneck width and activation."""
+    """The paper's bottleneck `inout`: Linear-act-Linear in transformer blocks, norm-SiLU-conv-act-conv in ResBlocks."""
     NAME = "inout"
-    OPTIONS = {"mid_dim": REQUIRED, "method": "default"}
+    Options = BottleneckOptions
+    SIZE = "mid_dim"
     PAPER_SUFFIX = ""  # the file suffix of this block's adapter in the paper code's directories
 
     def delta_weight(self, host: nn.Module) -> torch.Tensor:
         raise AdapterConfigError(f"{self.describe_form()}: nonlinear bottlenecks cannot be folded into the weights; "
-                                 "only LoRA and (IA)^3 without learn_biases merge")
+                                 "only the linear projection forms (LoRA, LoCon, LoHa, LoKr, DoRA, (IA)^3 without "
+                                 "learn_biases) merge")
 
-    def update(self, scale: float = 1.0) -> Any:
+    def update(self, scale: float = 1.0, host: Optional[nn.Module] = None) -> Any:
         raise AdapterConfigError(f"{self.describe_form()}: nonlinear bottlenecks have no LoRA equivalent, so they "
                                  f"cannot be written to kohya / diffusers files; {KEEP_AS_DIRECTORY}")
-
-    @classmethod
-    def check(cls, options: Dict[str, Any], where: str) -> Dict[str, Any]:
-        check_positive_int(options["mid_dim"], f"{where}.mid_dim")
-        if options["method"] not in METHODS:
-            raise AdapterConfigError(f"{where}.method: unknown method {options['method']!r}; "
-                                     f"allowed: {', '.join(METHODS)}")
-        return options
 
 
 class InOutAdapter(BottleneckForm):
@@ -44,12 +47,12 @@ class InOutAdapter(BottleneckForm):
 
     def __init__(self, spec: AdapterSpec, dim_in: int, dim_out: int):
         super().__init__()
-        mid = spec.option("mid_dim")
-        self.adp = nn.Sequential(nn.Linear(dim_in, mid), METHODS[spec.option("method")](), nn.Linear(mid, dim_out))
+        mid = spec.options.mid_dim
+        self.adp = nn.Sequential(nn.Linear(dim_in, mid), METHODS[spec.options.method](), nn.Linear(mid, dim_out))
 
     @classmethod
-    def parameter_count(cls, spec: AdapterSpec, dim_in: int, dim_out: int) -> int:
-        mid = spec.option("mid_dim")
+    def parameter_count(cls, spec: AdapterSpec, dim_in: int, dim_out: int, kernel: Tuple[int, ...] = ()) -> int:
+        mid = spec.options.mid_dim
         return dim_in * mid + mid + mid * dim_out + dim_out
 
     def zero_init_(self) -> None:
@@ -70,13 +73,13 @@ class ResInOutAdapter(BottleneckForm, nn.Sequential):
     PAPER_SUFFIX = ".adapter.pt"
 
     def __init__(self, spec: AdapterSpec, dim_in: int, dim_out: int):
-        mid = spec.option("mid_dim")
+        mid = spec.options.mid_dim
         super().__init__(normalization(dim_in), nn.SiLU(), nn.Conv2d(dim_in, mid, 3, padding=1),
-                         METHODS[spec.option("method")](), nn.Conv2d(mid, dim_out, 3, padding=1))
+                         METHODS[spec.options.method](), nn.Conv2d(mid, dim_out, 3, padding=1))
 
     @classmethod
-    def parameter_count(cls, spec: AdapterSpec, dim_in: int, dim_out: int) -> int:
-        mid = spec.option("mid_dim")
+    def parameter_count(cls, spec: AdapterSpec, dim_in: int, dim_out: int, kernel: Tuple[int, ...] = ()) -> int:
+        mid = spec.options.mid_dim
         return 2 * dim_in + (9 * dim_in * mid + mid) + (9 * mid * dim_out + dim_out)
 
     def zero_init_(self) -> None:

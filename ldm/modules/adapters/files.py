@@ -1,14 +1,21 @@
-"""LoRA and (IA)^3 files other tools read and write: kohya / AUTOMATIC1111 / ComfyUI safetensors, diffusers'
-`pytorch_lora_weights.safetensors` and peft's state dicts, written from an adapter group and read back into one.
+"""LoRA, LoCon, LoHa, LoKr, DoRA and (IA)^3 files other tools read and write: kohya / AUTOMATIC1111 / ComfyUI /
+LyCORIS safetensors, diffusers' `pytorch_lora_weights.safetensors`, peft's state dicts and folders, written from an
+adapter group and read back into one.
 
 Names. A module of our UNet is named by its diffusers path and a text-encoder module by transformers' CLIPTextModel
 path (`text_model.encoder.layers.N.self_attn.q_proj`), both from `ldm.modules.diffusers_layout`, which derives the
 UNet's block numbering from its structure numbers.
   kohya      `lora_unet_<diffusers path, . -> _>` / `lora_te_<CLIP path, . -> _>` + `.lora_down.weight`,
-             `.lora_up.weight`, `.alpha` (ΔW = alpha / rank * up @ down); (IA)^3 as `.weight` + `.on_input`
-             (LyCORIS / A1111: W' = W * (1 + weight)).
+             `.lora_up.weight`, `.alpha` (ΔW = alpha / rank * up @ down; LoCon: down with the conv's kernel, or
+             `.lora_mid.weight` between 1x1 down and up; DoRA: `.dora_scale`); LyCORIS' LoHa `.hada_w1_a` ...
+             `.hada_t2`, LoKr `.lokr_w1` | `.lokr_w1_a/_b`, `.lokr_w2` | `.lokr_w2_a/_b` (+ `.lokr_t2`); (IA)^3
+             `.weight` + `.on_input` (LyCORIS / A1111: W' = W * (1 + weight); LyCORIS writes a conv's as (1, C, 1, 1)).
+             Each update class (lora.py, loha.py, lokr.py, dora.py, ia3.py) says its names; other LyCORIS kinds
+             (GLoRA, full diff, OFT, BOFT, norms) are refused by name (`REFUSED_KINDS`).
   diffusers  `unet.<diffusers path>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<CLIP path>...` (peft's
              names; alpha / rank is folded into lora_B, since the file carries no alpha). LoRA only.
+  peft       a folder per network, `adapter_config.json` + `adapter_model.safetensors` (`base_model.model.<path>.`
+             + lora_A / lora_B (+ lora_magnitude_vector for DoRA), hada_w1_a ..., lokr_w1 ...): `folders.py`.
 Read back also: LDM-path kohya names (`lora_unet_input_blocks_1_1_...`), `lora_te1_` (diffusers'
 `convert_state_dict_to_kohya`), CLIP paths without `text_model.` (transformers 5.6+), diffusers' older suffixes
 (`.lora.down.weight`, `.lora_linear_layer.up.weight`), peft's names of one network (`down_blocks.0...lora_A.weight`,
@@ -25,8 +32,8 @@ import torch.nn as nn
 
 from ldm.checkpoint import load_into, save_state_dict
 from ldm.modules.adapters.attach import (adapter_groups, adapter_networks, group_adapters, inject_adapters,
-                                         is_projection, network, restored_on_error)
-from ldm.modules.adapters.base import Update
+                                         network, restored_on_error)
+from ldm.modules.adapters.base import Update, is_weight_layer
 from ldm.modules.adapters.schema import FORMS
 from ldm.modules.adapters.sources import fill_alphas, read_lora_source
 from ldm.modules.adapters.spec import DEFAULT_GROUP, AdapterConfigError, AdapterDirError
@@ -35,7 +42,15 @@ from ldm.modules.diffusers_layout import (TEXT_MODEL, UNetStructure, text_path_f
 
 log = logging.getLogger(__name__)
 
-UPDATES: Tuple[Type[Update], ...] = tuple(f.UPDATE for f in FORMS if getattr(f, "UPDATE", None))  # what files hold
+# what files hold: each update class once, the more specific first (DoRA's tensors are LoRA's plus dora_scale)
+UPDATES: Tuple[Type[Update], ...] = tuple(sorted(dict.fromkeys(f.UPDATE for f in FORMS if getattr(f, "UPDATE", None)),
+                                                 key=lambda u: -len(u.__mro__)))
+# LyCORIS module kinds (lycoris/modules/*.py) we do not implement, by the tensor names that mark them
+REFUSED_KINDS = (("GLoRA", {"a1.weight"}), ("full weight difference (LyCORIS full)", {"diff"}),
+                 ("OFT / BOFT", {"oft_blocks"}), ("norm-layer (LyCORIS norms)", {"w_norm"}),
+                 ("T-LoRA", {"lambda_layer"}), ("LoHa with DoRA", {"hada_w1_a", "dora_scale"}),
+                 ("LoKr with DoRA", {"lokr_w1", "dora_scale"}), ("LoKr with DoRA", {"lokr_w1_a", "dora_scale"}),
+                 ("LoKr with a Tucker w1 (lokr_t1)", {"lokr_t1"}))
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te"}
 KOHYA_TEXT_PREFIXES = ("lora_te", "lora_te1")  # kohya sd-scripts for SD v1; diffusers' convert_state_dict_to_kohya
@@ -50,6 +65,7 @@ NETWORK_STARTS = (("second text encoder", ("lora_te2_", "text_encoder_2.")),
 NETWORK_ORDER = ["UNet", "text encoder", "second text encoder", "no SD v1 network"]
 
 
+
 # ---- names ------------------------------------------------------------------------------------------------------
 def unet_blocks(unet: nn.Module) -> Dict[str, str]:
     """LDM path -> diffusers path of every block of the UNet, from its structure numbers (`channel_mult`,
@@ -58,14 +74,14 @@ def unet_blocks(unet: nn.Module) -> Dict[str, str]:
 
 
 def external_names(model: nn.Module, every_module: bool = False) -> Dict[str, str]:
-    """Path in `model` -> "unet.<diffusers path>" / "text_encoder.<CLIP path>" for every projection others can name
-    (every module with such a name, if `every_module`)."""
+    """Path in `model` -> "unet.<diffusers path>" / "text_encoder.<CLIP path>" for every Linear and Conv2d others can
+    name (every module with such a name, if `every_module`)."""
     names = {}
     for role, (prefix, net) in adapter_networks(model).items():
         root = f"{prefix}." if prefix else ""
         blocks = unet_blocks(net) if role == "unet" else {}
         for path, m in net.named_modules():
-            if not (every_module or is_projection(m)) or "adapters" in path.split("."):
+            if not (every_module or is_weight_layer(m)) or "adapters" in path.split("."):
                 continue
             ext = unet_path_to_diffusers(path, blocks) if role == "unet" else text_path_to_diffusers(path)
             if ext is not None:
@@ -86,7 +102,7 @@ def projection_updates(model: nn.Module, name: str = DEFAULT_GROUP) -> Dict[str,
     combined by their class (LoRAs stacked exactly). A form without a file form refuses with its reason."""
     updates: Dict[str, Update] = {}
     for path, host, group in group_adapters(model, name):
-        parts = [a.update(a.spec.scale) for a in group]
+        parts = [a.update(a.spec.scale, host) for a in group]
         kinds = {type(u) for u in parts}
         if len(kinds) > 1:
             raise AdapterConfigError(f"group {name!r} puts {' and '.join(sorted(k.__name__ for k in kinds))} updates "
@@ -104,7 +120,8 @@ def install_updates(model: nn.Module, updates: Dict[str, Update], name: str, sou
             continue
         inject_adapters(net, {"projection_adp_config": _entries(mine)}, name)
         for path, u in mine.items():
-            load_into(net.get_submodule(path).adapters[name][0], u.adapter_tensors(), source=f"{source}, {path}")
+            host = net.get_submodule(path)
+            load_into(host.adapters[name][0], u.adapter_tensors(host), source=f"{source}, {path}")
 
 
 def _entries(updates: Dict[str, Update]) -> List[dict]:
@@ -165,9 +182,11 @@ def read_lora_state_dict(model: nn.Module, sd: Dict[str, torch.Tensor], source: 
         if ext in modules:
             raise AdapterDirError(f"{source} names one module twice: {written_as[ext]} and {n}")
         modules[ext], written_as[ext] = dict(grouped[n]), n
-    fill_alphas(modules, configs or {}, source)
+    classes = {ext: update_class(t, f"{source}: {written_as[ext]}") for ext, t in modules.items()}
+    fill_alphas(modules, classes, configs or {}, source)
     paths, named = {ext: path for path, ext in external_names(model).items()}, dict(model.named_modules())
-    return {paths[ext]: _update(t, named[paths[ext]], f"{source}: {written_as[ext]}") for ext, t in modules.items()}
+    return {paths[ext]: classes[ext].from_tensors(t, named[paths[ext]], f"{source}: {written_as[ext]}")
+            for ext, t in modules.items()}
 
 
 def _text_spellings(clip_path: str) -> List[str]:
@@ -229,15 +248,18 @@ def _split_modules(sd: Dict[str, torch.Tensor], source: str) -> Dict[str, Dict[s
     return grouped
 
 
-def _update(tensors: Dict[str, torch.Tensor], host: nn.Module, where: str) -> Update:
-    """One module's Update, read by the update class whose tensor names these are, checked against the module."""
+def update_class(tensors: Dict[str, torch.Tensor], where: str) -> Type[Update]:
+    """The update class whose tensor names (kohya's) these are; a LyCORIS kind we do not implement is named."""
     names = frozenset(tensors)
     for cls in UPDATES:
         if cls.claims(names):
-            return cls.from_tensors(tensors, host, where)
+            return cls
+    refused = next((kind for kind, marks in REFUSED_KINDS if marks <= names), None)
+    if refused:
+        raise AdapterDirError(f"{where}: tensors {', '.join(sorted(names))} are a {refused} module, which is not "
+                              "supported here (supported: LoRA / LoCon, LoHa, LoKr, DoRA, (IA)^3)")
     known = "; ".join(f"{cls.__name__} ({', '.join(sorted(cls.KOHYA_TENSORS | cls.KOHYA_OPTIONAL))})" for cls in UPDATES)
-    raise AdapterDirError(f"{where}: tensors {', '.join(sorted(names))} are none of the updates read here: {known}; "
-                          "LyCORIS LoHa / LoKr / DoRA / full-diff modules are not supported here")
+    raise AdapterDirError(f"{where}: tensors {', '.join(sorted(names))} are none of the updates read here: {known}")
 
 
 def _network_of(name: str) -> str:
@@ -268,8 +290,8 @@ def _unknown_error(model: nn.Module, unknown: List[str], total: int, source: str
 
 
 def _unknown_cause(model: nn.Module, unknown: List[str], by_network: Dict[str, List[str]]) -> str:
-    """What the unmatched names say about the file: SDXL's second text encoder, LoRA on 3x3 convs, foreign names, or
-    a model of another size."""
+    """What the unmatched names say about the file: SDXL's second text encoder, updates of modules no form takes
+    (norms, embeddings), foreign names, or a model of another size."""
     if by_network.get("second text encoder"):
         return ("It adapts a second text encoder (lora_te2_ / text_encoder_2), which SDXL has and SD v1 does not: "
                 "it is an SDXL file")
@@ -280,8 +302,8 @@ def _unknown_cause(model: nn.Module, unknown: List[str], by_network: Dict[str, L
         n, m = other[0]
         kind = f"a {'x'.join(map(str, m.kernel_size))} {type(m).__name__}" if hasattr(m, "kernel_size") \
             else f"a {type(m).__name__}"
-        return (f"{len(other)} of them are modules LoRA does not take here, e.g. {n} ({kind}): LoRA on convolutions "
-                "(LoCon / LyCORIS) is not supported; files with LoRA on Linear and 1x1 conv modules load")
+        return (f"{len(other)} of them are modules no form here takes, e.g. {n} ({kind}): updates of Linear and "
+                "Conv2d modules load (LyCORIS' norm-layer and embedding training is not supported)")
     if by_network.get("no SD v1 network"):
         return ("Names of no SD v1 network read as neither kohya (lora_unet_..., lora_te_...), diffusers (unet.<path>, "
                 "text_encoder.<path>) nor peft (<path>.lora_A.weight) names of this model's modules")

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -58,20 +58,29 @@ def save_adapter_to_dir(model: nn.Module, path: str, name: str = DEFAULT_GROUP) 
     path = Path(path)
     if path.exists() and not (path.is_dir() and ((path / CONFIG_FILE).exists() or not any(path.iterdir()))):
         raise AdapterDirError(f"'{path}' exists and is not an adapter directory; not overwriting it")
+    text = f"# adapter group '{name}', written by ldm.modules.adapters\n" + yaml.safe_dump(config, sort_keys=False)
+
+    def write(tmp: Path) -> None:
+        save_state_dict(weights, str(tmp / WEIGHTS_FILE))
+        (tmp / CONFIG_FILE).write_text(text)
+    write_dir(path, write)
+    log.info("saved adapter group '%s' (%s) to %s", name, describe(adapter_groups(model)[name]), path)
+    return path
+
+
+def write_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary sibling of `path` with `write(tmp)` and rename it into place (an existing `path` is replaced
+    as a whole), so a crash never leaves a half-written folder that loads."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".tmp-{path.name}-"))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # the permissions of a plain mkdir, not mkdtemp's private 0700
     try:
-        save_state_dict(weights, str(tmp / WEIGHTS_FILE))
-        text = yaml.safe_dump(config, sort_keys=False)
-        (tmp / CONFIG_FILE).write_text(f"# adapter group '{name}', written by ldm.modules.adapters\n{text}")
+        write(tmp)
         _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("saved adapter group '%s' (%s) to %s", name, describe(adapter_groups(model)[name]), path)
-    return path
 
 
 def _replace_dir(new: Path, path: Path) -> None:

@@ -1,8 +1,9 @@
 """Folding projection adapters into the base weights, and combining two LoRAs: what `scripts/merge.py` runs.
 
 The modes of cloneofsimo/lora's `lora_add`, side by side, for adapters 1 and 2 and a weight α (`--alpha`); ΔW is an
-adapter's update at its saved scale (LoRA: alpha / rank * up @ down; (IA)^3 without learned biases: W * w):
-  upl    W' = W + α·ΔW                   a base SD checkpoint plus one LoRA or (IA)^3, written as a full checkpoint
+adapter's update at its saved scale (LoRA / LoCon: alpha / rank * up @ down; LoHa, LoKr: their products; DoRA: the
+renormalised weight minus W; (IA)^3 without learned biases: W * w), each form's `delta_weight`:
+  upl    W' = W + α·ΔW                   a base SD checkpoint plus one adapter of a linear form, as a full checkpoint
                                          in the original layout (loads anywhere an SD v1 checkpoint does)
   lpl    up = α·up1 + (1-α)·up2,         cloneofsimo's LoRA + LoRA: needs the same modules and ranks; ΔW has cross
          down = α·down1 + (1-α)·down2    terms, e.g. at α = 0.5 it is (up1 + up2)(down1 + down2) / 4

@@ -13,7 +13,8 @@ projection forms only); each section is a mapping or a list of them, and the for
         - {type: ia3, target: [ff.net.2], on_input: true}
 
 Every entry has `scale` (multiplies the form's output) and `init` (`zero`: a fresh adapter is the identity); block
-entries have `din` and `dout` (`ldm.modules.adapters.positions`); the other fields are the form's `OPTIONS`.
+entries have `din` and `dout` (`ldm.modules.adapters.positions`); the other fields are the form's typed `Options`
+(their defaults, ranges and help: `options_help()`, docs/adapter-forms.md).
 """
 from typing import Any, Dict, List, Mapping, Tuple, Type
 
@@ -21,16 +22,23 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.modules.adapters.base import AdapterForm
 from ldm.modules.adapters.bottleneck import InOutAdapter, ResInOutAdapter
+from ldm.modules.adapters.dora import DoRA
 from ldm.modules.adapters.ia3 import IA3
-from ldm.modules.adapters.lora import LoRA
+from ldm.modules.adapters.loha import LoHa
+from ldm.modules.adapters.lokr import LoKr
+from ldm.modules.adapters.lora import LoCon, LoRA
 from ldm.modules.adapters.positions import POSITIONS, PROJECTION, SECTIONS, is_valid_pair
-from ldm.modules.adapters.spec import REQUIRED, AdapterConfigError, AdapterSpec, check_number
+from ldm.modules.adapters.spec import INITS, REQUIRED, AdapterConfigError, AdapterSpec, check_number
 
 # The function forms, one line each; a form's KIND says which blocks take it and NAME is its config `type`.
 FORMS: Tuple[Type[AdapterForm], ...] = (
     InOutAdapter,
     ResInOutAdapter,
     LoRA,
+    LoCon,
+    LoHa,
+    LoKr,
+    DoRA,
     IA3,
 )
 COMMON_FIELDS = {"scale": 1.0, "init": "zero"}
@@ -54,7 +62,7 @@ def form_fields() -> Dict[str, Tuple[str, ...]]:
     fields: Dict[str, Tuple[str, ...]] = {}
     for section, kind in SECTIONS.items():
         for form in forms(kind).values():
-            for name in (*KIND_FIELDS[kind], *form.OPTIONS):
+            for name in (*KIND_FIELDS[kind], *form.Options.names()):
                 if section not in fields.get(name, ()):
                     fields[name] = fields.get(name, ()) + (section,)
     return fields
@@ -92,11 +100,11 @@ def _parse_entry(kind: str, entry: Any, where: str) -> AdapterSpec:
         home = [s for s, k in SECTIONS.items() if name in forms(k)]
         raise AdapterConfigError(f"{where}.type: unknown adapter type {name!r} for {kind} blocks; allowed: "
                                  f"{', '.join(available)}" + (f" ({name!r} entries go under {home[0]})" if home else ""))
-    fields = {**common, **form.OPTIONS}
+    fields = (*common, *form.Options.names())
     unknown = sorted(map(str, set(entry) - set(fields)))
     if unknown:
         raise AdapterConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
-    v = {k: entry.get(k, default) for k, default in fields.items()}
+    v = {k: entry.get(k, default) for k, default in common.items()}
     missing = [k for k, x in v.items() if x is REQUIRED]
     if missing:
         raise AdapterConfigError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -105,8 +113,8 @@ def _parse_entry(kind: str, entry: Any, where: str) -> AdapterSpec:
     scale = check_number(v["scale"], f"{where}.scale")
     if v["init"] not in form.INITS:
         raise AdapterConfigError(f"{where}.init: unknown init {v['init']!r}; allowed: {', '.join(form.INITS)}")
-    options = form.check({k: v[k] for k in form.OPTIONS}, where)
-    return AdapterSpec(kind, name, v.get("din"), v.get("dout"), scale, v["init"], tuple(options.items()))
+    options = form.Options.parse({k: entry[k] for k in form.Options.names() if k in entry}, where)
+    return AdapterSpec(kind, name, v.get("din"), v.get("dout"), scale, v["init"], options)
 
 
 def _check_positions(kind: str, din: str, dout: str, where: str) -> None:
@@ -125,3 +133,39 @@ def config_from_specs(specs: List[AdapterSpec]) -> Dict[str, List[Dict[str, Any]
     """The `adapter_config` mapping (paper schema, every field explicit) that parses back into `specs`."""
     return {section: [s.to_dict() for s in specs if s.kind == kind]
             for section, kind in SECTIONS.items() if any(s.kind == kind for s in specs)}
+
+
+# ---- help -------------------------------------------------------------------------------------------------------
+COMMON_HELP = {"type": "the form (see below); block sections default to inout",
+               "din": "the block position the adapter reads (transformer: attn1i ... transo, attn2c; ResBlock: resi, "
+                      "reso)",
+               "dout": "the block position it adds to, at or downstream of din",
+               "scale": "multiplies the form's output (its strength); set_adapter_scale multiplies it again at run "
+                        "time",
+               "init": "zero: a fresh adapter leaves the model unchanged; default: PyTorch's init (the paper's code)"}
+
+
+def options_help(markdown: bool = False) -> str:
+    """Every config field of every form, with its default, allowed values and help, from the forms' typed Options:
+    the text of --help epilogs (markdown=False) and of docs/adapter-forms.md (markdown=True)."""
+    common = [("type", "inout / required", ", ".join(sorted({f.NAME for f in FORMS})), COMMON_HELP["type"]),
+              ("din, dout", "required (block forms)", "positions", COMMON_HELP["din"] + "; " + COMMON_HELP["dout"]),
+              ("scale", "1.0", "a finite number", COMMON_HELP["scale"]),
+              ("init", "zero", ", ".join(INITS), COMMON_HELP["init"])]
+    tables = [("every entry", common)]
+    seen = set()
+    for form in FORMS:
+        if form.Options in seen:
+            continue
+        seen.add(form.Options)
+        names = ", ".join(f"{f.NAME} ({f.KIND})" for f in FORMS if f.Options is form.Options)
+        owner = next(c for c in form.__mro__ if "Options" in vars(c))  # the class that declares these fields
+        tables.append((f"{names}: {(owner.__doc__ or '').splitlines()[0].rstrip('.')}", form.Options.help_rows()))
+    return "\n".join(_render(title, rows, markdown) for title, rows in tables)
+
+
+def _render(title: str, rows: List[Tuple[str, str, str, str]], markdown: bool) -> str:
+    if markdown:
+        lines = [f"### {title}", "", "| field | default | allowed | what it does |", "|---|---|---|---|"]
+        return "\n".join(lines + [f"| `{n}` | {d} | {r} | {h} |" for n, d, r, h in rows]) + "\n"
+    return "\n".join([f"{title}"] + [f"  {n} ({d}; {r}): {h}" for n, d, r, h in rows])

@@ -1,11 +1,17 @@
-"""One validated adapter config entry (`AdapterSpec`), the package's errors and the field checks forms share."""
+"""One validated adapter config entry (`AdapterSpec`) and the package's errors."""
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from ldm.checks import check_number as check_any_number
 from ldm.modules.adapters.positions import PROJECTION
 
-REQUIRED = object()  # a field default meaning "must be given"
+
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()  # a field default meaning "must be given"
 INITS = ("zero", "default")  # zero: the form starts as the identity; default: PyTorch's init (the paper's code)
 DEFAULT_GROUP = "default"
 
@@ -22,7 +28,9 @@ class AdapterDirError(AdapterConfigError):
 class AdapterSpec:
     """One validated config entry: which modules (`kind`), the form (`type`), where it reads and writes, its size.
 
-    Projection forms have no din/dout (None): their `target` option says where they go.
+    Projection forms have no din/dout (None): their `target` option says where they go. `options` is the form's
+    typed `Options` (ldm.modules.adapters.options), e.g. BottleneckOptions(mid_dim=60, method="default"): the one
+    checked copy of the form's fields, read as `spec.options.mid_dim`.
     """
     kind: str
     type: str
@@ -30,23 +38,19 @@ class AdapterSpec:
     dout: Optional[str]
     scale: float
     init: str
-    options: Tuple[Tuple[str, Any], ...] = ()  # form-specific fields, e.g. (("mid_dim", 60), ("method", "default"))
+    options: Any  # the form's Options instance (frozen, so specs compare and hash by value)
 
     def layout(self) -> tuple:
         """What fixes the weights' meaning and shapes (scale and init do not)."""
         return self.kind, self.type, self.din, self.dout, self.options
 
-    def option(self, key: str) -> Any:
-        return dict(self.options)[key]
-
     def describe(self) -> str:
         where = [] if self.kind == PROJECTION else [f"{self.din}->{self.dout}"]
-        return " ".join(where + [self.type] + [f"{k} {_short(v)}" for k, v in self.options])
+        return " ".join(where + [self.type] + [f"{k} {_short(v)}" for k, v in self.options.items()])
 
     def to_dict(self) -> Dict[str, Any]:
         where = {} if self.kind == PROJECTION else {"din": self.din, "dout": self.dout}
-        options = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options}
-        return {"type": self.type, **where, **options, "scale": self.scale, "init": self.init}
+        return {"type": self.type, **where, **self.options.to_dict(), "scale": self.scale, "init": self.init}
 
 
 def _short(value: Any) -> str:
@@ -61,21 +65,7 @@ def describe(specs: List[AdapterSpec]) -> str:
     return ", ".join(s.describe() for s in specs) or "no adapters"
 
 
-# ---- field checks -----------------------------------------------------------------------------------------------
-def check_positive_int(value: Any, where: str) -> int:
-    """`value` if it is an int > 0, else an error naming the field."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise AdapterConfigError(f"{where} must be a positive integer, got {value!r}")
-    return value
-
-
 def check_number(value: Any, where: str, **limits: Any) -> Any:
     """`value` if it is a finite number in the range (`ldm.checks.check_number`'s limits), else an
     AdapterConfigError naming the field and the range."""
     return check_any_number(value, where, error=AdapterConfigError, **limits)
-
-
-def check_bool(value: Any, where: str) -> bool:
-    if not isinstance(value, bool):
-        raise AdapterConfigError(f"{where} must be true or false, got {value!r}")
-    return value

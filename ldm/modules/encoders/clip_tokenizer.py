@@ -7,11 +7,14 @@ import functools
 import gzip
 import html
 import importlib.util
+import logging
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import regex
 import torch
+
+log = logging.getLogger(__name__)
 
 BOS_ID = 49406
 EOS_ID = 49407
@@ -100,6 +103,7 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id = self.encoder[SPECIAL_TOKENS[0]], self.encoder[SPECIAL_TOKENS[1]]
         # words recur a lot across prompts, and BPE on a word is the slow part
         self.cache: Dict[str, List[int]] = {t: [self.encoder[t]] for t in SPECIAL_TOKENS}
+        self.warned: Set[str] = set()  # prompts already warned about being cut
 
     def __deepcopy__(self, memo: dict) -> "CLIPTokenizer":
         # read-only apart from the memo cache: copies of a model (EMA, checkpoint wrappers) can share it
@@ -141,7 +145,21 @@ class CLIPTokenizer:
         return ids + [self.eos_id] * (self.context_length - len(ids))
 
     def __call__(self, texts: Union[str, Sequence[str]]) -> torch.LongTensor:
-        """Token ids [B, context_length] for a prompt or a list of prompts."""
+        """Token ids [B, context_length] for a prompt or a list of prompts; a prompt longer than the context is cut,
+        with a warning (once per prompt) that says where."""
         if isinstance(texts, str):
             texts = [texts]
-        return torch.tensor([self.pad(self.encode(t)) for t in texts], dtype=torch.long)
+        ids = [self.encode(t) for t in texts]
+        for text, tokens in zip(texts, ids):
+            self.warn_if_cut(text, tokens)
+        return torch.tensor([self.pad(t) for t in ids], dtype=torch.long)
+
+    def warn_if_cut(self, text: str, tokens: List[int]) -> None:
+        """Warn, once per prompt, when `tokens` do not fit the context (SD v1 reads 75 tokens plus BOS and EOS)."""
+        room = self.context_length - 2
+        if len(tokens) <= room or text in self.warned:
+            return
+        self.warned.add(text)
+        log.warning("prompt is %d tokens, more than the %d the text encoder reads: everything after '%s' is ignored "
+                    "(prompt: '%s')", len(tokens), room, self.decode(tokens[max(0, room - 4):room]),
+                    text if len(text) <= 120 else text[:117] + "...")
