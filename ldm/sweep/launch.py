@@ -1,4 +1,5 @@
-"""Running a prepared sweep: each run is an ordinary `main_dream_booth.py -r <run dir> -t` process.
+"""Running a prepared sweep: each run is an ordinary `python -m ldm.train -r <run dir> -t` process (its RunRequest
+as a command line; the child process keeps a crash, a leak or a thread setting of one run from the others).
 
 Locally one after another, or N at a time with one device each; or one run by index (a SLURM array task, or a line
 of scripts/sweep.py --print_jobs). Finished runs are skipped; failed ones are retried, continuing
@@ -22,11 +23,12 @@ from omegaconf import OmegaConf
 from ldm.checks import file_lock
 from ldm.sweep.runs import CONFIG, FAILED, SweepRun, mark_done, mark_failed, mark_running, read_json, run_state
 from ldm.sweep.spec import SweepError
-from ldm.train import finished_at
+from ldm.train import RunRequest, finished_at
+from ldm.train.request import with_options
 
 log = logging.getLogger(__name__)
 
-MAIN = Path(__file__).resolve().parents[2] / "main_dream_booth.py"
+REPO = Path(__file__).resolve().parents[2]  # the child runs here, so `ldm` is this checkout's
 LOG_FILE = "train.log"
 CLAIM = ".launch.lock"
 
@@ -39,21 +41,19 @@ def claimed(run: SweepRun) -> Iterator[bool]:
         yield mine and run.state not in ("done", "running")
 
 
-def flag_args(flags: Dict[str, Any]) -> List[str]:
-    """main_dream_booth.py arguments for the run's command-line flags (seed is -s)."""
-    args = []
-    for key, value in flags.items():
-        args += ["-s" if key == "seed" else f"--{key}", str(value)]
-    return args
+def request(run: SweepRun, device: Optional[str] = None, train: bool = True,
+            allow_any_target: bool = False) -> RunRequest:
+    """The run's RunRequest: resume in its own folder (step 0 when it has no checkpoint yet) with its run options;
+    `allow_any_target` passes --allow_any_target on (the user's own classes in the configs; a sweep file cannot)."""
+    base = RunRequest(resume=str(Path(run.dir).resolve()), train=train, allow_any_target=allow_any_target,
+                      gpus=f"{device}," if device is not None else None)
+    return with_options(base, run.flags)
 
 
 def command(run: SweepRun, python: str = sys.executable, device: Optional[str] = None, train: bool = True,
-            main: Path = MAIN, allow_any_target: bool = False) -> List[str]:
-    """The run's main_dream_booth.py command: resume in its own folder (step 0 when it has no checkpoint yet).
-    `allow_any_target` passes --allow_any_target on (the user's own classes in the configs); a sweep file cannot."""
-    args = [python, str(main), "-r", str(run.dir)] + (["-t"] if train else []) + flag_args(run.flags)
-    args += ["--allow_any_target"] if allow_any_target else []
-    return args + (["--gpus", f"{device},"] if device is not None else [])
+            allow_any_target: bool = False) -> List[str]:
+    """The run's process: `python -m ldm.train` with its RunRequest."""
+    return [python, "-m", "ldm.train", *request(run, device, train, allow_any_target).to_argv()]
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -78,7 +78,7 @@ def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.execut
     with open(run.dir / LOG_FILE, "a") as out:
         out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(MAIN.parent),
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
                                 env=thread_env(parallel))
         if train:
             mark_running(run.dir, proc.pid)
@@ -86,7 +86,7 @@ def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.execut
     if not train:
         return code == 0
     if code == 0 and run_state(run.dir) != "done" and finished_at(run.dir) is not None:
-        # killed after its final checkpoint but before done.json: main_dream_booth.py said "already finished"
+        # killed after its final checkpoint but before done.json: the run said "already finished"
         mark_done(run.dir, {"global_step": finished_at(run.dir)})
     if code == 0 and run_state(run.dir) == "done":
         return True
@@ -109,7 +109,7 @@ def to_run(runs: Sequence[SweepRun]) -> List[SweepRun]:
 
 
 def prepare_class_images(run: SweepRun, python: str, allow_any_target: bool = False) -> None:
-    """Fill the class image folder once (main_dream_booth.py without -t) before parallel runs share it."""
+    """Fill the class image folder once (the run without -t) before parallel runs share it."""
     config = OmegaConf.load(run.dir / CONFIG)
     if not OmegaConf.select(config, "data.params.reg.params.data_root"):
         return

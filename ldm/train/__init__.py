@@ -1,0 +1,48 @@
+"""Training: one entry for every caller (`main_dream_booth.py`, `python -m ldm.train`, the sweep launcher, the
+tiny-world demo, packed runs), in-process: `run(RunRequest(...))`.
+
+    request.py   RunRequest: a run's configs, overrides and flags, declared once (the command line is made from it)
+    run.py       one run: checks before any work, log dir, model, data, Lightning Trainer, resume
+    __main__.py  `python -m ldm.train ARGS`, the same command line as main_dream_booth.py
+"""
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ldm.checkpoint import CheckpointError
+from ldm.checks import ConfigError
+from ldm.data.dreambooth import DataError
+from ldm.models.diffusion.dreambooth import NonFiniteLossError
+from ldm.modules.adapters import AdapterConfigError
+from ldm.modules.diffusers_layout import LayoutError
+from ldm.train.request import NEXT, RunRequest, parse_requests, request_parser
+from ldm.train.run import (CONFIG_FILE, LAST_CKPT, Hooks, default_precision, finished_at, parse_gpus,  # noqa: F401
+                           resolve_resume, run)
+
+log = logging.getLogger(__name__)
+
+# What a user can fix (a config, a flag, a file): reported as one line, without a traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, AdapterConfigError, LayoutError, NonFiniteLossError)
+DESCRIPTION = "DreamBooth with prior preservation that trains adapters (Xiang et al. 2023), in PyTorch Lightning."
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> List[RunRequest]:
+    """The training command line (one run, or several separated by --next) as RunRequests."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return parse_requests(argv, request_parser(prog, DESCRIPTION))
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> List[Path]:
+    """Parse, run, and exit with one line for an error a user can fix; returns the runs' log dirs."""
+    requests = parse_args(argv, prog)
+    try:
+        logdirs = [run(r) for r in requests]
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+    for logdir in logdirs:
+        log.info("outputs in %s", logdir)
+    return logdirs
+
+
+__all__ = ["NEXT", "USER_ERRORS", "Hooks", "RunRequest", "finished_at", "main", "parse_args", "run"]
