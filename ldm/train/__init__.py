@@ -3,6 +3,9 @@ tiny-world demo, packed runs), in-process: `run(RunRequest(...))`.
 
     request.py   RunRequest: a run's configs, overrides and flags, declared once (the command line is made from it)
     run.py       one run: checks before any work, log dir, model, data, Lightning Trainer, resume
+    pack_plan.py which runs can share a pack, and how many fit in memory
+    lockstep.py  threads that take turns, each with its own random state, and meet in rounds
+    pack.py      packed training: runs on one base model, their UNet calls in one batch (`train_runs`)
     __main__.py  `python -m ldm.train ARGS`, the same command line as main_dream_booth.py
 """
 import logging
@@ -16,6 +19,9 @@ from ldm.data.dreambooth import DataError
 from ldm.models.diffusion.dreambooth import NonFiniteLossError
 from ldm.modules.adapters import AdapterConfigError
 from ldm.modules.diffusers_layout import LayoutError
+from ldm.train.lockstep import PackStopped
+from ldm.train.pack import train_runs
+from ldm.train.pack_plan import describe
 from ldm.train.request import NEXT, RunRequest, parse_requests, request_parser
 from ldm.train.run import (CONFIG_FILE, LAST_CKPT, Hooks, default_precision, finished_at, parse_gpus,  # noqa: F401
                            resolve_resume, run)
@@ -34,15 +40,26 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> List[Path]:
-    """Parse, run, and exit with one line for an error a user can fix; returns the runs' log dirs."""
+    """Parse and train (several runs: as packs, `ldm.train.pack`); an error a user can fix is one line per run, and
+    the exit status is non-zero when any run failed. Returns the runs' log dirs."""
     requests = parse_args(argv, prog)
-    try:
-        logdirs = [run(r) for r in requests]
-    except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+    if len(requests) == 1:
+        try:
+            logdirs = [run(requests[0])]
+        except USER_ERRORS as e:
+            sys.exit(f"error: {e}")
+    else:
+        results = train_runs(requests)
+        failed = [(r, e) for r, (_, e) in zip(requests, results) if e is not None]
+        for _, e in failed:
+            if not isinstance(e, USER_ERRORS + (PackStopped,)):
+                raise e
+        if failed:
+            sys.exit("\n".join(f"error: {describe(r)}: {e}" for r, e in failed))
+        logdirs = [logdir for logdir, _ in results]
     for logdir in logdirs:
         log.info("outputs in %s", logdir)
     return logdirs
 
 
-__all__ = ["NEXT", "USER_ERRORS", "Hooks", "RunRequest", "finished_at", "main", "parse_args", "run"]
+__all__ = ["NEXT", "USER_ERRORS", "Hooks", "RunRequest", "finished_at", "main", "parse_args", "run", "train_runs"]

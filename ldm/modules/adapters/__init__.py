@@ -8,7 +8,8 @@ arXiv 2303.18181), plus LoRA and (IA)^3: one package, each idea in one module, i
     lora.py        LoRA and its plain-tensor update LoRAFactors
     ia3.py         (IA)^3 and IA3Vector
     schema.py      FORMS (the registry: one line per form) and parsing `adapter_config` into specs
-    attach.py      injection into a network, freezing, enable / scale / remove, parameters
+    rows.py        groups that act on some rows of a batch (several runs in one batch)
+    attach.py      injection into a network, freezing, enable / scale / remove / mount, parameters
     files.py       kohya / A1111 / ComfyUI and diffusers LoRA / (IA)^3 files
     io.py          adapter directories (ours and the paper code's), and loading any of the above
     merge.py       folding into the base weights; LoRA + LoRA (cloneofsimo's modes)
@@ -16,11 +17,12 @@ arXiv 2303.18181), plus LoRA and (IA)^3: one package, each idea in one module, i
 The networks (`UNetModel`, `FrozenCLIPEmbedder`) call `inject_adapters` for their `adapter_config`; this package never
 imports a network: blocks expose `ADAPTER_KIND`, `adapter_widths()` and call `taps(name, t)`, networks `ADAPTER_ROLE`.
 """
-from ldm.modules.adapters.attach import (adapter_blocks, adapter_carriers, adapter_groups, adapter_networks,
-                                         adapter_parameters, adapter_state_dict, adapters_enable, build_adapter,
-                                         freeze_except_adapters, group_adapters, inject_adapters, is_added_key,
-                                         is_projection, match_targets, network, planned_parameter_count,
-                                         remove_adapters, restored_on_error, set_adapter_scale)
+from ldm.modules.adapters.attach import (AdapterGroup, adapter_blocks, adapter_carriers, adapter_groups,
+                                         adapter_networks, adapter_parameters, adapter_state_dict, adapters_enable,
+                                         build_adapter, freeze_except_adapters, group_adapters, inject_adapters,
+                                         is_added_key, is_projection, match_targets, mount_group, network,
+                                         planned_parameter_count, remove_adapters, restored_on_error,
+                                         set_adapter_scale)
 from ldm.modules.adapters.base import AdapterForm, ProjectionForm, Update
 from ldm.modules.adapters.bottleneck import METHODS, InOutAdapter, ResInOutAdapter
 from ldm.modules.adapters.files import (FORMATS, external_names, kohya_name, load_lora_file, lora_state_dict,
@@ -30,6 +32,7 @@ from ldm.modules.adapters.io import CONFIG_FILE, SECTION, WEIGHTS_FILE, load_ada
 from ldm.modules.adapters.lora import LoRA, LoRAFactors, mix_factors, stack_factors
 from ldm.modules.adapters.merge import (MODES, check_merge_output, combine_loras, combine_updates, merge_adapters,
                                         merge_into_checkpoint, save_base_checkpoint)
+from ldm.modules.adapters.rows import Rows
 from ldm.modules.adapters.positions import (POSITIONS, PROJECTION, SECTION_OF, SECTIONS, STREAM, block_kind,
                                             is_valid_pair, section_value, valid_pairs)
 from ldm.modules.adapters.schema import (FORMS, KIND_FIELDS, config_from_specs, form_fields, form_of, forms,
@@ -40,6 +43,7 @@ from ldm.modules.adapters.spec import (DEFAULT_GROUP, INITS, AdapterConfigError,
 __all__ = [
     "CONFIG_FILE", "DEFAULT_GROUP", "FORMATS", "FORMS", "IA3", "KIND_FIELDS", "INITS", "METHODS", "MODES", "POSITIONS", "PROJECTION",
     "SECTION", "SECTION_OF", "SECTIONS", "STREAM", "WEIGHTS_FILE", "AdapterConfigError", "AdapterDirError", "AdapterForm",
+    "AdapterGroup",
     "AdapterSpec", "ProjectionForm", "Update",
     "IA3Vector", "InOutAdapter", "LoRA", "LoRAFactors", "ResInOutAdapter", "adapter_blocks", "adapter_carriers",
     "adapter_groups", "adapter_networks", "adapter_parameters", "adapter_state_dict", "adapters_enable",
@@ -47,7 +51,8 @@ __all__ = [
     "external_names", "form_fields", "form_of", "forms", "freeze_except_adapters", "group_adapters",
     "inject_adapters", "is_added_key", "is_projection", "is_valid_pair", "kohya_name", "load_adapter_from_dir",
     "load_lora_file", "lora_state_dict", "match_targets", "merge_adapters", "merge_into_checkpoint", "mix_factors",
-    "network", "parse_adapter_config", "planned_parameter_count", "projection_updates", "read_lora_state_dict",
+    "mount_group", "network", "Rows",
+    "parse_adapter_config", "planned_parameter_count", "projection_updates", "read_lora_state_dict",
     "remove_adapters", "restored_on_error", "save_adapter_to_dir", "save_base_checkpoint", "save_lora_file",
     "section_value", "set_adapter_scale", "stack_factors", "valid_pairs",
 ]
