@@ -15,14 +15,12 @@ import signal
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import OmegaConf
 
-from conftest import REPO, TINY_CONFIG, build_tiny
+from conftest import REPO, build_tiny
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.modules.adapters import Rows, adapter_parameters, inject_adapters, mount_group
 from ldm.modules.adapters.rows import pick
@@ -294,3 +292,14 @@ def test_a_sweep_trains_in_packs(tmp_path, tiny_world):
     assert [p.name for p in logs] == ["din-attn2o_seed-0+3.log", "din-resi_seed-0+1.log"]
     assert all("trained in a pack of" in (r.dir / "train.log").read_text() for r in runs)
     assert json.loads((runs[0].dir / "train_stats.json").read_text())["sessions"][0]["pack_size"] == 4
+
+
+def test_the_tiny_world_study_packs(tmp_path):
+    """All 40 runs of the study can share one base model: --pack 8 makes 5 packs of 8, in grid order."""
+    from ldm.sweep import launch
+    from ldm.sweep.runs import prepare
+    runs = prepare(str(REPO / "configs/sweeps/tiny-world-position-pairs.yaml"), str(tmp_path / "sw"), root=REPO)
+    packs = launch.packs_of(runs, 8)
+    assert [len(p) for p in packs] == [8] * 5 and [r for p in packs for r in p] == runs
+    assert launch.pack_command(packs[0], "py")[:3] == ["py", "-m", "ldm.train"]
+    assert launch.pack_command(packs[0], "py").count("--next") == 7

@@ -8,7 +8,7 @@ sweep may set (`SWEEP_OPTIONS`: `config_keys` are written into each run's config
 """
 import argparse
 import textwrap
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from omegaconf import DictConfig, OmegaConf
@@ -207,9 +207,3 @@ def with_options(request: RunRequest, options: Dict[str, Any]) -> RunRequest:
     if unknown:
         raise ConfigError(f"'{unknown[0]}' is not a run option; run options are {', '.join(RUN_OPTIONS)}")
     return replace(request, **options)
-
-
-def default_of(name: str) -> Any:
-    """The default of RunRequest field `name`."""
-    f = next(f for f in fields(RunRequest) if f.name == name)
-    return None if f.default is MISSING else f.default
