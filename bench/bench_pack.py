@@ -1,26 +1,29 @@
 """Packed training and evaluation vs one run per process, on the tiny-world design-space study, side by side here.
 
-    python bench/bench_pack.py train [--steps 150] [--repeats 1]     # sweep.py --parallel 2 vs --pack auto
-    python bench/bench_pack.py memory [--runs 20 --steps 10]         # peak RSS: one run vs a pack of 20
-    python bench/bench_pack.py evaluate --sweep DIR [--pack 8]       # evaluate.py --pack 1 vs --pack 8
-    python bench/bench_pack.py equal [--steps 30]                    # packed vs separate weights, and a control
+    python bench/bench_pack.py train [--steps 150] [--pack_arm "--pack auto"]  # sweep.py --parallel 2 vs packed
+    python bench/bench_pack.py memory [--runs 20 --steps 10]        # peak RSS: one run vs a pack of 20
+    python bench/bench_pack.py evaluate --sweep DIR [--pack 8]      # evaluate.py --pack 1 vs --pack 8
+    python bench/bench_pack.py equal [--steps 30]                   # packed vs separate weights, and a control
 
 `train` runs the study's sweep (configs/sweeps/tiny-world-position-pairs.yaml: 20 position pairs x 2 seeds; --din and
 --seeds take a subset, --steps shortens every run) into fresh sweep folders, the two arms alternating (A B, then B A,
 ...), each arm a scripts/sweep.py process as a user starts it: today's `--parallel 2` (two run processes with one
-thread each) and `--pack auto` (one process, two threads). The class images are made once beforehand and shared.
-Each arm reports its wall time and the load average before and after (the machine is shared: other jobs slow both
-arms). `memory` trains one run, then 20 runs as one pack (`python -m ldm.train A --next B ...`), and reports each
-process's peak RSS. `evaluate` scores a trained sweep twice with the study's settings, one run at a time and packed,
-alternating, and checks that both give the same table. `equal` trains four mixed runs of the test model (as
+thread each) and the packed one (--pack_arm: `--pack auto` is one process with a thread per core; `--pack auto
+--parallel 2` two packs with one thread each). The class images are made once beforehand and shared. Each arm reports
+its wall time, the part of it the runs spent in their training loops (so runs with fewer steps can be scaled to the
+study's), and the load average before and after (the machine is shared: other jobs slow both arms). `memory` trains
+one run, then 20 runs as one pack (`python -m ldm.train A --next B ...`), and reports each process's peak RSS.
+`evaluate` scores a trained sweep twice with the study's settings (--eval_seeds: fewer seeds), one run at a time and
+packed, alternating, and checks that both give the same table. `equal` trains four mixed runs of the test model (as
 tests/test_pack.py: attn2o-ffni, transo-transo with another lr and reg_weight, a ResBlock adapter, LoRA with dropout on
-the UNet and the text encoder) separately and packed, one thread, and as a control separately with two threads (a
-change that only regroups float sums, as packing does), and reports how far the losses and adapter weights differ.
-Rows are appended to --results (default bench/RESULTS.md).
+the UNet and the text encoder) separately and packed, one thread, and as a control separately with oneDNN's
+convolutions off (PyTorch's own kernels: a change that only regroups float sums, as packing does), and reports how far
+the losses and adapter weights differ from the separate runs. Rows are appended to --results (bench/RESULTS.md).
 """
 import argparse
 import csv
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -36,8 +39,7 @@ from ldm.train import RunRequest
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "configs" / "sweeps" / "tiny-world-position-pairs.yaml"
 PROMPTS = REPO / "configs" / "sweeps" / "tiny-world-prompts.txt"
-EVAL = ["--metric", "tinyworld", "--prompts", str(PROMPTS), "--seeds", ",".join(map(str, range(16))), "--steps",
-        "25", "--scale", "5.0", "--batch_size", "64"]
+EVAL = ["--metric", "tinyworld", "--prompts", str(PROMPTS), "--steps", "25", "--scale", "5.0", "--batch_size", "64"]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -48,9 +50,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--din", help="comma-separated din levels (default: the study's 10)")
     p.add_argument("--seeds", default="0,1", help="seed levels (the study: 0,1)")
     p.add_argument("--repeats", type=int, default=1, help="pairs of arms (A B, B A, ...)")
+    p.add_argument("--pack_arm", default="--pack auto", help="train: scripts/sweep.py's flags in the packed arm")
+    p.add_argument("--threads", type=int, default=1, help="memory, evaluate: threads of each process")
     p.add_argument("--runs", type=int, default=20, help="memory: runs in the pack")
     p.add_argument("--sweep", help="evaluate: a trained sweep folder")
     p.add_argument("--pack", type=int, default=8, help="evaluate: runs per pack")
+    p.add_argument("--eval_seeds", type=int, default=16, help="evaluate: seeds per prompt (the study: 16)")
     p.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
     return p.parse_args(argv)
 
@@ -123,22 +128,42 @@ def append(results: str, title: str, header: List[str], rows: List[List[str]], n
 
 def train(opt: argparse.Namespace, out: Path) -> None:
     spec = study_spec(out, opt.steps, opt.din, opt.seeds)
-    arms = {"--parallel 2": ["--parallel", "2"], "--pack auto": ["--pack", "auto"]}
-    rows, walls = [], {a: [] for a in arms}
+    arms = {"--parallel 2": ["--parallel", "2"], opt.pack_arm: opt.pack_arm.split()}
+    rows, walls, loops = [], {a: [] for a in arms}, {a: [] for a in arms}
     for repeat in range(opt.repeats):
-        for arm in (list(arms) if repeat % 2 == 0 else list(arms)[::-1]):
-            sweep = out / f"sweep-{'parallel' if 'parallel' in arm else 'pack'}-{repeat}"
+        for k, arm in enumerate(list(arms) if repeat % 2 == 0 else list(arms)[::-1]):
+            sweep = out / f"sweep-{'pack' if '--pack' in arm else 'parallel'}-{repeat}"
             cmd = [sys.executable, "scripts/sweep.py", str(spec), "--sweep_dir", str(sweep), *arms[arm]]
             r = timed(cmd, threads=None, log=out / f"{sweep.name}.log")
+            loop = loop_seconds(sweep, at_once(arms[arm]))
             walls[arm].append(r["wall"])
-            rows.append([arm, str(repeat + 1), f"{r['wall']:.0f}", f"{r['load_before']:.1f} -> {r['load_after']:.1f}"])
-    ratios = [p / q for p, q in zip(walls["--parallel 2"], walls["--pack auto"])]
-    rows.append(["ratio (--parallel 2 / --pack auto)", "", ", ".join(f"{x:.2f}" for x in ratios), ""])
+            loops[arm].append(loop)
+            rows.append([arm, str(repeat + 1), f"{r['wall']:.0f}", f"{loop:.0f}", f"{r['wall'] - loop:.0f}",
+                         f"{r['load_before']:.1f} -> {r['load_after']:.1f}"])
+    ratio = [p / q for p, q in zip(walls["--parallel 2"], walls[opt.pack_arm])]
+    loop_ratio = [p / q for p, q in zip(loops["--parallel 2"], loops[opt.pack_arm])]
+    rows.append([f"ratio (--parallel 2 / {opt.pack_arm})", "", ", ".join(f"{x:.2f}" for x in ratio),
+                 ", ".join(f"{x:.2f}" for x in loop_ratio), "", ""])
     append(opt.results, f"Packed training, tiny-world study, {datetime.date.today()}: {machine()}, commit "
-           f"{git_commit()}", ["arm", "repeat", "wall s (training)", "load average (1 min) before -> after"], rows,
+           f"{git_commit()}", ["arm", "repeat", "wall s (training)", "of it the training loops",
+                               "the rest (start-up, set-up)", "load average (1 min) before -> after"], rows,
            f"`python bench/bench_pack.py train --steps {opt.steps} --repeats {opt.repeats}"
-           f"{' --din ' + opt.din if opt.din else ''} --seeds {opt.seeds}`: {len(sweep_runs(spec))} runs x "
-           f"{opt.steps} steps, class images made beforehand.")
+           f"{' --din ' + opt.din if opt.din else ''} --seeds {opt.seeds} --pack_arm '{opt.pack_arm}'`: "
+           f"{len(sweep_runs(spec))} runs x {opt.steps} steps, class images made beforehand. The training loops: "
+           "the runs' `train_stats.json` seconds (from the first to the last step; a packed run counts its share of "
+           "the pack's time) summed, over the processes that ran at once.")
+
+
+def at_once(args: List[str]) -> int:
+    """How many processes a scripts/sweep.py command line runs at once (its --parallel)."""
+    return int(args[args.index("--parallel") + 1]) if "--parallel" in args else 1
+
+
+def loop_seconds(sweep: Path, at_once: int) -> float:
+    """The time the sweep's runs spent in their training loops, in wall seconds: their train_stats.json seconds
+    summed over the runs, over the processes that ran at once (a packed run's seconds are its share of the pack's)."""
+    stats = [json.loads(p.read_text())["seconds"] for p in (sweep / "runs").glob("*/train_stats.json")]
+    return sum(stats) / at_once
 
 
 def sweep_runs(spec: Path) -> List[str]:
@@ -153,14 +178,14 @@ def memory(opt: argparse.Namespace, out: Path) -> None:
         pack += (["--next"] if i else []) + study_request(out, opt.steps, f"p{i}", seed=i % 2).to_argv()
     rows, rss = [], {}
     for name, argv in (("one run", one.to_argv()), (f"pack of {opt.runs}", pack)):
-        r = timed([sys.executable, "-m", "ldm.train", *argv], threads=2, log=out / "memory.log")
+        r = timed([sys.executable, "-m", "ldm.train", *argv], threads=opt.threads, log=out / "memory.log")
         rss[name] = r["rss"]
         rows.append([name, f"{r['rss'] / 2 ** 20:.0f}", f"{r['wall']:.0f}", f"{r['load_before']:.1f}"])
     rows.append(["ratio (pack / one run)", f"{rss[f'pack of {opt.runs}'] / rss['one run']:.2f}", "", ""])
     append(opt.results, f"Packed training, peak memory, {datetime.date.today()}: {machine()}, commit {git_commit()}",
            ["process", "peak RSS MiB", "wall s", "load average"], rows,
            f"`python bench/bench_pack.py memory --runs {opt.runs} --steps {opt.steps}`: the study's attn2o-ffni run "
-           "(batch 4 + 4, 64 px), one process each, 2 threads; peak RSS from wait4.")
+           f"(batch 4 + 4, 64 px), one process each, {opt.threads} thread(s); peak RSS from wait4.")
 
 
 def evaluate(opt: argparse.Namespace, out: Path) -> None:
@@ -168,8 +193,9 @@ def evaluate(opt: argparse.Namespace, out: Path) -> None:
     for repeat in range(opt.repeats):
         for pack in ((1, opt.pack) if repeat % 2 == 0 else (opt.pack, 1)):
             table = out / f"eval-pack{pack}-{repeat}.csv"
-            r = timed([sys.executable, "scripts/evaluate.py", opt.sweep, *EVAL, "--table", str(table), "--pack",
-                       str(pack)], threads=2, log=out / "evaluate.log")
+            seeds = ",".join(map(str, range(opt.eval_seeds)))
+            r = timed([sys.executable, "scripts/evaluate.py", opt.sweep, *EVAL, "--seeds", seeds, "--table",
+                       str(table), "--pack", str(pack)], threads=opt.threads, log=out / "evaluate.log")
             walls.setdefault(pack, []).append(r["wall"])
             tables[pack] = table
             rows.append([f"--pack {pack}", str(repeat + 1), f"{r['wall']:.0f}",
@@ -181,8 +207,9 @@ def evaluate(opt: argparse.Namespace, out: Path) -> None:
                  f"largest metric difference {diff:.2g}"])
     append(opt.results, f"Packed evaluation, tiny-world study, {datetime.date.today()}: {machine()}, commit "
            f"{git_commit()}", ["arm", "repeat", "wall s", "load average (1 min) before -> after"], rows,
-           f"`python bench/bench_pack.py evaluate --sweep {opt.sweep} --pack {opt.pack}`: {len(a)} runs, the study's "
-           "settings (4 prompts x 16 seeds, 25 steps, scale 5, batch 64, prior prompt), 2 threads.")
+           f"`python bench/bench_pack.py evaluate --sweep {opt.sweep} --pack {opt.pack} --eval_seeds "
+           f"{opt.eval_seeds}`: {len(a)} runs, the study's settings (4 prompts, 25 steps, scale 5, batch 64, prior "
+           f"prompt) with {opt.eval_seeds} seeds per prompt (the study: 16), {opt.threads} thread(s).")
 
 
 MIXED = [  # name, seed, extra configs, overrides (tests/test_pack.py trains the same four)
@@ -243,11 +270,11 @@ def equal(opt: argparse.Namespace, out: Path) -> None:
     torch.set_num_threads(1)
     separate = [final(run(r)) for r in mixed_runs(out, "separate", opt.steps)]
     packed = [final(p) for p, _ in train_runs(mixed_runs(out, "packed", opt.steps))]
-    torch.set_num_threads(2)
-    control = [final(run(r)) for r in mixed_runs(out, "two-threads", opt.steps)]
+    with torch.backends.mkldnn.flags(enabled=False):  # PyTorch's own convolution kernels: other float sums
+        control = [final(run(r)) for r in mixed_runs(out, "no-onednn", opt.steps)]
     rows = []
     for (name, *_), (w, loss), others in zip(MIXED, separate, zip(packed, control)):
-        for what, (v, other_loss) in zip(("packed", "2 threads (control)"), others):
+        for what, (v, other_loss) in zip(("packed", "separate, oneDNN off (control)"), others):
             diff = torch.cat([(w[k] - v[k]).flatten() for k in w]).abs()
             rows.append([name, what, f"{max(abs(a - b) for a, b in zip(loss, other_loss)):.1e}",
                          f"{100 * (diff > 1e-5).float().mean():.2f}", f"{diff.max():.1e}",

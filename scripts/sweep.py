@@ -46,7 +46,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--sweep_dir", help="where the runs go (default: sweeps/<sweep file name>)")
     p.add_argument("--parallel", type=positive_int, default=1, help="processes at a time (default 1): runs, or packs")
     p.add_argument("--pack", type=pack_size, help="train up to K runs per process on one base model, their UNet "
-                                                   "calls batched (auto: as many as fit in the memory at hand)")
+                                                   "calls batched (auto: as many as fit in the memory at hand, "
+                                                   "spread over the --parallel processes)")
     p.add_argument("--devices", type=int_list(0), help="GPU indices to spread the runs over, one per run: 0,1,2,3")
     p.add_argument("--print_jobs", action="store_true",
                    help="print one shell command per unfinished run (this script with --run_index, from this folder) "

@@ -294,8 +294,9 @@ def test_a_sweep_trains_in_packs(tmp_path, tiny_world):
     assert json.loads((runs[0].dir / "train_stats.json").read_text())["sessions"][0]["pack_size"] == 4
 
 
-def test_the_tiny_world_study_packs(tmp_path):
-    """All 40 runs of the study can share one base model: --pack 8 makes 5 packs of 8, in grid order."""
+def test_the_tiny_world_study_packs(tmp_path, monkeypatch):
+    """All 40 runs of the study can share one base model: --pack 8 makes 5 packs of 8, in grid order; --pack auto
+    with --parallel 2 gives each process half of the runs (when they fit), or packs of what fits."""
     from ldm.sweep import launch
     from ldm.sweep.runs import prepare
     runs = prepare(str(REPO / "configs/sweeps/tiny-world-position-pairs.yaml"), str(tmp_path / "sw"), root=REPO)
@@ -303,3 +304,8 @@ def test_the_tiny_world_study_packs(tmp_path):
     assert [len(p) for p in packs] == [8] * 5 and [r for p in packs for r in p] == runs
     assert launch.pack_command(packs[0], "py")[:3] == ["py", "-m", "ldm.train"]
     assert launch.pack_command(packs[0], "py").count("--next") == 7
+    for capacity, parallel, sizes in ((1000, 2, [20, 20]), (1000, 3, [14, 14, 12]), (1000, 1, [40]),
+                                      (30, 2, [15, 15, 10])):
+        monkeypatch.setattr(launch, "pack_capacity", lambda request, c=capacity: c)
+        packs = launch.packs_of(runs, "auto", parallel=parallel)
+        assert [len(p) for p in packs] == sizes and [r for p in packs for r in p] == runs

@@ -105,12 +105,14 @@ def settle(run: SweepRun, code: int, log_file: Path) -> bool:
 # ---- packs ------------------------------------------------------------------------------------------------------
 def packs_of(runs: Sequence[SweepRun], pack: Union[int, str], allow_any_target: bool = False, parallel: int = 1
              ) -> List[List[SweepRun]]:
-    """The runs in packs of up to `pack` ("auto": as many as fit in the memory at hand, shared by `parallel` packs)
-    of runs that can share one (`ldm.train.pack_plan`; the others alone), in grid order."""
+    """The runs in packs of up to `pack` of runs that can share one (`ldm.train.pack_plan`; the others alone), in grid
+    order. "auto": as many as fit in the memory at hand, shared by `parallel` packs, and the runs spread evenly over
+    the `parallel` processes (so none idles while one trains them all)."""
     requests = [request(r, allow_any_target=allow_any_target) for r in runs]
     packs = []
     for group in group_runs(requests):
-        size = pack if pack != "auto" else max(1, pack_capacity(requests[group[0]]) // parallel)
+        size = pack if pack != "auto" else max(1, min(pack_capacity(requests[group[0]]) // parallel,
+                                                      -(-len(group) // parallel)))
         packs += [[runs[i] for i in group[k:k + size]] for k in range(0, len(group), size)]
     return sorted(packs, key=lambda p: p[0].index)
 
