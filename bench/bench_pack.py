@@ -111,7 +111,7 @@ def class_images(out: Path) -> None:
     """The shared class images, made once before any timing (set-up only: no -t)."""
     from dataclasses import replace
     request = replace(study_request(out, 1, "setup"), train=False, logdir=str(out / "setup"))
-    timed([sys.executable, "-m", "ldm.train", *request.to_argv()], threads=2, log=out / "setup.log")
+    timed([sys.executable, "-m", "ldm.train", *request.to_argv()], threads=1, log=out / "setup.log")
 
 
 def row(cells: List[str]) -> str:
