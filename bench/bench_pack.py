@@ -4,6 +4,7 @@
     python bench/bench_pack.py memory [--runs 20 --steps 10]        # peak RSS: one run vs a pack of 20
     python bench/bench_pack.py evaluate --sweep DIR [--pack 8]      # evaluate.py --pack 1 vs --pack 8
     python bench/bench_pack.py equal [--steps 30]                   # packed vs separate weights, and a control
+    python bench/bench_pack.py same --sweeps A,B                    # two sweeps' runs compared (train's arms)
 
 `train` runs the study's sweep (configs/sweeps/tiny-world-position-pairs.yaml: 20 position pairs x 2 seeds; --din and
 --seeds take a subset, --steps shortens every run) into fresh sweep folders, the two arms alternating (A B, then B A,
@@ -11,7 +12,8 @@
 thread each) and the packed one (--pack_arm: `--pack auto` is one process with a thread per core; `--pack auto
 --parallel 2` two packs with one thread each). The class images are made once beforehand and shared. Each arm reports
 its wall time, the part of it the runs spent in their training loops (so runs with fewer steps can be scaled to the
-study's), and the load average before and after (the machine is shared: other jobs slow both arms). `memory` trains
+study's), and the load average before and after (the machine is shared: other jobs slow both arms); then `same`
+compares the two arms' runs (losses and final adapter weights, run by run). `memory` trains
 one run, then 20 runs as one pack (`python -m ldm.train A --next B ...`), and reports each process's peak RSS.
 `evaluate` scores a trained sweep twice with the study's settings (--eval_seeds: fewer seeds), one run at a time and
 packed, alternating, and checks that both give the same table. `equal` trains four mixed runs of the test model (as
@@ -44,7 +46,7 @@ EVAL = ["--metric", "tinyworld", "--prompts", str(PROMPTS), "--steps", "25", "--
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("train", "memory", "evaluate", "equal"))
+    p.add_argument("what", choices=("train", "memory", "evaluate", "equal", "same"))
     p.add_argument("--out", default="outputs/bench-pack", help="scratch folder (sweeps, logs)")
     p.add_argument("--steps", type=int, default=150, help="training steps of every run (the study: 150)")
     p.add_argument("--din", help="comma-separated din levels (default: the study's 10)")
@@ -54,6 +56,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="memory, evaluate: threads of each process")
     p.add_argument("--runs", type=int, default=20, help="memory: runs in the pack")
     p.add_argument("--sweep", help="evaluate: a trained sweep folder")
+    p.add_argument("--sweeps", help="same: two sweep folders of one sweep file, A,B")
     p.add_argument("--pack", type=int, default=8, help="evaluate: runs per pack")
     p.add_argument("--eval_seeds", type=int, default=16, help="evaluate: seeds per prompt (the study: 16)")
     p.add_argument("--results", default=str(REPO / "bench" / "RESULTS.md"))
@@ -152,6 +155,8 @@ def train(opt: argparse.Namespace, out: Path) -> None:
            f"{len(sweep_runs(spec))} runs x {opt.steps} steps, class images made beforehand. The training loops: "
            "the runs' `train_stats.json` seconds (from the first to the last step; a packed run counts its share of "
            "the pack's time) summed, over the processes that ran at once.")
+    opt.sweeps = f"{out / 'sweep-parallel-0'},{out / 'sweep-pack-0'}"
+    same(opt, out)  # the two arms trained the same runs: how far apart are they?
 
 
 def at_once(args: List[str]) -> int:
@@ -256,34 +261,64 @@ def mixed_runs(out: Path, name: str, steps: int) -> List[RunRequest]:
                        max_steps=steps, logdir=str(out / name)) for run, seed, bases, extra in MIXED]
 
 
+def run_result(logdir: Path) -> Tuple[Dict, List[float]]:
+    """A run's last adapter weights and its logged losses."""
+    from ldm.checkpoint import load_state_dict
+    last = max((logdir / "checkpoints").glob("*-adapters"), key=lambda p: int(p.name.split("-")[0]))
+    with open(next((logdir / "csv").glob("*/metrics.csv"))) as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    return load_state_dict(str(last / "adapters.safetensors")), losses
+
+
+def differences(one: Tuple[Dict, List[float]], other: Tuple[Dict, List[float]]) -> List[float]:
+    """Largest loss difference, % of weights off by > 1e-5, largest weight difference, largest weight."""
+    import torch
+    (w, loss), (v, other_loss) = one, other
+    if len(loss) != len(other_loss) or set(w) != set(v):
+        raise SystemExit("error: the runs compared logged different steps or hold different adapters")
+    diff = torch.cat([(w[k] - v[k]).flatten() for k in w]).abs()
+    return [max(abs(a - b) for a, b in zip(loss, other_loss)), 100 * (diff > 1e-5).float().mean().item(),
+            diff.max().item(), max(x.abs().max().item() for x in w.values())]
+
+
+def cells(d: List[float]) -> List[str]:
+    return [f"{d[0]:.1e}", f"{d[1]:.2f}", f"{d[2]:.1e}", f"{d[3]:.2f}"]
+
+
+DIFF_HEADER = ["largest loss difference", "% weights off by > 1e-5", "largest weight difference", "largest weight"]
+
+
 def equal(opt: argparse.Namespace, out: Path) -> None:
     import torch
-    from ldm.checkpoint import load_state_dict
     from ldm.train import run, train_runs
 
-    def final(logdir: Path):
-        last = max((logdir / "checkpoints").glob("*-adapters"), key=lambda p: int(p.name.split("-")[0]))
-        with open(next((logdir / "csv").glob("*/metrics.csv"))) as f:
-            losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-        return load_state_dict(str(last / "adapters.safetensors")), losses
-
     torch.set_num_threads(1)
-    separate = [final(run(r)) for r in mixed_runs(out, "separate", opt.steps)]
-    packed = [final(p) for p, _ in train_runs(mixed_runs(out, "packed", opt.steps))]
+    separate = [run_result(run(r)) for r in mixed_runs(out, "separate", opt.steps)]
+    packed = [run_result(p) for p, _ in train_runs(mixed_runs(out, "packed", opt.steps))]
     with torch.backends.mkldnn.flags(enabled=False):  # PyTorch's own convolution kernels: other float sums
-        control = [final(run(r)) for r in mixed_runs(out, "no-onednn", opt.steps)]
+        control = [run_result(run(r)) for r in mixed_runs(out, "no-onednn", opt.steps)]
     rows = []
-    for (name, *_), (w, loss), others in zip(MIXED, separate, zip(packed, control)):
-        for what, (v, other_loss) in zip(("packed", "separate, oneDNN off (control)"), others):
-            diff = torch.cat([(w[k] - v[k]).flatten() for k in w]).abs()
-            rows.append([name, what, f"{max(abs(a - b) for a, b in zip(loss, other_loss)):.1e}",
-                         f"{100 * (diff > 1e-5).float().mean():.2f}", f"{diff.max():.1e}",
-                         f"{max(x.abs().max().item() for x in w.values()):.2f}"])
+    for (name, *_), own, others in zip(MIXED, separate, zip(packed, control)):
+        for what, other in zip(("packed", "separate, oneDNN off (control)"), others):
+            rows.append([name, what, *cells(differences(own, other))])
     append(opt.results, f"Packed training vs separate runs, {datetime.date.today()}: {machine()}, commit "
-           f"{git_commit()}", ["run", "compared with the separate run (1 thread)", "largest loss difference",
-                               "% weights off by > 1e-5", "largest weight difference", "largest weight"], rows,
+           f"{git_commit()}", ["run", "compared with the separate run (1 thread)", *DIFF_HEADER], rows,
            f"`python bench/bench_pack.py equal --steps {opt.steps}`: the four mixed runs of tests/test_pack.py, "
            f"{opt.steps} steps (the LoRA run 20 in the test; here all {opt.steps}), AdamW.")
+
+
+def same(opt: argparse.Namespace, out: Path) -> None:
+    """The runs of two sweeps of one sweep file (e.g. the two arms of `train`) compared run by run."""
+    a, b = (Path(s) for s in opt.sweeps.split(","))
+    names = sorted(p.name for p in (a / "runs").iterdir())
+    if names != sorted(p.name for p in (b / "runs").iterdir()):
+        raise SystemExit(f"error: {a} and {b} hold different runs")
+    d = [differences(run_result(a / "runs" / n), run_result(b / "runs" / n)) for n in names]
+    worst = [max(x[k] for x in d) for k in range(4)]
+    append(opt.results, f"Packed vs unpacked study runs, {datetime.date.today()}: {machine()}, commit {git_commit()}",
+           ["runs", *[f"{h} (the worst run)" for h in DIFF_HEADER]], [[str(len(names)), *cells(worst)]],
+           f"`python bench/bench_pack.py same --sweeps {opt.sweeps}`: each run of the one sweep against the same run "
+           "of the other (losses at every logged step, adapter weights at the last checkpoint).")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -292,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if opt.what in ("train", "memory") and not (out / "class-images").is_dir():
         class_images(out)
-    {"train": train, "memory": memory, "evaluate": evaluate, "equal": equal}[opt.what](opt, out)
+    {"train": train, "memory": memory, "evaluate": evaluate, "equal": equal, "same": same}[opt.what](opt, out)
 
 
 if __name__ == "__main__":
