@@ -12,6 +12,8 @@ leaves a row that says so, and the run goes on (see bench/gpu_items.py for what 
   unet        UNet forward (weights cast to fp16 / bf16) and train step (autocast), ours vs diffusers, same weights
   dreambooth  DreamBooth step, batch 1+1, cached latents, bf16 autocast: our attn2o-ffni adapter, full fine-tuning
               and diffusers + PEFT LoRA rank 4; ms / step and peak memory, gradient checkpointing off and on
+  packed      a pack of 8 attn2o-ffni runs (batch 1+1 each, one UNet call, one backward, an AdamW each, as
+              ldm/train/pack.py trains them) vs one run: ms per run-step (goal: >= 3x the run-steps per second)
   txt2img     512x512, 50 DDIM steps, guidance 7.5, batch 1 and 4: seconds per image, ours (autocast, as sample.py
               runs; and fp16 weights) vs diffusers' StableDiffusionPipeline in fp16
   fastpaths   TF32 for fp32 matmuls, fused AdamW, channels-last: each on vs off
@@ -40,8 +42,8 @@ BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "RESULTS.md"
 COLUMNS = ("date", "device", "commit", "torch", "item", "dtype", "shape", "ours", "reference", "ratio", "notes")
 # Share of the budget per item, in run order: what a GPU session needs most comes first, compile (slow to build) last.
-SHARES = {"numerics": 0.07, "unet": 0.10, "dreambooth": 0.24, "txt2img": 0.14, "fastpaths": 0.09, "adam8bit": 0.05,
-          "compiled": 0.31}
+SHARES = {"numerics": 0.07, "unet": 0.10, "dreambooth": 0.24, "packed": 0.06, "txt2img": 0.14, "fastpaths": 0.09,
+          "adam8bit": 0.05, "compiled": 0.31}
 
 
 class OutOfTime(BaseException):

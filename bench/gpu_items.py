@@ -20,6 +20,8 @@ from omegaconf import OmegaConf
 import bench_dreambooth as db
 from bench_unet import build_ours, diffusers_twin, freeze_except, synchronize, time_interleaved, unet_config
 from ldm.models.diffusion.sampling import seeds_noise, text_to_image
+from ldm.modules.adapters import (Rows, adapter_carriers, adapter_groups, adapter_parameters, config_from_specs,
+                                  inject_adapters)
 from ldm.modules.fastpaths import adamw_options, compile_module, to_channels_last
 from ldm.util import instantiate_from_config
 from twins import diffusers_pipeline
@@ -234,6 +236,55 @@ def dreambooth(check) -> None:
                       f"LoRA {ref[0]:.1f} ms, {ref[1]:.2f} GiB", ms / ref[0],
                       f"gradient checkpointing {'on' if checkpointing else 'off'}; memory ratio {mem / ref[1]:.2f}"
                       + ("; CPU peak RSS of the whole process" if check.device.type == "cpu" else ""))
+
+
+# ---- packed training ------------------------------------------------------------------------------------------
+PACK_RUNS = 8
+
+
+def packed_step(model: torch.nn.Module, batch: Dict, runs: int, amp: Optional[torch.dtype],
+                device: torch.device) -> Callable[[], None]:
+    """One step of `runs` attn2o-ffni runs packed as ldm.train.pack packs them: every run's adapters a group on its
+    rows (1 + 1) of one UNet call, one backward pass, an AdamW per run."""
+    unet = model.unet
+    config = config_from_specs(adapter_groups(unet)["default"])
+    names = ["default"] + [f"run{i}" for i in range(1, runs)]
+    for name in names[1:]:
+        inject_adapters(unet, config, name)
+    for i, name in enumerate(names):
+        for _, module in adapter_carriers(unet):
+            module.adapters[name].rows = Rows(2 * i, 2 * i + 2)
+    optimizers = [torch.optim.AdamW(adapter_parameters(unet, name), lr=1e-5) for name in names]
+    z = torch.cat([batch["z"], batch["z_reg"]] * runs)
+    c = torch.cat([batch["c"], batch["c_reg"]] * runs)
+    model.train()
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            t = torch.randint(0, 1000, (z.shape[0],), device=device)
+            noise = torch.randn_like(z)
+            eps = model.apply_model(model.q_sample(z, t, noise), t, c)
+            per_run = F.mse_loss(eps.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).view(runs, 2)
+        per_run.mean(dim=1).sum().backward()  # the sum of the runs' losses: each run's adapters get its own gradient
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def packed(check) -> None:
+    """Point-steps per second of a pack of 8 attn2o-ffni runs (batch 1+1 each) vs one run, same autocast."""
+    dtype = check.size["train_dtype"]
+    one, model = dreambooth_step(check, "adapter", dtype)
+    batch = db.make_batch(model, 1, check.size["latent"], check.device)
+    pack = packed_step(copy.deepcopy(model), batch, PACK_RUNS, db.AMP[dtype], check.device)
+    ms = timed(check, {"one": one, "pack": pack})
+    per_point = ms["pack"] / PACK_RUNS
+    check.row(f"packed DreamBooth step, {PACK_RUNS} runs attn2o-ffni vs one run: ms per run-step",
+              dtype, shape_of(check, 2 * PACK_RUNS), f"{per_point:.1f} ms ({1e3 / per_point:.2f} run-steps/s)",
+              f"one run {ms['one']:.1f} ms ({1e3 / ms['one']:.2f} steps/s)", per_point / ms["one"],
+              f"speed-up {ms['one'] / per_point:.2f}x (goal >= 3x); UNet call, backward and optimisers only (the "
+              "Lightning loop of each run is not in it)")
 
 
 # ---- txt2img --------------------------------------------------------------------------------------------------

@@ -293,13 +293,16 @@ class TrainStats(pl.Callback):
     def __init__(self) -> None:
         self.sessions: List[Dict[str, Any]] = []  # the earlier sessions, restored from the checkpoint
         self.start, self.first_step, self.step, self.device = 0.0, 0, 0, "cpu"
-        self.gpu, self.trained = False, 0
+        self.gpu, self.trained, self.started = False, 0, False
+        self.clock, self.pack_size = time.perf_counter, 0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.gpu = _on_gpu(pl_module)
         if self.gpu:
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self.start, self.first_step = time.perf_counter(), trainer.global_step
+        slot = getattr(pl_module, "pack_slot", None)  # a run in a pack (ldm.train.pack) counts its share of the time
+        self.clock, self.pack_size = (slot.seconds, slot.size) if slot is not None else (time.perf_counter, 0)
+        self.start, self.first_step, self.started = self.clock(), trainer.global_step, True
         self.step, self.device = trainer.global_step, str(pl_module.device)
         self.trained = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
 
@@ -308,16 +311,18 @@ class TrainStats(pl.Callback):
 
     def session(self) -> Dict[str, Any]:
         """This session so far."""
-        seconds = time.perf_counter() - self.start
+        seconds = self.clock() - self.start
         record = {"start_step": self.first_step, "end_step": self.step, "steps": self.step - self.first_step,
                   "seconds": round(seconds, 3), "device": self.device,
                   "peak_host_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        if self.pack_size:
+            record["pack_size"] = self.pack_size
         if self.gpu:
             record["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return record
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"sessions": self.sessions + [self.session()]} if self.start else {"sessions": self.sessions}
+        return {"sessions": self.sessions + [self.session()]} if self.started else {"sessions": self.sessions}
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self.sessions = [s for s in state_dict.get("sessions", []) if s.get("steps", 0) > 0]

@@ -1,5 +1,5 @@
 """The config language of training, sampling and sweeps: CompVis `target`/`params` YAML files merged in order, then
-`KEY=VALUE` overrides, then the command-line flags that write into the config.
+`KEY=VALUE` overrides (then the training flags that write into the config: `ldm.train.request.RunRequest`).
 
     main_dream_booth.py --base a.yaml b.yaml model.params.reg_weight=0.5 mid_dim=64 lr=3e-4 --data_root data/dog
     sample.py --config a.yaml b.yaml ...
@@ -11,7 +11,6 @@ A KEY is a dotted config key (list items by index: a.0.b) or an alias: `lr` (mod
 has it, in the UNet's and the text encoder's `adapter_config` (an entry whose `din` becomes a ResBlock position moves to
 the ResBlock section). VALUE is YAML (1e-4 is a float, as YAML 1.2 reads it).
 """
-import argparse
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -32,9 +31,6 @@ CONFIG_ROOTS = ("model", "data", "lightning")
 KEY_ALIASES = {"lr": "model.base_learning_rate", "steps": "lightning.trainer.max_steps"}
 ADAPTER_CONFIGS = {"unet": "model.params.unet_config.params.adapter_config",
                    "cond_stage_model": "model.params.cond_stage_config.params.adapter_config"}
-# main_dream_booth.py flags that write into the config (and sweep keys of the same names)
-CONFIG_FLAGS = ("data_root", "reg_data_root", "class_word", "actual_resume", "max_steps")
-PATH_FLAGS = ("data_root", "reg_data_root", "actual_resume")
 
 
 def adapter_aliases() -> Dict[str, Sequence[str]]:
@@ -174,27 +170,6 @@ def pop_adapter_configs(config: DictConfig) -> Dict[str, Any]:
         params = OmegaConf.select(config, path.rsplit(".", 1)[0])
         popped[role] = params.pop("adapter_config", None) if params is not None else None
     return popped
-
-
-# ---- flags ------------------------------------------------------------------------------------------------------
-def apply_flags(config: DictConfig, opt: argparse.Namespace) -> None:
-    """Write --data_root (subject images or caption folder), --reg_data_root, --class_word, --actual_resume,
-    --max_steps into the config."""
-    data = config.data.params
-    if getattr(opt, "data_root", None):
-        OmegaConf.update(data, "train.params.data_root", opt.data_root, force_add=True)
-    if getattr(opt, "reg_data_root", None):
-        if "reg" not in data:
-            raise ConfigError("--reg_data_root given but the config has no data.params.reg section")
-        OmegaConf.update(data, "reg.params.data_root", opt.reg_data_root, force_add=True)
-    if getattr(opt, "class_word", None):
-        for part in ("train", "reg"):
-            if part in data:
-                OmegaConf.update(data, f"{part}.params.class_word", opt.class_word, force_add=True)
-    if getattr(opt, "actual_resume", None):
-        OmegaConf.update(config, "model.params.ckpt_path", opt.actual_resume, force_add=True)
-    if getattr(opt, "max_steps", None) is not None:
-        OmegaConf.update(config, "lightning.trainer.max_steps", opt.max_steps, force_add=True)
 
 
 # ---- targets ----------------------------------------------------------------------------------------------------

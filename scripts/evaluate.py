@@ -24,6 +24,7 @@ from ldm.checks import ArgumentParser, ConfigError, SEED_MAX, device_arg, finite
 from ldm.data.dreambooth import DataError, list_images
 from ldm.evaluation.backends import EvaluationError, backend_names, get_backend
 from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, check_steps, evaluate_runs, find_runs
+from ldm.evaluation.packed import PackedDraws
 from ldm.evaluation.fid import FID_WEIGHTS, fid_metric
 from ldm.evaluation.table import check_table, done_runs
 from ldm.models.diffusion.sampling import SAMPLER_NAMES
@@ -47,6 +48,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--scale", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim")
     p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--pack", type=positive_int, default=1,
+                   help="sample up to N runs of one base model together, in batches of N x batch_size rows (each "
+                        "run's adapters on its own rows; the same images as one run at a time)")
     p.add_argument("--step", type=non_negative_int, help="evaluate checkpoints/<step>-adapters (default: the last)")
     p.add_argument("--prior_prompt", default="photo of a {class_word}",
                    help="class-sample metrics: this prompt sampled with and without the adapters from the same seeds "
@@ -123,7 +127,9 @@ def main(argv: Optional[List[str]] = None) -> Path:
         runs = find_runs(opt.paths)
         check_steps(runs, settings.steps)
         skip = [] if opt.force else done_runs(table)
-        failed = evaluate_runs(runs, table, metrics, settings, device, skip, opt.force)
+        todo = [r for r in runs if r.name not in skip]
+        draw = PackedDraws(todo, opt.pack, settings, device) if opt.pack > 1 else None
+        failed = evaluate_runs(runs, table, metrics, settings, device, skip, opt.force, draw)
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")
     print(f"results in {table}")

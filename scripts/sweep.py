@@ -2,10 +2,13 @@
 
     python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs            # one after another
     python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs --parallel 4 --devices 0,1,2,3
+    python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs --pack auto   # packed runs
     python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs --print_jobs > jobs.txt
     python scripts/sweep.py configs/sweeps/position-pairs.yaml --sweep_dir sweeps/pairs --run_index $SLURM_ARRAY_TASK_ID
     python scripts/sweep.py status sweeps/pairs
 
+With --pack K (or auto: as many as fit in memory) the runs that share a base model train K at a time in one process,
+their UNet calls in one batch (ldm/train/pack.py); each run's folder holds what it would hold trained alone.
 Re-running skips finished runs and retries failed ones (from their last checkpoint). The sweep file format is in
 ldm/sweep/spec.py. The sweep folder is reused on purpose (that is how a sweep resumes), but only by the same sweep
 file: a folder of another sweep is refused. Two launchers on one folder never start one run twice.
@@ -16,7 +19,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from ldm.checks import ArgumentParser, ConfigError, OutputPathError, int_list, non_negative_int, positive_int
 from ldm.modules.adapters import AdapterConfigError
@@ -41,7 +44,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 epilog="'scripts/sweep.py status SWEEP_DIR' shows the progress of a sweep")
     p.add_argument("spec", help="the sweep file (YAML): base, overrides, factors, rules")
     p.add_argument("--sweep_dir", help="where the runs go (default: sweeps/<sweep file name>)")
-    p.add_argument("--parallel", type=positive_int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--parallel", type=positive_int, default=1, help="processes at a time (default 1): runs, or packs")
+    p.add_argument("--pack", type=pack_size, help="train up to K runs per process on one base model, their UNet "
+                                                   "calls batched (auto: as many as fit in the memory at hand, "
+                                                   "spread over the --parallel processes)")
     p.add_argument("--devices", type=int_list(0), help="GPU indices to spread the runs over, one per run: 0,1,2,3")
     p.add_argument("--print_jobs", action="store_true",
                    help="print one shell command per unfinished run (this script with --run_index, from this folder) "
@@ -62,6 +68,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return opt
 
 
+def pack_size(text: str) -> Union[int, str]:
+    """argparse type of --pack: a number of runs >= 1, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a number of runs >= 1, or auto, got {text!r}") from None
+
+
 # Flags that each make the script do one other thing than running the sweep
 SINGLE_JOBS = {"--print_jobs": "prints the commands", "--prepare_only": "writes the run folders only",
                "--run_index": "runs one run"}
@@ -74,6 +90,8 @@ def flag_conflict(opt: argparse.Namespace) -> Optional[str]:
         return f"{given[0]} cannot be combined with {given[1]}: choose one"
     if given and opt.parallel != 1:
         return f"{given[0]} {SINGLE_JOBS[given[0]]}: --parallel does not apply"
+    if given and opt.pack:
+        return f"{given[0]} {SINGLE_JOBS[given[0]]}: --pack does not apply"
     if opt.devices and len(opt.devices) < opt.parallel:
         return f"--parallel {opt.parallel} needs at least {opt.parallel} --devices (one per run), got {len(opt.devices)}"
     if opt.python and not opt.print_jobs and shutil.which(opt.python) is None:
@@ -121,7 +139,8 @@ def run(opt: argparse.Namespace) -> int:
     if opt.run_index is not None:
         device = opt.devices[0] if opt.devices else None
         return 0 if run_index(runs, opt.run_index, device, python, opt.allow_any_target) else 1
-    results = run_all(runs, opt.parallel, opt.devices, python, opt.allow_any_target)
+    results = run_all(runs, opt.parallel, opt.devices, python, opt.allow_any_target, opt.pack,
+                      Path(opt.sweep_dir) / "packs")
     print_status(opt.sweep_dir, verbose=False)
     return sum(not ok for ok in results.values())
 

@@ -16,16 +16,20 @@
 # (and seed levels 0, 1, 2 ...); the analysis takes subject as a block without further settings.
 #
 #   scripts/tiny_world_study.sh                        # runs from any folder; rerun to continue after a stop
-#   scripts/tiny_world_study.sh --parallel 2           # extra arguments go to scripts/sweep.py
+#   PACK=1 scripts/tiny_world_study.sh --parallel 2    # one run per process, two at a time (extra arguments go to
+#                                                      # scripts/sweep.py)
 #   PYTHON="nice -n 15 .venv/bin/python" SWEEP_DIR=/tmp/sw REPORT_DIR=/tmp/report scripts/tiny_world_study.sh
 #   SPEC=configs/sweeps/tiny-world-forms.yaml FACTORS=form SWEEP_DIR=outputs/tiny-world-forms/sweep \
 #     REPORT_DIR=docs/tiny-world-forms scripts/tiny_world_study.sh     # the forms at one parameter budget
 #
 # Resumable: the sweep skips finished runs and retries failed ones, evaluation skips runs already in results.csv, and
-# the report is redrawn from the whole table. Settings (environment): PYTHON (default python), SPEC, FACTORS (the
-# sweep's factors the ANOVA tests, default "din dout"), PROMPTS,
-# SWEEP_DIR (default outputs/tiny-world-study/sweep), REPORT_DIR (default docs/tiny-world-study), EVAL_SEEDS, PLAN
-# (default 0.015, the difference the next study should detect); relative paths are taken from the repository root.
+# the report is redrawn from the whole table. The runs train packed (scripts/sweep.py --pack: one process, their UNet
+# calls in one batch; bench/RESULTS.md has the speed-up) and are evaluated packed (scripts/evaluate.py --pack), which
+# gives the numbers of unpacked runs (README, "Packed training"). Settings (environment): PYTHON (default python),
+# SPEC, FACTORS (the sweep's factors the ANOVA tests, default "din dout"), PROMPTS, SWEEP_DIR (default
+# outputs/tiny-world-study/sweep), REPORT_DIR (default docs/tiny-world-study), EVAL_SEEDS, PLAN (default 0.015, the
+# difference the next study should detect), PACK (runs per training process, default auto; 1: one run per process),
+# EVAL_PACK (runs sampled together, default 8; 1: one at a time); relative paths are taken from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # the sweep file's relative paths are taken from the repository root
 
@@ -37,6 +41,8 @@ SWEEP_DIR=${SWEEP_DIR:-outputs/tiny-world-study/sweep}
 REPORT_DIR=${REPORT_DIR:-docs/tiny-world-study}
 EVAL_SEEDS=${EVAL_SEEDS:-0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}
 PLAN=${PLAN:-0.015}
+PACK=${PACK:-auto}
+EVAL_PACK=${EVAL_PACK:-8}
 
 run() { echo "+ $*" >&2; "$@"; }
 
@@ -64,9 +70,11 @@ for dir in "$SWEEP_DIR" $class_images; do
 done
 
 # $PYTHON unquoted: it may be a command with arguments (nice -n 15 python).
-run $PYTHON scripts/sweep.py "$SPEC" --sweep_dir "$SWEEP_DIR" "$@"
+pack=()
+[[ $PACK == 1 ]] || pack=(--pack "$PACK")
+run $PYTHON scripts/sweep.py "$SPEC" --sweep_dir "$SWEEP_DIR" "${pack[@]}" "$@"
 run $PYTHON scripts/evaluate.py "$SWEEP_DIR" --metric tinyworld --prompts "$PROMPTS" --seeds "$EVAL_SEEDS" \
-    --steps 25 --scale 5.0 --batch_size 64
+    --steps 25 --scale 5.0 --batch_size 64 --pack "$EVAL_PACK"
 # anova.py never overwrites: when REPORT_DIR exists it writes a fresh folder beside it (REPORT_DIR-2, ...) and says
 # which; the table goes into that folder too.
 echo "+ $PYTHON scripts/anova.py $SWEEP_DIR/results.csv --factors $FACTORS --plan $PLAN --out $REPORT_DIR" >&2

@@ -355,6 +355,7 @@ EVAL = ["{W}/run", "--metric", "tinyworld"]
 EVALUATE = [
     S("batch-0", "number", "evaluate", EVAL + ["--batch_size", "0"], r"--batch_size: must be an integer >= 1, got '0'"),
     S("batch-neg", "number", "evaluate", EVAL + ["--batch_size", "-1"], r"--batch_size: must be an integer >= 1"),
+    S("eval-pack-0", "number", "evaluate", EVAL + ["--pack", "0"], r"--pack: must be an integer >= 1, got '0'"),
     S("steps-0", "number", "evaluate", EVAL + ["--steps", "0"], r"--steps: must be an integer >= 1"),
     S("steps-neg", "number", "evaluate", EVAL + ["--steps", "-3"], r"--steps: must be an integer >= 1"),
     S("steps-float", "number", "evaluate", EVAL + ["--steps", "2.5"], r"--steps: must be an integer >= 1, got '2.5'"),
@@ -434,6 +435,10 @@ SPEC = ["{W}/spec.yaml", "--sweep_dir", "{T}/sw"]
 SWEEP = [
     S("parallel-0", "number", "sweep", SPEC + ["--parallel", "0"], r"--parallel: must be an integer >= 1, got '0'"),
     S("parallel-neg", "number", "sweep", SPEC + ["--parallel", "-2"], r"--parallel: must be an integer >= 1"),
+    S("pack-0", "number", "sweep", SPEC + ["--pack", "0"], r"--pack: must be a number of runs >= 1, or auto, got '0'"),
+    S("pack-nan", "number", "sweep", SPEC + ["--pack", "nan"], r"--pack: must be a number of runs >= 1, or auto"),
+    S("index-and-pack", "flags", "sweep", SPEC + ["--run_index", "0", "--pack", "2"],
+      r"--run_index runs one run: --pack does not apply"),
     S("run-index-neg", "number", "sweep", SPEC + ["--run_index", "-1"], r"--run_index: must be an integer >= 0"),
     S("run-index-beyond", "number", "sweep", SPEC + ["--run_index", "2"],
       r"--run_index 2 is out of range: the sweep has runs 0..1"),

@@ -38,6 +38,8 @@ def test_every_item_runs_at_tiny_size_and_appends_its_rows(tmp_path, monkeypatch
     assert len(rows_of(rows, "UNet forward")) == 2 and len(rows_of(rows, "UNet train step")) == 2
     dreambooth = rows_of(rows, "DreamBooth step")
     assert len(dreambooth) == 6 and all(float(r["ratio"]) > 0 and "GiB" in r["ours"] for r in dreambooth)
+    (packed,) = rows_of(rows, "packed DreamBooth step")
+    assert float(packed["ratio"]) > 0 and "run-steps/s" in packed["ours"] and "speed-up" in packed["notes"]
     assert len(rows_of(rows, "txt2img")) == 4 and len(rows_of(rows, "fast path")) == 3
     assert len(rows_of(rows, "8-bit AdamW")) == 1
     assert len(rows_of(rows, "compiled")) == 3 and compiled == ["UNetModel", "UNetModel", "UNet2DConditionModel"]

@@ -362,9 +362,9 @@ def test_sweep_resumes_after_a_crashed_run(tiny_sweep, tmp_path, capsys):
     done_before = (ok / DONE).stat().st_mtime_ns
     assert sweep_script.main([str(tiny_sweep), "--sweep_dir", str(sweep_dir), "--allow_any_target"]) == 0
     assert (ok / DONE).stat().st_mtime_ns == done_before  # the finished run was skipped
-    assert (ok / "train.log").read_text().count("main_dream_booth.py -r") == 1
+    assert (ok / "train.log").read_text().count("-m ldm.train -r") == 1
     assert run_state(crashed) == "done" and not (crashed / FAILED).exists()
-    assert (crashed / "train.log").read_text().count("main_dream_booth.py -r") == 2  # retried once
+    assert (crashed / "train.log").read_text().count("-m ldm.train -r") == 2  # retried once
     assert (crashed / "checkpoints" / "1-adapters").is_dir()
     capsys.readouterr()
     sweep_script.main(["status", str(sweep_dir), "-v"])

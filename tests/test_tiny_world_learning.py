@@ -11,7 +11,7 @@ from safetensors import safe_open
 from conftest import KEYS_TSV, REPO
 from ldm.data.synthetic import SUBJECT_CLASS
 from ldm.evaluation.evaluate import adapter_dir
-from ldm.tinyworld.demo import train_argv
+from ldm.tinyworld.demo import train_request
 from ldm.evaluation.metrics import prior_preservation, subject_fidelity
 from ldm.tinyworld.evaluate import CLASS_PROMPT, SUBJECT_PROMPT, load_references, load_tiny_model, sample
 from ldm.tinyworld.metrics import TinyWorldMetric
@@ -46,11 +46,11 @@ def test_shipped_base_model_is_sd_v1_layout():
 
 
 def run_training(tmp_path, prior: bool):
-    import main_dream_booth
-    argv = train_argv(tmp_path, STEPS, seed=23, prior=prior) + [
+    from ldm.train import run
+    request = train_request(tmp_path, STEPS, seed=23, prior=prior, overrides=[
         "data.params.num_class_images=8", "data.params.class_image_sampler.steps=10",
-        "lightning.callbacks.image_logger.params.batch_frequency=1000", "model.base_learning_rate=3e-3"]
-    return adapter_dir(main_dream_booth.main(argv))
+        "lightning.callbacks.image_logger.params.batch_frequency=1000", "model.base_learning_rate=3e-3"])
+    return adapter_dir(run(request))
 
 
 @torch.no_grad()

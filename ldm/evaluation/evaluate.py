@@ -10,7 +10,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -80,6 +80,16 @@ def check_template(template: str) -> None:
             f"prompt template '{template}' is not a valid template ({e}); write {{token}} and {{class_word}}, and " \
             "{{ }} for a literal brace"
         raise EvaluationError(message) from None
+
+
+@dataclass
+class Drawn:
+    """A run's samples drawn together with other runs' (`ldm.evaluation.packed`): its prompts' images, the prior
+    prompt's by the run and by the base model, and its adapter_size entries."""
+    images: torch.Tensor
+    prior_tuned: Optional[torch.Tensor]
+    prior_base: Optional[torch.Tensor]
+    adapter: Dict[str, Any]
 
 
 @dataclass
@@ -178,13 +188,13 @@ def train_stats(run_dir: Path) -> Dict[str, Any]:
     return {column: stats[key] for key, column in STATS.items() if key in stats}
 
 
-def adapter_size(adapters: Path, model: torch.nn.Module) -> Dict[str, Any]:
-    """Trainable (adapter) parameters, the adapter file's size in bytes, and a one-line description."""
+def adapter_size(adapters: Path, model: torch.nn.Module, group: str = "default") -> Dict[str, Any]:
+    """Trainable (adapter) parameters, the adapter file's size in bytes, and a one-line description (of `group`)."""
     groups = adapter_groups(model)
-    params = sum(p.numel() for p in adapter_parameters(model))
+    params = sum(p.numel() for p in adapter_parameters(model, group if group in groups else None))
     weights = adapters / WEIGHTS_FILE
     return {"trainable_parameters": params, "adapter_bytes": weights.stat().st_size if weights.is_file() else "",
-            "adapter": describe(groups.get("default", []))}
+            "adapter": describe(groups.get(group, []))}
 
 
 def draw(model: torch.nn.Module, pairs: Sequence[Tuple[str, int]], size: int, settings: EvalSettings
@@ -217,27 +227,38 @@ def prior_metrics(model: torch.nn.Module, metrics: Metrics, prompt: str, size: i
     return measure(metrics.backends, Samples(references=references, class_tuned=tuned, class_base=base), keys=keys)
 
 
-def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device: torch.device) -> Dict[str, Any]:
-    """Sample, measure and describe one run: its results-table row."""
-    run_dir = Path(run_dir)
-    config, adapters = run_config(run_dir), adapter_dir(run_dir, settings.step)
+def draw_alone(config: DictConfig, adapters: Path, settings: EvalSettings, device: torch.device) -> Drawn:
+    """One run's samples, drawn by its own model."""
     model = load_run_model(config, adapters, device)
-    prompts, texts = prompts_for(config, settings.prompts)
+    prompts, _ = prompts_for(config, settings.prompts)
     size = image_size(config)
     images = draw(model, prompt_seed_pairs(prompts, settings.seeds), size, settings)
+    tuned = base = None
+    if settings.prior_prompt:  # a fine-tuned UNet is compared with the base weights, not just with adapters off
+        base_model = load_model_from_config(config).to(device).eval() if trains_unet(config) else None
+        tuned, base = class_samples(model, format_prompt(settings.prior_prompt, subject_fields(config)), size,
+                                    settings, base_model)
+    return Drawn(images, tuned, base, adapter_size(adapters, model))
+
+
+def evaluate_run(run_dir: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
+                 drawn: Optional[Drawn] = None) -> Dict[str, Any]:
+    """Sample (unless `drawn` holds the run's samples, drawn in a pack), measure and describe one run: its
+    results-table row."""
+    run_dir = Path(run_dir)
+    config, adapters = run_config(run_dir), adapter_dir(run_dir, settings.step)
+    drawn = drawn or draw_alone(config, adapters, settings, device)
+    images = drawn.images
     if settings.save_grid:  # replaces the grid of an earlier evaluation of this step (--force), atomically
         grid = image_grid(to_pil(images * 2 - 1), len(settings.seeds))
         atomic_write(str(run_dir / "eval" / f"samples-{adapters.name}.png"), lambda tmp: grid.save(tmp, format="PNG"))
+    _, texts = prompts_for(config, settings.prompts)
     samples = Samples(subject=images, texts=[t for t in texts for _ in settings.seeds],
-                      references=instance_images(config, size), fid_reference=metrics.fid_reference,
-                      subject_name=subject_name(config))
-    if settings.prior_prompt:  # a fine-tuned UNet is compared with the base weights, not just with adapters off
-        base_model = load_model_from_config(config).to(device).eval() if trains_unet(config) else None
-        prompt = format_prompt(settings.prior_prompt, subject_fields(config))
-        samples.class_tuned, samples.class_base = class_samples(model, prompt, size, settings, base_model)
+                      references=instance_images(config, image_size(config)), fid_reference=metrics.fid_reference,
+                      subject_name=subject_name(config), class_tuned=drawn.prior_tuned, class_base=drawn.prior_base)
     row = {"run": run_dir.name, SUBJECT_COLUMN: subject_name(config), **run_levels(run_dir)}
     row.update(measure(metrics.backends, samples, metrics.fid))
-    row.update(adapter_size(adapters, model), adapter_step=int(adapters.name.split("-")[0]), n_samples=len(images))
+    row.update(drawn.adapter, adapter_step=int(adapters.name.split("-")[0]), n_samples=len(images))
     row.update(train_stats(run_dir))
     return row
 
@@ -273,26 +294,29 @@ def find_runs(paths: Sequence[str]) -> List[Path]:
 
 
 def evaluate_runs(runs: Sequence[Path], table: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
-                  skip: Sequence[str] = (), force: bool = False) -> Dict[str, str]:
+                  skip: Sequence[str] = (), force: bool = False,
+                  draw: Optional[Callable[[Path], Drawn]] = None) -> Dict[str, str]:
     """Evaluate each run not in `skip` and upsert its row into `table` as soon as it is done; returns the failures
     (run name -> reason). Another process evaluating the same runs is taken into account: each run is claimed by a
     lock (EVAL_LOCK in its folder) while it is evaluated, a run claimed elsewhere is put off to the end, and (unless
-    `force`) a run whose row appeared meanwhile is skipped, so each run is evaluated and written once."""
+    `force`) a run whose row appeared meanwhile is skipped, so each run is evaluated and written once. `draw` gives a
+    run's samples drawn with other runs' (`ldm.evaluation.packed.PackedDraws`); without it each run samples alone."""
     failed: Dict[str, str] = {}
     deferred = []
     for run_dir in runs:
         if run_dir.name in skip:
             log.info("%s: already in %s (pass --force to evaluate again)", run_dir.name, table)
-        elif not _claimed_evaluation(run_dir, table, metrics, settings, device, failed, force, blocking=False):
+        elif not _claimed_evaluation(run_dir, table, metrics, settings, device, failed, force, False, draw):
             log.info("%s: being evaluated by another process; coming back to it at the end", run_dir.name)
             deferred.append(run_dir)
     for run_dir in deferred:
-        _claimed_evaluation(run_dir, table, metrics, settings, device, failed, force, blocking=True)
+        _claimed_evaluation(run_dir, table, metrics, settings, device, failed, force, True, draw)
     return failed
 
 
 def _claimed_evaluation(run_dir: Path, table: Path, metrics: Metrics, settings: EvalSettings, device: torch.device,
-                        failed: Dict[str, str], force: bool, blocking: bool) -> bool:
+                        failed: Dict[str, str], force: bool, blocking: bool,
+                        draw: Optional[Callable[[Path], Drawn]] = None) -> bool:
     """Evaluate one run under its lock; False when another process holds the lock (and `blocking` is False)."""
     with file_lock(Path(run_dir) / EVAL_LOCK, blocking) as claimed:
         if not claimed:
@@ -301,7 +325,7 @@ def _claimed_evaluation(run_dir: Path, table: Path, metrics: Metrics, settings: 
             log.info("%s: evaluated by another process meanwhile", run_dir.name)
             return True
         try:
-            row = evaluate_run(run_dir, metrics, settings, device)
+            row = evaluate_run(run_dir, metrics, settings, device, draw(run_dir) if draw else None)
         except (ValueError, CheckpointError) as e:  # EvaluationError, DataError, AdapterConfigError: one bad run
             # does not stop the others
             log.error("%s: not evaluated: %s", run_dir.name, e)

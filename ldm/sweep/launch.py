@@ -1,4 +1,6 @@
-"""Running a prepared sweep: each run is an ordinary `main_dream_booth.py -r <run dir> -t` process.
+"""Running a prepared sweep: each run is an ordinary `python -m ldm.train -r <run dir> -t` process (its RunRequest
+as a command line; the child process keeps a crash, a leak or a thread setting of one run from the others); with
+--pack, runs that can share a base model train as packs (`ldm.train.pack`), one process each.
 
 Locally one after another, or N at a time with one device each; or one run by index (a SLURM array task, or a line
 of scripts/sweep.py --print_jobs). Finished runs are skipped; failed ones are retried, continuing
@@ -13,20 +15,22 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from omegaconf import OmegaConf
 
 from ldm.checks import file_lock
 from ldm.sweep.runs import CONFIG, FAILED, SweepRun, mark_done, mark_failed, mark_running, read_json, run_state
 from ldm.sweep.spec import SweepError
-from ldm.train import finished_at
+from ldm.train import NEXT, RunRequest, finished_at
+from ldm.train.pack_plan import group_runs, pack_capacity
+from ldm.train.request import with_options
 
 log = logging.getLogger(__name__)
 
-MAIN = Path(__file__).resolve().parents[2] / "main_dream_booth.py"
+REPO = Path(__file__).resolve().parents[2]  # the child runs here, so `ldm` is this checkout's
 LOG_FILE = "train.log"
 CLAIM = ".launch.lock"
 
@@ -39,21 +43,19 @@ def claimed(run: SweepRun) -> Iterator[bool]:
         yield mine and run.state not in ("done", "running")
 
 
-def flag_args(flags: Dict[str, Any]) -> List[str]:
-    """main_dream_booth.py arguments for the run's command-line flags (seed is -s)."""
-    args = []
-    for key, value in flags.items():
-        args += ["-s" if key == "seed" else f"--{key}", str(value)]
-    return args
+def request(run: SweepRun, device: Optional[str] = None, train: bool = True,
+            allow_any_target: bool = False) -> RunRequest:
+    """The run's RunRequest: resume in its own folder (step 0 when it has no checkpoint yet) with its run options;
+    `allow_any_target` passes --allow_any_target on (the user's own classes in the configs; a sweep file cannot)."""
+    base = RunRequest(resume=str(Path(run.dir).resolve()), train=train, allow_any_target=allow_any_target,
+                      gpus=f"{device}," if device is not None else None)
+    return with_options(base, run.flags)
 
 
 def command(run: SweepRun, python: str = sys.executable, device: Optional[str] = None, train: bool = True,
-            main: Path = MAIN, allow_any_target: bool = False) -> List[str]:
-    """The run's main_dream_booth.py command: resume in its own folder (step 0 when it has no checkpoint yet).
-    `allow_any_target` passes --allow_any_target on (the user's own classes in the configs); a sweep file cannot."""
-    args = [python, str(main), "-r", str(run.dir)] + (["-t"] if train else []) + flag_args(run.flags)
-    args += ["--allow_any_target"] if allow_any_target else []
-    return args + (["--gpus", f"{device},"] if device is not None else [])
+            allow_any_target: bool = False) -> List[str]:
+    """The run's process: `python -m ldm.train` with its RunRequest."""
+    return [python, "-m", "ldm.train", *request(run, device, train, allow_any_target).to_argv()]
 
 
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -78,22 +80,72 @@ def launch(run: SweepRun, device: Optional[str] = None, python: str = sys.execut
     with open(run.dir / LOG_FILE, "a") as out:
         out.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(MAIN.parent),
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO),
                                 env=thread_env(parallel))
         if train:
             mark_running(run.dir, proc.pid)
         code = proc.wait()
-    if not train:
-        return code == 0
+    return settle(run, code, run.dir / LOG_FILE) if train else code == 0
+
+
+def settle(run: SweepRun, code: int, log_file: Path) -> bool:
+    """After the run's process ended with `code`: True when the run is done, else it is marked failed (with its own
+    message when it got as far as training, and where its output is)."""
     if code == 0 and run_state(run.dir) != "done" and finished_at(run.dir) is not None:
-        # killed after its final checkpoint but before done.json: main_dream_booth.py said "already finished"
+        # killed after its final checkpoint but before done.json: the run said "already finished"
         mark_done(run.dir, {"global_step": finished_at(run.dir)})
     if code == 0 and run_state(run.dir) == "done":
         return True
     reason = f"exit code {code}" if code else "the process ended without finishing training"
     earlier = read_json(run.dir / FAILED)  # the run's own message (RunMarker), when it got as far as training
-    mark_failed(run.dir, (f"{earlier['reason']}; " if earlier else "") + f"{reason}; see {run.dir / LOG_FILE}")
+    mark_failed(run.dir, (f"{earlier['reason']}; " if earlier else "") + f"{reason}; see {log_file}")
     return False
+
+
+# ---- packs ------------------------------------------------------------------------------------------------------
+def packs_of(runs: Sequence[SweepRun], pack: Union[int, str], allow_any_target: bool = False, parallel: int = 1
+             ) -> List[List[SweepRun]]:
+    """The runs in packs of up to `pack` of runs that can share one (`ldm.train.pack_plan`; the others alone), in grid
+    order. "auto": as many as fit in the memory at hand, shared by `parallel` packs, and the runs spread evenly over
+    the `parallel` processes (so none idles while one trains them all)."""
+    requests = [request(r, allow_any_target=allow_any_target) for r in runs]
+    packs = []
+    for group in group_runs(requests):
+        size = pack if pack != "auto" else max(1, min(pack_capacity(requests[group[0]]) // parallel,
+                                                      -(-len(group) // parallel)))
+        packs += [[runs[i] for i in group[k:k + size]] for k in range(0, len(group), size)]
+    return sorted(packs, key=lambda p: p[0].index)
+
+
+def pack_command(runs: Sequence[SweepRun], python: str = sys.executable, device: Optional[str] = None,
+                 allow_any_target: bool = False) -> List[str]:
+    """One process for the pack: `python -m ldm.train` with the runs' requests separated by --next."""
+    argv = [python, "-m", "ldm.train"]
+    for k, run in enumerate(runs):
+        argv += ([NEXT] if k else []) + request(run, device, True, allow_any_target).to_argv()
+    return argv
+
+
+def launch_pack(runs: Sequence[SweepRun], log_dir: Path, device: Optional[str] = None, python: str = sys.executable,
+                allow_any_target: bool = False, parallel: int = 1) -> Dict[str, bool]:
+    """Train the runs as one pack to its end; its output goes to <log_dir>/<first run>+<n>.log (each run's train.log
+    says so). Returns each run's success."""
+    cmd = pack_command(runs, python, device, allow_any_target)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = log_dir / f"{runs[0].name}+{len(runs) - 1}.log"
+    stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+    with open(log_file, "a") as out:
+        out.write(f"\n# {stamp}: {shlex.join(cmd)}\n")
+        out.flush()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=thread_env(parallel))
+        for run in runs:
+            mark_running(run.dir, proc.pid)
+            with open(run.dir / LOG_FILE, "a") as own:
+                own.write(f"\n# {stamp}: trained in a pack of {len(runs)} runs; its output is in {log_file}\n")
+        code = proc.wait()
+    # a pack's exit status is not 0 when one of its runs failed; the others judge by their own markers
+    return {run.name: settle(run, 0 if run_state(run.dir) == "done" or finished_at(run.dir) is not None else code,
+                             log_file) for run in runs}
 
 
 def to_run(runs: Sequence[SweepRun]) -> List[SweepRun]:
@@ -109,7 +161,7 @@ def to_run(runs: Sequence[SweepRun]) -> List[SweepRun]:
 
 
 def prepare_class_images(run: SweepRun, python: str, allow_any_target: bool = False) -> None:
-    """Fill the class image folder once (main_dream_booth.py without -t) before parallel runs share it."""
+    """Fill the class image folder once (the run without -t) before parallel runs share it."""
     config = OmegaConf.load(run.dir / CONFIG)
     if not OmegaConf.select(config, "data.params.reg.params.data_root"):
         return
@@ -121,8 +173,10 @@ def prepare_class_images(run: SweepRun, python: str, allow_any_target: bool = Fa
 
 
 def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Sequence[str]] = None,
-            python: str = sys.executable, allow_any_target: bool = False) -> Dict[str, bool]:
-    """Launch every run that is not done, `parallel` at a time (each with one of `devices`, when given)."""
+            python: str = sys.executable, allow_any_target: bool = False,
+            pack: Optional[Union[int, str]] = None, pack_logs: Optional[Path] = None) -> Dict[str, bool]:
+    """Launch every run that is not done, `parallel` processes at a time (each with one of `devices`, when given);
+    with `pack` (a size or "auto") the runs that can share train in packs, one process each, logs in `pack_logs`."""
     if parallel < 1:
         raise SweepError(f"--parallel must be at least 1, got {parallel}")
     if devices and len(devices) < parallel:
@@ -132,28 +186,43 @@ def run_all(runs: Sequence[SweepRun], parallel: int = 1, devices: Optional[Seque
     log.info("%d of %d runs to do", len(pending), len(runs))
     if parallel > 1 and pending:
         prepare_class_images(pending[0], python, allow_any_target)
+    units = packs_of(pending, pack, allow_any_target, parallel) if pack and pending else [[r] for r in pending]
     pool: "queue.Queue[Optional[str]]" = queue.Queue()
     for device in (list(devices) if devices else [None] * parallel):
         pool.put(device)
 
-    def one(run: SweepRun) -> bool:
+    def one(unit: List[SweepRun]) -> Dict[str, bool]:
         device = pool.get()
         try:
-            with claimed(run) as mine:
+            with ExitStack() as stack:
+                mine = [r for r in unit if stack.enter_context(claimed(r))]
+                for r in unit:
+                    if r not in mine:
+                        log.info("%s: done or started by another launcher meanwhile, left alone", r.name)
                 if not mine:
-                    log.info("%s: done or started by another launcher meanwhile, left alone", run.name)
-                    return True
-                log.info("start %s%s", run.name, f" on device {device}" if device is not None else "")
+                    return {r.name: True for r in unit}
+                names = ", ".join(r.name for r in mine)
+                log.info("start %s%s", names if len(mine) == 1 else f"a pack of {len(mine)}: {names}",
+                         f" on device {device}" if device is not None else "")
                 start = time.monotonic()
-                ok = launch(run, device, python, allow_any_target=allow_any_target, parallel=parallel)
-            log.info("%s %s after %.0f s%s", run.name, "done" if ok else "FAILED", time.monotonic() - start,
-                     "" if ok else f" (see {run.dir / LOG_FILE})")
-            return ok
+                if len(mine) == 1:
+                    results = {mine[0].name: launch(mine[0], device, python, allow_any_target=allow_any_target,
+                                                    parallel=parallel)}
+                else:
+                    results = launch_pack(mine, Path(pack_logs or mine[0].dir.parent), device, python,
+                                          allow_any_target, parallel)
+            for r in mine:
+                log.info("%s %s after %.0f s%s", r.name, "done" if results[r.name] else "FAILED",
+                         time.monotonic() - start, "" if results[r.name] else f" (see {r.dir / LOG_FILE})")
+            return {**{r.name: True for r in unit if r not in mine}, **results}
         finally:
             pool.put(device)
 
     with ThreadPoolExecutor(max_workers=parallel) as executor:
-        return dict(zip([r.name for r in pending], executor.map(one, pending)))
+        done: Dict[str, bool] = {}
+        for results in executor.map(one, units):
+            done.update(results)
+    return {r.name: done[r.name] for r in pending}
 
 
 def run_index(runs: Sequence[SweepRun], index: int, device: Optional[str] = None,

@@ -5,9 +5,9 @@ A sweep file is YAML:
     name: position-pairs                     # optional
     base: [configs/sd-inject-dreambooth/attn2o-ffni.yaml]   # merged in order, as main_dream_booth.py --base
     overrides:                               # KEY=VALUE as main_dream_booth.py takes them (or a mapping), and its
-      - lightning.trainer.max_steps=800      # flags by name: data_root, reg_data_root, class_word, actual_resume,
-      - data_root=data/dog                   # max_steps (written into the config), seed, scale_lr, gpus, precision,
-      - class_word=dog                       # accelerator, devices, num_nodes, strategy (on the command line)
+      - lightning.trainer.max_steps=800      # flags by name (`ldm.train.request.SWEEP_OPTIONS`): data_root,
+      - data_root=data/dog                   # reg_data_root, class_word, actual_resume, max_steps (written into the
+      - class_word=dog                       # config), seed, scale_lr, gpus, ... precision (the run's options)
     factors:
       din: {key: din, levels: [attn1i, attn2o, resi]}
       lr: {key: model.base_learning_rate, levels: [1.0e-4, 3.0e-4]}
@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import re
-from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -42,10 +41,11 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from ldm.config import ADAPTER_CONFIGS, CONFIG_FLAGS, KEY_ALIASES, PATH_FLAGS, apply_flags, load_configs, set_key
+from ldm.config import ADAPTER_CONFIGS, KEY_ALIASES, load_configs, set_key
 from ldm.sweep.budget import apply_budget
 from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
 from ldm.checks import ConfigError, safe_load_unique, yaml_number
+from ldm.train.request import CONFIG_OPTIONS, PATH_OPTIONS, RUN_OPTIONS, SWEEP_OPTIONS, write_option
 from ldm.util import parse_yaml_value
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,11 @@ class SweepError(ValueError):
 
 
 SPEC_FIELDS = ("name", "base", "overrides", "factors", "rules", "budget")
-CLI_FLAGS = ("seed", "scale_lr", "gpus", "accelerator", "devices", "num_nodes", "strategy", "precision")
 
 
 @dataclass
 class Run:
-    """One point of the grid: its name, factor levels, merged config and main_dream_booth.py command-line flags."""
+    """One point of the grid: its name, factor levels, merged config and run options (RunRequest fields)."""
     name: str
     levels: Dict[str, Any]
     config: DictConfig
@@ -257,18 +256,16 @@ def apply_setting(config: DictConfig, flags: Dict[str, Any], key: str, value: An
     value = yaml_number(value)  # a level written 1e-4 in the sweep file
     if isinstance(value, float) and not math.isfinite(value):
         raise SweepError(f"'{key}' is set to {value}: a number in a sweep file must be finite")
-    if key in CLI_FLAGS:
+    if key in RUN_OPTIONS:
         flags[key] = value
-    elif key in CONFIG_FLAGS:
-        value = resolve(root, str(value)) if key in PATH_FLAGS else value
-        opt = Namespace(**{k: None for k in CONFIG_FLAGS})
-        setattr(opt, key, value)
-        _sweep_errors(apply_flags, config, opt)
+    elif key in CONFIG_OPTIONS:
+        value = resolve(root, str(value)) if key in PATH_OPTIONS else value
+        _sweep_errors(write_option, config, key, value)
     else:
         try:
             set_key(config, key, value, new_ok=new_ok)
         except ConfigError as e:
-            raise SweepError(f"{e}; or a main_dream_booth.py flag ({', '.join(CONFIG_FLAGS + CLI_FLAGS)})") from None
+            raise SweepError(f"{e}; or a main_dream_booth.py flag ({', '.join(SWEEP_OPTIONS)})") from None
 
 
 def invalid_reason(config: DictConfig) -> Optional[str]:

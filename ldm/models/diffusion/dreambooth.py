@@ -68,6 +68,9 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         self._freeze_all_but_trained()
         self._moments: Dict[Tuple[str, int, bool], torch.Tensor] = {}
         self._contexts: Dict[str, torch.Tensor] = {}
+        # When the run trains in a pack (ldm.train.pack): the UNet call and the backward pass of each training step
+        # go through it, batched with the other runs' (each run's adapters act on its own rows).
+        self.pack_slot: Optional[Any] = None
 
     # ---- what trains --------------------------------------------------------------------------------------------
     def trained_parameters(self) -> List[torch.nn.Parameter]:
@@ -159,6 +162,19 @@ class DreamBoothLatentDiffusion(LatentDiffusion):
         return z, self._contexts_of(items["caption"])
 
     # ---- the step -----------------------------------------------------------------------------------------------
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The UNet's noise prediction; in a pack, a training step's call is batched with the other runs'."""
+        if self.pack_slot is not None and torch.is_grad_enabled():
+            return self.pack_slot.apply_model(x_noisy, t, cond)
+        return super().apply_model(x_noisy, t, cond)
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward hook; in a pack, one backward pass serves every run's loss of the step."""
+        if self.pack_slot is not None:
+            self.pack_slot.backward(loss)
+        else:
+            super().backward(loss, *args, **kwargs)
+
     def shared_step(self, batch: Dict[str, Dict[str, Any]]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Loss of one step: instance and class items go through the UNet together, as one batch."""
         z, c = self.get_input(batch["instance"], "instance")

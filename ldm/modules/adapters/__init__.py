@@ -13,7 +13,8 @@ running down this list.
     dora.py        DoRA and DoRAFactors
     ia3.py         (IA)^3 and IA3Vector
     schema.py      FORMS (the registry: one line per form), parsing `adapter_config` into specs, the options' help
-    attach.py      injection into a network, freezing, enable / scale / remove, parameters
+    rows.py        groups that act on some rows of a batch (several runs in one batch)
+    attach.py      injection into a network, freezing, enable / scale / remove / mount, parameters
     budget.py      sizes for a parameter budget (sweeps), the paper's sizes
     sources.py     which files are read and what their configs say about strength (peft configs, metadata)
     files.py       kohya / A1111 / ComfyUI / LyCORIS, diffusers and peft files and folders
@@ -23,11 +24,11 @@ running down this list.
 The networks (`UNetModel`, `FrozenCLIPEmbedder`) call `inject_adapters` for their `adapter_config`; this package never
 imports a network: blocks expose `ADAPTER_KIND`, `adapter_widths()` and call `taps(name, t)`, networks `ADAPTER_ROLE`.
 """
-from ldm.modules.adapters.attach import (adapter_blocks, adapter_carriers, adapter_groups, adapter_networks,
-                                         adapter_parameters, adapter_state_dict, adapters_enable, build_adapter,
-                                         freeze_except_adapters, group_adapters, inject_adapters, is_added_key,
-                                         match_targets, network, planned_parameter_count, remove_adapters,
-                                         restored_on_error, set_adapter_scale)
+from ldm.modules.adapters.attach import (AdapterGroup, adapter_blocks, adapter_carriers, adapter_groups,
+                                         adapter_networks, adapter_parameters, adapter_state_dict, adapters_enable,
+                                         build_adapter, freeze_except_adapters, group_adapters, inject_adapters,
+                                         is_added_key, match_targets, mount_group, network, planned_parameter_count,
+                                         remove_adapters, restored_on_error, set_adapter_scale)
 from ldm.modules.adapters.base import AdapterForm, ProjectionForm, ProjectionOptions, Update, is_projection
 from ldm.modules.adapters.bottleneck import METHODS, InOutAdapter, ResInOutAdapter
 from ldm.modules.adapters.budget import (PAPER_RESBLOCK_PARAMETERS, PAPER_TRANSFORMER_MID_DIM, fit_budget,
@@ -44,6 +45,7 @@ from ldm.modules.adapters.io import CONFIG_FILE, SECTION, WEIGHTS_FILE, load_ada
 from ldm.modules.adapters.lora import LoCon, LoRA, LoRAFactors, mix_factors, stack_factors
 from ldm.modules.adapters.merge import (MODES, check_merge_output, combine_loras, combine_updates, merge_adapters,
                                         merge_into_checkpoint, save_base_checkpoint)
+from ldm.modules.adapters.rows import Rows
 from ldm.modules.adapters.positions import (POSITIONS, PROJECTION, SECTION_OF, SECTIONS, STREAM, block_kind,
                                             is_valid_pair, section_value, valid_pairs)
 from ldm.modules.adapters.schema import (FORMS, KIND_FIELDS, config_from_specs, form_fields, form_of, forms,
@@ -54,15 +56,15 @@ from ldm.modules.adapters.spec import (DEFAULT_GROUP, INITS, AdapterConfigError,
 __all__ = [
     "CONFIG_FILE", "DEFAULT_GROUP", "FORMATS", "FORMS", "IA3", "INITS", "KIND_FIELDS", "METHODS", "MODES",
     "PAPER_RESBLOCK_PARAMETERS", "PAPER_TRANSFORMER_MID_DIM", "POSITIONS", "PROJECTION", "SECTION", "SECTIONS",
-    "SECTION_OF", "STREAM", "WEIGHTS_FILE", "AdapterConfigError", "AdapterDirError", "AdapterForm", "AdapterSpec",
+    "SECTION_OF", "STREAM", "WEIGHTS_FILE", "AdapterConfigError", "AdapterDirError", "AdapterForm", "AdapterGroup", "AdapterSpec",
     "DoRA", "DoRAFactors", "HadaFactors", "IA3Vector", "InOutAdapter", "KronFactors", "LoCon", "LoHa", "LoKr",
-    "LoRA", "LoRAFactors", "Options", "ProjectionForm", "ProjectionOptions", "ResInOutAdapter", "Update",
+    "LoRA", "LoRAFactors", "Options", "Rows", "ProjectionForm", "ProjectionOptions", "ResInOutAdapter", "Update",
     "adapter_blocks", "adapter_carriers", "adapter_groups", "adapter_networks", "adapter_parameters",
     "adapter_state_dict", "adapters_enable", "block_kind", "build_adapter", "check_merge_output", "combine_loras",
     "combine_updates", "config_from_specs", "describe", "external_names", "fit_budget", "form_fields", "form_of",
     "forms", "freeze_except_adapters", "group_adapters", "inject_adapters", "is_added_key", "is_projection",
     "is_valid_pair", "kohya_name", "load_adapter_from_dir", "load_lora_file", "lora_state_dict", "match_targets",
-    "merge_adapters", "merge_into_checkpoint", "mix_factors", "network", "options_help", "paper_mid_dim",
+    "merge_adapters", "merge_into_checkpoint", "mix_factors", "mount_group", "network", "options_help", "paper_mid_dim",
     "parse_adapter_config", "planned_parameter_count", "projection_updates", "read_lora_state_dict",
     "remove_adapters", "restored_on_error", "save_adapter_to_dir", "save_base_checkpoint", "save_lora_file",
     "save_peft_folder", "section_value", "set_adapter_scale", "stack_factors", "valid_pairs", "with_size",

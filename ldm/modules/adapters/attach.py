@@ -16,14 +16,15 @@ imports a network class: blocks and networks are found by what they expose.
 """
 import logging
 import re
-from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
 
 from ldm.modules.adapters.base import ProjectionForm
 from ldm.modules.adapters.positions import PROJECTION
+from ldm.modules.adapters.rows import Rows, gather, pick, place
 from ldm.modules.adapters.schema import form_of, forms, parse_adapter_config
 from ldm.modules.adapters.spec import (DEFAULT_GROUP, AdapterConfigError, AdapterDirError, AdapterSpec, check_number,
                                       describe)
@@ -84,36 +85,42 @@ def _conv_hint(form: Type[ProjectionForm], m: nn.Module) -> str:
 
 # ---- attaching adapters -----------------------------------------------------------------------------------------
 class AdapterGroup(nn.ModuleList):
-    """The adapters one config puts on one block or projection, with the group's run-time switch and strength."""
+    """The adapters one config puts on one block or projection, with the group's run-time switch and strength, and
+    (for several runs in one batch, `ldm.modules.adapters.rows`) the rows it acts on and the random state its
+    adapters draw from."""
 
     def __init__(self, adapters: List[nn.Module]):
         super().__init__(adapters)
         self.enabled = True
         self.scale = 1.0  # multiplies every adapter's own config scale
+        self.rows: Optional[Rows] = None  # None: every row of the batch
+        self.random: Callable[[], ContextManager] = nullcontext  # entered around the group's adapters
 
 
 class AdapterSet(nn.ModuleDict):
     """`module.adapters`: the adapter groups of a block or projection by name."""
 
-    def active(self) -> List[Tuple[nn.Module, float]]:
-        """(adapter, effective scale) for the adapters of every enabled group, leaving out those scaled to 0."""
-        pairs = [(a, a.spec.scale * g.scale) for g in self.values() if g.enabled for a in g]
-        return [(a, s) for a, s in pairs if s != 0]
+    def active(self) -> List[Tuple[nn.Module, float, AdapterGroup]]:
+        """(adapter, effective scale, its group) for the adapters of every enabled group, leaving out those scaled to
+        0 and those of groups with no rows in the batch."""
+        triples = [(a, a.spec.scale * g.scale, g) for g in self.values() if g.enabled for a in g]
+        return [(a, s, g) for a, s, g in triples if s != 0 and (g.rows is None or not g.rows.empty)]
 
     def taps(self) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
         """A fresh `taps(name, t)` for one forward pass of a block, or None when no adapter is active."""
         active = self.active()
         if not active:
             return None
-        pending: Dict[str, torch.Tensor] = {}
+        pending: Dict[str, list] = {}
 
         def taps(name: str, t: torch.Tensor) -> torch.Tensor:
-            for a, s in active:                               # adapters reading here store s * f(t) for their dout
+            for a, s, g in active:                            # adapters reading here store s * f(t) for their dout
                 if a.spec.din == name:
-                    d = s * a(t)
-                    pending[a.spec.dout] = d if a.spec.dout not in pending else pending[a.spec.dout] + d
-            add = pending.pop(name, None)                     # ... and those writing here add it
-            return t if add is None else t + add
+                    with g.random():
+                        d = s * a(pick(t, g.rows))
+                    gather(pending.setdefault(a.spec.dout, []), g.rows, d)
+            parts = pending.pop(name, None)                   # ... and those writing here add it
+            return t if parts is None else place(t, parts)
         return taps
 
 
@@ -122,8 +129,11 @@ def _projection_hook(host: nn.Module, args: Tuple[torch.Tensor, ...], y: torch.T
     active = host.adapters.active()
     if not active:
         return None
-    x = args[0]
-    return y + sum(s * a(x, y, host) for a, s in active)
+    x, parts = args[0], []
+    for a, s, g in active:
+        with g.random():
+            gather(parts, g.rows, s * a(pick(x, g.rows), pick(y, g.rows), host))
+    return place(y, parts)
 
 
 def _is_block(m: nn.Module) -> bool:
@@ -240,6 +250,24 @@ def inject_adapters(model: nn.Module, adapter_config: Any, name: str = DEFAULT_G
     log.info("adapter group '%s' (%s) on %d modules: %s parameters, %.3f%% of the %s's %s", name, describe(specs),
              len(plan), f"{added:,}", 100.0 * added / max(base, 1), what, f"{base:,}")
     return added
+
+
+def mount_group(src: nn.Module, dst: nn.Module, name: str, as_name: str) -> List[AdapterGroup]:
+    """Put group `name` of network `src` on the same modules of `dst` (a network of the same structure, e.g. one
+    sharing its weights) as group `as_name`. The adapter modules are shared; the new groups' switches, rows and random
+    state are their own, so `src` is unaffected. Returns the new groups."""
+    mounted = []
+    for path, m in adapter_carriers(src):
+        if name in m.adapters:
+            group = AdapterGroup(list(m.adapters[name]))
+            group.enabled, group.scale = m.adapters[name].enabled, m.adapters[name].scale
+            _attach(dst.get_submodule(path), as_name, group)
+            mounted.append(group)
+    if not mounted:
+        raise AdapterConfigError(f"no adapter group {name!r} to mount; the model has: "
+                                 f"{', '.join(adapter_groups(src)) or 'none'}")
+    dst.adapter_specs = {**getattr(dst, "adapter_specs", {}), as_name: adapter_groups(src)[name]}
+    return mounted
 
 
 def _groups(model: nn.Module, name: Optional[str]) -> List[AdapterGroup]:

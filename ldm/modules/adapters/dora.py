@@ -12,7 +12,7 @@ hold m itself (kohya / LyCORIS `dora_scale`, peft `lora_magnitude_vector`), so r
 weights. At strength s the update is s · (W' - W), as AUTOMATIC1111 and ComfyUI apply a DoRA file's multiplier.
 Keys: `<module>.adapters.<group>.<i>.down.weight`, `.up.weight` (`.mid.weight`), `.magnitude`.
 """
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch

@@ -1,12 +1,11 @@
-"""A training run of main_dream_booth.py: configs and command line -> checks -> log dir, model, data, Lightning
-Trainer, fit.
+"""One training run: a `RunRequest` (configs, overrides, flags) -> checks -> log dir, model, data, Lightning Trainer,
+fit.
 
 Everything that can be checked is checked before any work (targets allowed, keys known, numbers in range, files
 readable). Log dir layout: <logdir>/<YYYY-mm-ddTHH-MM-SS>_<name>/ (created exclusively, `ldm.rundir`) holding
 config.yaml (the merged config, enough to resume), checkpoints/ (<step>-adapters/ and last.ckpt with the trained state
 only), images/, tensorboard/, csv/<session>/, train_stats.json (all sessions) and .lock.
 """
-import argparse
 import errno
 import logging
 import os
@@ -26,7 +25,7 @@ from ldm.callbacks import (AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint,
                            TrainStats, precision_plugins)
 from ldm.checkpoint import (CheckpointError, DiskFullError, atomic_write, check_file, is_disk_full,
                             read_training_checkpoint)
-from ldm.config import apply_flags, apply_override, check_targets, load_configs
+from ldm.config import apply_override, check_targets, load_configs
 from ldm.data.class_images import ensure_class_images
 from ldm.data.dreambooth import DataError, format_prompt, usable_images
 from ldm.models.diffusion.dreambooth import scaled_learning_rate
@@ -34,6 +33,7 @@ from ldm.modules.adapters import adapters_enable
 from ldm.rundir import (check_confined, check_run_name, clean_temporaries, create_run_dir, describe_kept, discard,
                         override_keys, prune_empty, resume_command, run_lock, slug, timestamp)
 from ldm.checks import ConfigError, check_number
+from ldm.train.request import RunRequest
 from ldm.util import any_target_allowed, check_keys, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -55,20 +55,20 @@ def resolve_resume(resume: str) -> Tuple[Path, Optional[Path]]:
     return path, ckpt if ckpt.is_file() else None
 
 
-def load_config(opt: argparse.Namespace, resume_logdir: Optional[Path]) -> DictConfig:
+def load_config(request: RunRequest, resume_logdir: Optional[Path]) -> DictConfig:
     """The run's config: its saved config.yaml when resuming, then --base files in order, key=value overrides, flags
     (the config language of `ldm.config`)."""
-    files = ([resume_logdir / CONFIG_FILE] if resume_logdir else []) + [Path(b) for b in opt.base]
+    files = ([resume_logdir / CONFIG_FILE] if resume_logdir else []) + [Path(b) for b in request.base]
     if not files:
         raise ConfigError("no config: pass --base CONFIG (e.g. configs/sd-inject-dreambooth/attn2o-ffni.yaml)")
     config = load_configs(files)
-    for item in opt.overrides:
+    for item in request.overrides:
         apply_override(config, item)
     for root in ("model", "data"):
         if root not in config:
             raise ConfigError(f"the config has no '{root}' section: merge a training config such as "
                               "configs/stable-diffusion/v1-finetune-dreambooth.yaml")
-    apply_flags(config, opt)
+    request.apply_to(config)
     return config
 
 
@@ -96,13 +96,14 @@ def check_data_config(config: DictConfig) -> None:
 
 
 # ---- log dir ----------------------------------------------------------------------------------------------------
-def make_logdir(opt: argparse.Namespace) -> Tuple[Path, List[Path]]:
+def make_logdir(request: RunRequest) -> Tuple[Path, List[Path]]:
     """A new <logdir>/<timestamp>_<name>, created exclusively (`ldm.rundir.create_run_dir`) and shared with DDP worker
     processes through the environment; returns it and the folders made for it."""
     if os.environ.get(LOGDIR_ENV) and rank_zero_only.rank != 0:
         return Path(os.environ[LOGDIR_ENV]), []
-    name = check_run_name(opt.name) if opt.name else slug(Path(opt.base[-1]).stem if opt.base else "run")
-    return create_run_dir(Path(opt.logdir), name)
+    name = check_run_name(request.name) if request.name else slug(Path(request.base[-1]).stem if request.base
+                                                                    else "run")
+    return create_run_dir(Path(request.logdir), name)
 
 
 def save_config(config: DictConfig, logdir: Path) -> None:
@@ -130,10 +131,10 @@ def default_precision(accelerator: str) -> str:
     return "32-true"
 
 
-def trainer_kwargs(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any]:
+def trainer_kwargs(config: DictConfig, request: RunRequest) -> Dict[str, Any]:
     """Lightning Trainer arguments: lightning.trainer, then --gpus and Lightning's own flags."""
     kw = dict(OmegaConf.to_container(config.get("lightning", {}).get("trainer", {}), resolve=True))
-    gpus = opt.gpus if opt.gpus is not None else kw.pop("gpus", None)
+    gpus = request.gpus if request.gpus is not None else kw.pop("gpus", None)
     kw.pop("gpus", None)
     if gpus is not None and str(gpus).strip():
         devices = parse_gpus(str(gpus))
@@ -144,8 +145,8 @@ def trainer_kwargs(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any
         if len(devices) > 1:
             kw.setdefault("strategy", "ddp")
     for flag in ("accelerator", "devices", "num_nodes", "strategy", "precision"):
-        if getattr(opt, flag) is not None:
-            kw[flag] = getattr(opt, flag)
+        if getattr(request, flag) is not None:
+            kw[flag] = getattr(request, flag)
     kw.setdefault("accelerator", "auto")
     kw.setdefault("devices", 1)
     if kw.get("precision", "auto") == "auto":
@@ -172,7 +173,7 @@ def callbacks(config: DictConfig, logdir: Path, progress_bar: bool = True) -> Li
     return result + [instantiate_from_config(cfg) for cfg in extra.values()]
 
 
-def build_trainer(config: DictConfig, opt: argparse.Namespace, logdir: Path) -> pl.Trainer:
+def build_trainer(config: DictConfig, request: RunRequest, logdir: Path, progress_bar: bool = True) -> pl.Trainer:
     """A Trainer writing CSV and TensorBoard logs and atomic checkpoints under `logdir`."""
     # One CSV file per session (Lightning's CSVLogger empties an existing metrics.csv); TensorBoard appends.
     stamp = session = timestamp()
@@ -183,7 +184,9 @@ def build_trainer(config: DictConfig, opt: argparse.Namespace, logdir: Path) -> 
     # rows are appended at every logging step, so a killed session keeps its metrics
     loggers = [pl.loggers.CSVLogger(str(logdir), name="csv", version=session, flush_logs_every_n_steps=1),
                pl.loggers.TensorBoardLogger(str(logdir), name="tensorboard", version="")]
-    kw, precision = precision_plugins(trainer_kwargs(config, opt))
+    kw, precision = precision_plugins(trainer_kwargs(config, request))
+    if not progress_bar:
+        kw["enable_progress_bar"] = False
     try:
         return pl.Trainer(default_root_dir=str(logdir), logger=loggers, plugins=[AtomicCheckpointIO(), *precision],
                           callbacks=callbacks(config, logdir, kw.get("enable_progress_bar", True)), **kw)
@@ -221,18 +224,18 @@ def check_accelerator(name: str) -> None:
                           "it out)")
 
 
-def check_run(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any]:
+def check_run(config: DictConfig, request: RunRequest) -> Dict[str, Any]:
     """Everything that can be checked before any work: every target of the config (allowed, keys known, numbers in
     range), the run's own numbers, the Lightning settings and flags. Returns the Trainer arguments."""
-    if opt.seed is not None:
-        check_number(opt.seed, "--seed", 0, 2 ** 32 - 1, integer=True)
+    if request.seed is not None:
+        check_number(request.seed, "--seed", 0, 2 ** 32 - 1, integer=True)
     check_targets(config)
     for key, limits in RUN_NUMBERS:
         value = OmegaConf.select(config, key, default=None)
         if value is not None:
             check_number(value, key, **limits)
     check_keys(pl.callbacks.ModelCheckpoint, list(checkpoint_params(config)), "lightning.modelcheckpoint.params")
-    kw = trainer_kwargs(config, opt)
+    kw = trainer_kwargs(config, request)
     check_keys(pl.Trainer, list(kw), "lightning.trainer")
     check_steps("lightning.trainer.max_steps (--max_steps)", kw.get("max_steps"))
     check_steps("lightning.trainer.max_epochs", kw.get("max_epochs"))
@@ -249,10 +252,10 @@ def check_run(config: DictConfig, opt: argparse.Namespace) -> Dict[str, Any]:
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
-def learning_rate(config: DictConfig, opt: argparse.Namespace, trainer: pl.Trainer) -> float:
+def learning_rate(config: DictConfig, request: RunRequest, trainer: pl.Trainer) -> float:
     """model.base_learning_rate, scaled by batch size x devices x nodes x accumulation when --scale_lr."""
     base_lr = float(config.model.get("base_learning_rate", 1e-4))
-    if not opt.scale_lr:
+    if not request.scale_lr:
         log.info("learning rate %.2e (not scaled; --scale_lr True scales it)", base_lr)
         return base_lr
     lr = scaled_learning_rate(base_lr, int(config.data.params.batch_size), trainer.num_devices, trainer.num_nodes,
@@ -314,20 +317,33 @@ def finished_at(logdir: Path) -> Optional[int]:
         return None
 
 
-def setup(config: DictConfig, opt: argparse.Namespace, logdir: Path, checkpoint: Optional[Dict[str, Any]]
-          ) -> Tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
+class Hooks:
+    """What a run lets its host change: how the model is built and what happens once it is. A plain run builds its
+    model from the config; a packed run (`ldm.train.pack`) shares one frozen base model with the other runs."""
+    progress_bar = True
+
+    def build_model(self, config: DictConfig) -> pl.LightningModule:
+        return instantiate_from_config(config.model)
+
+    def joined(self, model: pl.LightningModule, trainer: pl.Trainer) -> None:
+        """The run's model and trainer are set up (before class images and training)."""
+
+
+def setup(config: DictConfig, request: RunRequest, logdir: Path, checkpoint: Optional[Dict[str, Any]],
+          hooks: Hooks) -> Tuple[pl.Trainer, pl.LightningModule, pl.LightningDataModule]:
     """Data, trainer, model (checked against the checkpoint) and class images; then config.yaml is written."""
-    pl.seed_everything(opt.seed, workers=True)
+    pl.seed_everything(request.seed, workers=True)
     # Intended here: the frozen base stays in eval mode, and data is reshuffled when a run resumes mid-epoch.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch")
     datamodule = instantiate_from_config(config.data)
     datamodule.dataset("instance")  # a bad subject folder fails here, before the base weights load
-    trainer = build_trainer(config, opt, logdir)
-    model = instantiate_from_config(config.model)
-    model.learning_rate = learning_rate(config, opt, trainer)
+    trainer = build_trainer(config, request, logdir, hooks.progress_bar)
+    model = hooks.build_model(config)
+    model.learning_rate = learning_rate(config, request, trainer)
     if checkpoint:  # refuse a checkpoint of other adapters before config.yaml is rewritten with their config
         model.on_load_checkpoint(checkpoint)
+    hooks.joined(model, trainer)
     prepare_class_images(model, datamodule, trainer)
     save_config(config, logdir)
     log.info("run dir %s: %s", logdir, model.describe_trained())
@@ -358,24 +374,24 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.Lightning
             callback.raise_if_stopped(resume_command(logdir))
 
 
-def run(opt: argparse.Namespace) -> Path:
-    """Set up and (with opt.train) fit one DreamBooth run; returns its log dir. Configs may name targets outside the
-    allow-list of `ldm.util` only with opt.allow_any_target."""
-    with any_target_allowed(bool(getattr(opt, "allow_any_target", False))):
-        return _run(opt)
+def run(request: RunRequest, hooks: Optional[Hooks] = None) -> Path:
+    """Set up and (with request.train) fit one DreamBooth run; returns its log dir. Configs may name targets outside
+    the allow-list of `ldm.util` only with request.allow_any_target."""
+    with any_target_allowed(request.allow_any_target):
+        return _run(request, hooks or Hooks())
 
 
-def _run(opt: argparse.Namespace) -> Path:
-    resume_logdir, ckpt = resolve_resume(opt.resume) if opt.resume else (None, None)
-    config = load_config(opt, resume_logdir)
-    check_run(config, opt)
+def _run(request: RunRequest, hooks: Hooks) -> Path:
+    resume_logdir, ckpt = resolve_resume(request.resume) if request.resume else (None, None)
+    config = load_config(request, resume_logdir)
+    check_run(config, request)
     check_data_config(config)
     checkpoint = read_training_checkpoint(str(ckpt)) if ckpt else None
     done = finished_step(checkpoint, config)
     first_rank = rank_zero_only.rank == 0
-    logdir, created = (resume_logdir, []) if resume_logdir else make_logdir(opt)
+    logdir, created = (resume_logdir, []) if resume_logdir else make_logdir(request)
     try:
-        check_confined(config, logdir, override_keys(opt.overrides))
+        check_confined(config, logdir, override_keys(request.overrides))
         with run_lock(logdir) if first_rank else nullcontext():
             if resume_logdir and first_rank:
                 clean_temporaries(logdir)  # what killed writes left; nothing else is touched
@@ -385,9 +401,9 @@ def _run(opt: argparse.Namespace) -> Path:
                 return logdir
             if resume_logdir and ckpt is None:
                 log.warning("'%s' has no checkpoint yet: training it from step 0", logdir)
-            trainer, model, datamodule = setup(config, opt, logdir, checkpoint)
+            trainer, model, datamodule = setup(config, request, logdir, checkpoint, hooks)
             created = []  # config.yaml is written: the run dir is a run from here on, kept whatever happens
-            if not opt.train:
+            if not request.train:
                 log.info("set up only (pass -t to train)")
                 return logdir
             fit(trainer, model, datamodule, logdir, ckpt)
