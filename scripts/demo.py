@@ -10,8 +10,10 @@ import argparse
 import sys
 from typing import List, Optional
 
+from ldm.callbacks import TrainingInterrupted
 from ldm.checks import ArgumentParser, OutputPathError, fresh_dir, positive_int, seed_int
 from ldm.tinyworld.demo import run_demo
+from ldm.train import USER_ERRORS
 from ldm.util import setup_logging, use_idle_cores
 
 
@@ -33,7 +35,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(f"error: {e}")
     threads = use_idle_cores()
     print(f"writing the demo to {outdir} ({threads} CPU thread{'s' if threads > 1 else ''})")
-    result = run_demo(outdir, opt.steps, opt.seed, opt.n)
+    try:
+        result = run_demo(outdir, opt.steps, opt.seed, opt.n)
+    except (TrainingInterrupted, KeyboardInterrupt):  # Ctrl-C: no grid from adapters that did not train
+        sys.exit(f"demo stopped by Ctrl-C; what it made so far is in {outdir} (run `make demo` again for a fresh one)")
+    except USER_ERRORS as e:
+        sys.exit(f"error: {e}")
     width = max(map(len, result["metrics"]))
     print("\ntiny-world metrics (probe features; see README 'The tiny world'):")
     for key, value in result["metrics"].items():

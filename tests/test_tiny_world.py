@@ -524,3 +524,26 @@ def test_the_demo_uses_the_cores_other_work_leaves_idle(monkeypatch):
         assert util.use_idle_cores() == 2  # the user's (here: the last call's) setting is kept
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("stop", ["during training", "before training"])
+def test_ctrl_c_ends_the_demo_with_one_line(monkeypatch, tmp_path, capsys, stop):
+    """Ctrl-C in the demo's training (StopOnSignal's TrainingInterrupted) or outside it (KeyboardInterrupt) ends it
+    with one line naming where its outputs are, no traceback and no sampling from untrained adapters."""
+    import scripts.demo as demo
+    from ldm.callbacks import TrainingInterrupted
+    sampled = []
+
+    def interrupted(*args, **kwargs):
+        if stop == "during training":
+            raise TrainingInterrupted("training stopped by SIGINT after step 3", 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ldm.tinyworld.demo.train", interrupted)
+    monkeypatch.setattr("ldm.tinyworld.demo.load_tiny_model", lambda *a: sampled.append(a))
+    monkeypatch.setattr(demo, "use_idle_cores", lambda: 1)
+    with pytest.raises(SystemExit) as stopped:
+        demo.main(["--outdir", str(tmp_path / "demo")])
+    message = str(stopped.value.code)
+    assert "\n" not in message and "stopped by Ctrl-C" in message and str(tmp_path / "demo") in message
+    assert not sampled

@@ -557,3 +557,21 @@ def test_samplers_of_the_image_logger_and_class_images_come_from_the_config(worl
     main_dream_booth.main(argv(world, "--max_steps", "1", "lightning.callbacks.image_logger.params.sampler=plms",
                                "data.params.class_image_sampler.sampler=dpm++2m"))
     assert used == ["DPMSolverSampler"] * 2 + ["PLMSSampler"]  # 4 class images in batches of 2, the step-0 grid
+
+
+def test_training_log_has_no_lightning_adverts_or_weights_only_notes(world):
+    """A run and its resumption print neither Lightning's "💡 Tip" adverts nor its note that `weights_only` defaulted
+    to False on our own full checkpoint (ldm.callbacks.quiet_lightning)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LDM_RUN_LOGDIR", None)
+    outputs = []
+    for extra in (["--max_steps", "2"], ["--max_steps", "4"]):
+        resume = ["-r", str(next(world["logs"].iterdir()))] if outputs else []
+        args = argv(world, *extra, "--accelerator", "cpu") if not resume else [*resume, "-t", *extra]
+        result = subprocess.run([sys.executable, str(REPO / "main_dream_booth.py"), *args], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout + result.stderr)
+    assert "restored" in outputs[1].lower() or "resum" in outputs[1].lower(), outputs[1][-2000:]
+    for text in outputs:
+        assert "💡" not in text and "weights_only" not in text, text[-3000:]

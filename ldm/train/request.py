@@ -154,7 +154,7 @@ def alias_help() -> str:
     by_field = []
     for name, sections in adapter_aliases().items():
         owners = {form.NAME for s in sections for form in forms(SECTIONS[s]).values()
-                  if name in form.OPTIONS or name in KIND_FIELDS[SECTIONS[s]]}
+                  if name in form.Options.names() or name in KIND_FIELDS[SECTIONS[s]]}
         by_field.append(f"{name} ({'every form' if owners == every else ', '.join(sorted(owners))})")
     text = (f"Any KEY=VALUE argument overrides the merged config, e.g. model.params.reg_weight=0.5 "
             f"data.params.batch_size=2. Aliases: {keys}; and the adapter fields, each setting that field of every "

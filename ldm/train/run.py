@@ -22,7 +22,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.callbacks import (AdapterCheckpoint, AtomicCheckpointIO, RunCheckpoint, StepProgressBar, StopOnSignal,
-                           TrainStats, precision_plugins)
+                           TrainStats, precision_plugins, quiet_lightning)
 from ldm.checkpoint import (CheckpointError, DiskFullError, atomic_write, check_file, is_disk_full,
                             read_training_checkpoint)
 from ldm.config import apply_override, check_targets, load_configs
@@ -174,7 +174,9 @@ def callbacks(config: DictConfig, logdir: Path, progress_bar: bool = True) -> Li
 
 
 def build_trainer(config: DictConfig, request: RunRequest, logdir: Path, progress_bar: bool = True) -> pl.Trainer:
-    """A Trainer writing CSV and TensorBoard logs and atomic checkpoints under `logdir`."""
+    """A Trainer writing CSV and TensorBoard logs and atomic checkpoints under `logdir` (Lightning's adverts and its
+    warning about our own full checkpoints left out of the log)."""
+    quiet_lightning()
     # One CSV file per session (Lightning's CSVLogger empties an existing metrics.csv); TensorBoard appends.
     stamp = session = timestamp()
     for n in range(2, 1000):
