@@ -564,7 +564,8 @@ def test_the_committed_study_findings_are_generated(tmp_path):
     ours, committed = ((d / "report.md").read_text().split("\n## tinyworld_i")[0] for d in (tmp_path / "a", docs))
     assert ours == committed
     script = (REPO / "scripts" / "tiny_world_study.sh").read_text()
-    assert '--factors din dout --plan "$PLAN"' in script and "PLAN=${PLAN:-0.015}" in script
+    assert '--factors $FACTORS --plan "$PLAN"' in script and "PLAN=${PLAN:-0.015}" in script
+    assert "FACTORS=${FACTORS:-din dout}" in script
 
 
 def test_difference_sentence_claims_only_what_the_interval_shows():

@@ -237,7 +237,7 @@ def test_missing_and_empty_data_folders(world, tmp_path):
     _fails(argv({**world, "data": tmp_path / "empty"}), r"'.*empty' holds no image files")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"not a png")
-    _fails(argv({**world, "data": tmp_path / "broken"}), "holds no readable images")
+    _fails(argv({**world, "data": tmp_path / "broken"}), "holds no usable images: each is unreadable")
     no_data = [a for a in argv(world) if a not in ("--data_root", str(world["data"]))]
     _fails(no_data, "pass --data_root")
 
