@@ -922,10 +922,11 @@ def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tm
 
 
 FAKE_PYTHON = """#!/bin/sh
-# stands in for `python main_dream_booth.py -r RUN -t ...`: notes the run, takes a while, finishes it
-echo "$3" >> "{log}"
+# stands in for `python -m ldm.train -r RUN -t ...`: notes the run, takes a while, finishes it
+while [ "$1" != "-r" ]; do shift; done
+echo "$2" >> "{log}"
 sleep 2
-echo '{{}}' > "$3/done.json"
+echo '{{}}' > "$2/done.json"
 """
 
 

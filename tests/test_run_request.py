@@ -76,11 +76,11 @@ def test_the_alias_help_lists_every_alias_from_the_registry(capsys):
         assert f"{alias} (" in text, alias
     for alias in ("rank", "alpha", "target", "dropout", "on_input", "init", "din", "dout", "mid_dim", "method"):
         assert f" {alias} (" in text
-    assert "rank (lora)" in text and "on_input (ia3)" in text and "scale (every form)" in text
+    assert "rank (dora, locon, loha, lokr, lora)" in text and "on_input (ia3)" in text and "scale (every form)" in text
     assert all(key in text for key in KEY_ALIASES.values())
     with pytest.raises(SystemExit):
         main_dream_booth.main(["--help"])
-    assert "rank (lora)" in " ".join(capsys.readouterr().out.split())
+    assert "rank (dora, locon, loha, lokr, lora)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_python_m_ldm_train_is_the_same_command_line():

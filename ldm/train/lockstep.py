@@ -31,7 +31,7 @@ def rng_state() -> Dict[str, Any]:
     """The process's global random state: Python, numpy, torch CPU and (once initialised) CUDA, and the seed."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda, "seed": os.environ.get(SEED_ENV)}
+            "gpu": cuda, "seed": os.environ.get(SEED_ENV)}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
@@ -41,8 +41,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        if state["cuda"] is not None:
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if state["gpu"] is not None:
+            torch.cuda.set_rng_state_all(state["gpu"])
         elif state["seed"] is not None:
             torch.cuda.manual_seed_all(int(state["seed"]))
     if state["seed"] is None:

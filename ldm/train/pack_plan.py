@@ -20,7 +20,7 @@ from ldm.data.dreambooth import DataError
 from ldm.modules.adapters import AdapterConfigError, adapter_parameters
 from ldm.train.request import RunRequest
 from ldm.train.run import load_config, resolve_resume, trainer_kwargs
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def group_runs(requests: Sequence[RunRequest], size: Optional[int] = None) -> Li
 # ---- how many fit ---------------------------------------------------------------------------------------------------
 def available_memory(device: torch.device) -> int:
     """Bytes free for new allocations: on a GPU what CUDA reports free, on the CPU the kernel's MemAvailable."""
-    if device.type == "cuda":
+    if device.type != "cpu":  # pick_device: CUDA or the CPU
         return torch.cuda.mem_get_info(device)[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -152,7 +152,7 @@ def pack_capacity(request: RunRequest, device: Optional[torch.device] = None) ->
     except (ValueError, CheckpointError, DataError, AdapterConfigError, RuntimeError) as e:
         log.warning("%s: cannot estimate its memory (%s): it trains alone", describe(request), e)
         return 1
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or pick_device()
     free = available_memory(device)
     fits = max(1, int(MEMORY_SHARE * free / max(per_run, 1)))
     log.info("--pack auto: %.0f MiB per run, %.0f MiB free on %s: up to %d runs a pack", per_run / 2 ** 20,
