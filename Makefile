@@ -14,8 +14,9 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py --outdir outputs/demo
 
+# The suite on every core: one pytest-xdist worker per core (each test file on one worker), one thread each.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
 
 # The generated files: configs/sd-inject-dreambooth/*.yaml and docs/adapter-forms.md (a test fails when they are stale).
 configs: $(VENV)/.installed
