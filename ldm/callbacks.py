@@ -6,6 +6,7 @@ import resource
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 # Lightning lines that say nothing about this run: an advert, and a default being applied that our callbacks set
 LIGHTNING_NOISE = ("💡 Tip:", "`weights_only` was not set")
+LIGHTNING_WARNINGS = (r"`isinstance\(treespec, LeafSpec\)` is deprecated",)
 
 
 class _DropNoise(logging.Filter):
@@ -35,7 +37,10 @@ class _DropNoise(logging.Filter):
 
 def quiet_lightning() -> None:
     """Drop LIGHTNING_NOISE from the log (Lightning's loggers and their handlers: records of its child loggers
-    reach those handlers without passing the parents' filters). Idempotent."""
+    reach those handlers without passing the parents' filters), and Lightning's warning about torch's own pytree API
+    (LIGHTNING_WARNINGS: nothing a user can act on). Idempotent."""
+    for message in LIGHTNING_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning_utilities", ""):
         logger = logging.getLogger(name)
         for target in (logger, *logger.handlers):
