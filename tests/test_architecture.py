@@ -133,3 +133,16 @@ def test_nothing_runs_at_import_time():
     calls = [f"{f.relative_to(REPO)}:{n.lineno}" for f in (REPO / "ldm").rglob("*.py")
              for n in ast.parse(f.read_text()).body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
     assert calls == []
+
+
+def test_ldm_util_re_exports_its_modules_and_defines_nothing():
+    """`ldm.util` is split by idea (ldm/util/*.py); the package keeps `from ldm.util import X` working for users and
+    CompVis code, and holds no definition of its own (one definition of each helper)."""
+    import ldm.util
+    tree = ast.parse((REPO / "ldm" / "util" / "__init__.py").read_text())
+    assert [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))] == []
+    missing = [n for n in ldm.util.__all__ if not hasattr(ldm.util, n)]
+    assert missing == []
+    homes = {n: getattr(getattr(ldm.util, n), "__module__", None) for n in ldm.util.__all__}
+    assert not [n for n, m in homes.items() if m == "ldm.util"]
+    assert homes["instantiate_from_config"] == "ldm.util.instantiate" and homes["image_grid"] == "ldm.util.images"

@@ -704,7 +704,7 @@ def _errors():
     from ldm.evaluation.backends import EvaluationError
     from ldm.modules.adapters import AdapterConfigError
     from ldm.sweep.spec import SweepError
-    from ldm.util import ConfigError
+    from ldm.checks import ConfigError
     return dict(checkpoint=CheckpointError, output=OutputPathError, analysis=AnalysisError,
                 evaluation=EvaluationError, adapter=AdapterConfigError, sweep=SweepError, config=ConfigError)
 

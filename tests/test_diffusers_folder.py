@@ -21,7 +21,7 @@ from ldm.modules.diffusers_folder import DiffusersFolderError, read_base_weights
 from ldm.modules.diffusers_layout import (UNET_PREFIX, LayoutError, UNetStructure, from_diffusers, to_diffusers,
                                           text_path_from_diffusers, text_path_to_diffusers, unet_block_map,
                                           unet_path_from_diffusers, unet_path_to_diffusers)
-from ldm.util import instantiate_from_config, load_model_from_config
+from ldm.util.instantiate import instantiate_from_config, load_model_from_config
 from scripts import export_diffusers
 
 diffusers = pytest.importorskip("diffusers")

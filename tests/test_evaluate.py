@@ -345,7 +345,7 @@ def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt
         load_run_model(run_config(logdir), adapter_dir(logdir, 0), torch.device("cpu"))
     # its prior preservation compares it with the base weights (the adapters off would still be the tuned UNet)
     from ldm.evaluation.evaluate import EvalSettings, Metrics, evaluate_run, prior_metrics
-    from ldm.util import load_model_from_config
+    from ldm.util.instantiate import load_model_from_config
     settings = EvalSettings(prompts=("photo of a {token} {class_word}",), seeds=(0, 1), steps=2, save_grid=False)
     metrics = Metrics({"pixels": Pixels()})
     row = evaluate_run(logdir, metrics, settings, torch.device("cpu"))

@@ -337,7 +337,7 @@ def test_dora_is_the_identity_when_the_base_loads_after_injection(tiny_model_ses
     from omegaconf import OmegaConf
     from conftest import TINY_CONFIG
     from ldm.checkpoint import save_state_dict
-    from ldm.util import instantiate_from_config
+    from ldm.util.instantiate import instantiate_from_config
     save_state_dict(tiny_model_session.state_dict(), str(tmp_path / "base.safetensors"))
     config = OmegaConf.load(TINY_CONFIG).model
     config.params.unet_config.params.adapter_config = ONE_OF_EACH["dora"]

@@ -22,7 +22,7 @@ from ldm.modules.adapters import (CONFIG_FILE, AdapterConfigError, AdapterDirErr
                                   is_added_key, load_adapter_from_dir, load_lora_file, lora_state_dict, merge_adapters,
                                   projection_updates, read_lora_state_dict, remove_adapters, save_adapter_to_dir,
                                   save_base_checkpoint, save_lora_file, set_adapter_scale)
-from ldm.util import count_params, instantiate_from_config
+from ldm.util.instantiate import count_params, instantiate_from_config
 from scripts import convert_lora, merge
 
 SD_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"

@@ -14,7 +14,7 @@ from PIL import Image
 
 import sample
 from conftest import REPO, TINY_CONFIG
-from ldm.util import save_numbered
+from ldm.util.numbered import save_numbered
 
 TINY_CKPT = REPO / "models" / "ldm" / "tiny-sd-v1" / "model.safetensors"
 BASE = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "2",

@@ -17,7 +17,7 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler, make_dpm_timesteps
 from ldm.modules.adapters import inject_adapters
 from ldm.modules.safety import checker_config, clip_input, read_checker_weights
 from ldm.modules.watermark import WATERMARK_TEXT, read_watermark
-from ldm.util import image_grid
+from ldm.util.images import image_grid
 from test_diffusion import _GaussianData
 
 BASE = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "4",
@@ -311,7 +311,7 @@ def test_image_grid_labels_wrap_inside_their_tile():
     """A label wider than its image is wrapped at spaces (nothing cut off, "photo of a..." was), each line within the
     image's width, and drawn inside its own tile."""
     from PIL import ImageFont
-    from ldm.util import wrap_label
+    from ldm.util.images import wrap_label
     text = "a photo of a small red star"
     font = ImageFont.load_default(size=10)
     lines = wrap_label(text, font, 40)
@@ -335,7 +335,7 @@ def test_grid_labels_keep_visible_spaces():
     """PIL's default font draws a 1-2 px space at small sizes ("photoofasksstar"): words are drawn apart, at least
     0.4 em, and the wrapped lines are measured that way."""
     from PIL import ImageFont
-    from ldm.util import text_length, word_gap
+    from ldm.util.images import text_length, word_gap
     font = ImageFont.load_default(size=12)
     assert word_gap(font) >= 0.4 * 12 > font.getlength(" ")
     assert text_length("photo of a sks star", font) == pytest.approx(

@@ -115,7 +115,7 @@ def test_tiny_world_study_expands_to_40_runs_that_build():
     builds (meta device, base weights left out), with the adapter sizes the sweep file states."""
     import torch
     from ldm.modules.adapters import adapter_parameters
-    from ldm.util import instantiate_from_config
+    from ldm.util.instantiate import instantiate_from_config
     grid = expand(load_spec(REPO / "configs/sweeps/tiny-world-position-pairs.yaml"), root=REPO)
     paper = expand(load_spec(REPO / "configs/sweeps/position-pairs.yaml"), root=REPO)
     assert len(grid.runs) == 40 and [r.levels for r in grid.runs] == [r.levels for r in paper.runs]

@@ -19,7 +19,8 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import (SAMPLERS, make_sampler, sampler_name, seed_noise, seeds_noise,
                                            text_to_image, text_to_image_batches)
-from ldm.util import instantiate_from_config, load_model_from_config, to_pil
+from ldm.util.images import to_pil
+from ldm.util.instantiate import instantiate_from_config, load_model_from_config
 
 PROMPTS = ["a red star", "a blue ball", "a green cube"]
 BASE = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "3",

@@ -17,7 +17,7 @@ from ldm.checks import ConfigError, OutputPathError
 from ldm.tinyworld.base import diffusion_loss, min_snr_weights, render_images, train_base, update_ema
 from ldm.tinyworld.base_config import check_base_config
 from ldm.tinyworld.metrics import prompt_attributes
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 def to01(img):
     return (to_tensor(img) + 1) / 2
@@ -508,7 +508,7 @@ def test_tinyworld_backend_scores_right_prompts_above_wrong_ones():
 
 def test_the_demo_uses_the_cores_other_work_leaves_idle(monkeypatch):
     """On 2 cores with another job on one (load 1.2), 1 thread; idle, 2; a thread count the user set is kept."""
-    import ldm.util as util
+    import ldm.util.devices as util
     threads = torch.get_num_threads()
     monkeypatch.setattr(util.os, "sched_getaffinity", lambda pid: {0, 1})
     try:

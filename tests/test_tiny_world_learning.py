@@ -15,7 +15,7 @@ from ldm.tinyworld.demo import train_request
 from ldm.evaluation.metrics import prior_preservation, subject_fidelity
 from ldm.tinyworld.evaluate import CLASS_PROMPT, SUBJECT_PROMPT, load_references, load_tiny_model, sample
 from ldm.tinyworld.metrics import TinyWorldMetric
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 STEPS = 150
 TINY_SD = REPO / "configs" / "tiny-world" / "tiny-sd-v1.yaml"

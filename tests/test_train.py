@@ -20,7 +20,7 @@ from conftest import REPO, TINY_CONFIG, build_tiny
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.models.sampling_plan import load_model
 from ldm.modules.adapters import adapter_groups, adapter_state_dict, load_adapter_from_dir
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 from scripts import convert_lora
 
 BASES = ["configs/tests/tiny-inference.yaml", "configs/stable-diffusion/v1-finetune-dreambooth.yaml",
@@ -137,7 +137,7 @@ def test_overrides_and_scale_lr(world, caplog):
 
 def test_override_aliases_and_unknown_keys():
     from ldm.config import apply_override
-    from ldm.util import ConfigError
+    from ldm.checks import ConfigError
     config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES])
     apply_override(config, "mid_dim=64")  # the sweep files' aliases work on the command line too
     apply_override(config, "lr=3e-4")
@@ -425,7 +425,7 @@ def test_8bit_adam_needs_bitsandbytes(world):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        from ldm.util import ConfigError
+        from ldm.checks import ConfigError
         with pytest.raises(ConfigError, match="pip install bitsandbytes"):
             model.configure_optimizers()
     else:
