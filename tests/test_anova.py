@@ -218,6 +218,7 @@ def test_planted_study_names_that_factor_and_no_other():
     assert any(line.startswith("- Top din: attn2o") and "not comparable with 3" in line for line in findings)
 
 
+@pytest.mark.slow
 def test_null_studies_call_significance_at_the_stated_rate():
     """Simulated null studies (no effect anywhere, seeded; three metrics, din and dout, auto interactions): the
     unadjusted tests come out significant in about alpha of the tests, but after the Holm correction over the study's
@@ -498,6 +499,7 @@ def test_a_covariate_is_tested_as_statsmodels_does():
         analyse(table.assign(trainable_parameters="n/a"), ["dino_i"], ["din"], covariates=["trainable_parameters"])
 
 
+@pytest.mark.slow
 def test_planner_detects_what_it_promises():
     """A pilot with a known seed-to-seed sd; the plan's seeds per design point detect the asked difference between two
     design points about 80% of the time in simulated studies analysed as the report analyses them, and half the

@@ -189,6 +189,7 @@ def test_writers_at_once_never_share_a_number(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_two_sample_processes_into_one_outdir(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "sample.py")] + BASE + ["--outdir", str(out), "--n_samples", "2", "--n_iter",

@@ -66,6 +66,7 @@ def test_dpm_solver_is_second_order_on_the_exact_ode(tiny_model):
     assert error(200) < error(200, 1) / 1.5
 
 
+@pytest.mark.slow
 def test_dpm_solver_converges_to_ddim_on_the_tiny_model(tiny_model):
     """Against many-step DDIM (500 steps, starting at t=999 as DPM-Solver++ does): the error falls with the steps,
     and at 20 steps it is far below DDIM's and below its own first-order form's on the same grid."""

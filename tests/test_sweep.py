@@ -347,6 +347,7 @@ def tiny_sweep(tmp_path, monkeypatch):
     return write_spec(tmp_path / "sweep.yaml", spec_of({"seed": {"key": "seed", "levels": [0, 1]}}, overrides))
 
 
+@pytest.mark.slow
 def test_sweep_resumes_after_a_crashed_run(tiny_sweep, tmp_path, capsys):
     sweep_dir = tmp_path / "sw"
     with pytest.raises(SystemExit, match="1 run\\(s\\) failed; run the same command again"):

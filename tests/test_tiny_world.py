@@ -408,6 +408,7 @@ def test_update_ema_is_the_per_tensor_lerp():
     assert all(torch.equal(ema[k], expected[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_gpu_script_trains_the_v3_recipe_on_the_cpu(tmp_path):
     """scripts/train_tiny_world_gpu.sh, as the device runs it (less the wheels), on train-base-v3.yaml with a few
     steps per stage and 32 px images: the model comes back in parts that join into a loadable f = 4 model."""

@@ -4,6 +4,7 @@ the denoising error on the instance images drops, the base weights stay untouche
 class prompt's samples stay closer to the base model's than without it (language drift). The full-length numbers
 (scripts/tiny_world_report.py) are in the README.
 """
+import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
@@ -74,6 +75,7 @@ def test_zero_init_adapter_changes_nothing_before_training():
     assert torch.equal(sample(base, prompts, [0, 1], steps=5), sample(adapted, prompts, [0, 1], steps=5))
 
 
+@pytest.mark.slow
 def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(tmp_path):
     with_prior, without_prior = run_training(tmp_path / "prior", prior=True), run_training(tmp_path / "free", False)
     base, tuned, drifted = load_tiny_model(), load_tiny_model(with_prior), load_tiny_model(without_prior)

@@ -171,6 +171,7 @@ class CrashAtStep(pl.Callback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_step(world):
     crash = "lightning.callbacks.crash={target: test_train.CrashAtStep, params: {step: 3}}"
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -192,6 +193,7 @@ def test_killed_run_resumes_to_the_same_final_step(world):
     assert any(not torch.equal(before[k], v) for k, v in state["state_dict"].items())
 
 
+@pytest.mark.slow
 def test_resume_with_other_adapters_is_refused(world):
     logdir = main_dream_booth.main(argv(world, "--max_steps", "2"))
     change = "model.params.unet_config.params.adapter_config.transformer_adp_config.0.din=attn1o"
@@ -208,6 +210,7 @@ class DumpAdapters(pl.Callback):
         save_state_dict(adapter_state_dict(pl_module.unet), str(path))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_adapters(world):
     dump = "lightning.callbacks.dump={target: test_train.DumpAdapters}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
@@ -486,6 +489,7 @@ def base_model_with(ckpt, adapter_path=None):
     return model
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_run_resume_reload_export_and_sample(world, tmp_path):
     lora_only = "model.params.unet_config.params.adapter_config.transformer_adp_config=null"  # kohya has no bottleneck
     crash = "lightning.callbacks.crash={target: test_train.CrashAtStep, params: {step: 3}}"
