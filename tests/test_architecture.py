@@ -197,3 +197,21 @@ def test_each_change_recipe_names_registries_and_classes_its_files_define():
         names = set(re.findall(r"`([A-Z][A-Za-z0-9_]*)`", recipe))
         missing += [f"{recipe.split('**')[0]}: {n}" for n in sorted(names - defined)]
     assert missing == []
+
+
+def make_recipe(target: str) -> str:
+    """The commands of a Makefile target."""
+    text = (REPO / "Makefile").read_text()
+    match = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, re.M)
+    assert match, f"no target {target} in the Makefile"
+    return match.group(1)
+
+
+def test_make_test_runs_every_test_and_test_fast_all_but_the_slow_ones():
+    """CI runs `make test`: nothing may be left out there; `make test-fast` leaves out only the tests marked slow."""
+    full, fast = (make_recipe(t).split(" -m pytest", 1)[1] for t in ("test", "test-fast"))
+    selects = re.compile(r"\s(-m|-k|--deselect|--ignore)\b")
+    assert selects.findall(full) == []
+    assert selects.findall(fast) == ["-m"] and '-m "not slow"' in fast
+    markers = re.search(r"^markers = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)
+    assert markers and '"slow:' in markers.group(1)  # registered (Python 3.9 has no tomllib)
