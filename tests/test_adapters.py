@@ -392,6 +392,7 @@ def sample_setup(tiny_model_session, tmp_path_factory):
     return tmp, args
 
 
+@pytest.mark.slow
 def test_sample_with_adapter_dirs(sample_setup, tmp_path):
     tmp, args = sample_setup
     a1, a2 = ["--adapter_path", str(tmp / "a1")], ["--adapter_path", str(tmp / "a2")]

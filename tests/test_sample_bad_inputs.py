@@ -135,6 +135,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, capsys, args, message)
     assert tree_hash(world) == before
 
 
+@pytest.mark.slow
 def test_a_bad_number_as_a_user_sees_it(tmp_path):
     """The real command line: one line on stderr, exit status 1, no traceback, before the model is even built."""
     result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--scale", "nan", "--outdir", str(tmp_path)],

@@ -234,6 +234,7 @@ def adapter_dirs(tiny_model_session, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,message", [
     ("absent.safetensors", "safety checker weights not found"),
     ("tiny.safetensors", "not a Stable Diffusion safety checker.*looks like a Stable Diffusion checkpoint"),
@@ -252,6 +253,7 @@ def _sweep_args(adapter_dirs, *extra):
             "--ddim_steps", "3", "--n_samples", "2", "--n_iter", "2", "--ddim_eta", "1.0", *extra]
 
 
+@pytest.mark.slow
 def test_sweep_scale_zero_is_the_base_model_bit_for_bit(adapter_dirs, tmp_path):
     a1, a2 = ["--adapter_path", str(adapter_dirs / "a1")], ["--adapter_path", str(adapter_dirs / "a2")]
     base = _pixels(sample.main(_sweep_args(adapter_dirs, "--outdir", str(tmp_path / "base"), "--skip_grid")))
@@ -268,6 +270,7 @@ def test_sweep_scale_zero_is_the_base_model_bit_for_bit(adapter_dirs, tmp_path):
     assert np.array_equal(grid[2 + 34:2 + 34 + 32, 2 + 34:2 + 34 + 32], sweep[3])  # row 0.5, column 1
 
 
+@pytest.mark.slow
 def test_sweep_gif_and_labels(adapter_dirs, tmp_path):
     args = _sweep_args(adapter_dirs, "--adapter_path", str(adapter_dirs / "a1"), "--adapter_scale_sweep",
                        "0,0.5,1", "--n_iter", "1", "--skip_save", "--no-watermark")  # the watermark depends on size
@@ -298,6 +301,7 @@ def test_bad_sweep_is_one_clear_error(adapter_dirs, tmp_path, args, message):
         sample.main(BASE + [a.format(a1=adapter_dirs / "a1") for a in args] + ["--outdir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_labelled_grid_of_a_plain_run(tmp_path):
     args = BASE + ["--skip_save", "--no-watermark"]  # the watermark depends on the grid's size
     plain = np.asarray(Image.open(sample.main(args + ["--outdir", str(tmp_path / "p")])[0]))

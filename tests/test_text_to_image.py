@@ -65,6 +65,7 @@ def test_bad_requests_fail_before_any_batch(tiny_model):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_batches_do_not_change_images_and_train_mode_comes_back(tiny_model):
     noise = seeds_noise([5, 6, 7], (4, 4, 4))
     tiny_model.train()
@@ -130,6 +131,7 @@ def test_sample_py_equals_text_to_image(tmp_path):
 
 
 # ---- every sampler in the image logger and for class images --------------------------------------------------------
+@pytest.mark.slow
 def test_every_sampler_in_the_image_logger_and_for_class_images(tiny_model, tmp_path):
     logged, generated = {}, {}
     for name in SAMPLERS:
@@ -181,6 +183,7 @@ def test_sd_v1_autoencoder_downsamples_by_8():
 
 
 # ---- sample.py: --sampler, its shorthands, --C and --f --------------------------------------------------------------
+@pytest.mark.slow
 def test_sample_py_sampler_option_and_shorthands(tmp_path):
     def run(name, *extra):
         return _pixels(sample.main(BASE + ["--outdir", str(tmp_path / name), *extra]))
