@@ -92,6 +92,7 @@ def test_sigkill_at_every_kind_of_write_resumes_to_the_final_step(world):
     assert [int(r["step"]) for r in metrics(logdir) if r.get("train/loss")] == [4, 5]
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_left_alone_and_progress_counts_steps(world, capsys, caplog):
     logdir = main_dream_booth.main(argv(world, "--max_steps", "3", *FAST, reg=False))
     out = capsys.readouterr().out

@@ -73,6 +73,7 @@ def test_a_diffusers_folder_brings_its_own_config(reference, tmp_path):
     assert np.array_equal(found[0], reference[0])
 
 
+@pytest.mark.slow
 def test_adapter_config_builds_an_original_format_directory(tmp_path):
     config = OmegaConf.load(WORLD_CONFIG)
     unet = instantiate_from_config(config.model.params.unet_config)  # the adapters' shapes: the tiny model's UNet
