@@ -18,6 +18,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
 
+# All but the tests marked slow (the long end-to-end ones), in parallel: for every edit. `make test` runs them all.
+test-fast: $(VENV)/.installed
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n auto --dist loadfile
+
 # The generated files: configs/sd-inject-dreambooth/*.yaml and docs/adapter-forms.md (a test fails when they are stale).
 configs: $(VENV)/.installed
 	$(PY) scripts/make_adapter_configs.py
@@ -33,4 +37,4 @@ gpu-check: $(VENV)/.installed
 gpu-wheels: $(VENV)/.installed
 	PYTHON=$(PY) bash bench/gpu_run.sh wheels
 
-.PHONY: setup demo test configs bench gpu-check gpu-wheels
+.PHONY: setup demo test test-fast configs bench gpu-check gpu-wheels

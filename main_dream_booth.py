@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Union
 
 from ldm.train import RunRequest, main as train_main, parse_args as parse_runs
-from ldm.util import setup_logging
+from ldm.util.logs import setup_logging
 
 PROG = "main_dream_booth.py"
 

@@ -2,7 +2,7 @@
 
 The CompVis `txt2img.py` interface: numbered samples under OUTDIR/samples and a grid per run (never overwriting a
 file), invisibly watermarked, optionally through the SD safety checker; adapter scale sweeps into one labelled grid
-(and a GIF). Without --config, the config comes with the checkpoint (see ldm.models.base_config); without --H/--W,
+(and a GIF). Without --config, the config comes with the checkpoint (see ldm.config.find_config); without --H/--W,
 images have the model's own size. The tiny model, in seconds on a CPU:
 
     python sample.py --ckpt models/ldm/tiny-sd-v1/model.safetensors --prompt "a photo of a red star"
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ldm.checkpoint import CheckpointError, DiskFullError, is_disk_full
-from ldm.models.base_config import config_fix
+from ldm.config import config_fix
 from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, SAMPLERS, sampler_class, samplers_with
 from ldm.models.sampling_plan import AdapterFile, ModelSource, SamplingPlan, build_model, load_weights, sampling_size
 from ldm.models.txt2img import make_watermarker, render
@@ -27,7 +27,8 @@ from ldm.modules.safety import SafetyChecker, SafetyCheckerError
 from ldm.checks import (ArgumentParser, ConfigError, check_output_dir, finite_float, float_in, int_in,
                         non_negative_int, positive_int, read_text)
 from ldm.data.dreambooth import check_image_file
-from ldm.util import pick_device, setup_logging
+from ldm.util.devices import pick_device
+from ldm.util.logs import setup_logging
 
 log = logging.getLogger("sample")
 DEFAULT_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"  # CompVis' place for SD v1 weights

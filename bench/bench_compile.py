@@ -36,7 +36,7 @@ from bench_unet import device_name, git_commit
 from ldm.models.diffusion.sampling import seeds_noise, text_to_image
 from ldm.modules.fastpaths import compile_module, is_compiled
 from ldm.tinyworld.evaluate import BASE_CKPT, BASE_CONFIG, SUBJECT_PROMPT
-from ldm.util import load_model_from_config
+from ldm.util.instantiate import load_model_from_config
 
 BENCH = Path(__file__).resolve().parent
 WORKLOADS = ("tests", "demo", "sample")

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 
 from bench_unet import device_name, diffusers_twin, git_commit, synchronize, time_interleaved
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 ADAPTER_CONFIG = REPO / "configs" / "sd-inject-dreambooth" / "attn2o-ffni.yaml"
 TINY_CONFIGS = [REPO / "configs" / "tests" / "tiny-inference.yaml",  # the test toy, for checking the code quickly

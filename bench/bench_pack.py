@@ -236,7 +236,7 @@ def tiny_world_files(out: Path) -> Tuple[Path, Path]:
     from omegaconf import OmegaConf
     from PIL import Image
     from ldm.checkpoint import save_state_dict
-    from ldm.util import instantiate_from_config
+    from ldm.util.instantiate import instantiate_from_config
     ckpt, data = out / "tiny.safetensors", out / "subject"
     if not ckpt.exists():
         torch.manual_seed(0)

@@ -37,7 +37,7 @@ from ldm.data.synthetic import caption, random_scene, render_uint8, scene_rng
 from ldm.tinyworld.base import finetune_decoder, render_images, train_diffusion, train_vae
 from ldm.tinyworld.evaluate import autoencoder_quality
 from ldm.tinyworld.metrics import TinyWorldMetric
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"v2-f8": REPO / "configs/tiny-world/tiny-sd-v1.yaml", "v3-f4": REPO / "configs/tiny-world/tiny-sd-v1-f4.yaml"}

@@ -36,7 +36,7 @@ from bench_unet import device_name, git_commit, time_interleaved
 from ldm.models.diffusion.sampling import seeds_noise, text_to_image
 from ldm.tinyworld.demo import DEMO_CONFIGS
 from ldm.tinyworld.evaluate import BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, SUBJECT_PROMPT, load_references
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 from twins import diffusers_pipeline
 
 

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 
 from ldm.modules.adapters import is_added_key
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 CONFIGS = {"sd": REPO / "configs" / "stable-diffusion" / "v1-inference.yaml",
            "tiny": REPO / "configs" / "tests" / "tiny-inference.yaml"}

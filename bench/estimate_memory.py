@@ -41,7 +41,7 @@ from fake_cuda import CUDA_BLOCK, CudaAutocast, LiveBytes, cuda_autocast, fakeif
     run_traced
 from ldm.checkpoint import atomic_write
 from ldm.modules.adapters.attach import AdapterGroup
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 BENCH = Path(__file__).resolve().parent
 LATENT = {"sd": 64, "small": 16, "tiny": 4}

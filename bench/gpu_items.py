@@ -23,7 +23,7 @@ from ldm.models.diffusion.sampling import seeds_noise, text_to_image
 from ldm.modules.adapters import (Rows, adapter_carriers, adapter_groups, adapter_parameters, config_from_specs,
                                   inject_adapters)
 from ldm.modules.fastpaths import adamw_options, compile_module, to_channels_last
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 from twins import diffusers_pipeline
 
 REPO = Path(__file__).resolve().parents[1]

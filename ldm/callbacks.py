@@ -21,7 +21,7 @@ from ldm.checkpoint import atomic_write, check_finite, read_training_checkpoint,
 from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image
 from ldm.modules.adapters import adapter_groups, save_adapter_to_dir
 from ldm.rundir import describe_kept, resume_command
-from ldm.util import image_grid, to_pil
+from ldm.util.images import image_grid, to_pil
 
 log = logging.getLogger(__name__)
 

@@ -44,6 +44,11 @@ def yaml_number(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()) else value
 
 
+def parse_yaml_value(text: str) -> Any:
+    """A command-line VALUE as YAML (1e-4 included as a float; empty text is None)."""
+    return yaml_number(yaml.safe_load(text)) if text.strip() else None
+
+
 def check_number(value: Any, what: str, low: Optional[float] = None, high: Optional[float] = None,
                  integer: bool = False, low_open: bool = False, high_open: bool = False, optional: bool = False,
                  hint: str = "", error: type = ConfigError) -> Any:

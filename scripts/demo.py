@@ -14,7 +14,8 @@ from ldm.callbacks import TrainingInterrupted
 from ldm.checks import ArgumentParser, OutputPathError, fresh_dir, positive_int, seed_int
 from ldm.tinyworld.demo import run_demo
 from ldm.train import USER_ERRORS
-from ldm.util import setup_logging, use_idle_cores
+from ldm.util.devices import use_idle_cores
+from ldm.util.logs import setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

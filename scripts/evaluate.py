@@ -29,7 +29,8 @@ from ldm.evaluation.fid import FID_WEIGHTS, fid_metric
 from ldm.evaluation.table import check_table, done_runs
 from ldm.models.diffusion.sampling import SAMPLER_NAMES
 from ldm.sweep.spec import SweepError
-from ldm.util import pick_device, setup_logging
+from ldm.util.devices import pick_device
+from ldm.util.logs import setup_logging
 
 USER_ERRORS = (EvaluationError, SweepError, CheckpointError, ConfigError)
 

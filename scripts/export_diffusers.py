@@ -24,7 +24,7 @@ from ldm.config import build_base_model, load_configs
 from ldm.modules.adapters import (AdapterConfigError, is_added_key, load_adapter_from_dir, merge_adapters,
                                   set_adapter_scale)
 from ldm.modules.diffusers_folder import check_outdir, write_diffusers_folder
-from ldm.util import setup_logging
+from ldm.util.logs import setup_logging
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from ldm.checkpoint import atomic_write
 from ldm.checks import ArgumentParser, ConfigError, OutputPathError, check_writable_place
 from ldm.config import load_configs
 from ldm.modules.adapters import INITS, METHODS, SECTION_OF, options_help, paper_mid_dim, section_value, valid_pairs
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 
 REPO = Path(__file__).resolve().parents[1]

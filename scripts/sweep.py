@@ -26,7 +26,7 @@ from ldm.modules.adapters import AdapterConfigError
 from ldm.sweep.launch import run_all, run_index
 from ldm.sweep.runs import STATES, check_base_weights, load_runs, plan, planned_runs, prepare, summary
 from ldm.sweep.spec import SweepError
-from ldm.util import setup_logging
+from ldm.util.logs import setup_logging
 
 USER_ERRORS = (SweepError, ConfigError, AdapterConfigError, OutputPathError)
 

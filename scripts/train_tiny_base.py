@@ -18,7 +18,8 @@ from ldm.checks import ArgumentParser, ConfigError, OutputPathError, device_arg,
 from ldm.config import load_yaml_config
 from ldm.tinyworld.base import Paused, train_base
 from ldm.tinyworld.base_config import apply_overrides
-from ldm.util import pick_device, setup_logging
+from ldm.util.devices import pick_device
+from ldm.util.logs import setup_logging
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "tests" / "tiny-inference.yaml"

@@ -18,7 +18,7 @@ from ldm.modules.adapters import (CONFIG_FILE, METHODS, WEIGHTS_FILE, AdapterCon
                                   adapter_blocks, adapter_groups, adapter_parameters, freeze_except_adapters,
                                   inject_adapters, parse_adapter_config, remove_adapters, set_adapter_scale,
                                   valid_pairs)
-from ldm.util import count_params, instantiate_from_config
+from ldm.util.instantiate import count_params, instantiate_from_config
 from scripts import make_adapter_configs
 
 PAPER_PAIRS = ["attn1i-attn1i", "attn1i-attn2i", "attn1i-ffni", "attn1i-transo", "attn1o-attn2i", "attn1o-ffni",
@@ -392,6 +392,7 @@ def sample_setup(tiny_model_session, tmp_path_factory):
     return tmp, args
 
 
+@pytest.mark.slow
 def test_sample_with_adapter_dirs(sample_setup, tmp_path):
     tmp, args = sample_setup
     a1, a2 = ["--adapter_path", str(tmp / "a1")], ["--adapter_path", str(tmp / "a2")]

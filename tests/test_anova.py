@@ -140,6 +140,7 @@ def test_adjusted_comparisons_equal_contrasts_of_the_fit():
     assert levels.emm.notna().all() and not np.allclose(levels.emm, levels["mean"])
 
 
+@pytest.mark.slow
 def test_holm_by_hand_and_equal_to_statsmodels():
     from statsmodels.stats.multitest import multipletests
     np.testing.assert_allclose(holm([0.01, 0.04, 0.03, 0.5]), [0.04, 0.09, 0.09, 0.5])
@@ -153,6 +154,7 @@ def test_holm_by_hand_and_equal_to_statsmodels():
     assert np.isnan(with_nan[1]) and list(with_nan[[0, 2]]) == [0.02, 0.02]
 
 
+@pytest.mark.slow
 def test_partial_eta_sq_interval_covers_the_truth():
     """Over seeded simulated 20-pair studies with a known din effect, the 95 % interval of partial eta² holds the true
     value (its noncentrality mapped the same way) about 95 % of the time."""
@@ -179,6 +181,7 @@ def test_partial_eta_sq_interval_covers_the_truth():
     assert (din.partial_eta_sq_low, din.partial_eta_sq_high) == tuple(partial_eta_sq(e, 7, df2) for e in ends)
 
 
+@pytest.mark.slow
 def test_partial_eta_sq_interval_excludes_zero_exactly_when_significant():
     for seed in range(12):
         table = pairs_design(seed, din_effect={"attn2o": 0.004}, seed_shift=0.0)
@@ -218,6 +221,7 @@ def test_planted_study_names_that_factor_and_no_other():
     assert any(line.startswith("- Top din: attn2o") and "not comparable with 3" in line for line in findings)
 
 
+@pytest.mark.slow
 def test_null_studies_call_significance_at_the_stated_rate():
     """Simulated null studies (no effect anywhere, seeded; three metrics, din and dout, auto interactions): the
     unadjusted tests come out significant in about alpha of the tests, but after the Holm correction over the study's
@@ -283,6 +287,7 @@ def test_correlations_with_interval_and_p():
 
 
 # ---- the report and the command line ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_report_has_tables_plots_findings_and_links(tmp_path):
     path = tmp_path / "results.csv"
     crossed().assign(clip_t=lambda t: np.random.default_rng(1).normal(0.3, 0.01, len(t))).to_csv(path, index=False)
@@ -413,6 +418,7 @@ def subjects_design(seed: int, subject_shift=(0.0, 0.02, -0.015, 0.03), din_effe
     return pd.DataFrame(rows)
 
 
+@pytest.mark.slow
 def test_planted_subject_effect_is_found_and_taken_out():
     table = subjects_design(0, din_effect={"attn2o": 0.01})
     (result,) = analyse(table, None, ["din", "dout"])  # subject and seed are blocks by default
@@ -498,6 +504,7 @@ def test_a_covariate_is_tested_as_statsmodels_does():
         analyse(table.assign(trainable_parameters="n/a"), ["dino_i"], ["din"], covariates=["trainable_parameters"])
 
 
+@pytest.mark.slow
 def test_planner_detects_what_it_promises():
     """A pilot with a known seed-to-seed sd; the plan's seeds per design point detect the asked difference between two
     design points about 80% of the time in simulated studies analysed as the report analyses them, and half the
@@ -553,6 +560,7 @@ def test_planner_subject_variance_sets_a_floor_and_the_command_line(tmp_path, ca
             anova_script.main([str(tmp_path / "results.csv"), "--factors", "din", "--plan", bad])
 
 
+@pytest.mark.slow
 def test_the_committed_study_findings_are_generated(tmp_path):
     """docs/tiny-world-study/findings.md and the findings of report.md are exactly what the report machinery writes
     from the committed results.csv with the study's settings (scripts/tiny_world_study.sh): no hand-edited claim."""

@@ -2,6 +2,7 @@
 function, no room importing a room above it), no `print` in the library, no `sys.path` edits, no work at import time.
 """
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -133,3 +134,84 @@ def test_nothing_runs_at_import_time():
     calls = [f"{f.relative_to(REPO)}:{n.lineno}" for f in (REPO / "ldm").rglob("*.py")
              for n in ast.parse(f.read_text()).body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
     assert calls == []
+
+
+def test_ldm_util_re_exports_its_modules_and_defines_nothing():
+    """`ldm.util` is split by idea (ldm/util/*.py); the package keeps `from ldm.util import X` working for users and
+    CompVis code, and holds no definition of its own (one definition of each helper)."""
+    import ldm.util
+    tree = ast.parse((REPO / "ldm" / "util" / "__init__.py").read_text())
+    assert [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))] == []
+    missing = [n for n in ldm.util.__all__ if not hasattr(ldm.util, n)]
+    assert missing == []
+    homes = {n: getattr(getattr(ldm.util, n), "__module__", None) for n in ldm.util.__all__}
+    assert not [n for n, m in homes.items() if m == "ldm.util"]
+    assert homes["instantiate_from_config"] == "ldm.util.instantiate" and homes["image_grid"] == "ldm.util.images"
+
+
+# ---- docs/architecture.md names what exists -----------------------------------------------------------------------
+DOC = REPO / "docs" / "architecture.md"
+PATH_LIKE = re.compile(r"`((?:ldm|tests|scripts|configs|docs|bench)/[\w./-]*|[\w-]+\.py)`")
+
+
+def doc_paths(text: str) -> List[str]:
+    """The files and folders a text names in backticks (templates such as `<form>.py` left out)."""
+    return sorted({m.group(1) for m in PATH_LIKE.finditer(text)})
+
+
+def defined_names(path: Path) -> Set[str]:
+    """Classes, functions and assigned names anywhere in a Python file (module level and class bodies)."""
+    names = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, (ast.ClassDef, ast.FunctionDef)):
+            names.add(n.name)
+        elif isinstance(n, (ast.Assign, ast.AnnAssign)):
+            targets = n.targets if isinstance(n, ast.Assign) else [n.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def exists(named: str) -> bool:
+    """A path from the repository root, or a bare file name (`positions.py`) that some project file has."""
+    if "/" in named:
+        return (REPO / named).exists()
+    return (REPO / named).is_file() or any(any((REPO / d).rglob(named)) for d in ("ldm", "scripts", "tests", "bench"))
+
+
+def test_the_architecture_doc_names_files_that_exist():
+    named = doc_paths(DOC.read_text())
+    assert len(named) > 30
+    assert [p for p in named if not exists(p)] == []
+    assert not exists("ldm/util.py") and not exists("no_such_module.py")  # the check can fail
+
+
+def test_each_change_recipe_names_registries_and_classes_its_files_define():
+    """In "Where a change goes", every CamelCase or UPPER_CASE name in backticks is defined in a file that the
+    recipe (its paragraph) names, so a renamed registry or base class fails here."""
+    recipes = DOC.read_text().split("## Where a change goes", 1)[1].split("\n\n**")[1:]
+    assert len(recipes) >= 7
+    missing = []
+    for recipe in recipes:
+        files = [REPO / p for p in doc_paths(recipe) if p.endswith(".py") and (REPO / p).is_file()]
+        defined = set().union(*(defined_names(f) for f in files)) if files else set()
+        names = set(re.findall(r"`([A-Z][A-Za-z0-9_]*)`", recipe))
+        missing += [f"{recipe.split('**')[0]}: {n}" for n in sorted(names - defined)]
+    assert missing == []
+
+
+def make_recipe(target: str) -> str:
+    """The commands of a Makefile target."""
+    text = (REPO / "Makefile").read_text()
+    match = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, re.M)
+    assert match, f"no target {target} in the Makefile"
+    return match.group(1)
+
+
+def test_make_test_runs_every_test_and_test_fast_all_but_the_slow_ones():
+    """CI runs `make test`: nothing may be left out there; `make test-fast` leaves out only the tests marked slow."""
+    full, fast = (make_recipe(t).split(" -m pytest", 1)[1] for t in ("test", "test-fast"))
+    selects = re.compile(r"\s(-m|-k|--deselect|--ignore)\b")
+    assert selects.findall(full) == []
+    assert selects.findall(fast) == ["-m"] and '-m "not slow"' in fast
+    markers = re.search(r"^markers = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)
+    assert markers and '"slow:' in markers.group(1)  # registered (Python 3.9 has no tomllib)

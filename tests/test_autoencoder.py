@@ -6,7 +6,7 @@ import torch
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
-from ldm.util import count_params
+from ldm.util.instantiate import count_params
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/ sits inside the checkout on some machines and beside it on others

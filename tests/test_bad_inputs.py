@@ -704,7 +704,7 @@ def _errors():
     from ldm.evaluation.backends import EvaluationError
     from ldm.modules.adapters import AdapterConfigError
     from ldm.sweep.spec import SweepError
-    from ldm.util import ConfigError
+    from ldm.checks import ConfigError
     return dict(checkpoint=CheckpointError, output=OutputPathError, analysis=AnalysisError,
                 evaluation=EvaluationError, adapter=AdapterConfigError, sweep=SweepError, config=ConfigError)
 
@@ -831,6 +831,7 @@ SUBPROCESS = [("merge", "out-is-base"), ("convert_lora", "in-garbage"), ("evalua
               ("anova", "empty-file"), ("sweep", "run-index-beyond")]
 
 
+@pytest.mark.slow
 def test_real_stderr_has_one_clear_line_and_no_traceback(world, tmp_path):
     """Started together (imports dominate); each exits non-zero with its message as the last stderr line."""
     rows = dict(ROWS)
@@ -896,6 +897,7 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> 
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_two_evaluations_of_one_sweep_evaluate_and_write_each_run_once(world, tmp_path):
     """Run 0 is held by the test (as another evaluation would hold it), so both processes put it off and then wait
     for it; runs 1 and 2 go to whichever claims them first. Each run is evaluated by exactly one process."""
@@ -930,6 +932,7 @@ echo '{{}}' > "$2/done.json"
 """
 
 
+@pytest.mark.slow
 def test_two_launchers_on_one_sweep_start_each_run_once(tmp_path):
     """Two sweep.py processes on one folder, with a stand-in for the training process; run 0 is held by the test (a
     third launcher), so both leave it alone. Each other run is started exactly once."""

@@ -17,7 +17,8 @@ import main_dream_booth
 from conftest import REPO
 from ldm.models.diffusion import ddpm
 from ldm.checks import ConfigError
-from ldm.util import instantiate_from_config, resolve_target
+from ldm.util.instantiate import instantiate_from_config
+from ldm.util.targets import resolve_target
 from test_train import BASES, argv, base_ckpt, world  # noqa: F401 - fixtures
 
 SUBPROCESS = "lightning.callbacks.evil={target: subprocess.call, params: {args: [touch, PWNED]}}"

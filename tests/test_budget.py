@@ -70,6 +70,7 @@ def test_a_config_without_a_sized_form_keeps_its_count(tiny_model):
         fit_budget([(tiny_model.unet, ia3)], 0)
 
 
+@pytest.mark.slow
 def test_the_tiny_world_form_study_has_every_form_at_the_budget():
     """Seven forms x 2 seeds; every sized form within 5.5% of the budget by the count of the model the run builds."""
     spec = load_spec(FORMS_SWEEP)
@@ -95,6 +96,7 @@ def test_a_bad_budget_is_refused(budget):
         check_spec({**spec, "budget": budget})
 
 
+@pytest.mark.slow
 def test_the_form_study_is_analysed_with_form_as_its_factor(tmp_path):
     """The form study's table as scripts/evaluate.py writes it (one row per run: form, seed, trainable_parameters,
     metrics), with a planted effect of one form, goes through scripts/anova.py with the sweep's factors: form."""

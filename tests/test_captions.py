@@ -102,6 +102,7 @@ def argv(folder, ckpt, logs, *extra, fragments=()):
             "--data_root", str(folder), "--logdir", str(logs), "-t", *TINY_RUN, *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", FORMS)
 def test_every_form_trains_on_a_caption_folder(tmp_path, base_ckpt, form):  # noqa: F811
     fragments, overrides = FORMS[form]

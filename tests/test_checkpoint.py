@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from conftest import TINY_CONFIG, build_tiny
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict, save_state_dict
-from ldm.util import load_model_from_config
+from ldm.util.instantiate import load_model_from_config
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

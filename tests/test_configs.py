@@ -5,7 +5,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO
 from ldm.checks import ConfigError
-from ldm.util import count_params, instantiate_from_config
+from ldm.util.instantiate import count_params, instantiate_from_config
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 # Fragments (no UNet of their own) are tested merged after these, as --base would merge them.

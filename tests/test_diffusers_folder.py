@@ -21,7 +21,7 @@ from ldm.modules.diffusers_folder import DiffusersFolderError, read_base_weights
 from ldm.modules.diffusers_layout import (UNET_PREFIX, LayoutError, UNetStructure, from_diffusers, to_diffusers,
                                           text_path_from_diffusers, text_path_to_diffusers, unet_block_map,
                                           unet_path_from_diffusers, unet_path_to_diffusers)
-from ldm.util import instantiate_from_config, load_model_from_config
+from ldm.util.instantiate import instantiate_from_config, load_model_from_config
 from scripts import export_diffusers
 
 diffusers = pytest.importorskip("diffusers")
@@ -95,6 +95,7 @@ def assert_identical(got, want):
 
 
 # ---- in -------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_folder_diffusers_wrote_loads_bit_identical(theirs, ours):
     assert {p.name for p in theirs.iterdir()} >= {"model_index.json", "unet", "vae", "text_encoder", "scheduler"}
     assert_identical(read_base_weights(str(theirs)), load_state_dict(str(CKPT)))  # networks, buffers, scale_factor
@@ -102,6 +103,7 @@ def test_a_folder_diffusers_wrote_loads_bit_identical(theirs, ours):
     assert_identical(model.state_dict(), ours.state_dict())
 
 
+@pytest.mark.slow
 def test_bin_shards_and_legacy_names(theirs, tmp_path):
     """A sharded UNet, .bin weights (torch.load weights_only), the VAE attention names of older diffusers
     (query/key/value/proj_attn) and transformers 4's `text_model.` level read the same."""
@@ -131,6 +133,7 @@ def test_bin_shards_and_legacy_names(theirs, tmp_path):
 
 
 # ---- out ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_export_round_trip_is_bit_identical(exported, ours, tmp_path):
     assert_identical(read_base_weights(str(exported)), ours.state_dict())
     half = export_diffusers.main(["--config", str(CONFIG), "--ckpt", str(exported), "--outdir",
@@ -140,6 +143,7 @@ def test_export_round_trip_is_bit_identical(exported, ours, tmp_path):
     assert index["requires_safety_checker"] is False and index["safety_checker"] == [None, None]
 
 
+@pytest.mark.slow
 def test_diffusers_pipeline_on_the_export_matches_ours(exported, ours):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(str(exported), local_files_only=True)
@@ -164,6 +168,7 @@ EXPORTED_FORMS = {  # the UNet's targets: LoRA on projections, the other linear 
     "lokr": ["to_q", "in_layers.2"], "dora": ["to_out.0", "in_layers.2"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", EXPORTED_FORMS)
 def test_export_merges_adapters(tmp_path, form):
     """Base + adapters of each linear form on UNet and text encoder, merged: diffusers' pipeline gives the unmerged
@@ -262,6 +267,7 @@ def test_a_folder_of_another_size_names_the_keys(theirs):
         load_model_from_config(OmegaConf.load(TINY_CONFIG), str(theirs))
 
 
+@pytest.mark.slow
 def test_sample_and_training_accept_a_folder(theirs, ours, tmp_path):
     args = ["--config", str(CONFIG), "--H", "64", "--W", "64", "--ddim_steps", "2", "--n_samples", "1",
             "--n_iter", "1", "--skip_grid", "--seed", "3"]
@@ -274,6 +280,7 @@ def test_sample_and_training_accept_a_folder(theirs, ours, tmp_path):
 
 
 # ---- names ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [SD_CONFIG, CONFIG, TINY_CONFIG], ids=["sd-v1", "tiny-sd-v1", "tiny-inference"])
 def test_layout_equals_diffusers_single_file_conversion(config):
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
@@ -301,6 +308,7 @@ def test_layout_equals_diffusers_single_file_conversion(config):
         == UNetStructure.from_diffusers_keys(mine["unet"])
 
 
+@pytest.mark.slow
 def test_module_paths_for_adapter_names():
     """Module paths (what LoRA files name) map both ways; adapters and parameterless layers have no counterpart."""
     model = build_tiny()

@@ -39,6 +39,7 @@ def test_cuda_autocast_policy_casts_like_torch():
         assert q.grad.shape == q.shape
 
 
+@pytest.mark.slow
 def test_the_emulation_check_passes_and_fails_when_the_policy_is_wrong(monkeypatch):
     s = spec(dtype="fp16")
     em.check_emulation(s, torch.float16)
@@ -48,6 +49,7 @@ def test_the_emulation_check_passes_and_fails_when_the_policy_is_wrong(monkeypat
         em.check_emulation(spec(dtype="fp16"), torch.float16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s", [spec(dtype="fp32"), spec(variant="lora", dtype="fp32"), spec(dtype="bf16")],
                          ids=["adapter-fp32", "lora-fp32", "adapter-bf16"])
 def test_fake_estimate_counts_what_a_real_step_allocates(s):
@@ -60,6 +62,7 @@ def test_fake_estimate_counts_what_a_real_step_allocates(s):
     assert (est["casts"] > 0) == (s.dtype != "fp32") and est["casts"] < adds
 
 
+@pytest.mark.slow
 def test_rows_and_pack(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# earlier results\n")

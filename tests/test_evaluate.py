@@ -293,6 +293,7 @@ def train_args(tmp_path, ckpt, *extra):
             "--max_steps", "2", "lightning.callbacks.image_logger.params.disabled=true", "-t", *extra]
 
 
+@pytest.mark.slow
 def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
     logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt))
     prompts = tmp_path / "prompts.txt"
@@ -330,6 +331,7 @@ def test_evaluate_a_trained_run(tmp_path, base_ckpt, tiny_dino, tiny_clip):
         assert float(again[key]) == pytest.approx(float(row[key]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt):
     from ldm.evaluation.evaluate import adapter_dir, load_run_model, run_config
     logdir = main_dream_booth.main(train_args(tmp_path, base_ckpt, "model.params.train_level=[unet]",
@@ -345,7 +347,7 @@ def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt
         load_run_model(run_config(logdir), adapter_dir(logdir, 0), torch.device("cpu"))
     # its prior preservation compares it with the base weights (the adapters off would still be the tuned UNet)
     from ldm.evaluation.evaluate import EvalSettings, Metrics, evaluate_run, prior_metrics
-    from ldm.util import load_model_from_config
+    from ldm.util.instantiate import load_model_from_config
     settings = EvalSettings(prompts=("photo of a {token} {class_word}",), seeds=(0, 1), steps=2, save_grid=False)
     metrics = Metrics({"pixels": Pixels()})
     row = evaluate_run(logdir, metrics, settings, torch.device("cpu"))
@@ -372,6 +374,7 @@ def test_a_whole_unet_run_is_evaluated_with_its_trained_unet(tmp_path, base_ckpt
                             str(tmp_path / "x")])
 
 
+@pytest.mark.slow
 def test_evaluate_a_sweep_and_bad_runs(tmp_path, base_ckpt, tiny_dino):
     import yaml
     from ldm.sweep.runs import load_runs, prepare
@@ -401,6 +404,7 @@ def write_prompts(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_subject_fidelity_callback_logs_during_training(tmp_path, base_ckpt, tiny_dino):
     """The callback logs the registry's metrics: subject fidelity by default, class-sample metrics when asked (the
     class prompt from the class data; the adapters off as the base, so step 0, with zero-initialised adapters, has
@@ -430,6 +434,7 @@ def study_table(metric_of):
                           "tinyworld_i": metric_of(i, s)} for i, o, s in runs])
 
 
+@pytest.mark.slow
 def test_anova_of_a_constant_metric_reports_no_variance(tmp_path):
     """A metric equal in every run (e.g. adapters that could not learn) gave round-off as sums of squares and a
     partial eta² of -2.2 with an empty summary line; now every statistic is empty and the report says why."""
@@ -462,6 +467,7 @@ def test_anova_credits_nothing_to_a_term_confounded_with_the_others():
         metric_findings(result)
 
 
+@pytest.mark.slow
 def test_tiny_world_report_measures_through_the_registry():
     """The tiny-world report's DreamBooth numbers are the protocol's: the same values as `measure` gives under the
     tinyworld backend's columns (subject rate and subject rate in class samples included)."""
@@ -495,6 +501,7 @@ def draw_subject(folder, shape, colour, n=3):
     return folder
 
 
+@pytest.mark.slow
 def test_a_study_over_several_subjects(tmp_path, base_ckpt, monkeypatch):
     """Subjects as a sweep factor (a data folder and class word each, drawn here): each run is evaluated against its
     own subject's images, the results table has a subject column, and the analysis takes subject as a block."""

@@ -11,7 +11,7 @@ import main_dream_booth
 import sample
 from conftest import REPO, TINY_CONFIG
 from ldm.modules.fastpaths import adamw_options, apply_fast_paths, compile_module, is_compiled, use_tf32
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 from test_train import BASES, argv, base_ckpt, world  # noqa: F401 (base_ckpt and world are fixtures)
 
 CPU = torch.device("cpu")

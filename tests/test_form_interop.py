@@ -97,6 +97,7 @@ def lycoris_net(unet, **kw):
     return net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LYCORIS)
 def test_lycoris_files_load_with_lycoris_outputs(tiny_model_session, twin, inputs, tmp_path, case):
     unet = twin()

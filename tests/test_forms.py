@@ -337,7 +337,7 @@ def test_dora_is_the_identity_when_the_base_loads_after_injection(tiny_model_ses
     from omegaconf import OmegaConf
     from conftest import TINY_CONFIG
     from ldm.checkpoint import save_state_dict
-    from ldm.util import instantiate_from_config
+    from ldm.util.instantiate import instantiate_from_config
     save_state_dict(tiny_model_session.state_dict(), str(tmp_path / "base.safetensors"))
     config = OmegaConf.load(TINY_CONFIG).model
     config.params.unet_config.params.adapter_config = ONE_OF_EACH["dora"]
@@ -347,6 +347,7 @@ def test_dora_is_the_identity_when_the_base_loads_after_injection(tiny_model_ses
     assert (unet_out(model.unet, x) - unet_out(tiny_model_session.unet, x)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["locon", "loha", "lokr", "dora"])
 def test_each_new_form_trains_with_main_dream_booth(name, tmp_path, tiny_model_session):
     """Two DreamBooth steps of the form (config-language override of the adapter config): its adapters are saved,

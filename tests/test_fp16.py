@@ -139,6 +139,7 @@ def test_fp16_scales_the_loss_and_skips_a_step_with_inf_gradients(world):
 
 
 # ---- fp16 follows fp32 ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fp16_loss_curve_follows_fp32(world):
     """30 steps at lr 1e-2 (so that training moves the loss): fp16's losses stay within 5e-3 (relative, measured
     max 1.3e-3) of fp32's at every step, and their distance from fp32 is under a tenth of how far training moved

@@ -21,6 +21,7 @@ def rows_of(rows, prefix):
     return [r for r in rows if r["item"].startswith(prefix)]
 
 
+@pytest.mark.slow
 def test_every_item_runs_at_tiny_size_and_appends_its_rows(tmp_path, monkeypatch):
     results = tmp_path / "RESULTS.md"
     results.write_text("# earlier results\n\n| a | b |\n")

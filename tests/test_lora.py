@@ -22,7 +22,7 @@ from ldm.modules.adapters import (CONFIG_FILE, AdapterConfigError, AdapterDirErr
                                   is_added_key, load_adapter_from_dir, load_lora_file, lora_state_dict, merge_adapters,
                                   projection_updates, read_lora_state_dict, remove_adapters, save_adapter_to_dir,
                                   save_base_checkpoint, save_lora_file, set_adapter_scale)
-from ldm.util import count_params, instantiate_from_config
+from ldm.util.instantiate import count_params, instantiate_from_config
 from scripts import convert_lora, merge
 
 SD_CONFIG = REPO / "configs" / "stable-diffusion" / "v1-inference.yaml"
@@ -347,6 +347,7 @@ def diffusers_pipeline(tiny_model_session):
     return build
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_diffusers_load_lora_weights_matches_ours(lora_model, inputs, diffusers_pipeline, fmt):
     pipe = diffusers_pipeline()
@@ -442,6 +443,7 @@ def lora_dir(model, path, cfg, seed):
     return str(path)
 
 
+@pytest.mark.slow
 def test_merge_script_upl(tiny_model, inputs, base_ckpt, tmp_path, tiny_model_session):
     adapters = lora_dir(tiny_model, tmp_path / "a", lora(), 0)
     out = merge.main(["--mode", "upl", "--path_1", base_ckpt, "--path_2", adapters, "--alpha", "0.5",
@@ -466,6 +468,7 @@ def deltas(model, path):
     return projection_updates(m, "x")
 
 
+@pytest.mark.slow
 def test_merge_script_lpl_and_exact(tiny_model, tmp_path):
     targets = ["attn1.to_q", "attn2.to_v", "proj_in"]
     a = lora_dir(tiny_model, tmp_path / "a", lora(targets, rank=2, alpha=1.0), 0)
@@ -491,6 +494,7 @@ def test_merge_script_lpl_and_exact(tiny_model, tmp_path):
         combine_updates({"p": fa[next(iter(fa))]}, {"p": fc[next(iter(fc))]}, "lpl", 0.5)
 
 
+@pytest.mark.slow
 def test_convert_script_round_trip(lora_model, inputs, tmp_path, tiny_model_session):
     save_adapter_to_dir(lora_model, tmp_path / "ours")
     run = ["--config", str(TINY_CONFIG)]
@@ -504,6 +508,7 @@ def test_convert_script_round_trip(lora_model, inputs, tmp_path, tiny_model_sess
     assert close(outputs(fresh, inputs), outputs(lora_model, inputs))
 
 
+@pytest.mark.slow
 def test_sample_with_a_kohya_file(tiny_model, base_ckpt, tmp_path):
     save_lora_file(with_group(tiny_model, proj(lora(["to_k", "to_v"]))), tmp_path / "k.safetensors")  # UNet only
     args = ["--config", str(TINY_CONFIG), "--ckpt", base_ckpt, "--H", "32", "--W", "32", "--ddim_steps", "2",

@@ -136,6 +136,7 @@ def trained_wide(twin):
     return trained_pipe(twin, target_modules=UNET_TARGETS)
 
 
+@pytest.mark.slow
 def test_diffusers_save_lora_weights_with_alpha_metadata(tiny_model_session, twin, trained, inputs, tmp_path, caplog):
     from diffusers.utils import convert_state_dict_to_diffusers
     pipe, unet_sd, te_sd = trained
@@ -162,6 +163,7 @@ def test_diffusers_save_lora_weights_with_alpha_metadata(tiny_model_session, twi
     assert min(max_diffs(ours(tiny_model_session, stripped, inputs), mine)) > 1e-2
 
 
+@pytest.mark.slow
 def test_diffusers_bin_file(tiny_model_session, twin, trained, inputs, tmp_path, caplog):
     from diffusers.utils import convert_state_dict_to_diffusers
     _, unet_sd, te_sd = trained
@@ -177,6 +179,7 @@ def test_diffusers_bin_file(tiny_model_session, twin, trained, inputs, tmp_path,
     assert "gives no alpha for" in caplog.text and "assuming alpha = rank" in caplog.text
 
 
+@pytest.mark.slow
 def test_kohya_file_from_convert_state_dict_to_kohya(tiny_model_session, twin, trained_wide, inputs, tmp_path):
     from diffusers.utils import convert_state_dict_to_kohya
     _, unet_sd, te_sd = trained_wide
@@ -191,6 +194,7 @@ def test_kohya_file_from_convert_state_dict_to_kohya(tiny_model_session, twin, t
           theirs(reference, inputs, tokens), theirs(twin(), inputs, tokens))
 
 
+@pytest.mark.slow
 def test_peft_state_dict_of_the_unet(tiny_model_session, twin, trained_wide, inputs, tmp_path, caplog):
     """get_peft_model_state_dict + safetensors: bare module names and no alpha; diffusers' own load of such a state
     dict (load_lora_adapter, prefix=None) takes alpha = rank, and so do we, saying so."""

@@ -178,6 +178,7 @@ def trained(tiny_world):
     return separate, [p for p, _ in packed]
 
 
+@pytest.mark.slow
 def test_30_packed_steps_equal_the_separate_runs(trained):
     separate, packed = trained
     for (name, *_), own, mine in zip(POINTS, separate, packed):
@@ -206,6 +207,7 @@ class PlantNaN(pl.Callback):
                 adapter_parameters(pl_module)[0].fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_a_nan_in_one_run_stops_it_alone_and_leaves_the_others_bit_identical(tiny_world, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "tests"))
     plain = requests(tiny_world, "nan-free", steps=8)
@@ -223,6 +225,7 @@ def test_a_nan_in_one_run_stops_it_alone_and_leaves_the_others_bit_identical(tin
         assert losses(dirty[k][0]) == losses(clean[k][0])
 
 
+@pytest.mark.slow
 def test_one_run_of_a_pack_resumes_alone_and_a_killed_pack_resumes_every_run(tiny_world, trained, tmp_path):
     _, packed = trained
     copy_of = shutil.copytree(packed[0], tmp_path / packed[0].name)
@@ -270,6 +273,7 @@ def test_memory_per_run_grows_with_its_rows(tiny_world):
     assert 0 < one < two <= 2.2 * one
 
 
+@pytest.mark.slow
 def test_a_sweep_trains_in_packs(tmp_path, tiny_world):
     import yaml
     from ldm.sweep.runs import load_runs
@@ -294,6 +298,7 @@ def test_a_sweep_trains_in_packs(tmp_path, tiny_world):
     assert json.loads((runs[0].dir / "train_stats.json").read_text())["sessions"][0]["pack_size"] == 4
 
 
+@pytest.mark.slow
 def test_the_tiny_world_study_packs(tmp_path, monkeypatch):
     """All 40 runs of the study can share one base model: --pack 8 makes 5 packs of 8, in grid order; --pack auto
     with --parallel 2 gives each process half of the runs (when they fit), or packs of what fits."""

@@ -41,6 +41,7 @@ SETTINGS = EvalSettings(prompts=("photo of a {token} {class_word}", "a {token} {
                         seeds=(0, 1, 2), steps=3, scale=5.0, batch_size=2, save_grid=False)
 
 
+@pytest.mark.slow
 def test_packed_samples_are_the_unpacked_ones(runs):
     assert packs_of(runs, 8) == [runs[:3], [runs[3]]]  # the whole-UNet run is drawn alone
     assert packs_of(runs, 2) == [runs[:2], [runs[2]], [runs[3]]]
@@ -56,6 +57,7 @@ def test_packed_samples_are_the_unpacked_ones(runs):
     assert (packed[runs[0]].images - packed[runs[1]].images).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_evaluate_runs_with_packed_draws_writes_the_unpacked_rows(runs, tmp_path):
     metrics = Metrics({"pixels": Pixels()})
     tables = {}

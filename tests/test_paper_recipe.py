@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 import main_dream_booth
 from conftest import REPO
 from ldm.checks import ConfigError
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 from test_train import BASES, write_images
 
 PAPER = REPO / "configs" / "stable-diffusion" / "v1-finetune-dreambooth-paper.yaml"

@@ -48,6 +48,7 @@ def test_the_block_is_found_and_holds_what_it_promises():
                           'red star"'
 
 
+@pytest.mark.slow
 def test_every_tiny_model_command_runs_as_written(tmp_path):
     for name in LINKED:
         (tmp_path / name).symlink_to(REPO / name)

@@ -51,6 +51,7 @@ def check_loads(logdir: Path):
     return step
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_kind_of_write_resumes_to_the_final_step(world):
     kill = "lightning.callbacks.kill={target: killswitch.KillSwitch, params: {step: 4, where: adapters}}"
     common = ["--allow_any_target", "lightning.trainer.max_steps=6"]
@@ -91,6 +92,7 @@ def test_sigkill_at_every_kind_of_write_resumes_to_the_final_step(world):
     assert [int(r["step"]) for r in metrics(logdir) if r.get("train/loss")] == [4, 5]
 
 
+@pytest.mark.slow
 def test_a_finished_run_is_left_alone_and_progress_counts_steps(world, capsys, caplog):
     logdir = main_dream_booth.main(argv(world, "--max_steps", "3", *FAST, reg=False))
     out = capsys.readouterr().out
@@ -109,6 +111,7 @@ def test_a_finished_run_is_left_alone_and_progress_counts_steps(world, capsys, c
     assert stats["steps"] == 5 and [s["steps"] for s in stats["sessions"]] == [3, 2]
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_with_one_name_get_two_dirs(world):
     """Both processes are given the same timestamp, so their names collide for certain."""
     code = ("import sys, ldm.rundir, main_dream_booth; ldm.rundir.timestamp = lambda: '2030-01-01T00-00-00'; "

@@ -83,6 +83,7 @@ def test_the_alias_help_lists_every_alias_from_the_registry(capsys):
     assert "rank (dora, locon, loha, lokr, lora)" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_python_m_ldm_train_is_the_same_command_line():
     result = subprocess.run([sys.executable, "-m", "ldm.train", "--help"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0 and "--actual_resume" in result.stdout and "python -m ldm.train" in result.stdout

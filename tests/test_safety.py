@@ -581,6 +581,7 @@ def step_of(logdir: Path) -> int:
 RESUME_LINE = r"resume with: python main_dream_booth.py -r (\S+) -t$"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_during_a_step_writes_that_step_and_says_how_to_resume(world, tmp_path, sig):
     """The signal arrives while step 3 is in progress (sent by the process to itself, a real signal): step 3 finishes,
@@ -603,6 +604,7 @@ def test_a_signal_during_a_step_writes_that_step_and_says_how_to_resume(world, t
     assert [(s["start_step"], s["end_step"]) for s in stats["sessions"]] == [(0, 3), (3, 6)]
 
 
+@pytest.mark.slow
 def test_sigterm_from_another_process_stops_the_run_at_the_step_it_reached(world, tmp_path):
     """SIGTERM as a scheduler sends it, from outside, once the run has written its first adapter directory."""
     proc = session(training(world, tmp_path, "lightning.trainer.max_steps=5000"), tmp_path)
@@ -619,6 +621,7 @@ def test_sigterm_from_another_process_stops_the_run_at_the_step_it_reached(world
     assert (logdir / "checkpoints" / f"{stopped - 1}-adapters").is_dir()
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_and_still_says_how_to_resume(world, tmp_path):
     kill = "lightning.callbacks.sig={target: killswitch.SendSignal, params: {step: 3, sig: SIGINT, times: 2}}"
     proc = session(training(world, tmp_path, "--allow_any_target", kill, "lightning.trainer.max_steps=6"), tmp_path)
@@ -631,6 +634,7 @@ def test_a_second_ctrl_c_stops_at_once_and_still_says_how_to_resume(world, tmp_p
 
 
 # ---- a full disk ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("where,what", [("ckpt", r"writing '.*checkpoints/last.ckpt' \(the previous file is kept"),
                                         ("adapters", r"writing '.*adapters.safetensors' \(no file was written"),
                                         ("image", r"writing '.*images/step-000004.png' \(no file was written"),
@@ -708,6 +712,7 @@ HOLD = ("import sys, time; from ldm.checks import file_lock\nwith file_lock(sys.
         "    print('held', flush=True)\n    time.sleep(600)\n")
 
 
+@pytest.mark.slow
 def test_a_lock_held_by_another_process_is_refused_and_freed_when_it_is_killed(tmp_path):
     from ldm.checks import file_lock
     lock = tmp_path / "job" / ".lock"

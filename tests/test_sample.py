@@ -37,6 +37,7 @@ def test_writes_samples_and_grid(tmp_path):
     assert sorted(p.name for p in again) == ["00004.png", "00005.png"]  # numbering continues, nothing overwritten
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], ["--plms"], ["--fixed_code"], ["--ddim_eta", "1.0"]])
 def test_seeded_runs_are_bit_identical(tmp_path, extra):
     a = sample.main(BASE + extra + ["--outdir", str(tmp_path / "a"), "--skip_grid"])

@@ -14,7 +14,7 @@ from PIL import Image
 
 import sample
 from conftest import REPO, TINY_CONFIG
-from ldm.util import save_numbered
+from ldm.util.numbered import save_numbered
 
 TINY_CKPT = REPO / "models" / "ldm" / "tiny-sd-v1" / "model.safetensors"
 BASE = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "2",
@@ -135,6 +135,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, capsys, args, message)
     assert tree_hash(world) == before
 
 
+@pytest.mark.slow
 def test_a_bad_number_as_a_user_sees_it(tmp_path):
     """The real command line: one line on stderr, exit status 1, no traceback, before the model is even built."""
     result = subprocess.run([sys.executable, str(REPO / "sample.py"), "--scale", "nan", "--outdir", str(tmp_path)],
@@ -189,6 +190,7 @@ def test_writers_at_once_never_share_a_number(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+@pytest.mark.slow
 def test_two_sample_processes_into_one_outdir(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "sample.py")] + BASE + ["--outdir", str(out), "--n_samples", "2", "--n_iter",

@@ -17,7 +17,7 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler, make_dpm_timesteps
 from ldm.modules.adapters import inject_adapters
 from ldm.modules.safety import checker_config, clip_input, read_checker_weights
 from ldm.modules.watermark import WATERMARK_TEXT, read_watermark
-from ldm.util import image_grid
+from ldm.util.images import image_grid
 from test_diffusion import _GaussianData
 
 BASE = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "4",
@@ -66,6 +66,7 @@ def test_dpm_solver_is_second_order_on_the_exact_ode(tiny_model):
     assert error(200) < error(200, 1) / 1.5
 
 
+@pytest.mark.slow
 def test_dpm_solver_converges_to_ddim_on_the_tiny_model(tiny_model):
     """Against many-step DDIM (500 steps, starting at t=999 as DPM-Solver++ does): the error falls with the steps,
     and at 20 steps it is far below DDIM's and below its own first-order form's on the same grid."""
@@ -233,6 +234,7 @@ def adapter_dirs(tiny_model_session, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,message", [
     ("absent.safetensors", "safety checker weights not found"),
     ("tiny.safetensors", "not a Stable Diffusion safety checker.*looks like a Stable Diffusion checkpoint"),
@@ -251,6 +253,7 @@ def _sweep_args(adapter_dirs, *extra):
             "--ddim_steps", "3", "--n_samples", "2", "--n_iter", "2", "--ddim_eta", "1.0", *extra]
 
 
+@pytest.mark.slow
 def test_sweep_scale_zero_is_the_base_model_bit_for_bit(adapter_dirs, tmp_path):
     a1, a2 = ["--adapter_path", str(adapter_dirs / "a1")], ["--adapter_path", str(adapter_dirs / "a2")]
     base = _pixels(sample.main(_sweep_args(adapter_dirs, "--outdir", str(tmp_path / "base"), "--skip_grid")))
@@ -267,6 +270,7 @@ def test_sweep_scale_zero_is_the_base_model_bit_for_bit(adapter_dirs, tmp_path):
     assert np.array_equal(grid[2 + 34:2 + 34 + 32, 2 + 34:2 + 34 + 32], sweep[3])  # row 0.5, column 1
 
 
+@pytest.mark.slow
 def test_sweep_gif_and_labels(adapter_dirs, tmp_path):
     args = _sweep_args(adapter_dirs, "--adapter_path", str(adapter_dirs / "a1"), "--adapter_scale_sweep",
                        "0,0.5,1", "--n_iter", "1", "--skip_save", "--no-watermark")  # the watermark depends on size
@@ -297,6 +301,7 @@ def test_bad_sweep_is_one_clear_error(adapter_dirs, tmp_path, args, message):
         sample.main(BASE + [a.format(a1=adapter_dirs / "a1") for a in args] + ["--outdir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_labelled_grid_of_a_plain_run(tmp_path):
     args = BASE + ["--skip_save", "--no-watermark"]  # the watermark depends on the grid's size
     plain = np.asarray(Image.open(sample.main(args + ["--outdir", str(tmp_path / "p")])[0]))
@@ -311,7 +316,7 @@ def test_image_grid_labels_wrap_inside_their_tile():
     """A label wider than its image is wrapped at spaces (nothing cut off, "photo of a..." was), each line within the
     image's width, and drawn inside its own tile."""
     from PIL import ImageFont
-    from ldm.util import wrap_label
+    from ldm.util.images import wrap_label
     text = "a photo of a small red star"
     font = ImageFont.load_default(size=10)
     lines = wrap_label(text, font, 40)
@@ -335,7 +340,7 @@ def test_grid_labels_keep_visible_spaces():
     """PIL's default font draws a 1-2 px space at small sizes ("photoofasksstar"): words are drawn apart, at least
     0.4 em, and the wrapped lines are measured that way."""
     from PIL import ImageFont
-    from ldm.util import text_length, word_gap
+    from ldm.util.images import text_length, word_gap
     font = ImageFont.load_default(size=12)
     assert word_gap(font) >= 0.4 * 12 > font.getlength(" ")
     assert text_length("photo of a sks star", font) == pytest.approx(

@@ -11,9 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import sample
 from conftest import REPO, TINY_CONFIG
-from ldm.config import load_configs
-from ldm.models.base_config import config_from_diffusers_folder, find_config
-from ldm.util import instantiate_from_config
+from ldm.config import config_from_diffusers_folder, find_config, load_configs
+from ldm.util.instantiate import instantiate_from_config
 from test_adapters import adapter_cfg, with_adapters, write_original_dir
 
 TINY_CKPT = REPO / "models" / "ldm" / "tiny-sd-v1" / "model.safetensors"
@@ -74,6 +73,7 @@ def test_a_diffusers_folder_brings_its_own_config(reference, tmp_path):
     assert np.array_equal(found[0], reference[0])
 
 
+@pytest.mark.slow
 def test_adapter_config_builds_an_original_format_directory(tmp_path):
     config = OmegaConf.load(WORLD_CONFIG)
     unet = instantiate_from_config(config.model.params.unet_config)  # the adapters' shapes: the tiny model's UNet

@@ -21,7 +21,7 @@ from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampler import Sampler
 from ldm.models.diffusion.sampling import (DEFAULT_SAMPLER, SAMPLERS, make_sampler, sampler_class, sampler_names,
                                            seeds_noise, text_to_image, text_to_image_batches)
-from ldm.util import to_pil
+from ldm.util.images import to_pil
 from test_diffusion import _GaussianData
 
 REFERENCE = Path(__file__).parent / "data" / "samplers-c33ed4f.safetensors"

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 STUB = """#!{python}
@@ -67,6 +69,7 @@ def test_study_script_with_several_subjects(tmp_path):
     assert done.returncode == 1 and "was made from another base model" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_v3_study_spec_has_four_subjects_by_their_folders(tmp_path):
     """configs/sweeps/tiny-world-study-v3.yaml (issue 25's re-run): the 20 pairs x 4 subjects x 3 seeds, each subject
     with its own folder (named as its level, the name its subject rate's look is found by), class word and class-image

@@ -91,11 +91,13 @@ def test_aliases_keys_flags_mapping_levels_and_rules(tmp_path):
     assert run.flags == {"scale_lr": False}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_sweep_files_in_configs_expand(path):
     assert expand(load_spec(path), root=REPO).runs
 
 
+@pytest.mark.slow
 def test_position_pairs_reproduces_the_papers_configs():
     """The example sweep: 20 valid pairs x 2 seeds, each with exactly the model of configs/sd-inject-dreambooth/."""
     grid = expand(load_spec(REPO / "configs/sweeps/position-pairs.yaml"), root=REPO)
@@ -110,12 +112,13 @@ def test_position_pairs_reproduces_the_papers_configs():
     assert {r.flags["seed"] for r in grid.runs} == {0, 1}
 
 
+@pytest.mark.slow
 def test_tiny_world_study_expands_to_40_runs_that_build():
     """The tiny-world study: the same 20 pairs x 2 seeds on the tiny base model and the demo subject, each run's model
     builds (meta device, base weights left out), with the adapter sizes the sweep file states."""
     import torch
     from ldm.modules.adapters import adapter_parameters
-    from ldm.util import instantiate_from_config
+    from ldm.util.instantiate import instantiate_from_config
     grid = expand(load_spec(REPO / "configs/sweeps/tiny-world-position-pairs.yaml"), root=REPO)
     paper = expand(load_spec(REPO / "configs/sweeps/position-pairs.yaml"), root=REPO)
     assert len(grid.runs) == 40 and [r.levels for r in grid.runs] == [r.levels for r in paper.runs]
@@ -240,6 +243,7 @@ def test_states_from_markers(tmp_path):
     assert run_state(run) == "done"
 
 
+@pytest.mark.slow
 def test_jobs_and_run_index(tmp_path, capsys, monkeypatch):
     weights = tmp_path / "base.safetensors"
     spec = small_spec(tmp_path, overrides=[f"actual_resume={weights}"])
@@ -347,6 +351,7 @@ def tiny_sweep(tmp_path, monkeypatch):
     return write_spec(tmp_path / "sweep.yaml", spec_of({"seed": {"key": "seed", "levels": [0, 1]}}, overrides))
 
 
+@pytest.mark.slow
 def test_sweep_resumes_after_a_crashed_run(tiny_sweep, tmp_path, capsys):
     sweep_dir = tmp_path / "sw"
     with pytest.raises(SystemExit, match="1 run\\(s\\) failed; run the same command again"):

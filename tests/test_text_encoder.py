@@ -8,7 +8,7 @@ import torch
 
 from ldm.modules.encoders.clip_tokenizer import BOS_ID, EOS_ID, CLIPTokenizer, default_bpe_path
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-from ldm.util import count_params
+from ldm.util.instantiate import count_params
 
 KEYS_TSV = "/work/shared/sd-v1-keys.tsv"
 TINY = dict(vocab_size=49408, width=64, layers=2, heads=2, max_length=77)

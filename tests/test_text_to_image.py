@@ -19,7 +19,8 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling import (SAMPLERS, make_sampler, sampler_name, seed_noise, seeds_noise,
                                            text_to_image, text_to_image_batches)
-from ldm.util import instantiate_from_config, load_model_from_config, to_pil
+from ldm.util.images import to_pil
+from ldm.util.instantiate import instantiate_from_config, load_model_from_config
 
 PROMPTS = ["a red star", "a blue ball", "a green cube"]
 BASE = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "3",
@@ -64,6 +65,7 @@ def test_bad_requests_fail_before_any_batch(tiny_model):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_batches_do_not_change_images_and_train_mode_comes_back(tiny_model):
     noise = seeds_noise([5, 6, 7], (4, 4, 4))
     tiny_model.train()
@@ -129,6 +131,7 @@ def test_sample_py_equals_text_to_image(tmp_path):
 
 
 # ---- every sampler in the image logger and for class images --------------------------------------------------------
+@pytest.mark.slow
 def test_every_sampler_in_the_image_logger_and_for_class_images(tiny_model, tmp_path):
     logged, generated = {}, {}
     for name in SAMPLERS:
@@ -180,6 +183,7 @@ def test_sd_v1_autoencoder_downsamples_by_8():
 
 
 # ---- sample.py: --sampler, its shorthands, --C and --f --------------------------------------------------------------
+@pytest.mark.slow
 def test_sample_py_sampler_option_and_shorthands(tmp_path):
     def run(name, *extra):
         return _pixels(sample.main(BASE + ["--outdir", str(tmp_path / name), *extra]))

@@ -17,7 +17,7 @@ from ldm.checks import ConfigError, OutputPathError
 from ldm.tinyworld.base import diffusion_loss, min_snr_weights, render_images, train_base, update_ema
 from ldm.tinyworld.base_config import check_base_config
 from ldm.tinyworld.metrics import prompt_attributes
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 def to01(img):
     return (to_tensor(img) + 1) / 2
@@ -153,6 +153,7 @@ def _v3_config(tmp_path, **steps):
     return config
 
 
+@pytest.mark.slow
 def test_a_killed_or_paused_run_continues_as_an_uninterrupted_one(tmp_path):
     """Stopped by the sitting's clock after each save (stop_after ~ 0), restarted until done: the same weights as one
     uninterrupted run, bit for bit (the generators are saved with the weights)."""
@@ -178,6 +179,7 @@ def test_a_killed_or_paused_run_continues_as_an_uninterrupted_one(tmp_path):
     assert (tmp_path / "b" / "w" / "moments-probe-4.pt").is_file()  # stage 3 draws at most 2 steps x 2 images
 
 
+@pytest.mark.slow
 def test_the_autoencoder_product_starts_a_later_run(tmp_path):
     """Stages 1-3 leave autoencoder.safetensors (autoencoder + latent scale, fp16); init from it trains the UNet and
     text encoder on the same latents without training the autoencoder again."""
@@ -228,6 +230,7 @@ def _train_config(tmp_path, **stage_steps):
                       "p_uncond": 0.5, "ema_decay": 0.5, "checkpoint_every": 1}})
 
 
+@pytest.mark.slow
 def test_train_base_writes_a_loadable_sd_layout_file_and_resumes(tmp_path):
     config = _train_config(tmp_path)
     out = train_base(config, torch.device("cpu"))
@@ -258,6 +261,7 @@ def test_train_base_writes_a_loadable_sd_layout_file_and_resumes(tmp_path):
     assert torch.load(tmp_path / "w" / "diffusion.pt", weights_only=True)["step"] == 3
 
 
+@pytest.mark.slow
 def test_train_base_continues_from_init_keeping_the_latent_scale(tmp_path):
     first = train_base(_train_config(tmp_path / "a"), torch.device("cpu"))
     config = _train_config(tmp_path / "b", vae=0, diffusion=0)
@@ -281,6 +285,7 @@ def test_train_base_continues_from_init_keeping_the_latent_scale(tmp_path):
         train_base(config, torch.device("cpu"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["train-base.yaml", "train-base-continue.yaml", "train-base-v3.yaml",
                                     "train-base-v3-gpu.yaml"])
 def test_training_recipes_run_as_written(recipe, tmp_path):
@@ -349,6 +354,7 @@ def test_offset_noise_adds_one_constant_per_image_and_channel():
     assert torch.equal(diffusion_loss(model, z, cond, None, 0.3), expected)
 
 
+@pytest.mark.slow
 def test_ema_warmup_keeps_little_of_the_initial_weights(tmp_path):
     """With ema_warmup the shipped EMA after a few steps is near the trained weights; without, near the start."""
     from ldm.tinyworld.base import StageState
@@ -376,6 +382,7 @@ def test_min_snr_gamma_is_range_checked(tmp_path, gamma, message):
         check_base_config(config)
 
 
+@pytest.mark.slow
 def test_render_images_is_the_same_with_worker_processes():
     serial, scenes = render_images(6, 32, 5, "probe", workers=1)
     parallel, parallel_scenes = render_images(6, 32, 5, "probe", workers=2)
@@ -408,6 +415,7 @@ def test_update_ema_is_the_per_tensor_lerp():
     assert all(torch.equal(ema[k], expected[k]) for k in state)
 
 
+@pytest.mark.slow
 def test_gpu_script_trains_the_v3_recipe_on_the_cpu(tmp_path):
     """scripts/train_tiny_world_gpu.sh, as the device runs it (less the wheels), on train-base-v3.yaml with a few
     steps per stage and 32 px images: the model comes back in parts that join into a loadable f = 4 model."""
@@ -460,6 +468,7 @@ class _PixelCodec(torch.nn.Module):
         return self.sign * z
 
 
+@pytest.mark.slow
 def test_autoencoder_quality_reads_what_the_autoencoder_keeps():
     from ldm.tinyworld.evaluate import autoencoder_quality
     from ldm.tinyworld.metrics import TinyWorldMetric
@@ -484,6 +493,7 @@ def test_report_refuses_a_missing_model_before_any_work(tmp_path, capsys):
 
 
 # ---- the probe (metric model) ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_probe_reads_held_out_scenes():
     from ldm.tinyworld.probe import load_probe, probe_accuracy
     acc = probe_accuracy(load_probe(), num=200, seed=4242)  # measured on 1,000: shape 0.87, outline 0.95, rest >= 0.98
@@ -491,6 +501,7 @@ def test_probe_reads_held_out_scenes():
     assert min(acc[k] for k in ("colour", "texture", "size", "position", "background")) > 0.93
 
 
+@pytest.mark.slow
 def test_tinyworld_backend_scores_right_prompts_above_wrong_ones():
     from ldm.evaluation.backends import get_backend
     from ldm.evaluation.metrics import subject_fidelity
@@ -508,7 +519,7 @@ def test_tinyworld_backend_scores_right_prompts_above_wrong_ones():
 
 def test_the_demo_uses_the_cores_other_work_leaves_idle(monkeypatch):
     """On 2 cores with another job on one (load 1.2), 1 thread; idle, 2; a thread count the user set is kept."""
-    import ldm.util as util
+    import ldm.util.devices as util
     threads = torch.get_num_threads()
     monkeypatch.setattr(util.os, "sched_getaffinity", lambda pid: {0, 1})
     try:

@@ -4,6 +4,7 @@ the denoising error on the instance images drops, the base weights stay untouche
 class prompt's samples stay closer to the base model's than without it (language drift). The full-length numbers
 (scripts/tiny_world_report.py) are in the README.
 """
+import pytest
 import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
@@ -15,7 +16,7 @@ from ldm.tinyworld.demo import train_request
 from ldm.evaluation.metrics import prior_preservation, subject_fidelity
 from ldm.tinyworld.evaluate import CLASS_PROMPT, SUBJECT_PROMPT, load_references, load_tiny_model, sample
 from ldm.tinyworld.metrics import TinyWorldMetric
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 STEPS = 150
 TINY_SD = REPO / "configs" / "tiny-world" / "tiny-sd-v1.yaml"
@@ -74,6 +75,7 @@ def test_zero_init_adapter_changes_nothing_before_training():
     assert torch.equal(sample(base, prompts, [0, 1], steps=5), sample(adapted, prompts, [0, 1], steps=5))
 
 
+@pytest.mark.slow
 def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(tmp_path):
     with_prior, without_prior = run_training(tmp_path / "prior", prior=True), run_training(tmp_path / "free", False)
     base, tuned, drifted = load_tiny_model(), load_tiny_model(with_prior), load_tiny_model(without_prior)

@@ -20,7 +20,7 @@ from conftest import REPO, TINY_CONFIG, build_tiny
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.models.sampling_plan import load_model
 from ldm.modules.adapters import adapter_groups, adapter_state_dict, load_adapter_from_dir
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 from scripts import convert_lora
 
 BASES = ["configs/tests/tiny-inference.yaml", "configs/stable-diffusion/v1-finetune-dreambooth.yaml",
@@ -70,6 +70,7 @@ def adapter_tensors(path: Path):
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_end_to_end(world):
     logdir = main_dream_booth.main(argv(world))
     assert logdir.parent == world["logs"] and logdir.name.endswith("_test")
@@ -106,6 +107,7 @@ def test_cli_end_to_end(world):
     assert '"steps": 4' in (logdir / "train_stats.json").read_text()
 
 
+@pytest.mark.slow
 def test_class_images_are_reused(world):
     main_dream_booth.main(argv(world, train=False))
     first = {p.name: p.stat().st_mtime_ns for p in world["reg"].iterdir()}
@@ -115,6 +117,7 @@ def test_class_images_are_reused(world):
     assert logdir.parent == world["logs"] and not list(logdir.glob("checkpoints/*"))  # without -t nothing trains
 
 
+@pytest.mark.slow
 def test_without_reg_data_root_there_is_no_prior_loss(world):
     logdir = main_dream_booth.main(argv(world, "--max_steps", "2", reg=False))
     rows = [r for r in metrics(logdir) if r.get("train/loss")]
@@ -122,6 +125,7 @@ def test_without_reg_data_root_there_is_no_prior_loss(world):
     assert not world["reg"].exists()
 
 
+@pytest.mark.slow
 def test_overrides_and_scale_lr(world, caplog):
     caplog.set_level("INFO", logger="ldm")
     logdir = main_dream_booth.main(argv(world, "--max_steps", "1", "--scale_lr", "True", "data.params.batch_size=2",
@@ -137,7 +141,7 @@ def test_overrides_and_scale_lr(world, caplog):
 
 def test_override_aliases_and_unknown_keys():
     from ldm.config import apply_override
-    from ldm.util import ConfigError
+    from ldm.checks import ConfigError
     config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES])
     apply_override(config, "mid_dim=64")  # the sweep files' aliases work on the command line too
     apply_override(config, "lr=3e-4")
@@ -152,6 +156,7 @@ def test_override_aliases_and_unknown_keys():
             apply_override(config, bad)
 
 
+@pytest.mark.slow
 def test_bf16_mixed_keeps_adapters_fp32(world):
     logdir = main_dream_booth.main(argv(world, "--max_steps", "2", "--precision", "bf16-mixed"))
     state = torch.load(logdir / "checkpoints" / "last.ckpt", weights_only=True)
@@ -171,6 +176,7 @@ class CrashAtStep(pl.Callback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_final_step(world):
     crash = "lightning.callbacks.crash={target: test_train.CrashAtStep, params: {step: 3}}"
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -192,6 +198,7 @@ def test_killed_run_resumes_to_the_same_final_step(world):
     assert any(not torch.equal(before[k], v) for k, v in state["state_dict"].items())
 
 
+@pytest.mark.slow
 def test_resume_with_other_adapters_is_refused(world):
     logdir = main_dream_booth.main(argv(world, "--max_steps", "2"))
     change = "model.params.unet_config.params.adapter_config.transformer_adp_config.0.din=attn1o"
@@ -208,6 +215,7 @@ class DumpAdapters(pl.Callback):
         save_state_dict(adapter_state_dict(pl_module.unet), str(path))
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_end_with_identical_adapters(world):
     dump = "lightning.callbacks.dump={target: test_train.DumpAdapters}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
@@ -231,6 +239,7 @@ def _fails(args, message):
         main_dream_booth.main(args)
 
 
+@pytest.mark.slow
 def test_missing_and_empty_data_folders(world, tmp_path):
     _fails(argv({**world, "data": tmp_path / "nowhere"}), r"'.*nowhere' does not exist or is not a folder")
     (tmp_path / "empty").mkdir()
@@ -248,6 +257,7 @@ def test_class_word_is_needed_with_reg_data_root(world):
     _fails(args[:i] + args[i + 2:], "no class word: pass --class_word")
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_match_the_config(world, tmp_path):
     sd = load_state_dict(str(world["ckpt"]))
     sd["model.diffusion_model.out.2.weight"] = torch.zeros(4, 16, 3, 3)
@@ -274,6 +284,7 @@ class PoisonAtStep(pl.Callback):
                 next(p for p in pl_module.parameters() if p.requires_grad).fill_(float("nan"))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(world):
     poison = "lightning.callbacks.poison={target: test_train.PoisonAtStep, params: {step: 2}}"
     _fails(argv(world, poison, "--allow_any_target"), r"the loss is nan at step 2 .*last checkpoint is good")
@@ -326,6 +337,7 @@ class FixedBatches(pl.LightningDataModule):
         return torch.utils.data.DataLoader([self.batch] * 3, batch_size=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [(), (TE_LORA,)], ids=["unet", "unet+text-encoder"])
 def test_training_changes_only_adapters_and_keeps_the_base_in_eval_mode(world, extra):
     model = build_dreambooth(world["ckpt"], extra=extra)
@@ -352,6 +364,7 @@ def test_training_changes_only_adapters_and_keeps_the_base_in_eval_mode(world, e
         assert any(n.startswith("cond_stage_model.") for n in trained) == bool(extra)
 
 
+@pytest.mark.slow
 def test_latents_and_contexts_are_encoded_once_per_view(world, monkeypatch):
     model = build_dreambooth(world["ckpt"])
     calls = {"vae": 0, "text": 0}
@@ -369,6 +382,7 @@ def test_latents_and_contexts_are_encoded_once_per_view(world, monkeypatch):
     torch.testing.assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_is_instance_plus_weighted_prior(world):
     batch = {"instance": batch_of(world["data"], "photo of a sks cat"), "reg": batch_of(world["data"], "photo of a cat")}
     for w in (1.0, 0.25, 0.0):
@@ -407,6 +421,7 @@ def test_gpus_and_precision_flags():
     assert scaled_learning_rate(1e-4, 2, 4, 1, 3) == pytest.approx(2.4e-3)
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_gradients(world):
     batch = {"instance": batch_of(world["data"], "photo of a sks cat"), "reg": batch_of(world["data"], "photo of a cat")}
     grads = []
@@ -420,12 +435,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(world):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_8bit_adam_needs_bitsandbytes(world):
     model = build_dreambooth(world["ckpt"], use_8bit_adam=True)
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        from ldm.util import ConfigError
+        from ldm.checks import ConfigError
         with pytest.raises(ConfigError, match="pip install bitsandbytes"):
             model.configure_optimizers()
     else:
@@ -433,6 +449,7 @@ def test_8bit_adam_needs_bitsandbytes(world):
 
 
 # ---- LoRA on the text encoder ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_text_encoder_training_bypasses_the_context_cache(world, monkeypatch):
     model = build_dreambooth(world["ckpt"], extra=[TE_LORA]).train()
     assert model.text_encoder_trains and "of them in the text encoder" in model.describe_trained()
@@ -449,6 +466,7 @@ def test_text_encoder_training_bypasses_the_context_cache(world, monkeypatch):
     assert all(p.grad is not None for p in te) and any(p.grad.abs().max() > 0 for p in te)
 
 
+@pytest.mark.slow
 def test_text_encoder_lr_gives_the_text_encoder_adapters_their_own_rate(world):
     model = build_dreambooth(world["ckpt"], extra=[TE_LORA], text_encoder_lr=2e-5, lr_warmup_steps=4)
     model.learning_rate = 1e-3
@@ -486,6 +504,7 @@ def base_model_with(ckpt, adapter_path=None):
     return model
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_run_resume_reload_export_and_sample(world, tmp_path):
     lora_only = "model.params.unet_config.params.adapter_config.transformer_adp_config=null"  # kohya has no bottleneck
     crash = "lightning.callbacks.crash={target: test_train.CrashAtStep, params: {step: 3}}"
@@ -543,6 +562,7 @@ def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
     assert seen["unconditional_guidance_scale"] == 5.0 and seen["unconditional_conditioning"] is not None
 
 
+@pytest.mark.slow
 def test_samplers_of_the_image_logger_and_class_images_come_from_the_config(world, monkeypatch):
     """lightning.callbacks.image_logger.params.sampler and data.params.class_image_sampler.sampler pick the samplers."""
     from ldm.models.diffusion.sampler import Sampler
@@ -559,6 +579,7 @@ def test_samplers_of_the_image_logger_and_class_images_come_from_the_config(worl
     assert used == ["DPMSolverSampler"] * 2 + ["PLMSSampler"]  # 4 class images in batches of 2, the step-0 grid
 
 
+@pytest.mark.slow
 def test_training_log_has_no_lightning_adverts_or_weights_only_notes(world):
     """A run and its resumption print neither Lightning's "💡 Tip" adverts, nor its note that `weights_only` defaulted
     to False on our own full checkpoint, nor its warning about torch's pytree API (ldm.callbacks.quiet_lightning)."""

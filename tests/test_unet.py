@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.util import count_params, instantiate_from_config
+from ldm.util.instantiate import count_params, instantiate_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/ sits inside the checkout on some machines and beside it on others
@@ -136,10 +136,10 @@ def test_bf16_autocast_and_full_bf16_forward():
 
 
 def test_no_device_literals_in_ldm():
-    """Devices come from tensors and modules; only the device helpers (ldm.util.pick_device, which chooses one, and
-    ldm.checks.device_arg, which checks the user's) may name CUDA."""
+    """Devices come from tensors and modules; only the device helpers (ldm.util.devices.pick_device, which chooses
+    one, and ldm.checks.device_arg, which checks the user's) may name CUDA."""
     literal = re.compile(r"""\.cuda\(|["']cuda(:\d+)?["']""")
-    helpers = {REPO / "ldm" / "util.py": "pick_device", REPO / "ldm" / "checks.py": "device_arg"}
+    helpers = {REPO / "ldm" / "util" / "devices.py": "pick_device", REPO / "ldm" / "checks.py": "device_arg"}
     allowed = {path: [(n.lineno, n.end_lineno) for n in ast.walk(ast.parse(path.read_text()))
                       if isinstance(n, ast.FunctionDef) and n.name == name] for path, name in helpers.items()}
     assert all(allowed.values()), "a device helper named here has moved: update this test"

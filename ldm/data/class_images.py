@@ -9,7 +9,8 @@ from tqdm.auto import tqdm
 from ldm.checkpoint import atomic_write
 from ldm.data.dreambooth import DataError, usable_images
 from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image_batches
-from ldm.util import next_number, to_pil
+from ldm.util.images import to_pil
+from ldm.util.numbered import next_number
 
 log = logging.getLogger(__name__)
 

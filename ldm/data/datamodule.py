@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.checks import ConfigError, check_number
-from ldm.util import check_ranges, instantiate_from_config, nearest
+from ldm.util.instantiate import check_ranges, instantiate_from_config, nearest
 
 # the settings of ldm.data.class_images.ensure_class_images that data.params.class_image_sampler may hold
 SAMPLER_KEYS = ("batch_size", "steps", "scale", "seed", "sampler")

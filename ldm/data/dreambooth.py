@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm.checks import read_text
-from ldm.util import check_ranges
+from ldm.util.instantiate import check_ranges
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from ldm.checks import ConfigError
 from ldm.evaluation.preprocess import (CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocess,  # noqa: F401
                                        clip_default, dino_default, folder_preprocess, to_uint8)
 from ldm.modules.encoders.clip_tokenizer import CLIPTokenizer
-from ldm.util import get_obj_from_str
+from ldm.util.targets import get_obj_from_str
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ from ldm.evaluation.table import SUBJECT_COLUMN, done_runs, upsert_row
 from ldm.modules.adapters import (WEIGHTS_FILE, adapter_groups, adapter_parameters, adapters_enable, describe,
                                   load_adapter_from_dir)
 from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
-from ldm.util import image_grid, load_model_from_config, to_pil
+from ldm.util.images import image_grid, to_pil
+from ldm.util.instantiate import load_model_from_config
 
 log = logging.getLogger(__name__)
 

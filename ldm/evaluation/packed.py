@@ -21,7 +21,7 @@ from ldm.evaluation.evaluate import (Drawn, EvalSettings, adapter_dir, adapter_s
                                      run_config, subject_fields, trains_unet)
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.modules.adapters import Rows, adapter_carriers, load_adapter_from_dir, remove_adapters
-from ldm.util import load_model_from_config
+from ldm.util.instantiate import load_model_from_config
 
 log = logging.getLogger(__name__)
 Pairs = List[Tuple[str, int]]

@@ -34,7 +34,7 @@ APPLIED = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_conv
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> uint8, rounded as ldm.util.to_pil rounds an image saved as PNG."""
+    """(B, 3, H, W) in [0, 1] -> uint8, rounded as ldm.util.images.to_pil rounds an image saved as PNG."""
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 

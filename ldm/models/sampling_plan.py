@@ -14,8 +14,7 @@ import torch
 
 from ldm.checkpoint import load_into, load_trained_parameters
 from ldm.checks import ConfigError
-from ldm.config import build_base_model, load_configs, pop_adapter_configs
-from ldm.models.base_config import adapter_config_from_file, find_config
+from ldm.config import adapter_config_from_file, build_base_model, find_config, load_configs, pop_adapter_configs
 from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, sampler_class
 from ldm.modules.adapters import is_added_key, load_adapter_from_dir, set_adapter_scale
 from ldm.modules.diffusers_folder import read_base_weights
@@ -34,7 +33,7 @@ class AdapterFile:
 @dataclass(frozen=True)
 class ModelSource:
     """What the model is built from: config files merged left to right (none: the checkpoint's own, see
-    ldm.models.base_config), base weights (None: initialised from `seed`), adapters, the adapter config of
+    ldm.config.find_config), base weights (None: initialised from `seed`), adapters, the adapter config of
     original-format adapter directories (default: the config's), a fine-tuned checkpoint of the whole UNet."""
     configs: Tuple[str, ...] = ()
     ckpt: Optional[str] = None

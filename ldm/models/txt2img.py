@@ -15,7 +15,8 @@ from ldm.models.sampling_plan import AdapterFile, SamplingPlan
 from ldm.modules.adapters import set_adapter_scale
 from ldm.modules.safety import SafetyChecker
 from ldm.modules.watermark import Watermarker
-from ldm.util import image_grid, save_numbered, to_pil
+from ldm.util.images import image_grid, to_pil
+from ldm.util.numbered import save_numbered
 
 Mark = Callable[[Image.Image], Image.Image]
 

@@ -8,7 +8,7 @@ from einops import rearrange
 
 from ldm.modules.adapters.positions import STREAM
 from ldm.modules.diffusionmodules.util import checkpoint, zero_module
-from ldm.util import default
+from ldm.util.defaults import default
 
 
 class GEGLU(nn.Module):

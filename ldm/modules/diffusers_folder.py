@@ -29,7 +29,7 @@ from ldm.modules.diffusers_layout import LayoutError, UNetStructure, from_diffus
 from ldm.modules.diffusionmodules.util import make_beta_schedule, schedule_buffers
 from ldm.modules.encoders.clip_tokenizer import BOS_ID, EOS_ID, SPECIAL_TOKENS, load_vocab
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
-from ldm.util import get_obj_from_str
+from ldm.util.targets import get_obj_from_str
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict
-from ldm.util import optional_import
+from ldm.util.imports import optional_import
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

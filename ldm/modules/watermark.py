@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ldm.util import optional_import
+from ldm.util.imports import optional_import
 
 log = logging.getLogger(__name__)
 

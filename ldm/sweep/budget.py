@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm.config import ADAPTER_CONFIGS
 from ldm.modules.adapters import fit_budget
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 log = logging.getLogger(__name__)
 NETWORK_CONFIGS = {"unet": "model.params.unet_config", "cond_stage_model": "model.params.cond_stage_config"}

@@ -44,9 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 from ldm.config import ADAPTER_CONFIGS, KEY_ALIASES, load_configs, set_key
 from ldm.sweep.budget import apply_budget
 from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
-from ldm.checks import ConfigError, safe_load_unique, yaml_number
+from ldm.checks import ConfigError, parse_yaml_value, safe_load_unique, yaml_number
 from ldm.train.request import CONFIG_OPTIONS, PATH_OPTIONS, RUN_OPTIONS, SWEEP_OPTIONS, write_option
-from ldm.util import parse_yaml_value
 
 log = logging.getLogger(__name__)
 

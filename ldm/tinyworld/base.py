@@ -36,7 +36,7 @@ from ldm.data.synthetic import Scene, caption, random_scene, render, scene_rng
 from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.tinyworld.base_config import check_base_config
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 log = logging.getLogger(__name__)
 

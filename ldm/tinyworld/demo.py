@@ -19,7 +19,7 @@ from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, REPO, 
                                     dreambooth_metrics, load_references, load_tiny_model, model_samples)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.train import RunRequest, run
-from ldm.util import image_grid, to_pil
+from ldm.util.images import image_grid, to_pil
 
 log = logging.getLogger(__name__)
 # merged after the base model's config (BASE_CONFIG unless a run names another)

@@ -16,7 +16,7 @@ from ldm.evaluation.metrics import METRICS, Samples, load_images, prompt_fidelit
 from ldm.evaluation.sampling import sample_images
 from ldm.modules.adapters import load_adapter_from_dir
 from ldm.tinyworld.metrics import TinyWorldMetric, prompt_attributes
-from ldm.util import load_model_from_config
+from ldm.util.instantiate import load_model_from_config
 
 REPO = Path(__file__).resolve().parents[2]
 # the project's tiny SD v1 models: config and weights (v2: f = 8, the base world; v3: f = 4, the close-up world)

@@ -18,7 +18,7 @@ from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, autoencoder_quality,
                                     reconstruct, sample)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.tinyworld.probe import probe_accuracy
-from ldm.util import image_grid
+from ldm.util.images import image_grid
 
 # The full fine-tuning baseline: every UNet parameter trains (at a lower rate than the adapter's).
 WHOLE_UNET = ("model.params.train_level=[unet]", "model.base_learning_rate=2.0e-4")

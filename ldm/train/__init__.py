@@ -48,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> Li
     try:
         logdirs = _train(requests)
     except TrainingInterrupted as e:  # Ctrl-C / SIGTERM during training: its step is written
-        sys.stderr.write(f"{e}\n")
+        sys.stderr.write(f"{e}\n")  # one line, and the shell's exit status for the signal (sys.exit(str) gives 1)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training steps (setup, class images), or in a pack
         sys.stderr.write("interrupted by Ctrl-C outside the training steps: run the command again (-r LOGDIR "

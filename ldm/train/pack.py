@@ -26,7 +26,7 @@ from ldm.train.lockstep import Lockstep
 from ldm.train.pack_plan import group_runs
 from ldm.train.request import RunRequest
 from ldm.train.run import Hooks, run
-from ldm.util import instantiate_from_config
+from ldm.util.instantiate import instantiate_from_config
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 60.0

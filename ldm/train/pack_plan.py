@@ -20,7 +20,8 @@ from ldm.data.dreambooth import DataError
 from ldm.modules.adapters import AdapterConfigError, adapter_parameters
 from ldm.train.request import RunRequest
 from ldm.train.run import load_config, resolve_resume, trainer_kwargs
-from ldm.util import instantiate_from_config, pick_device
+from ldm.util.devices import pick_device
+from ldm.util.instantiate import instantiate_from_config
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from ldm.rundir import (check_confined, check_run_name, clean_temporaries, creat
                         override_keys, prune_empty, resume_command, run_lock, slug, timestamp)
 from ldm.checks import ConfigError, check_number
 from ldm.train.request import RunRequest
-from ldm.util import any_target_allowed, check_keys, instantiate_from_config
+from ldm.util.instantiate import check_keys, instantiate_from_config
+from ldm.util.targets import any_target_allowed
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,7 @@ def build_trainer(config: DictConfig, request: RunRequest, logdir: Path, progres
 
 # ---- checks before any work -------------------------------------------------------------------------------------
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
-# numbers of the run that no class checks itself: (key, ldm.util.check_number options)
+# numbers of the run that no class checks itself: (key, ldm.checks.check_number options)
 RUN_NUMBERS = (("model.base_learning_rate", dict(low=0, low_open=True)),
                ("lightning.modelcheckpoint.params.every_n_train_steps", dict(low=1, integer=True)),
                ("lightning.trainer.accumulate_grad_batches", dict(low=1, integer=True)),
@@ -378,7 +379,7 @@ def fit(trainer: pl.Trainer, model: pl.LightningModule, datamodule: pl.Lightning
 
 def run(request: RunRequest, hooks: Optional[Hooks] = None) -> Path:
     """Set up and (with request.train) fit one DreamBooth run; returns its log dir. Configs may name targets outside
-    the allow-list of `ldm.util` only with request.allow_any_target."""
+    the allow-list of `ldm.util.targets` only with request.allow_any_target."""
     with any_target_allowed(request.allow_any_target):
         return _run(request, hooks or Hooks())
 

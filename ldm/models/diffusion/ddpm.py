@@ -16,7 +16,8 @@ from ldm.modules.adapters import is_added_key
 from ldm.modules.diffusers_folder import read_base_weights
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule, schedule_buffers
 from ldm.checks import ConfigError
-from ldm.util import check_ranges, default, instantiate_from_config, nearest
+from ldm.util.defaults import default
+from ldm.util.instantiate import check_ranges, instantiate_from_config, nearest
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class LatentDiffusion(pl.LightningModule):
     _IGNORED = ("num_timesteps_cond", "log_every_t", "monitor", "cond_stage_forward", "scheduler_config",
                 "embedding_reg_weight", "cosine_s", "given_betas", "original_elbo_weight", "l_simple_weight",
                 "learn_logvar", "logvar_init", "use_positional_encodings", "clip_denoised", "v_posterior")
-    # numbers checked before anything is built (ldm.util.check_ranges), from a config or the Python API
+    # numbers checked before anything is built (ldm.util.instantiate.check_ranges), from a config or the Python API
     PARAM_RANGES = {"timesteps": dict(low=1, integer=True), "linear_start": dict(low=0, high=1, low_open=True, high_open=True),
                     "linear_end": dict(low=0, high=1, low_open=True, high_open=True), "scale_factor": dict(low=0, low_open=True),
                     "image_size": dict(low=1, integer=True), "channels": dict(low=1, integer=True)}

@@ -18,7 +18,7 @@ from ldm.modules.adapters import (SECTION, AdapterConfigError, adapter_blocks, a
                                   adapter_networks, adapter_parameters, config_from_specs, is_added_key)
 from ldm.checks import ConfigError, check_number
 from ldm.modules.fastpaths import adamw_options, apply_fast_paths
-from ldm.util import check_ranges
+from ldm.util.instantiate import check_ranges
 
 log = logging.getLogger(__name__)
 
