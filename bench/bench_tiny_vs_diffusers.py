@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from bench_unet import device_name, git_commit, time_interleaved
 from ldm.models.diffusion.sampling import seeds_noise, text_to_image
-from ldm.tinyworld.demo import DEMO_CONFIGS
+from ldm.tinyworld.demo import DEMO_FRAGMENTS
 from ldm.tinyworld.evaluate import BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, SUBJECT_PROMPT, load_references
 from ldm.util.instantiate import instantiate_from_config
 from twins import diffusers_pipeline
@@ -59,7 +59,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def demo_model(cache: bool = True) -> torch.nn.Module:
     """The demo's DreamBoothLatentDiffusion (tiny base weights, attn2o -> ffni adapter), in training mode."""
-    config = OmegaConf.merge(*[OmegaConf.load(f) for f in DEMO_CONFIGS])
+    config = OmegaConf.merge(*[OmegaConf.load(f) for f in (BASE_CONFIG, *DEMO_FRAGMENTS)])
     config.model.params.ckpt_path = str(BASE_CKPT)
     config.model.params.cache_latents = cache
     torch.manual_seed(0)
