@@ -2,7 +2,10 @@
 function, no room importing a room above it), no `print` in the library, no `sys.path` edits, no work at import time.
 """
 import ast
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -215,3 +218,22 @@ def test_make_test_runs_every_test_and_test_fast_all_but_the_slow_ones():
     assert selects.findall(fast) == ["-m"] and '-m "not slow"' in fast
     markers = re.search(r"^markers = \[(.*)\]$", (REPO / "pyproject.toml").read_text(), re.M)
     assert markers and '"slow:' in markers.group(1)  # registered (Python 3.9 has no tomllib)
+
+
+def test_every_bench_and_script_module_imports():
+    """bench/ and scripts/ are run by hand, not by the suite: each must at least import (a renamed library name
+    breaks them silently otherwise). One child process imports them all, the bench folder on its path as when run."""
+    code = ("import importlib.util, sys, pathlib\n"
+            "bad = []\n"
+            "for folder in ('bench', 'scripts'):\n"
+            "    sys.path.insert(0, folder)\n"
+            "    for f in sorted(pathlib.Path(folder).glob('*.py')):\n"
+            "        spec = importlib.util.spec_from_file_location(f'_smoke_{folder}_{f.stem}', f)\n"
+            "        try:\n"
+            "            spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "        except Exception as e:\n"
+            "            bad.append(f'{f}: {type(e).__name__}: {e}')\n"
+            "print('\\n'.join(bad))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr[-2000:]
