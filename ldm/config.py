@@ -286,7 +286,8 @@ def config_from_diffusers_folder(folder: Path) -> DictConfig:
         m.first_stage_config.params.ddconfig.update(
             z_channels=vae["latent_channels"], resolution=vae["sample_size"], ch=vae_channels[0],
             ch_mult=[c // vae_channels[0] for c in vae_channels], num_res_blocks=vae["layers_per_block"],
-            in_channels=vae["in_channels"], out_ch=vae["out_channels"])
+            in_channels=vae["in_channels"], out_ch=vae["out_channels"],
+            attn_type="vanilla" if vae.get("mid_block_add_attention", True) else "none")
         m.cond_stage_config.params = {
             "width": text["hidden_size"], "layers": text["num_hidden_layers"], "heads": text["num_attention_heads"],
             "max_length": text["max_position_embeddings"], "vocab_size": text["vocab_size"],

@@ -14,6 +14,7 @@ from PIL import Image
 
 import sample
 from conftest import REPO, TINY_CONFIG, build_tiny
+from ldm.config import config_from_diffusers_folder
 from ldm.checkpoint import CheckpointError, load_state_dict, save_state_dict
 from ldm.modules.adapters import adapter_parameters, adapters_enable, inject_adapters, save_adapter_to_dir
 from ldm.modules import diffusers_folder
@@ -332,3 +333,22 @@ def test_module_paths_for_adapter_names():
     assert text_path_to_diffusers(text) == "text_model.encoder.layers.1.self_attn.q_proj"
     assert text_path_from_diffusers("encoder.layers.1.self_attn.q_proj") == text  # transformers >= 5.6
     assert text_path_from_diffusers("text_model.encoder.layers.1.self_attn.q_proj") == text
+
+
+def test_an_autoencoder_without_mid_attention_exports_and_reads_back(tmp_path):
+    """The v3 tiny model's f = 4 autoencoder has no mid-block attention (attn_type none): the export says so
+    (mid_block_add_attention false), diffusers loads it with no weight left freshly initialised, decodes as ours, and
+    the config made from the folder builds the same model again."""
+    from diffusers import AutoencoderKL
+    config, ckpt = REPO / "configs/tiny-world/tiny-sd-v1-f4.yaml", REPO / "models/ldm/tiny-sd-v1-f4/model.safetensors"
+    out = export_diffusers.main(["--config", str(config), "--ckpt", str(ckpt), "--outdir", str(tmp_path / "v3")])
+    assert json.loads((out / "vae" / "config.json").read_text())["mid_block_add_attention"] is False
+    vae, info = AutoencoderKL.from_pretrained(str(out / "vae"), output_loading_info=True, local_files_only=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ours = load_model_from_config(OmegaConf.load(config), str(ckpt))
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours.decode_first_stage(z) - vae.decode(z / vae.config.scaling_factor).sample).abs().max().item()
+    assert diff <= 1e-4
+    assert_identical(read_base_weights(str(out)), ours.state_dict())
+    assert config_from_diffusers_folder(out).model.params.first_stage_config.params.ddconfig.attn_type == "none"

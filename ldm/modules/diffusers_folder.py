@@ -276,7 +276,8 @@ def vae_config(p: Mapping[str, Any], scale_factor: float) -> Dict[str, Any]:
             "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
             "in_channels": dd["in_channels"], "out_channels": dd["out_ch"], "latent_channels": dd["z_channels"],
             "layers_per_block": dd["num_res_blocks"], "norm_num_groups": 32, "sample_size": dd["resolution"],
-            "scaling_factor": scale_factor, "force_upcast": True}
+            "scaling_factor": scale_factor, "force_upcast": True,
+            "mid_block_add_attention": dd.get("attn_type", "vanilla") != "none"}
 
 
 def text_encoder_config(p: Mapping[str, Any]) -> Dict[str, Any]:
