@@ -14,7 +14,8 @@ from ldm.data.synthetic import SUBJECT_CLASS
 from ldm.evaluation.evaluate import adapter_dir
 from ldm.tinyworld.demo import train_request
 from ldm.evaluation.metrics import prior_preservation, subject_fidelity
-from ldm.tinyworld.evaluate import CLASS_PROMPT, SUBJECT_PROMPT, load_references, load_tiny_model, sample
+from ldm.tinyworld.evaluate import (CLASS_PROMPT, SUBJECT_PROMPT, TINY_MODELS, load_references, load_tiny_model,
+                                    sample)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.util.instantiate import instantiate_from_config
 
@@ -31,19 +32,22 @@ def sd_v1_keys():
     return {line.split("\t")[0] for line in lines if line and not line.startswith("#")}
 
 
-def test_shipped_base_model_is_sd_v1_layout():
-    model = instantiate_from_config(OmegaConf.load(TINY_SD).model)
-    with safe_open(str(SHIPPED), "pt") as f:
+@pytest.mark.parametrize("config, shipped", [(TINY_SD, SHIPPED), TINY_MODELS["v3"]], ids=["v2", "v3"])
+def test_shipped_base_model_is_sd_v1_layout(config, shipped):
+    model = instantiate_from_config(OmegaConf.load(config).model)
+    with safe_open(str(shipped), "pt") as f:
         keys = set(f.keys())
+        assert f.metadata()["config"] == str(config.relative_to(REPO))  # what sample.py --ckpt alone finds
     assert keys == set(model.state_dict())
     sd_keys = sd_v1_keys()
     if sd_keys:  # UNet, text encoder and buffers: SD v1 with fewer layers, so every such key is an SD v1 key
         same = {k for k in keys if not k.startswith("first_stage_model.")}
         assert same <= sd_keys, sorted(same - sd_keys)[:5]
-        # the VAE's widths differ (ch_mult 1,2,2,4), so its 1x1 shortcuts sit elsewhere; the rest is SD v1's
+        # the VAE's widths differ (v2 ch_mult 1,2,2,4; v3 1,2,4 without mid attention), so its 1x1 shortcuts sit
+        # elsewhere; the rest is SD v1's
         vae = {k for k in keys - same if ".nin_shortcut." not in k}
         assert vae <= sd_keys, sorted(vae - sd_keys)[:5]
-    assert SHIPPED.stat().st_size < 40e6
+    assert shipped.stat().st_size < 40e6
 
 
 def run_training(tmp_path, prior: bool):
