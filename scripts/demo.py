@@ -1,6 +1,6 @@
 """The CPU demo on the project's tiny base model: DreamBooth an adapter onto a subject, then show before and after.
 
-    python scripts/demo.py [--outdir outputs/demo] [--steps 400]
+    python scripts/demo.py [--outdir outputs/demo] [--steps 400] [--model v3]
 
 Writes OUTDIR/before_after.png (rows: "photo of a sks star" and "photo of a star", before and after training, same
 noise), OUTDIR/metrics.json, and the training run under OUTDIR/logs/. Nothing is overwritten: when OUTDIR exists, the
@@ -13,6 +13,7 @@ from typing import List, Optional
 from ldm.callbacks import TrainingInterrupted
 from ldm.checks import ArgumentParser, OutputPathError, fresh_dir, positive_int, seed_int
 from ldm.tinyworld.demo import run_demo
+from ldm.tinyworld.evaluate import BASE_CKPT, TINY_MODELS
 from ldm.train import USER_ERRORS
 from ldm.util.devices import use_idle_cores
 from ldm.util.logs import setup_logging
@@ -25,6 +26,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the demo config's)")
     parser.add_argument("--seed", type=seed_int, default=23)
     parser.add_argument("--n", type=positive_int, default=16, help="samples per prompt for the metrics")
+    default = next(name for name, (_, ckpt) in TINY_MODELS.items() if ckpt == BASE_CKPT)
+    parser.add_argument("--model", choices=sorted(TINY_MODELS), default=default,
+                        help="the tiny base model: v2 (f = 8, the default) or v3 (f = 4, the close-up world; see README "
+                             "'The tiny world')")
     return parser.parse_args(argv)
 
 
@@ -37,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     threads = use_idle_cores()
     print(f"writing the demo to {outdir} ({threads} CPU thread{'s' if threads > 1 else ''})")
     try:
-        result = run_demo(outdir, opt.steps, opt.seed, opt.n)
+        result = run_demo(outdir, opt.steps, opt.seed, opt.n, model=opt.model)
     except (TrainingInterrupted, KeyboardInterrupt):  # Ctrl-C: no grid from adapters that did not train
         sys.exit(f"demo stopped by Ctrl-C; what it made so far is in {outdir} (run `make demo` again for a fresh one)")
     except USER_ERRORS as e:

@@ -579,3 +579,23 @@ def test_the_committed_v3_autoencoder_loads_and_reconstructs_close_up_scenes():
     with torch.no_grad():
         rec = model.first_stage_model.decode(model.first_stage_model.encode(x).mode())
     assert ((rec.clamp(-1, 1) - x).abs().mean() / 2).item() < 0.1
+
+
+@pytest.mark.parametrize("model", ["v2", "v3"])
+def test_the_demo_trains_on_the_model_named(monkeypatch, tmp_path, model):
+    """`scripts/demo.py --model v3` trains and samples on v3's config and weights (v2, the default, on v2's)."""
+    import scripts.demo as demo
+    from ldm.tinyworld.evaluate import BASE_CKPT, TINY_MODELS
+    requests = []
+
+    def stop(request):
+        requests.append(request)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ldm.tinyworld.demo.run", stop)
+    monkeypatch.setattr(demo, "use_idle_cores", lambda: 1)
+    with pytest.raises(SystemExit):
+        demo.main(["--outdir", str(tmp_path / "demo"), "--model", model])
+    config, ckpt = TINY_MODELS[model]
+    assert requests[0].base[0] == str(config) and requests[0].actual_resume == str(ckpt)
+    assert demo.parse_args([]).model == next(k for k, (_, c) in TINY_MODELS.items() if c == BASE_CKPT) == "v2"

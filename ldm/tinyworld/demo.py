@@ -16,7 +16,7 @@ from PIL import Image
 
 from ldm.evaluation.evaluate import adapter_dir
 from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, REPO, SUBJECT_IMAGES, SUBJECT_PROMPT,
-                                    dreambooth_metrics, load_references, load_tiny_model, model_samples)
+                                    TINY_MODELS, dreambooth_metrics, load_references, load_tiny_model, model_samples)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.train import RunRequest, run
 from ldm.util.images import image_grid, to_pil
@@ -59,15 +59,18 @@ def before_after_grid(before: Dict[str, torch.Tensor], after: Dict[str, torch.Te
     return image_grid(rows, n_rows=n, row_labels=labels)
 
 
-def run_demo(outdir: Path, steps: Optional[int] = None, seed: int = 23, n: int = 16, show: int = 6) -> Dict:
-    """Train, sample before/after, measure; writes before_after.png and metrics.json into outdir."""
+def run_demo(outdir: Path, steps: Optional[int] = None, seed: int = 23, n: int = 16, show: int = 6,
+             model: Optional[str] = None) -> Dict:
+    """Train, sample before/after, measure on the tiny base model `model` (a key of TINY_MODELS; default the shipped
+    default); writes before_after.png and metrics.json into outdir."""
+    config, ckpt = TINY_MODELS[model] if model else (BASE_CONFIG, BASE_CKPT)
     outdir = outdir.resolve()
     outdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    logdir = train(outdir, steps, seed)
+    logdir = train(outdir, steps, seed, config=config, ckpt=ckpt)
     train_seconds = time.time() - start
     adapters = adapter_dir(logdir)
-    base, tuned = load_tiny_model(), load_tiny_model(adapters)
+    base, tuned = load_tiny_model(ckpt=ckpt, config=config), load_tiny_model(adapters, ckpt=ckpt, config=config)
     before, after = model_samples(base, n), model_samples(tuned, n)
     grid = outdir / "before_after.png"
     before_after_grid(before, after, min(show, n)).save(grid)
