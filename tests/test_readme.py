@@ -73,3 +73,21 @@ def test_every_tiny_model_command_runs_as_written(tmp_path):
     assert (tmp_path / "outputs" / "demo-quick" / "metrics.json").is_file()
     plain, tuned = (np.asarray(Image.open(samples[i])) for i in (0, 6))
     assert not np.array_equal(plain, tuned)
+
+
+def test_the_v3_numbers_are_those_of_its_files():
+    """The README's v3 numbers are those of the committed report files (docs/tiny-world/v3/), as printed."""
+    import json
+    readme = (REPO / "README.md").read_text()
+    text = " ".join(readme[readme.index("- **v3: trained on this CPU"):readme.index("- **DreamBooth on the demo")].split())
+    quality = json.loads((REPO / "docs/tiny-world/v3/base-quality.json").read_text())
+    for key, name in (("shape", "shape"), ("colour", "colour"), ("texture", "texture"), ("background", "background")):
+        low, high = quality[key]["ci95"]
+        assert f"{name} {quality[key]['value']:.3f} ({low:.3f}-{high:.3f}" in text, key
+    assert f"prompt fidelity {quality['prompt_fidelity']['value']:.3f}" in text
+    assert f"({quality['ae_subject_look']['ci95'][0]:.3f}-1.000; goal 0.9)" in text
+    demo = json.loads((REPO / "docs/tiny-world/v3/demo-metrics.json").read_text())
+    assert f"in {round(demo['subject_rate'] * 16)} of 16 ({demo['subject_rate']:.2f}," in text
+    assert f"class similarity to the base {demo['class_similarity_to_base']:.3f}" in text
+    assert f"prompt fidelity {demo['prompt_fidelity']:.3f} against the base model's " \
+           f"{demo['prompt_fidelity_base']:.3f}" in text
