@@ -19,7 +19,7 @@ from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampler import Sampler
-from ldm.models.diffusion.sampling import (DEFAULT_SAMPLER, SAMPLERS, make_sampler, sampler_class, sampler_names,
+from ldm.models.diffusion.sampling import (SAMPLERS, make_sampler, sampler_class, sampler_names,
                                            seeds_noise, text_to_image, text_to_image_batches)
 from ldm.util.images import to_pil
 from test_diffusion import _GaussianData
@@ -183,7 +183,7 @@ def test_a_new_sampler_is_refused_what_its_class_cannot_do(euler_a, tmp_path, ex
 
 def test_nothing_but_its_module_and_the_registry_names_a_sampler():
     """The library, the entry points and scripts spell a sampler's name, alias or flag only in the sampler's own
-    module and the registry (callers' defaults may name the default sampler)."""
+    module and the registry: a caller's default is DEFAULT_SAMPLER, never the default sampler's name as a literal."""
     homes = {name: {Path(cls.__module__.replace(".", "/") + ".py"), Path("ldm/models/diffusion/sampling.py")}
              for name, cls in SAMPLERS.items()}
     spelled = {word: name for name, cls in SAMPLERS.items() for word in (name, *cls.ALIASES, cls.SHORTHAND) if word}
@@ -196,6 +196,6 @@ def test_nothing_but_its_module_and_the_registry_names_a_sampler():
                 continue
             for word, name in spelled.items():
                 hit = re.search(rf"(?<![\w+-]){re.escape(word)}(?![\w+-])", node.value)
-                if hit and f.relative_to(REPO) not in homes[name] and word != DEFAULT_SAMPLER:
+                if hit and f.relative_to(REPO) not in homes[name]:
                     found.append(f"{f.relative_to(REPO)}:{node.lineno} names {word!r}")
     assert found == []
