@@ -1,6 +1,10 @@
-"""Shared fixtures: the tiny SD v1 config and model (built once, random weights made non-trivial)."""
+"""Shared fixtures and helpers: the tiny SD v1 config and model (built once, random weights made non-trivial), a
+folder tree's snapshot."""
 import copy
+import hashlib
+import os
 from pathlib import Path
+from typing import Dict
 
 import pytest
 import torch
@@ -29,6 +33,23 @@ def build_tiny(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
     return randomize_zero_layers(model, seed).eval()
+
+
+def snapshot(*folders: Path) -> Dict[str, str]:
+    """Path -> content hash of every file (and a marker for every folder and every other entry) under `folders`, empty
+    lock files aside (an evaluation claims a run with its dedicated `.eval.lock`, whose content is never written): equal
+    snapshots before and after a refused call show it changed, added and left nothing."""
+    found = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for d in dirs:
+                found[os.path.join(root, d)] = "dir"
+            for f in files:
+                p = os.path.join(root, f)
+                if f.endswith(".lock") and os.path.isfile(p) and os.path.getsize(p) == 0:
+                    continue
+                found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else "special"
+    return found
 
 
 @pytest.fixture(scope="session", autouse=True)

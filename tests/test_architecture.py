@@ -237,3 +237,12 @@ def test_every_bench_and_script_module_imports():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr[-2000:]
+
+
+def test_a_conftest_helper_is_defined_once():
+    """A helper shared through tests/conftest.py (snapshot, build_tiny, ...) has no near-copy in a test module."""
+    def top_level(path: Path) -> Set[str]:
+        return {n.name for n in ast.parse(path.read_text()).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    shared = top_level(REPO / "tests" / "conftest.py")
+    copies = [f"{f.name}: {name}" for f in sorted((REPO / "tests").glob("test_*.py")) for name in top_level(f) & shared]
+    assert copies == []

@@ -8,7 +8,6 @@ existed before the call changed (the shared fixture folder and the row's own fol
 refused call creates nothing either). A few rows run as real subprocesses to check the real stderr. Behaviour that is
 not a refusal (fresh output names, two processes on one sweep or one results table) has its own tests at the end.
 """
-import hashlib
 import importlib
 import json
 import math
@@ -30,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, build_tiny
+from conftest import REPO, TINY_CONFIG, build_tiny, snapshot
 from ldm.checkpoint import save_state_dict
 from ldm.modules.adapters import inject_adapters, lora_state_dict, save_adapter_to_dir
 
@@ -116,22 +115,6 @@ def build_world(w: Path) -> Path:
     write_run(w / "run", w / "base.safetensors", write_images(w / "subject"))
     (w / "empty").mkdir()
     return w
-
-
-def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file (and a marker for every folder) under `folders`, empty lock files aside (an
-    evaluation claims a run with its dedicated `.eval.lock`, whose content is never written)."""
-    found = {}
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for d in dirs:
-                found[os.path.join(root, d)] = "dir"
-            for f in files:
-                p = os.path.join(root, f)
-                if f.endswith(".lock") and os.path.isfile(p) and os.path.getsize(p) == 0:
-                    continue
-                found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else "special"
-    return found
 
 
 @pytest.fixture(scope="module")

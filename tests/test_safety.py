@@ -11,7 +11,6 @@ input is usable: it must succeed and warn with a line matching the message. A fa
 happened instead (traceback / silent / unclear), which is how the counts in the report were taken.
 """
 import errno
-import hashlib
 import importlib
 import json
 import logging
@@ -30,7 +29,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY_CONFIG, build_tiny
+from conftest import REPO, TINY_CONFIG, build_tiny, snapshot
 from ldm.checkpoint import save_state_dict
 from ldm.modules.adapters import lora_state_dict, save_adapter_to_dir
 from test_bad_inputs import LORA, with_group, write_images
@@ -125,21 +124,6 @@ def train_once(w: Path) -> None:
     (w / "logs").rmdir()
     config = OmegaConf.load(w / "trained" / "config.yaml")  # -r: the run dir's own config names its folder nowhere
     assert config.model.params.ckpt_path == str(w / "base.safetensors")
-
-
-def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file and a marker for every folder, empty lock files aside (an evaluation claims
-    its run with its dedicated `.eval.lock`, whose content is never written)."""
-    found = {}
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for d in dirs:
-                found[os.path.join(root, d)] = "dir"
-            for f in files:
-                p = os.path.join(root, f)
-                if not (f.endswith(".lock") and os.path.getsize(p) == 0):
-                    found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-    return found
 
 
 # ---- files a row sets up in its own folder T --------------------------------------------------------------------
@@ -542,6 +526,24 @@ def test_bad_input(row: Row, world, tmp_path, capsys, caplog, monkeypatch):
     assert "\n" not in message.strip() and re.search(row.message, message), f"unclear: {message}"
     assert snapshot(world, tmp_path) == before, "unclear: a refused call changed or left files"
 
+
+
+@pytest.mark.parametrize("change", [lambda w: (w / "a" / "x.txt").write_text("y"),
+                                    lambda w: (w / "a" / "x.txt").unlink(), lambda w: (w / "new.txt").write_bytes(b""),
+                                    lambda w: (w / "a" / "empty").mkdir(),
+                                    lambda w: (w / "run.eval.lock").write_text("4242"),
+                                    lambda w: os.mkfifo(w / "a" / "pipe")],
+                         ids=["changed", "removed", "new-empty-file", "new-folder", "written-lock", "fifo"])
+def test_snapshot_sees_what_a_refused_call_could_change_or_leave(change, tmp_path):
+    """The tree hash behind every "changed or left nothing" check sees each change (a FIFO without blocking on it);
+    only an empty lock file, which an evaluation's claim leaves, does not count."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x")
+    before = snapshot(tmp_path)
+    (tmp_path / "run.eval.lock").touch()
+    assert snapshot(tmp_path) == before
+    change(tmp_path)
+    assert snapshot(tmp_path) != before
 
 # ---- confinement: a path given on the command line is the user's choice ------------------------------------------
 def test_a_path_given_on_the_command_line_may_point_outside_the_run_dir(tmp_path, world):
