@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import sample
-from conftest import REPO, TINY_CONFIG, snapshot
+from conftest import REPO, TINY_CONFIG, covering, snapshot
 from ldm.util.numbered import save_numbered
 
 TINY_CKPT = REPO / "models" / "ldm" / "tiny-sd-v1" / "model.safetensors"
@@ -115,7 +115,8 @@ def refused(argv, capsys):
     return message
 
 
-@pytest.mark.parametrize("args,message", ROWS + NO_CONFIG_ROWS,
+# make test-fast: the first row with a config and the first without
+@pytest.mark.parametrize("args,message", covering(ROWS + NO_CONFIG_ROWS, lambda a, m: (a, m) in ROWS),
                          ids=[" ".join(a)[:60] or "defaults" for a, _ in ROWS + NO_CONFIG_ROWS])
 def test_bad_input_is_one_line_and_changes_nothing(world, capsys, args, message):
     fill = {"tmp": world, "out": world / "out"}
@@ -154,6 +155,7 @@ def test_help_shows_defaults(capsys, monkeypatch):
 
 
 # ---- never overwrite --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_numbers_continue_after_the_largest_and_never_fill_a_gap(world):
     out = world / "out"
     before = snapshot(out)
