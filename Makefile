@@ -18,7 +18,8 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadfile
 
-# All but the tests marked slow (the long end-to-end ones), in parallel: for every edit. `make test` runs them all.
+# All but the tests marked slow (integration runs, and grid cases beyond a covering few), in parallel: for every edit.
+# `make test` runs them all.
 test-fast: $(VENV)/.installed
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n auto --dist loadfile
 

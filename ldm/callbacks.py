@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 
 from ldm.checkpoint import atomic_write, check_finite, read_training_checkpoint, training_tensors
-from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image
+from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, sampler_name, seed_noise, text_to_image
 from ldm.modules.adapters import adapter_groups, save_adapter_to_dir
 from ldm.rundir import describe_kept, resume_command
 from ldm.util.images import image_grid, to_pil
@@ -227,7 +227,7 @@ class ImageLogger(pl.Callback):
 
     def __init__(self, batch_frequency: int = 500, max_images: int = 8, prompts: Optional[Sequence[str]] = None,
                  seed: int = 42, ddim_steps: int = 50, scale: float = 7.0, log_on_start: bool = True,
-                 disabled: bool = False, sampler: str = "ddim", **unused: Any):
+                 disabled: bool = False, sampler: str = DEFAULT_SAMPLER, **unused: Any):
         if unused:
             log.info("ImageLogger ignores %s", ", ".join(sorted(unused)))
         self.batch_frequency, self.max_images, self.prompts = batch_frequency, max_images, prompts

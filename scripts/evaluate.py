@@ -27,7 +27,7 @@ from ldm.evaluation.evaluate import DEFAULT_PROMPTS, EvalSettings, Metrics, chec
 from ldm.evaluation.packed import PackedDraws
 from ldm.evaluation.fid import FID_WEIGHTS, fid_metric
 from ldm.evaluation.table import check_table, done_runs
-from ldm.models.diffusion.sampling import SAMPLER_NAMES
+from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, SAMPLER_NAMES
 from ldm.sweep.spec import SweepError
 from ldm.util.devices import pick_device
 from ldm.util.logs import setup_logging
@@ -47,7 +47,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="seeds, one sample per prompt and seed (default 0,1,2,3)")
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (default 50)")
     p.add_argument("--scale", type=finite_float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=DEFAULT_SAMPLER)
     p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--pack", type=positive_int, default=1,
                    help="sample up to N runs of one base model together, in batches of N x batch_size rows (each "

@@ -1,6 +1,11 @@
-"""Shared fixtures: the tiny SD v1 config and model (built once, random weights made non-trivial)."""
+"""Shared fixtures and helpers: the tiny SD v1 config and model (built once, random weights made non-trivial), a
+folder tree's snapshot, the covering cases of a grid that `make test-fast` runs."""
 import copy
+import hashlib
+import os
+import time
 from pathlib import Path
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import pytest
 import torch
@@ -29,6 +34,62 @@ def build_tiny(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)
     return randomize_zero_layers(model, seed).eval()
+
+
+ParameterSet = type(pytest.param(None))  # what pytest.param makes (its class is not public)
+
+# Content hashes of files unchanged since (path, inode, size, mtime, ctime): the bad-input tables snapshot the same
+# tens of MB of module-scoped files (checkpoints, a trained run) before and after each of hundreds of rows.
+_HASHES: Dict[Tuple[str, int, int, int, int], str] = {}
+SETTLED_NS = 1_000_000_000  # a file changed longer ago than this is hashed once (a write after that changes ctime)
+
+
+def file_hash(path: str) -> str:
+    """sha256 of a file's bytes; remembered by its stat for a file settled for SETTLED_NS (the kernel's coarse clock
+    could give a write within one tick of the previous one the same ctime, so a fresh file is always read)."""
+    st = os.stat(path)
+    key = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_NS:
+        _HASHES[key] = digest
+    return digest
+
+
+def snapshot(*folders: Path) -> Dict[str, str]:
+    """Path -> content hash of every file (and a marker for every folder and every other entry) under `folders`, empty
+    lock files aside (an evaluation claims a run with its dedicated `.eval.lock`, whose content is never written): equal
+    snapshots before and after a refused call show it changed, added and left nothing."""
+    found = {}
+    for folder in folders:
+        for root, dirs, files in os.walk(folder):
+            for d in dirs:
+                found[os.path.join(root, d)] = "dir"
+            for f in files:
+                p = os.path.join(root, f)
+                if f.endswith(".lock") and os.path.isfile(p) and os.path.getsize(p) == 0:
+                    continue
+                found[p] = file_hash(p) if os.path.isfile(p) else "special"
+    return found
+
+
+def covering(cases: Sequence[Any], *facets: Callable[..., Any]) -> List[Any]:
+    """`cases` of a parametrize with all but a covering few marked slow: greedily, the case that shows the most values
+    not yet shown of the facets (functions of a case's values, e.g. its position or form), until every value is shown;
+    at least the first case. `make test` runs every case; `make test-fast` the few, so each value still runs there."""
+    values = [case.values if isinstance(case, ParameterSet) else case if isinstance(case, tuple) else (case,)
+              for case in cases]
+    shows = [{(i, facet(*v)) for i, facet in enumerate(facets)} for v in values]
+    unseen, fast = set().union(*shows), {0}
+    unseen -= shows[0]
+    while unseen:
+        best = max(range(len(cases)), key=lambda k: len(shows[k] & unseen))
+        fast.add(best)
+        unseen -= shows[best]
+    given = [(case.marks, case.id) if isinstance(case, ParameterSet) else ((), None) for case in cases]
+    return [case if k in fast else pytest.param(*values[k], marks=[*given[k][0], pytest.mark.slow], id=given[k][1])
+            for k, case in enumerate(cases)]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,6 +121,43 @@ def tiny_model_session():
 def tiny_model(tiny_model_session):
     """A fresh copy of the tiny LatentDiffusion (random weights, eval mode) for each test."""
     return copy.deepcopy(tiny_model_session)
+
+
+def plain_attributes(model: torch.nn.Module) -> Dict[Tuple[str, str], Any]:
+    """Every module's settings (numbers, strings, flags) and functions set on it: a changed setting or a patched method
+    shows (what a forward caches, like the decoder's last_z_shape, does not)."""
+    return {(name, k): v if not callable(v) else "function" for name, m in model.named_modules()
+            for k, v in vars(m).items() if isinstance(v, (bool, int, float, str, type(None))) or callable(v)}
+
+
+def model_state(model: torch.nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, bool], Dict[Tuple[str, str], Any]]:
+    """What a test that only reads `model` must leave as it was: tensors, which parameters train, plain attributes."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()}, plain_attributes(model))
+
+
+def check_unchanged(model: torch.nn.Module, state) -> None:
+    """AssertionError naming what a read-only test changed in `model` (against `model_state` before it)."""
+    tensors, trains, attributes = state
+    now = model.state_dict()
+    assert now.keys() == tensors.keys(), "a read-only test added or removed model keys: give it tiny_model"
+    assert all(torch.equal(now[k], v) for k, v in tensors.items()), "a read-only test changed the weights"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == trains, "a read-only test (un)froze weights"
+    assert plain_attributes(model) == attributes, "a read-only test set or patched an attribute (or train mode)"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a read-only test left hooks"
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_model_session):
+    return model_state(tiny_model_session)
+
+
+@pytest.fixture
+def tiny_model_readonly(tiny_model_session, tiny_reference):
+    """The session's tiny LatentDiffusion itself, for a test that only reads it (no ~0.1 s copy): the test fails if it
+    left the model's weights, keys, trainable parameters, attributes, train mode or hooks changed."""
+    yield tiny_model_session
+    check_unchanged(tiny_model_session, tiny_reference)
 
 
 @pytest.fixture(scope="session")

@@ -192,6 +192,7 @@ def test_partial_eta_sq_interval_excludes_zero_exactly_when_significant():
             assert t.partial_eta_sq_low <= t.partial_eta_sq_high
 
 
+@pytest.mark.slow
 def test_detectable_effect_has_the_stated_power():
     """An effect of the 'detectable' partial eta² is found about 80 % of the time."""
     data, _ = prepare(crossed(reps=2), "dino_i", ["din", "method"], ["seed"])
@@ -260,6 +261,7 @@ def test_best_only_when_separated():
     assert any(line.startswith("- **Best din: c") for line in metric_findings(analyse_metric(fid, "fid", ["din"])))
 
 
+@pytest.mark.slow
 def test_best_design_point_of_the_pairs_design():
     table = pairs_design(5, pair_effect={("attn2o", "ffni"): 0.05})
     (result,) = analyse(table, None, ["din", "dout"])
@@ -306,6 +308,7 @@ def test_report_has_tables_plots_findings_and_links(tmp_path):
     assert not list(out.glob(".tmp-*"))  # atomic writes leave nothing behind
 
 
+@pytest.mark.slow
 def test_factors_default_to_the_sweep_without_seed(tmp_path):
     crossed().to_csv(tmp_path / "results.csv", index=False)
     (tmp_path / "sweep.json").write_text(json.dumps({"spec": {"factors": {"din": {}, "method": {}, "seed": {}}}}))
@@ -433,6 +436,7 @@ def test_planted_subject_effect_is_found_and_taken_out():
     assert "the subject: a fixed block" in anova_script_report(table)
 
 
+@pytest.mark.slow
 def test_an_effect_that_differs_between_subjects_is_found():
     table = subjects_design(1, din_effect={"attn2o": 0.03}, by_subject=(1.0, 1.0, 0.0, 0.0))
     (result,) = analyse(table, None, ["din", "dout"])
@@ -533,6 +537,7 @@ def test_planner_detects_what_it_promises():
     assert 0.7 <= power(seeds) <= 0.97 and power(max(2, seeds // 2)) < 0.6
 
 
+@pytest.mark.slow
 def test_planner_subject_variance_sets_a_floor_and_the_command_line(tmp_path, capsys):
     from ldm.evaluation.planning import pilot, plan_row
     tau, sd = 0.01, 0.004

@@ -2,6 +2,7 @@
 function, no room importing a room above it), no `print` in the library, no `sys.path` edits, no work at import time.
 """
 import ast
+import functools
 import os
 import re
 import subprocess
@@ -37,6 +38,12 @@ def sources() -> Dict[str, Path]:
     return mods
 
 
+@functools.lru_cache(maxsize=None)
+def parsed(path: Path) -> ast.Module:
+    """A file's syntax tree, parsed once for all the tests here (they only read it)."""
+    return ast.parse(path.read_text())
+
+
 def project_imports(tree: ast.AST, mods: Dict[str, Path]) -> Set[str]:
     """The project modules a syntax tree imports (`from a.b import c` counts a.b, and a.b.c when that is a module)."""
     found = set()
@@ -61,7 +68,7 @@ def layer(module: str) -> int:
 @pytest.fixture(scope="module")
 def graph():
     mods = sources()
-    return mods, {m: project_imports(ast.parse(f.read_text()), mods) - {m} for m, f in mods.items()}
+    return mods, {m: project_imports(parsed(f), mods) - {m} for m, f in mods.items()}
 
 
 def cycles(edges: Dict[str, Set[str]]) -> List[List[str]]:
@@ -116,7 +123,7 @@ def test_no_project_import_inside_a_function(graph):
     mods, _ = graph
     hidden = []
     for m, f in mods.items():
-        for fn in ast.walk(ast.parse(f.read_text())):
+        for fn in ast.walk(parsed(f)):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 hidden += [f"{m}.{fn.name}" for d in project_imports(fn, mods)]
     assert hidden == []
@@ -124,7 +131,7 @@ def test_no_project_import_inside_a_function(graph):
 
 def test_no_print_in_the_library_and_no_sys_path_edits():
     prints = [f"{f.relative_to(REPO)}:{n.lineno}" for f in (REPO / "ldm").rglob("*.py")
-              for n in ast.walk(ast.parse(f.read_text()))
+              for n in ast.walk(parsed(f))
               if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
     assert prints == []
     edits = [str(f.relative_to(REPO)) for d in ("scripts", "bench") for f in (REPO / d).glob("*.py")
@@ -135,7 +142,7 @@ def test_no_print_in_the_library_and_no_sys_path_edits():
 def test_nothing_runs_at_import_time():
     """Top-level statements of the library define things; a bare call (e.g. matplotlib.use) would act on import."""
     calls = [f"{f.relative_to(REPO)}:{n.lineno}" for f in (REPO / "ldm").rglob("*.py")
-             for n in ast.parse(f.read_text()).body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
+             for n in parsed(f).body if isinstance(n, ast.Expr) and isinstance(n.value, ast.Call)]
     assert calls == []
 
 
@@ -220,6 +227,7 @@ def test_make_test_runs_every_test_and_test_fast_all_but_the_slow_ones():
     assert markers and '"slow:' in markers.group(1)  # registered (Python 3.9 has no tomllib)
 
 
+@pytest.mark.slow
 def test_every_bench_and_script_module_imports():
     """bench/ and scripts/ are run by hand, not by the suite: each must at least import (a renamed library name
     breaks them silently otherwise). One child process imports them all, the bench folder on its path as when run."""
@@ -237,3 +245,12 @@ def test_every_bench_and_script_module_imports():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr[-2000:]
+
+
+def test_a_conftest_helper_is_defined_once():
+    """A helper shared through tests/conftest.py (snapshot, build_tiny, ...) has no near-copy in a test module."""
+    def top_level(path: Path) -> Set[str]:  # the functions and classes at column 0
+        return set(re.findall(r"^(?:def|class) (\w+)", path.read_text(), re.M))
+    shared = top_level(REPO / "tests" / "conftest.py")
+    copies = [f"{f.name}: {name}" for f in sorted((REPO / "tests").glob("test_*.py")) for name in top_level(f) & shared]
+    assert copies == []

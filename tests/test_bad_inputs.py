@@ -8,7 +8,6 @@ existed before the call changed (the shared fixture folder and the row's own fol
 refused call creates nothing either). A few rows run as real subprocesses to check the real stderr. Behaviour that is
 not a refusal (fresh output names, two processes on one sweep or one results table) has its own tests at the end.
 """
-import hashlib
 import importlib
 import json
 import math
@@ -30,7 +29,7 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, TINY_CONFIG, build_tiny
+from conftest import REPO, TINY_CONFIG, build_tiny, covering, snapshot
 from ldm.checkpoint import save_state_dict
 from ldm.modules.adapters import inject_adapters, lora_state_dict, save_adapter_to_dir
 
@@ -116,22 +115,6 @@ def build_world(w: Path) -> Path:
     write_run(w / "run", w / "base.safetensors", write_images(w / "subject"))
     (w / "empty").mkdir()
     return w
-
-
-def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file (and a marker for every folder) under `folders`, empty lock files aside (an
-    evaluation claims a run with its dedicated `.eval.lock`, whose content is never written)."""
-    found = {}
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for d in dirs:
-                found[os.path.join(root, d)] = "dir"
-            for f in files:
-                p = os.path.join(root, f)
-                if f.endswith(".lock") and os.path.isfile(p) and os.path.getsize(p) == 0:
-                    continue
-                found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else "special"
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -777,7 +760,9 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(REPO)  # the scripts' defaults are relative to the repository
 
 
-@pytest.mark.parametrize("row", [r for _, r in ROWS], ids=[i for i, _ in ROWS])
+# make test-fast: the rows that show each script (and the API) and each category once
+@pytest.mark.parametrize("row", covering([r for _, r in ROWS], lambda r: r.target, lambda r: r.category),
+                         ids=[i for i, _ in ROWS])
 def test_bad_input(row: Row, world, tmp_path, capsys, in_repo):
     t = tmp_path / "t"
     t.mkdir()
@@ -872,6 +857,7 @@ def test_fresh_dir_writes_next_to_what_exists_and_never_shares_a_folder(tmp_path
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_anova_twice_writes_a_second_report_beside_the_first(world, tmp_path):
     from scripts import anova
     (tmp_path / "results.csv").write_text(results_table())
@@ -882,6 +868,7 @@ def test_anova_twice_writes_a_second_report_beside_the_first(world, tmp_path):
     assert snapshot(first.parent) == before and second.read_text() == first.read_text()
 
 
+@pytest.mark.slow
 def test_make_adapter_configs_replaces_only_its_own_files(tmp_path):
     from scripts import make_adapter_configs
     paths = make_adapter_configs.main(["--outdir", str(tmp_path)])

@@ -7,7 +7,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, covering
 from ldm.config import ADAPTER_CONFIGS, load_configs
 from ldm.modules.adapters import (AdapterConfigError, adapter_parameters, fit_budget, inject_adapters,
                                   paper_mid_dim, parse_adapter_config, valid_pairs, with_size)
@@ -37,8 +37,8 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("budget", [3_000, 20_000])
+@pytest.mark.parametrize("name,budget", covering([(n, b) for b in (3_000, 20_000) for n in CONFIGS],
+                                                 lambda name, budget: budget))
 def test_the_fitted_size_gives_the_count_nearest_the_budget(tiny_model, name, budget):
     unet = tiny_model.unet
     (config,), size, count = fit_budget([(unet, CONFIGS[name])], budget)

@@ -120,6 +120,7 @@ def test_every_form_trains_on_a_caption_folder(tmp_path, base_ckpt, form):  # no
     assert (logdir / "images" / "step-000000.png").is_file()  # the image logger samples the first caption
 
 
+@pytest.mark.slow
 def test_caption_runs_fail_clearly(tmp_path, base_ckpt):  # noqa: F811
     folder = captioned(tmp_path / "data")
     (folder / "subject-2.txt").unlink()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import TINY_CONFIG, build_tiny
+from conftest import TINY_CONFIG, build_tiny, covering
 from ldm.checkpoint import CheckpointError, load_into, load_state_dict, save_state_dict
 from ldm.util.instantiate import load_model_from_config
 
@@ -16,26 +16,26 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_round_trip(tiny_model, tmp_path, suffix):
+def test_round_trip(tiny_model_readonly, tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
-    save_state_dict(tiny_model.state_dict(), path)
+    save_state_dict(tiny_model_readonly.state_dict(), path)
     fresh = load_model_from_config(OmegaConf.load(TINY_CONFIG), str(path))
-    assert _same_weights(tiny_model, fresh)
+    assert _same_weights(tiny_model_readonly, fresh)
     assert not list(tmp_path.glob(".tmp-*")), "atomic write left a temporary file behind"
 
 
-def test_original_lightning_checkpoint_loads_without_running_code(tiny_model, tmp_path):
+def test_original_lightning_checkpoint_loads_without_running_code(tiny_model_readonly, tmp_path):
     """Real sd-v1-*.ckpt files pickle Lightning objects (a ModelCheckpoint and its file system): we rebuild tensors
     and build nothing else."""
     import pytorch_lightning as pl
-    sd = dict(tiny_model.state_dict())
+    sd = dict(tiny_model_readonly.state_dict())
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     sd["model_ema.decay"] = torch.tensor(0.9999)
     path = tmp_path / "sd-v1-tiny.ckpt"
     torch.save({"state_dict": sd, "global_step": 470000, "callbacks": {"x": pl.callbacks.ModelCheckpoint()}}, path)
     fresh = build_tiny(seed=1)
     load_into(fresh, load_state_dict(str(path)))
-    assert _same_weights(tiny_model, fresh)
+    assert _same_weights(tiny_model_readonly, fresh)
 
 
 class Touch:
@@ -54,14 +54,15 @@ class System:
         return (os.system, ("true",))
 
 
-@pytest.mark.parametrize("payload,called", [("touch", "getattr"), ("system", r"(posix|nt)\.system")])
-@pytest.mark.parametrize("legacy", [False, True])
-def test_a_checkpoint_with_pickled_code_is_refused_by_name_and_nothing_runs(tiny_model, tmp_path, payload, called,
-                                                                             legacy):
+@pytest.mark.parametrize("payload,called,legacy", covering(
+    [(p, c, legacy) for legacy in (False, True) for p, c in (("touch", "getattr"), ("system", r"(posix|nt)\.system"))],
+    lambda payload, called, legacy: payload, lambda payload, called, legacy: legacy))
+def test_a_checkpoint_with_pickled_code_is_refused_by_name_and_nothing_runs(tiny_model_readonly, tmp_path, payload,
+                                                                             called, legacy):
     marker = tmp_path / "pwned"
     path = tmp_path / "sd-v1-tiny.ckpt"
     evil = Touch(marker) if payload == "touch" else System()
-    torch.save({"state_dict": dict(tiny_model.state_dict()), "callbacks": {"x": evil}}, path,
+    torch.save({"state_dict": dict(tiny_model_readonly.state_dict()), "callbacks": {"x": evil}}, path,
                _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError, match=rf"holds pickled code: loading it with plain pickle would call "
                                               rf".*{called}.*Nothing in it was run") as e:
@@ -69,8 +70,8 @@ def test_a_checkpoint_with_pickled_code_is_refused_by_name_and_nothing_runs(tiny
     assert "corrupt" not in str(e.value) and not marker.exists()
 
 
-def test_missing_and_misshaped_keys_are_named(tiny_model, tmp_path):
-    sd = dict(tiny_model.state_dict())
+def test_missing_and_misshaped_keys_are_named(tiny_model_readonly, tmp_path):
+    sd = dict(tiny_model_readonly.state_dict())
     del sd["model.diffusion_model.out.2.bias"]
     sd["first_stage_model.quant_conv.weight"] = torch.zeros(1, 1, 1, 1)
     with pytest.raises(CheckpointError, match=r"missing key\(s\), e.g. model.diffusion_model.out.2.bias") as e:
@@ -78,17 +79,17 @@ def test_missing_and_misshaped_keys_are_named(tiny_model, tmp_path):
     assert "first_stage_model.quant_conv.weight: file (1, 1, 1, 1) vs model (8, 8, 1, 1)" in str(e.value)
 
 
-def test_sd2_checkpoint_is_recognised(tiny_model):
-    sd = {k: v for k, v in tiny_model.state_dict().items() if not k.startswith("cond_stage_model.")}
+def test_sd2_checkpoint_is_recognised(tiny_model_readonly):
+    sd = {k: v for k, v in tiny_model_readonly.state_dict().items() if not k.startswith("cond_stage_model.")}
     sd["cond_stage_model.model.token_embedding.weight"] = torch.zeros(49408, 1024)
     with pytest.raises(CheckpointError, match="Stable Diffusion 2.x"):
         load_into(build_tiny(), sd)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_truncated_file(tiny_model, tmp_path, suffix):
+def test_truncated_file(tiny_model_readonly, tmp_path, suffix):
     path = tmp_path / f"model{suffix}"
-    save_state_dict(tiny_model.state_dict(), path)
+    save_state_dict(tiny_model_readonly.state_dict(), path)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated, corrupt or not a checkpoint"):

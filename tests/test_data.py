@@ -186,12 +186,12 @@ def test_corrupt_files_skipped_with_one_warning(tmp_path, caplog):
         load_image(root / "img0.png", 8)
 
 
-def test_ensure_class_images_fills_once_and_is_seeded(tmp_path, tiny_model):
+def test_ensure_class_images_fills_once_and_is_seeded(tmp_path, tiny_model_readonly):
     def fill(folder, seed=0):
         folder.mkdir(exist_ok=True)
         if not (folder / "class-00000.png").exists():
             _solid(folder / "class-00000.png", GREY, (32, 32))
-        return ensure_class_images(tiny_model, folder, "photo of a dog", num_class_images=3, batch_size=2,
+        return ensure_class_images(tiny_model_readonly, folder, "photo of a dog", num_class_images=3, batch_size=2,
                                    steps=2, seed=seed, size=32)
 
     a = fill(tmp_path / "a")
@@ -206,5 +206,5 @@ def test_ensure_class_images_fills_once_and_is_seeded(tmp_path, tiny_model):
     assert all(np.array_equal(x, y) for x, y in zip(pixels[0], pixels[1]))
     assert not np.array_equal(pixels[0][0], pixels[2][0])
     assert not np.array_equal(pixels[0][0], pixels[0][1])
-    assert len(ensure_class_images(tiny_model, tmp_path / "new" / "dir", "dog", num_class_images=1,
+    assert len(ensure_class_images(tiny_model_readonly, tmp_path / "new" / "dir", "dog", num_class_images=1,
                                    batch_size=2, steps=2, size=32)) == 1  # a missing folder is created

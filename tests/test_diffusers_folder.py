@@ -198,6 +198,7 @@ def test_export_merges_adapters(tmp_path, form):
     assert unet <= 1e-5 and text <= 1e-5 and changed > 1e-3
 
 
+@pytest.mark.slow
 def test_export_refuses_an_existing_folder(exported, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -211,6 +212,7 @@ def test_export_refuses_an_existing_folder(exported, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_nothing(ours, tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
@@ -227,6 +229,7 @@ def edit_json(path, **changes):
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", [
     ("sd2", r"is a Stable Diffusion 2.x folder \(OpenCLIP ViT-H text encoder: text_encoder hidden_size 1024, unet "
             r"cross_attention_dim 1024\); this project implements Stable Diffusion v1"),
@@ -262,6 +265,7 @@ def test_other_folders_are_refused_by_name(theirs, tmp_path, case, message):
         read_base_weights(str(folder))
 
 
+@pytest.mark.slow
 def test_a_folder_of_another_size_names_the_keys(theirs):
     with pytest.raises(CheckpointError, match=r"checkpoint '.*tiny-sd-v1' does not match the model: "
                                               r".*mis-shaped key\(s\), e.g. model.diffusion_model"):

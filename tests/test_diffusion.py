@@ -4,18 +4,18 @@ import warnings
 import pytest
 import torch
 
-from conftest import diffusers_sample
+from conftest import covering, diffusers_sample
 from ldm.models.diffusion.ddim import DDIMSampler, make_ddim_timesteps
 from ldm.models.diffusion.guidance import guided_eps
 from ldm.models.diffusion.plms import PLMSSampler
 
 
-def test_schedule_matches_diffusers_scaled_linear(tiny_model):
+def test_schedule_matches_diffusers_scaled_linear(tiny_model_readonly):
     from diffusers import DDIMScheduler
     ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
-    torch.testing.assert_close(tiny_model.alphas_cumprod, ref.float(), atol=1e-6, rtol=0)
-    assert tiny_model.alphas_cumprod[0].item() == pytest.approx(0.99915)
-    assert tiny_model.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=1e-4)
+    torch.testing.assert_close(tiny_model_readonly.alphas_cumprod, ref.float(), atol=1e-6, rtol=0)
+    assert tiny_model_readonly.alphas_cumprod[0].item() == pytest.approx(0.99915)
+    assert tiny_model_readonly.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=1e-4)
 
 
 def test_q_sample_and_p_losses(tiny_model):
@@ -24,8 +24,8 @@ def test_q_sample_and_p_losses(tiny_model):
     a = tiny_model.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(tiny_model.q_sample(x0, t, noise), a.sqrt() * x0 + (1 - a).sqrt() * noise)
     # x_0 recovered from x_t and the true noise
-    torch.testing.assert_close(tiny_model.predict_start_from_noise(tiny_model.q_sample(x0, t, noise), t, noise), x0,
-                               atol=1e-3, rtol=1e-3)
+    x_t = tiny_model.q_sample(x0, t, noise)
+    torch.testing.assert_close(tiny_model.predict_start_from_noise(x_t, t, noise), x0, atol=1e-3, rtol=1e-3)
     cond = tiny_model.get_learned_conditioning(["a", "b", "c"])
     per_sample, loss = tiny_model.p_losses(x0, cond, t, noise)
     assert per_sample.shape == (3,) and loss.ndim == 0
@@ -33,12 +33,12 @@ def test_q_sample_and_p_losses(tiny_model):
     assert tiny_model.p_losses(x0, cond, t, noise)[1].item() == 0.0
 
 
-def test_first_stage_round_trip_shapes(tiny_model):
-    x = torch.rand(2, 3, 32, 32) * 2 - 1
-    z = tiny_model.get_first_stage_encoding(tiny_model.encode_first_stage(x), sample=False)
+def test_first_stage_round_trip_shapes(tiny_model_readonly):
+    model, x = tiny_model_readonly, torch.rand(2, 3, 32, 32) * 2 - 1
+    z = model.get_first_stage_encoding(model.encode_first_stage(x), sample=False)
     assert z.shape == (2, 4, 4, 4)
-    torch.testing.assert_close(z, tiny_model.scale_factor * tiny_model.first_stage_model.encode(x).mode())
-    assert tiny_model.decode_first_stage(z).shape == (2, 3, 32, 32)
+    torch.testing.assert_close(z, model.scale_factor * model.first_stage_model.encode(x).mode())
+    assert model.decode_first_stage(z).shape == (2, 3, 32, 32)
 
 
 class _Affine:
@@ -76,6 +76,7 @@ def _sample(model, sampler_cls, steps, seed=0, eta=0.0, scale=5.0):
     return out
 
 
+@pytest.mark.slow
 def test_ddim_matches_diffusers_scheduler(tiny_model):
     """Our DDIM equals diffusers' DDIMScheduler with SD v1's scheduler settings, step for step."""
     from diffusers import DDIMScheduler
@@ -89,11 +90,12 @@ def test_ddim_matches_diffusers_scheduler(tiny_model):
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("sampler_cls,eta", [(DDIMSampler, 0.0), (DDIMSampler, 1.0), (PLMSSampler, 0.0)])
-def test_samplers_are_seeded_and_repeatable(tiny_model, sampler_cls, eta):
-    a = _sample(tiny_model, sampler_cls, 6, seed=1, eta=eta)
-    assert torch.equal(a, _sample(tiny_model, sampler_cls, 6, seed=1, eta=eta))
-    assert not torch.equal(a, _sample(tiny_model, sampler_cls, 6, seed=2, eta=eta))
+@pytest.mark.parametrize("sampler_cls,eta", covering([(DDIMSampler, 0.0), (DDIMSampler, 1.0), (PLMSSampler, 0.0)],
+                                                     lambda sampler_cls, eta: eta))
+def test_samplers_are_seeded_and_repeatable(tiny_model_readonly, sampler_cls, eta):
+    a = _sample(tiny_model_readonly, sampler_cls, 6, seed=1, eta=eta)
+    assert torch.equal(a, _sample(tiny_model_readonly, sampler_cls, 6, seed=1, eta=eta))
+    assert not torch.equal(a, _sample(tiny_model_readonly, sampler_cls, 6, seed=2, eta=eta))
 
 
 class _GaussianData:
@@ -115,9 +117,9 @@ class _GaussianData:
 
 
 @pytest.mark.parametrize("sampler_cls", [DDIMSampler, PLMSSampler])
-def test_samplers_solve_the_probability_flow_ode(tiny_model, sampler_cls):
+def test_samplers_solve_the_probability_flow_ode(tiny_model_readonly, sampler_cls):
     """Against the exact solution for Gaussian data: error shrinks with steps; PLMS beats DDIM at equal steps."""
-    data = _GaussianData(tiny_model.alphas_cumprod)
+    data = _GaussianData(tiny_model_readonly.alphas_cumprod)
     c = torch.zeros(1, 1, 1)
 
     def error(cls, steps):
@@ -130,9 +132,9 @@ def test_samplers_solve_the_probability_flow_ode(tiny_model, sampler_cls):
         assert error(PLMSSampler, 10) < error(DDIMSampler, 10) / 2
 
 
-def test_plms_rejects_eta(tiny_model):
+def test_plms_rejects_eta(tiny_model_readonly):
     with pytest.raises(ValueError, match="eta must be 0"):
-        _sample(tiny_model, PLMSSampler, 5, eta=0.5)
+        _sample(tiny_model_readonly, PLMSSampler, 5, eta=0.5)
 
 
 def test_sampler_rejects_unknown_and_warns_on_compvis_only_arguments():

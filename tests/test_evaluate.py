@@ -185,6 +185,7 @@ def test_a_new_metric_is_one_registry_entry(monkeypatch):
     assert result.metric == "mc_bright" and not result.higher_is_better
 
 
+@pytest.mark.slow
 def test_dino_and_clip_backends_from_local_folders(tiny_dino, tiny_clip):
     images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(0))
     for name, path in (("dino", tiny_dino), ("clip", tiny_clip)):
@@ -246,16 +247,16 @@ def test_backends_are_listed_by_path_and_imported_when_asked_for(tmp_path, monke
 
 
 # ---- sampling and the table ---------------------------------------------------------------------------------------
-def test_samples_depend_on_seed_not_on_batching(tiny_model):
+def test_samples_depend_on_seed_not_on_batching(tiny_model_readonly):
     pairs = prompt_seed_pairs(["a red cube", "a blue ball"], [3, 4])
     assert pairs == [("a red cube", 3), ("a red cube", 4), ("a blue ball", 3), ("a blue ball", 4)]
-    one = sample_images(tiny_model, pairs, 32, steps=2, scale=3.0, batch_size=1)
-    four = sample_images(tiny_model, pairs, 32, steps=2, scale=3.0, batch_size=4)
+    one = sample_images(tiny_model_readonly, pairs, 32, steps=2, scale=3.0, batch_size=1)
+    four = sample_images(tiny_model_readonly, pairs, 32, steps=2, scale=3.0, batch_size=4)
     assert one.shape == (4, 3, 32, 32) and one.min() >= 0 and one.max() <= 1
     torch.testing.assert_close(one, four, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(one[0], one[1])
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample_images(tiny_model, pairs, 32, sampler="euler")
+        sample_images(tiny_model_readonly, pairs, 32, sampler="euler")
 
 
 def test_results_table_is_replaced_atomically(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ def failing_backend(gm, example_inputs):
     raise RuntimeError("no code generator for this machine")
 
 
+@pytest.mark.slow
 def test_compiled_module_keeps_its_keys_and_outputs():
     model, x = mlp(), torch.randn(3, 8)
     expected, keys = model(x), list(model.state_dict())
@@ -34,6 +35,7 @@ def test_compiled_module_keeps_its_keys_and_outputs():
     assert compile_module(model, CPU, backend="eager")  # a second call is a no-op
 
 
+@pytest.mark.slow
 def test_a_backend_that_fails_falls_back_to_eager_with_a_warning(caplog):
     model, x = mlp(), torch.randn(3, 8)
     expected = model(x)
@@ -47,6 +49,7 @@ def test_a_backend_that_fails_falls_back_to_eager_with_a_warning(caplog):
     assert not caplog.text  # once eager, it stays eager without more warnings
 
 
+@pytest.mark.slow
 def test_an_error_of_the_model_itself_still_raises():
     class Broken(torch.nn.Module):
         def forward(self, x):
@@ -89,6 +92,7 @@ def dreambooth_model(**params):
     return instantiate_from_config(config.model)
 
 
+@pytest.mark.slow
 def test_dreambooth_compile_option_compiles_the_unet_in_place():
     model = dreambooth_model(compile=True)
     keys = list(model.state_dict())
@@ -110,11 +114,13 @@ def compile_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_training_config_key_reaches_the_compiler(world, compile_calls):  # noqa: F811 (the fixture)
     main_dream_booth.main(argv(world, "--max_steps", "1", "model.params.compile=true"))
     assert [type(m).__name__ for m in compile_calls] == ["UNetModel"]
 
 
+@pytest.mark.slow
 def test_sample_compile_flag_reaches_the_compiler(tmp_path, compile_calls):
     base = ["--config", str(TINY_CONFIG), "--random_init", "--H", "32", "--W", "32", "--ddim_steps", "2",
             "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--outdir", str(tmp_path)]

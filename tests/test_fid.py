@@ -55,7 +55,8 @@ def pictures(n, seed, size=40, scale=1.0):
     return (colour * ramp * scale + 0.3 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1)
 
 
-@pytest.mark.parametrize("layer", ["64", pytest.param(FID_LAYER, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("layer", ["64", FID_LAYER])
 def test_fid_equals_torch_fidelity_on_the_same_files(tmp_path, inception_weights, layer):
     """Our FID of samples against a folder equals torch_fidelity.calculate_metrics on the PNGs of those samples and
     that folder: the same extractor and resize (40x40 -> 299, TF-1.x bilinear), statistics and distance. The 64-d
@@ -153,6 +154,7 @@ def test_fid_through_torch_fidelity_equals_the_previous_numbers(n, d, dtype):
     assert frechet_distance(statistics(x), statistics(y)) == previous_fid(x, y)
 
 
+@pytest.mark.slow
 def test_fid_errors(tmp_path, inception_weights, capsys):
     with pytest.raises(WeightsNotFoundError, match=FID_WEIGHTS):
         fid_metric(str(tmp_path / "inception.pth"))

@@ -151,6 +151,7 @@ def our_group(model, entries, seed=0):
 LYCORIS_LOADS = ["locon", "locon-tucker", "loha", "loha-tucker", "lokr", "dora"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LYCORIS_LOADS)
 def test_our_files_load_in_lycoris_with_equal_outputs(tiny_model_session, twin, inputs, tmp_path, case):
     lycoris = pytest.importorskip("lycoris")
@@ -185,6 +186,7 @@ def peft_configs():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["loha", "loha-effective-conv", "lokr", "lokr-both", "dora"])
 def test_peft_folders_load_with_peft_outputs(tiny_model_session, twin, inputs, tmp_path, case):
     peft = pytest.importorskip("peft")
@@ -200,6 +202,7 @@ def test_peft_folders_load_with_peft_outputs(tiny_model_session, twin, inputs, t
     assert (theirs(reference, inputs) - mine).abs().max() <= TOL * max(1.0, mine.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["locon", "loha", "loha-tucker", "lokr-peft", "lokr-peft-both", "dora"])
 def test_our_peft_folders_load_in_peft_with_equal_outputs(tiny_model_session, twin, inputs, tmp_path, case):
     peft = pytest.importorskip("peft")
@@ -233,6 +236,7 @@ def test_unsupported_lycoris_kinds_are_refused_by_name(tiny_model_session, tmp_p
     assert not adapter_groups(model)
 
 
+@pytest.mark.slow
 def test_a_group_on_both_networks_is_two_peft_folders_read_back_as_one(tiny_model_session, tmp_path):
     model = copy.deepcopy(tiny_model_session)
     inject_adapters(model.unet, {"projection_adp_config": OURS["loha"]})

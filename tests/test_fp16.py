@@ -107,6 +107,7 @@ def test_only_fp16_on_the_cpu_gets_its_own_plugin(kw, plugin):
     assert isinstance(p.scaler, torch.amp.GradScaler) and p.scaler.is_enabled()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, autocast, scaled", [("16-mixed", torch.float16, True),
                                                          ("bf16-mixed", torch.bfloat16, False),
                                                          ("32-true", torch.float32, False)])
@@ -123,6 +124,7 @@ def test_each_precision_runs_as_named(world, precision, autocast, scaled):
 
 
 # ---- fp16: scaling and skipped steps --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fp16_scales_the_loss_and_skips_a_step_with_inf_gradients(world):
     train(world, "16-mixed", 5, probe(inf_at_step=2))
     assert len(RECORDS) == 5  # a skipped step still counts as a step

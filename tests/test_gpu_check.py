@@ -51,6 +51,7 @@ def test_every_item_runs_at_tiny_size_and_appends_its_rows(tmp_path, monkeypatch
     assert all(line.count("|") == len(gpu_check.COLUMNS) + 1 for line in text.splitlines() if line.startswith("| 20"))
 
 
+@pytest.mark.slow
 def test_a_failing_or_overrunning_item_leaves_a_row_and_the_run_goes_on(tmp_path, monkeypatch):
     def slow(check):
         check.row("unet", "", "", "first")
@@ -79,6 +80,7 @@ def test_bad_options_are_refused_before_any_work(args, message, capsys):
         gpu_check.main(TINY + args)
 
 
+@pytest.mark.slow
 def test_diffusers_twin_pipeline_draws_our_images(tiny_model):
     pipe = twins.diffusers_pipeline(tiny_model, OmegaConf.load(TINY_CONFIG).model)
     prompts = ["a red star", "a blue circle on a green background"]

@@ -19,6 +19,7 @@ from test_lora import close, ia3, inputs, outputs, proj, sd_meta, with_group  # 
 KV = ["attn1.to_k", "attn1.to_v", "attn2.to_k", "attn2.to_v"]
 
 
+@pytest.mark.slow
 def test_sd_size_parameter_count_and_file_size(tmp_path):
     model = sd_meta(proj(ia3(KV)))
     assert sum(p.numel() for p in adapter_parameters(model)) == 49_920  # sd-ia3: K and V of 32 attentions
@@ -48,6 +49,7 @@ def test_rescaling_of_outputs_inputs_and_biases(tiny_model):
         assert (ff2(hidden) - F.linear(h, ff2.weight, ff2.bias)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 def test_matches_peft_ia3_on_diffusers_unet(tiny_model_session, inputs):
     peft = pytest.importorskip("peft")
     from test_unet import load_bench

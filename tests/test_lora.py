@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import sample
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, covering
 from ldm.checkpoint import load_state_dict, save_state_dict
 from ldm.modules.adapters import (CONFIG_FILE, AdapterConfigError, AdapterDirError, adapter_groups, adapter_parameters,
                                   adapters_enable, combine_updates, freeze_except_adapters, inject_adapters,
@@ -90,7 +90,7 @@ FORMS = {"lora-names": proj(lora()), "lora-regex": proj(lora(target=r".*\.attn2\
                        "resblock_adp_config": {"din": "resi", "dout": "reso", "mid_dim": 2}}}
 
 
-@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("form", covering(list(FORMS), lambda form: form == "all-forms"))
 def test_identity_at_init_disable_remove(tiny_model, inputs, form):
     base, base_keys = outputs(tiny_model, inputs), {k: v.clone() for k, v in tiny_model.state_dict().items()}
     inject_adapters(tiny_model.unet, FORMS[form])
@@ -175,7 +175,7 @@ def test_one_dir_for_unet_and_text_encoder(tiny_model, inputs, tmp_path):
         load_adapter_from_dir(copy.deepcopy(tiny_model.unet), tmp_path / "a")
 
 
-@pytest.mark.parametrize("config,message", [
+@pytest.mark.parametrize("config,message", covering([
     (proj(lora(target=["to_z"])), r"projection_adp_config\[0\]\.target: no module of this UNetModel is named 'to_z'"),
     (proj(lora(target=["attn1"])), r"attn1 is a CrossAttention, not a Linear or 1x1 Conv2d"),
     (proj(lora(target=["in_layers.2"])), r"in_layers.2 is a 3x3 Conv2d, not a Linear or 1x1 Conv2d; LoRA goes on "
@@ -194,7 +194,7 @@ def test_one_dir_for_unet_and_text_encoder(tiny_model, inputs, tmp_path):
     (proj(lora(din="attn1i")), r"unknown field\(s\) din"),
     ({"transformer_adp_config": [lora()]}, r"unknown adapter type 'lora' for transformer blocks; allowed: inout "
                                            r"\('lora' entries go under projection_adp_config\)"),
-])
+]))
 def test_bad_projection_config_is_a_clear_error(tiny_model, config, message):
     with pytest.raises(AdapterConfigError, match=message):
         inject_adapters(tiny_model.unet, config)
@@ -211,11 +211,11 @@ def sd_meta(unet_cfg=None, te_cfg=None):
         return instantiate_from_config(config)
 
 
-@pytest.mark.parametrize("unet_targets,te,rank,expected", [
+@pytest.mark.parametrize("unet_targets,te,rank,expected", covering([
     (["to_q", "to_k", "to_v", "to_out.0"], False, 4, 797_184),   # diffusers' default: 199,296 per rank
     (UNET_ALL, False, 4, 1_695_744),                             # kohya UNet (192 modules): 423,936 per rank
     (UNET_ALL, True, 8, 4_718_592),                              # kohya UNet + text encoder: 589,824 per rank
-])
+]))
 def test_sd_size_parameter_counts(caplog, unet_targets, te, rank, expected):
     caplog.set_level(logging.INFO)
     model = sd_meta(proj(lora(unet_targets, rank=rank)), proj(lora(TE_ALL, rank=rank)) if te else None)
@@ -232,6 +232,7 @@ def test_sd_size_of_the_unet_and_text_encoder_config():
     assert sum(p.numel() for p in adapter_parameters(model.cond_stage_model)) == 294_912  # 48 modules x 4 x 1536
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(KEYS_TSV is None, reason="shared/sd-v1-keys.tsv not found")
 def test_sd_state_dict_keeps_the_checkpoint_layout():
     model = sd_meta({**proj(lora(), ia3(learn_biases=True)), "transformer_adp_config": {"din": "attn2o",
@@ -266,6 +267,7 @@ def kohya_names_from_diffusers(ours):
     return names, te
 
 
+@pytest.mark.slow
 def test_kohya_names_of_every_sd_v1_target():
     pytest.importorskip("diffusers")
     model = sd_meta(proj(lora()), proj(lora(TE_ALL)))
@@ -289,7 +291,7 @@ def lora_model(tiny_model):
     return with_group(tiny_model, proj(lora(scale=0.7)), proj(lora(TE_ALL, rank=2, alpha=5.0)))
 
 
-@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+@pytest.mark.parametrize("fmt", covering(["kohya", "diffusers"]))
 def test_file_round_trip(lora_model, inputs, tmp_path, tiny_model_session, fmt):
     save_lora_file(lora_model, tmp_path / "x.safetensors", fmt=fmt)
     keys = load_file(tmp_path / "x.safetensors")
@@ -303,6 +305,7 @@ def test_file_round_trip(lora_model, inputs, tmp_path, tiny_model_session, fmt):
     assert all(torch.equal(v, keys[k]) for k, v in lora_state_dict(lora_model, fmt=fmt).items())
 
 
+@pytest.mark.slow
 def test_ldm_named_kohya_keys_also_load(lora_model, inputs, tiny_model_session):
     sd = lora_state_dict(lora_model, fmt="kohya")
     renamed = {k.replace("lora_unet_down_blocks_0_attentions_0_", "lora_unet_input_blocks_1_1_")
@@ -364,6 +367,7 @@ def test_diffusers_load_lora_weights_matches_ours(lora_model, inputs, diffusers_
     assert max(diffs) <= 1e-4 and not close(ours, base, 1e-2)
 
 
+@pytest.mark.slow
 def test_file_errors(lora_model, tiny_model_session, tmp_path):
     save_lora_file(lora_model, tmp_path / "k.safetensors")
     with pytest.raises(AdapterDirError, match=r"\(12 text-encoder modules, e.g. lora_te_text_model_encoder_layers_0_"
@@ -399,6 +403,7 @@ def test_file_errors(lora_model, tiny_model_session, tmp_path):
 
 
 # ---- merging -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_merge_equals_unmerged_and_writes_an_sd_checkpoint(tiny_model, inputs, tmp_path, tiny_model_session):
     model = with_group(tiny_model, proj(lora(), ia3(), ia3(target=["ff.net.2"], on_input=True)),
                        proj(lora(TE_ALL, rank=2)))

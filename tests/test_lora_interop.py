@@ -211,6 +211,7 @@ def test_peft_state_dict_of_the_unet(tiny_model_session, twin, trained_wide, inp
     assert "assuming alpha = rank (scale 1)" in caplog.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("network,config", [
     ("unet", unet_config(lora_alpha=16, use_rslora=True, **PATTERNED)),
     ("text_encoder", te_config(lora_alpha=7, target_modules=["q_proj", "v_proj", "fc1"])),
@@ -259,6 +260,7 @@ def load_error(model, path, *messages):
     return str(e.value)
 
 
+@pytest.mark.slow
 def test_a_bigger_sd_v1_file_is_named_by_network_not_another_architecture(tiny_model_session, tmp_path):
     sd = save_ours(tiny_model_session, tmp_path / "k.safetensors")
     more = {k.replace("layers_1_", "layers_5_").replace("down_blocks_1_", "down_blocks_2_"): v for k, v in sd.items()}
@@ -270,6 +272,7 @@ def test_a_bigger_sd_v1_file_is_named_by_network_not_another_architecture(tiny_m
     assert "architecture" not in text and "SDXL" not in text
 
 
+@pytest.mark.slow
 def test_sdxl_files_say_so_and_conv_lora_files_load(tiny_model_session, tmp_path):
     sd = save_ours(tiny_model_session, tmp_path / "k.safetensors")
     te2 = {k.replace("lora_te_", "lora_te2_"): v for k, v in sd.items() if k.startswith("lora_te_")}
@@ -287,6 +290,7 @@ def test_sdxl_files_say_so_and_conv_lora_files_load(tiny_model_session, tmp_path
                "e.g. lora_unet_down_blocks_0_resnets_0_norm1 (a GroupNorm32): updates of Linear and Conv2d modules load")
 
 
+@pytest.mark.slow
 def test_torch_files_are_read_safely_or_refused_with_what_is_expected(tiny_model_session, inputs, tmp_path):
     sd = save_ours(tiny_model_session, tmp_path / "k.safetensors")
     expected = ours(tiny_model_session, tmp_path / "k.safetensors", inputs)
@@ -303,6 +307,7 @@ def test_torch_files_are_read_safely_or_refused_with_what_is_expected(tiny_model
                "file (.pt, .pth, .bin, .ckpt)")
 
 
+@pytest.mark.slow
 def test_peft_configs_read_wrong_are_refused(tiny_model_session, tmp_path):
     model = with_group(copy.deepcopy(tiny_model_session), proj(lora(["attn1.to_q"], rank=2)))
     sd = lora_state_dict(model, fmt="diffusers")

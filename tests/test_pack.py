@@ -65,6 +65,7 @@ def inputs(n, rows=2, seed=1):
              torch.randn(rows, 77, 32, generator=g)) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_packed_unet_output_and_adapter_grads_equal_each_runs_own_to_1e_5():
     base = build_tiny().model.diffusion_model.float()
     points, runner, groups = point_unets(base)
@@ -255,6 +256,7 @@ def test_one_run_of_a_pack_resumes_alone_and_a_killed_pack_resumes_every_run(tin
         assert final_adapters(d)[0] == "5-adapters"
 
 
+@pytest.mark.slow
 def test_runs_that_cannot_share_train_alone_with_the_reason(tiny_world, caplog):
     caplog.set_level("INFO", logger="ldm.train")
     reqs = requests(tiny_world, "alone", steps=1)[:2]
@@ -266,6 +268,7 @@ def test_runs_that_cannot_share_train_alone_with_the_reason(tiny_world, caplog):
     assert group_runs(reqs * 3, size=4) == [[0, 1, 2, 3], [4, 5]]
 
 
+@pytest.mark.slow
 def test_memory_per_run_grows_with_its_rows(tiny_world):
     request = requests(tiny_world, "memory", steps=1)[0]
     one = memory_per_run(run_config(request))

@@ -80,6 +80,7 @@ def test_the_doubled_step_matches_the_paper_optimizer(paper):
             assert move["resblock"] == pytest.approx(1e-4, rel=0.01)
 
 
+@pytest.mark.slow
 def test_the_fragment_states_the_paper_recipe_and_trains(tmp_path):
     config = OmegaConf.merge(*[OmegaConf.load(REPO / b) for b in BASES], OmegaConf.load(PAPER))
     assert config.model.base_learning_rate == 1e-4 and config.model.params.paper_optimizer is True

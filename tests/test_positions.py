@@ -93,6 +93,7 @@ def test_an_adapter_reads_and_writes_the_tensor_at_the_toy_point(toy_position, t
         adapters_enable(unet, False, f"to_{dout}")  # each case alone
 
 
+@pytest.mark.slow
 def test_make_configs_writes_the_toy_pairs_with_the_papers_size(toy_position, tmp_path):
     """Recipe step 3: `make configs` (scripts/make_adapter_configs.py) writes a config for each new pair, with the
     paper's 60 in transformer blocks."""

@@ -15,11 +15,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main_dream_booth
-from conftest import REPO
+from conftest import REPO, snapshot
 from ldm import rundir
 from ldm.checkpoint import load_state_dict
 from ldm.checks import ConfigError
-from test_bad_training_inputs import tree
 from test_train import argv, base_ckpt, metrics, world  # noqa: F401 - fixtures
 
 FAST = ["lightning.callbacks.image_logger.params.disabled=true", "data.params.train.params.repeats=1"]
@@ -97,12 +96,12 @@ def test_a_finished_run_is_left_alone_and_progress_counts_steps(world, capsys, c
     logdir = main_dream_booth.main(argv(world, "--max_steps", "3", *FAST, reg=False))
     out = capsys.readouterr().out
     assert "steps: 100%" in out and "3/3" in out and "Epoch" not in out and "v_num" not in out
-    before = tree(logdir)
+    before = snapshot(logdir)
     (logdir / ".tmp-abcd1234train_stats.json").write_text("{")  # as a kill in the final stats write leaves it
     caplog.set_level("INFO", logger="ldm")
     assert main_dream_booth.main(["-r", str(logdir), "-t"]) == logdir
     assert f"'{logdir}' already finished at step 3" in caplog.text
-    assert tree(logdir) == before  # the leftover went; no new event file, CSV session, config or checkpoint
+    assert snapshot(logdir) == before  # the leftover went; no new event file, CSV session, config or checkpoint
     # a longer run continues it: the bar counts on from the checkpoint's step
     main_dream_booth.main(["-r", str(logdir), "-t", "--max_steps", "5"])
     out = capsys.readouterr().out

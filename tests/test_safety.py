@@ -11,7 +11,6 @@ input is usable: it must succeed and warn with a line matching the message. A fa
 happened instead (traceback / silent / unclear), which is how the counts in the report were taken.
 """
 import errno
-import hashlib
 import importlib
 import json
 import logging
@@ -30,7 +29,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY_CONFIG, build_tiny
+from conftest import REPO, SETTLED_NS, TINY_CONFIG, build_tiny, covering, snapshot
 from ldm.checkpoint import save_state_dict
 from ldm.modules.adapters import lora_state_dict, save_adapter_to_dir
 from test_bad_inputs import LORA, with_group, write_images
@@ -125,21 +124,6 @@ def train_once(w: Path) -> None:
     (w / "logs").rmdir()
     config = OmegaConf.load(w / "trained" / "config.yaml")  # -r: the run dir's own config names its folder nowhere
     assert config.model.params.ckpt_path == str(w / "base.safetensors")
-
-
-def snapshot(*folders: Path) -> Dict[str, str]:
-    """Path -> content hash of every file and a marker for every folder, empty lock files aside (an evaluation claims
-    its run with its dedicated `.eval.lock`, whose content is never written)."""
-    found = {}
-    for folder in folders:
-        for root, dirs, files in os.walk(folder):
-            for d in dirs:
-                found[os.path.join(root, d)] = "dir"
-            for f in files:
-                p = os.path.join(root, f)
-                if not (f.endswith(".lock") and os.path.getsize(p) == 0):
-                    found[p] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-    return found
 
 
 # ---- files a row sets up in its own folder T --------------------------------------------------------------------
@@ -518,7 +502,9 @@ def call_row(row: Row, w: Path, t: Path) -> Tuple[str, str]:
     return "ok", ""
 
 
-@pytest.mark.parametrize("row", [r for _, r in ROWS], ids=[i for i, _ in ROWS])
+# make test-fast: the rows that show each script (and the API) and each kind once
+@pytest.mark.parametrize("row", covering([r for _, r in ROWS], lambda r: r.target, lambda r: r.kind),
+                         ids=[i for i, _ in ROWS])
 def test_bad_input(row: Row, world, tmp_path, capsys, caplog, monkeypatch):
     t = tmp_path / "t"
     t.mkdir()
@@ -541,6 +527,39 @@ def test_bad_input(row: Row, world, tmp_path, capsys, caplog, monkeypatch):
     assert "Traceback" not in err, f"traceback: {err[-2000:]}"
     assert "\n" not in message.strip() and re.search(row.message, message), f"unclear: {message}"
     assert snapshot(world, tmp_path) == before, "unclear: a refused call changed or left files"
+
+
+
+@pytest.mark.parametrize("change", [lambda w: (w / "a" / "x.txt").write_text("y"),
+                                    lambda w: (w / "a" / "x.txt").unlink(), lambda w: (w / "new.txt").write_bytes(b""),
+                                    lambda w: (w / "a" / "empty").mkdir(),
+                                    lambda w: (w / "run.eval.lock").write_text("4242"),
+                                    lambda w: os.mkfifo(w / "a" / "pipe")],
+                         ids=["changed", "removed", "new-empty-file", "new-folder", "written-lock", "fifo"])
+def test_snapshot_sees_what_a_refused_call_could_change_or_leave(change, tmp_path):
+    """The tree hash behind every "changed or left nothing" check sees each change (a FIFO without blocking on it);
+    only an empty lock file, which an evaluation's claim leaves, does not count."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("x")
+    before = snapshot(tmp_path)
+    (tmp_path / "run.eval.lock").touch()
+    assert snapshot(tmp_path) == before
+    change(tmp_path)
+    assert snapshot(tmp_path) != before
+
+
+def test_snapshot_reads_a_remembered_file_again_once_it_is_rewritten(tmp_path, monkeypatch):
+    """Settled files are hashed once and known by their stat after that: a same-size rewrite still shows (its ctime
+    moves), also for a file the clock says settled a moment after it was written."""
+    f = tmp_path / "x.txt"
+    f.write_text("x")
+    time.sleep(0.05)  # past the kernel's coarse timestamp tick, so the rewrite below gets a later ctime
+    now = time.time_ns()
+    monkeypatch.setattr(time, "time_ns", lambda: now + 2 * SETTLED_NS)
+    before = snapshot(tmp_path)
+    assert snapshot(tmp_path) == before
+    f.write_text("y")
+    assert snapshot(tmp_path) != before
 
 
 # ---- confinement: a path given on the command line is the user's choice ------------------------------------------
@@ -663,6 +682,7 @@ def test_a_full_disk_during_training_says_so_names_what_was_kept_and_leaves_no_p
         assert step_of(logdir) == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_at", [2, "grid"])
 def test_a_full_disk_in_sample_outdir_says_so_names_what_was_kept_and_leaves_no_partial_file(world, tmp_path,
                                                                                             monkeypatch, fail_at):

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import sample
-from conftest import REPO, TINY_CONFIG
+from conftest import REPO, TINY_CONFIG, covering
 from ldm.checkpoint import save_state_dict
 from ldm.config import build_base_model
 from ldm.models import txt2img
@@ -47,6 +47,7 @@ def test_seeded_runs_are_bit_identical(tmp_path, extra):
     assert not np.array_equal(_pixels(a[0]), _pixels(c[0]))
 
 
+@pytest.mark.slow
 def test_from_file_and_img2img(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red star\n\na blue circle\n")
@@ -82,8 +83,8 @@ def test_missing_checkpoint_and_bad_config(tmp_path):
 
 
 # ---- the plan and the model ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("source,device,size", [(["--config", str(TINY_CONFIG), "--random_init"], "cpu", 32),
-                                                (["--ckpt", str(TINY_CKPT)], "meta", 64)])
+@pytest.mark.parametrize("source,device,size", covering([(["--config", str(TINY_CONFIG), "--random_init"], "cpu", 32),
+                                                         (["--ckpt", str(TINY_CKPT)], "meta", 64)]))
 def test_one_model_build_and_options_read_not_written(tmp_path, monkeypatch, source, device, size):
     """sample.py builds its model once (from a checkpoint: on the meta device, the file's tensors assigned; else
     initialised from --seed), leaves its parsed options as parsed, and renders from one frozen SamplingPlan."""
@@ -110,6 +111,7 @@ def test_one_model_build_and_options_read_not_written(tmp_path, monkeypatch, sou
         plan.height = 64
 
 
+@pytest.mark.slow
 def test_weights_take_the_models_dtype(tmp_path):
     """A half-precision checkpoint samples as its float32 copy does (the file's tensors are cast, as a copy into a
     built model casts them)."""

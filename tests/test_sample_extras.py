@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import sample
-from conftest import TINY_CONFIG, diffusers_sample
+from conftest import TINY_CONFIG, covering, diffusers_sample
 from ldm.checkpoint import save_state_dict
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.dpm_solver import DPMSolverSampler, make_dpm_timesteps
@@ -37,6 +37,7 @@ def test_dpm_timesteps():
             make_dpm_timesteps(bad, 1000)
 
 
+@pytest.mark.slow
 def test_dpm_solver_matches_diffusers(tiny_model):
     """Step for step equal to diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2) on our timesteps."""
     from diffusers import DPMSolverMultistepScheduler
@@ -50,10 +51,10 @@ def test_dpm_solver_matches_diffusers(tiny_model):
     torch.testing.assert_close(ours, x, atol=1e-4, rtol=1e-4)
 
 
-def test_dpm_solver_is_second_order_on_the_exact_ode(tiny_model):
+def test_dpm_solver_is_second_order_on_the_exact_ode(tiny_model_readonly):
     """Gaussian data (exact ODE solution known): 4x the steps cut the error > 6x (first order: ~4x), and at equal
     steps on the same grid it beats its first-order form (DPM-Solver++1, i.e. DDIM on that grid)."""
-    data = _GaussianData(tiny_model.alphas_cumprod)
+    data = _GaussianData(tiny_model_readonly.alphas_cumprod)
     x_T = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
     def error(steps, order=2):
@@ -90,6 +91,7 @@ def test_dpm_solver_converges_to_ddim_on_the_tiny_model(tiny_model):
     assert errors[2] < error(DPMSolverSampler(tiny_model, 1), 20) / 1.5  # measured: 0.014 vs 0.031
 
 
+@pytest.mark.slow
 def test_sample_py_dpm_solver_is_seeded(tmp_path):
     def run(name, *extra):
         return _pixels(sample.main(BASE + ["--outdir", str(tmp_path / name), "--skip_grid", *extra]))
@@ -121,6 +123,7 @@ def flat_ckpt(tiny_model_session, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_saved_png_carries_the_watermark(flat_ckpt, tmp_path):
     args = ["--config", str(TINY_CONFIG), "--ckpt", str(flat_ckpt), "--H", "256", "--W", "256", "--ddim_steps", "2",
             "--n_samples", "1", "--n_iter", "1"]
@@ -132,6 +135,7 @@ def test_saved_png_carries_the_watermark(flat_ckpt, tmp_path):
     assert 0 < diff.max() <= 40  # invisible: small changes
 
 
+@pytest.mark.slow
 def test_small_images_are_saved_unmarked_with_one_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         marked = sample.main(BASE + ["--outdir", str(tmp_path / "m")])
@@ -141,6 +145,7 @@ def test_small_images_are_saved_unmarked_with_one_warning(tmp_path, caplog):
     assert all(np.array_equal(x, y) for x, y in zip(_pixels(marked), _pixels(plain)))
 
 
+@pytest.mark.slow
 def test_missing_watermark_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "imwatermark", None)  # makes `import imwatermark` fail
     with pytest.raises(SystemExit, match="pip install invisible-watermark.*--no-watermark"):
@@ -172,6 +177,7 @@ def tiny_checker(path, images):
     return path
 
 
+@pytest.mark.slow
 def test_safety_checker_blackens_the_flagged_image(tmp_path, caplog):
     args = BASE + ["--no-watermark", "--skip_grid"]
     plain = _pixels(sample.main(args + ["--outdir", str(tmp_path / "plain")]))
@@ -289,13 +295,13 @@ def test_sweep_gif_and_labels(adapter_dirs, tmp_path):
     assert all(x.any() for x in row_label) and not np.array_equal(row_label[1], row_label[2])  # "0.5" vs "1"
 
 
-@pytest.mark.parametrize("args,message", [
+@pytest.mark.parametrize("args,message", covering([
     (["--adapter_scale_sweep", "0,a", "--adapter_path", "{a1}"], "comma-separated numbers"),
     (["--adapter_scale_sweep", "0,,1", "--adapter_path", "{a1}"], "comma-separated numbers"),
     (["--adapter_scale_sweep", "0,nan", "--adapter_path", "{a1}"], "comma-separated numbers"),
     (["--adapter_scale_sweep", "0,1"], "add at least one --adapter_path"),
     (["--gif"], "add --adapter_scale_sweep"),
-])
+]))
 def test_bad_sweep_is_one_clear_error(adapter_dirs, tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
         sample.main(BASE + [a.format(a1=adapter_dirs / "a1") for a in args] + ["--outdir", str(tmp_path)])

@@ -31,6 +31,7 @@ def reference(tmp_path_factory):
     return pixels(sample.main(["--ckpt", str(TINY_CKPT), "--config", str(WORLD_CONFIG), "--outdir", str(out)] + FAST))
 
 
+@pytest.mark.slow
 def test_the_tiny_model_needs_only_its_checkpoint(reference, tmp_path):
     """The README's first command: the config named in the file's metadata, 64x64 images (its own size)."""
     assert find_config(str(TINY_CKPT))[1].startswith(f"'{WORLD_CONFIG.relative_to(REPO)}'")
@@ -38,6 +39,7 @@ def test_the_tiny_model_needs_only_its_checkpoint(reference, tmp_path):
     assert found[0].shape == (64, 64, 3) and np.array_equal(found[0], reference[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beside", ["model.yaml", "config.yaml"])
 def test_a_config_beside_the_checkpoint_is_used(reference, tmp_path, beside):
     ckpt = tmp_path / "model.safetensors"
@@ -49,6 +51,7 @@ def test_a_config_beside_the_checkpoint_is_used(reference, tmp_path, beside):
     assert np.array_equal(found[0], reference[0])
 
 
+@pytest.mark.slow
 def test_weights_that_do_not_fit_name_the_config_they_fit(tmp_path):
     ckpt = tmp_path / "model.safetensors"
     save_file(load_file(TINY_CKPT), ckpt)  # no config anywhere: SD v1's is tried, and does not fit
@@ -60,6 +63,7 @@ def test_weights_that_do_not_fit_name_the_config_they_fit(tmp_path):
     assert "\n" not in message and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_diffusers_folder_brings_its_own_config(reference, tmp_path):
     from scripts import export_diffusers
     folder = tmp_path / "tiny-diffusers"

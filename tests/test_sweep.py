@@ -3,8 +3,10 @@ a resumable sweep of tiny trainings (one run crashes, the rerun skips the finish
 and bad input."""
 import json
 import os
+import re
 import socket
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,8 @@ from omegaconf import OmegaConf
 from conftest import REPO
 from ldm.sweep import launch
 from ldm.sweep.runs import DONE, FAILED, RUNNING, load_runs, prepare, run_state, summary
-from ldm.sweep.spec import SweepError, expand, load_spec, spec_hash
+from ldm.sweep.spec import SweepError, check_spec, config_keys, expand, load_spec, spec_hash
+from ldm.train.request import RunRequest
 from scripts import sweep as sweep_script
 
 TINY = [str(REPO / b) for b in ("configs/tests/tiny-inference.yaml",
@@ -157,6 +160,19 @@ def test_tiny_world_study_expands_to_40_runs_that_build():
 def test_bad_factors(factors, message):
     with pytest.raises(SweepError, match=message):
         expand(spec_of(factors))
+
+
+def test_a_run_request_flag_that_writes_config_keys_is_one_setting_with_them():
+    """Every RunRequest field with a ConfigKey is in the sweep's mapping with the keys it declares, so two factors
+    setting one of them under either spelling are refused (--class_word writes two keys)."""
+    declared = {f.name: tuple(target.key for target in f.metadata["config"])
+                for f in fields(RunRequest) if f.metadata.get("config")}
+    assert {"max_steps", "data_root", "reg_data_root", "actual_resume", "class_word"} <= set(declared)
+    for name, keys in declared.items():
+        assert config_keys(name) == keys
+        for key in keys:
+            with pytest.raises(SweepError, match=f"factors 'flag' and 'key' both set {re.escape(key)}"):
+                check_spec(spec_of({"flag": {"key": name, "levels": ["a"]}, "key": {"key": key, "levels": ["b"]}}))
 
 
 def test_no_valid_combination_and_adapters_missing():

@@ -103,6 +103,7 @@ def test_shipped_instance_images_are_the_generator_s(tmp_path, name):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), a.name
 
 
+@pytest.mark.slow
 def test_subjects_differ_and_their_looks_are_never_drawn_by_the_base_worlds():
     """Four subjects (shape, fill, outline and colours vary); the probe reads each one's look in unseen images of it and
     not in scenes of the worlds the base models learn."""
@@ -560,6 +561,7 @@ def test_ctrl_c_ends_the_demo_with_one_line(monkeypatch, tmp_path, capsys, stop)
     assert not sampled
 
 
+@pytest.mark.slow
 def test_the_committed_v3_autoencoder_loads_and_reconstructs_close_up_scenes():
     """models/ldm/tiny-sd-v1-f4/autoencoder.safetensors, the v3 recipe's stages 1-3 (`init: [it]` with vae.steps 0 and
     no decoder stage trains the UNet alone): every first-stage key of the f = 4 config, finite, and unseen close-up

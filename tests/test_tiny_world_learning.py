@@ -70,6 +70,7 @@ def denoising_error(model, images: torch.Tensor, prompt: str, seed: int = 0, dra
     return float(model.p_losses(z, c, t, noise)[1])
 
 
+@pytest.mark.slow
 def test_zero_init_adapter_changes_nothing_before_training():
     from ldm.modules.adapters import inject_adapters
     demo = OmegaConf.load(REPO / "configs" / "tiny-world" / "dreambooth-demo.yaml")
@@ -105,6 +106,7 @@ def test_dreambooth_learns_the_subject_and_prior_preservation_keeps_the_class(tm
     assert trained and all(".adapters." in k for k in trained)
 
 
+@pytest.mark.slow
 def test_report_figures():
     from ldm.tinyworld.report import base_samples_figure, reconstruction_figure, table
     model = load_tiny_model()

@@ -542,7 +542,7 @@ def test_text_encoder_lora_run_resume_reload_export_and_sample(world, tmp_path):
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(outputs_of(sampled), want))
 
 
-def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
+def test_image_logger_samples_with_guidance(tiny_model_readonly, monkeypatch):
     """The logged grids use classifier-free guidance at the configured scale (not the sampler's default of 1)."""
     import contextlib
     from types import SimpleNamespace
@@ -557,7 +557,8 @@ def test_image_logger_samples_with_guidance(tiny_model, monkeypatch):
 
     monkeypatch.setattr(Sampler, "sample", spy)
     trainer = SimpleNamespace(datamodule=None, precision_plugin=SimpleNamespace(forward_context=contextlib.nullcontext))
-    images = ImageLogger(max_images=2, prompts=["a red star"], ddim_steps=2, scale=5.0).sample(trainer, tiny_model)
+    logger = ImageLogger(max_images=2, prompts=["a red star"], ddim_steps=2, scale=5.0)
+    images = logger.sample(trainer, tiny_model_readonly)
     assert images.shape == (2, 3, 32, 32)
     assert seen["unconditional_guidance_scale"] == 5.0 and seen["unconditional_conditioning"] is not None
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import covering
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ldm.util.instantiate import count_params, instantiate_from_config
 
@@ -59,7 +60,7 @@ def inputs(context_dim: int, seed: int = 1):
     return x, torch.tensor([10, 980]), context
 
 
-@pytest.mark.parametrize("unet_params", [None, SMALL_UNET], ids=["tiny-config", "small-sd-shaped"])
+@pytest.mark.parametrize("unet_params", covering([None, SMALL_UNET]), ids=["tiny-config", "small-sd-shaped"])
 def test_matches_diffusers_unet(unet_params):
     pytest.importorskip("diffusers")
     config = model_config(unet_params)
@@ -119,6 +120,7 @@ def test_gradient_checkpointing_with_frozen_base():
         torch.testing.assert_close(grads[True][name], g, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_and_full_bf16_forward():
     config = model_config(SMALL_UNET)
     unet = random_unet(config)

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ldm.checkpoint import atomic_write
 from ldm.data.dreambooth import DataError, usable_images
-from ldm.models.diffusion.sampling import sampler_name, seed_noise, text_to_image_batches
+from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, sampler_name, seed_noise, text_to_image_batches
 from ldm.util.images import to_pil
 from ldm.util.numbered import next_number
 
@@ -25,7 +25,7 @@ def class_image_noise(seed: int, number: int, shape: Sequence[int]) -> torch.Ten
 
 def ensure_class_images(model: torch.nn.Module, folder: Union[str, Path], class_prompt: str,
                         num_class_images: int = 200, batch_size: int = 4, steps: int = 50, scale: float = 7.5,
-                        seed: int = 0, size: Optional[int] = None, sampler: str = "ddim") -> List[Path]:
+                        seed: int = 0, size: Optional[int] = None, sampler: str = DEFAULT_SAMPLER) -> List[Path]:
     """Fill `folder` up to `num_class_images` readable images of `class_prompt` (`sampler` + CFG); returns them all."""
     sampler_name(sampler)  # a misspelt sampler fails before the folder is touched
     folder = Path(folder)

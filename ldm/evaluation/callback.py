@@ -19,6 +19,7 @@ import torch
 from ldm.evaluation.backends import EvaluationError, MetricBackend, get_backend
 from ldm.evaluation.metrics import CLASS, SUBJECT, Samples, check_keys, load_images, measure
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
+from ldm.models.diffusion.sampling import DEFAULT_SAMPLER
 from ldm.modules.adapters import adapters_enable
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class SubjectFidelity(pl.Callback):
 
     def __init__(self, every_n_train_steps: int = 100, backend: str = "dino", weights: Optional[str] = None,
                  prompts: Optional[Sequence[str]] = None, seeds: Sequence[int] = (0, 1), ddim_steps: int = 20,
-                 scale: float = 7.5, sampler: str = "ddim", log_on_start: bool = True,
+                 scale: float = 7.5, sampler: str = DEFAULT_SAMPLER, log_on_start: bool = True,
                  metrics: Sequence[str] = ("subject_fidelity",), class_prompt: Optional[str] = None):
         self.every_n_train_steps, self.backend_name, self.weights = every_n_train_steps, backend, weights
         self.prompts, self.seeds, self.ddim_steps, self.scale = prompts, list(seeds), ddim_steps, scale

@@ -24,6 +24,7 @@ from ldm.evaluation.fid import FrechetDistance
 from ldm.evaluation.metrics import CLASS, METRICS, Samples, load_images, measure
 from ldm.evaluation.sampling import prompt_seed_pairs, sample_images
 from ldm.evaluation.table import SUBJECT_COLUMN, done_runs, upsert_row
+from ldm.models.diffusion.sampling import DEFAULT_SAMPLER
 from ldm.modules.adapters import (WEIGHTS_FILE, adapter_groups, adapter_parameters, adapters_enable, describe,
                                   load_adapter_from_dir)
 from ldm.sweep.runs import load_runs  # evaluation works on plain runs too; sweeps are one source
@@ -48,7 +49,7 @@ class EvalSettings:
     seeds: Sequence[int] = (0, 1, 2, 3)
     steps: int = 50
     scale: float = 7.5
-    sampler: str = "ddim"
+    sampler: str = DEFAULT_SAMPLER
     batch_size: int = 8
     step: Optional[int] = None  # which checkpoints/<step>-adapters; None: the last
     save_grid: bool = True

@@ -4,7 +4,7 @@ from typing import ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 
-from ldm.models.diffusion.sampling import seeds_noise, text_to_image_batches
+from ldm.models.diffusion.sampling import DEFAULT_SAMPLER, seeds_noise, text_to_image_batches
 
 
 def prompt_seed_pairs(prompts: Sequence[str], seeds: Sequence[int]) -> List[Tuple[str, int]]:
@@ -13,7 +13,7 @@ def prompt_seed_pairs(prompts: Sequence[str], seeds: Sequence[int]) -> List[Tupl
 
 
 def sample_images(model: torch.nn.Module, pairs: Sequence[Tuple[str, int]], size: int, steps: int = 50,
-                  scale: float = 7.5, sampler: str = "ddim", batch_size: int = 8,
+                  scale: float = 7.5, sampler: str = DEFAULT_SAMPLER, batch_size: int = 8,
                   context: Optional[ContextManager] = None) -> torch.Tensor:
     """Images (len(pairs), 3, size, size) in [0, 1] on the CPU, one per (prompt, seed), with classifier-free guidance
     `scale`; `context` (e.g. a precision context) is entered once around the sampling."""

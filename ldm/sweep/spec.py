@@ -45,7 +45,7 @@ from ldm.config import ADAPTER_CONFIGS, KEY_ALIASES, load_configs, set_key
 from ldm.sweep.budget import apply_budget
 from ldm.modules.adapters import AdapterConfigError, parse_adapter_config
 from ldm.checks import ConfigError, parse_yaml_value, safe_load_unique, yaml_number
-from ldm.train.request import CONFIG_OPTIONS, PATH_OPTIONS, RUN_OPTIONS, SWEEP_OPTIONS, write_option
+from ldm.train.request import CONFIG_KEYS, CONFIG_OPTIONS, PATH_OPTIONS, RUN_OPTIONS, SWEEP_OPTIONS, write_option
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def check_spec(spec: Any, where: str = "sweep") -> Dict[str, Any]:
         raise SweepError(f"{where}: 'factors' must map factor names to {{key: ..., levels: [...]}}")
     setters: Dict[str, str] = {}
     for name, factor in factors.items():
-        for key in sorted({canonical_key(k) for _, setting in factor_levels(str(name), factor) for k in setting}):
+        for key in sorted({target for _, setting in factor_levels(str(name), factor) for k in setting
+                           for target in config_keys(k)}):
             if key in setters:
                 raise SweepError(f"{where}: factors '{setters[key]}' and '{name}' both set {key}: in every run one "
                                  "would silently override the other; make them one factor, or drop one")
@@ -113,15 +114,12 @@ def check_spec(spec: Any, where: str = "sweep") -> Dict[str, Any]:
     return dict(spec)
 
 
-# what an alias or a flag sets, so two spellings of one setting are seen as one
-FLAG_KEYS = {"max_steps": "lightning.trainer.max_steps", "data_root": "data.params.train.params.data_root",
-             "reg_data_root": "data.params.reg.params.data_root", "actual_resume": "model.params.ckpt_path"}
-
-
-def canonical_key(key: str) -> str:
-    """The config key a sweep key sets (an alias or a flag resolved; adapter field aliases stay as they are)."""
+def config_keys(key: str) -> Tuple[str, ...]:
+    """The config keys a sweep key sets, so two spellings of one setting are seen as one: an alias or a flag resolved
+    (a flag's keys as its RunRequest field declares them; --class_word sets two); adapter field aliases stay as they
+    are."""
     key = KEY_ALIASES.get(key, key)
-    return FLAG_KEYS.get(key, key)
+    return CONFIG_KEYS.get(key, (key,))
 
 
 def factor_levels(name: str, factor: Any) -> List[Tuple[Any, Dict[str, Any]]]:

@@ -131,6 +131,8 @@ def _flag(name: str) -> Any:
 # What a sweep file may set by flag name: written into each run's config, or kept as the run's options.
 SWEEP_OPTIONS = tuple(f.name for f in flags() if f.metadata["sweep"])
 CONFIG_OPTIONS = tuple(f.name for f in flags() if f.metadata["config"])
+CONFIG_KEYS: Dict[str, Tuple[str, ...]] = {f.name: tuple(target.key for target in f.metadata["config"])
+                                           for f in flags() if f.metadata["config"]}  # the keys each one writes
 RUN_OPTIONS = tuple(n for n in SWEEP_OPTIONS if n not in CONFIG_OPTIONS)
 PATH_OPTIONS = tuple(f.name for f in flags() if f.metadata["path"])
 
