@@ -339,6 +339,7 @@ def test_module_paths_for_adapter_names():
     assert text_path_from_diffusers("text_model.encoder.layers.1.self_attn.q_proj") == text
 
 
+@pytest.mark.slow
 def test_an_autoencoder_without_mid_attention_exports_and_reads_back(tmp_path):
     """The v3 tiny model's f = 4 autoencoder has no mid-block attention (attn_type none): the export says so
     (mid_block_add_attention false), diffusers loads it with no weight left freshly initialised, decodes as ours, and

@@ -32,6 +32,7 @@ def sd_v1_keys():
     return {line.split("\t")[0] for line in lines if line and not line.startswith("#")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config, shipped", [(TINY_SD, SHIPPED), TINY_MODELS["v3"]], ids=["v2", "v3"])
 def test_shipped_base_model_is_sd_v1_layout(config, shipped):
     model = instantiate_from_config(OmegaConf.load(config).model)
