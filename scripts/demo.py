@@ -13,7 +13,7 @@ from typing import List, Optional
 from ldm.callbacks import TrainingInterrupted
 from ldm.checks import ArgumentParser, OutputPathError, fresh_dir, positive_int, seed_int
 from ldm.tinyworld.demo import run_demo
-from ldm.tinyworld.evaluate import BASE_CKPT, TINY_MODELS
+from ldm.tinyworld.evaluate import DEFAULT_MODEL, TINY_MODELS
 from ldm.train import USER_ERRORS
 from ldm.util.devices import use_idle_cores
 from ldm.util.logs import setup_logging
@@ -26,8 +26,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=positive_int, default=None, help="training steps (default: the demo config's)")
     parser.add_argument("--seed", type=seed_int, default=23)
     parser.add_argument("--n", type=positive_int, default=16, help="samples per prompt for the metrics")
-    default = next(name for name, (_, ckpt) in TINY_MODELS.items() if ckpt == BASE_CKPT)
-    parser.add_argument("--model", choices=sorted(TINY_MODELS), default=default,
+    parser.add_argument("--model", choices=sorted(TINY_MODELS), default=DEFAULT_MODEL,
                         help="the tiny base model: v2 (f = 8, the default) or v3 (f = 4, the close-up world; see README "
                              "'The tiny world')")
     return parser.parse_args(argv)

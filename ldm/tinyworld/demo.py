@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from ldm.evaluation.evaluate import adapter_dir
-from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, REPO, SUBJECT_IMAGES, SUBJECT_PROMPT,
-                                    TINY_MODELS, dreambooth_metrics, load_references, load_tiny_model, model_samples)
+from ldm.tinyworld.evaluate import (BASE_CKPT, BASE_CONFIG, CLASS_PROMPT, DEFAULT_MODEL, REPO, SUBJECT_IMAGES,
+                                    SUBJECT_PROMPT, TINY_MODELS, dreambooth_metrics, load_references, load_tiny_model, model_samples)
 from ldm.tinyworld.metrics import TinyWorldMetric
 from ldm.train import RunRequest, run
 from ldm.util.images import image_grid, to_pil
@@ -60,10 +60,10 @@ def before_after_grid(before: Dict[str, torch.Tensor], after: Dict[str, torch.Te
 
 
 def run_demo(outdir: Path, steps: Optional[int] = None, seed: int = 23, n: int = 16, show: int = 6,
-             model: Optional[str] = None) -> Dict:
-    """Train, sample before/after, measure on the tiny base model `model` (a key of TINY_MODELS; default the shipped
-    default); writes before_after.png and metrics.json into outdir."""
-    config, ckpt = TINY_MODELS[model] if model else (BASE_CONFIG, BASE_CKPT)
+             model: str = DEFAULT_MODEL) -> Dict:
+    """Train, sample before/after, measure on the tiny base model `model` (a key of TINY_MODELS); writes
+    before_after.png and metrics.json into outdir."""
+    config, ckpt = TINY_MODELS[model]
     outdir = outdir.resolve()
     outdir.mkdir(parents=True, exist_ok=True)
     start = time.time()
